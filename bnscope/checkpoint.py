@@ -1,0 +1,775 @@
+"""Load checkpoints, locate their state dict, and write them back atomically.
+
+Supported inputs (DESIGN.md §3):
+
+- ``torch.save`` files holding a state dict, or a dict wrapping one under one of
+  :data:`WRAPPER_KEYS` (nested wrappers too, e.g. ``{"model": {"state_dict": ...}}``);
+- ``.safetensors`` files (also recognised by their header without the suffix);
+- a pickled whole ``nn.Module`` (``torch.save(model)``), or a dict holding one: unpickling such
+  a file runs arbitrary code, so it is loaded only with ``trust=True``; everything else is
+  loaded with ``torch.load(..., weights_only=True)``;
+- TorchScript archives, loaded with ``torch.jit.load`` for static inspection only.
+
+Key prefixes added by DataParallel/DDP (``module.``), Lightning (``model.``) and
+``torch.compile`` (``_orig_mod.``) are kept in :attr:`Checkpoint.state_dict` and stripped only
+when fitting a model whose own keys lack them (:func:`match_to_model`).
+
+:func:`save_checkpoint` writes a copy of the input with some state-dict entries replaced, in the
+input's format and structure (wrapper keys, prefixes, optimizer state and other entries kept),
+through a temporary file and an atomic rename; it never overwrites the input.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnscope.errors import CheckpointError, ModelError
+
+__all__ = [
+    "KNOWN_PREFIXES",
+    "WRAPPER_KEYS",
+    "Checkpoint",
+    "common_prefix",
+    "default_output_path",
+    "load_checkpoint",
+    "load_into_model",
+    "locate_state_dict",
+    "match_to_model",
+    "save_checkpoint",
+    "strip_prefix",
+]
+
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net", "module")
+"""Keys under which training scripts commonly nest the state dict, tried in this order."""
+
+KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.")
+"""Key prefixes added by DataParallel/DDP, ``torch.compile`` and Lightning."""
+
+_FIX_TRUST = (
+    "re-run with --trust-checkpoint only if you trust its source, "
+    "or save model.state_dict() instead"
+)
+_FIX_UNREADABLE = "check the path; the file may be damaged or not a checkpoint"
+_FIX_KEY = "pass --key NAME to say which entry holds the weights"
+_FIX_MODEL = "check --model / --model-kwargs match the architecture the checkpoint was saved from"
+_MAX_LISTED = 5
+_MAX_KEYS_LISTED = 10
+# Messages of torch's weights-only unpickler that mean "this needs a class or function that is
+# not allow-listed" (as opposed to "these bytes are not a pickle at all").
+_UNSAFE_PICKLE = re.compile(r"GLOBAL|safe_globals|allowlist|allowed global")
+_GLOBAL_NAME = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint and where its state dict lives inside it.
+
+    Attributes:
+        path: The file it was loaded from.
+        format: ``"torch"`` (``torch.save`` of a dict or state dict), ``"safetensors"``,
+            ``"module"`` (a pickled whole ``nn.Module``) or ``"torchscript"``.
+        raw: The object as loaded: the top-level dict, the ``nn.Module`` or the ScriptModule
+            (for safetensors, the flat dict of tensors).
+        key: The wrapper key path of the state dict, dotted for nested wrappers
+            (``"model.state_dict"``), or ``None`` when the state dict is the top level.
+        state_dict: The located state dict with the original key names.
+        module: The module for formats ``"module"`` and ``"torchscript"``, and for a trusted
+            ``"torch"`` dict that holds a whole module under :attr:`key`.
+        metadata: The safetensors header metadata, if any.
+    """
+
+    path: Path
+    format: str
+    raw: Any
+    key: str | None
+    state_dict: dict[str, torch.Tensor]
+    module: nn.Module | None = None
+    metadata: dict[str, str] | None = None
+    _key_path: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def trusted_module(self) -> bool:
+        """True when the checkpoint holds a runnable, trusted (unpickled) ``nn.Module``.
+
+        That is format ``"module"``, or a ``"torch"`` dict holding a whole module (which also
+        needed ``trust=True`` to load). TorchScript modules are excluded.
+        """
+        return self.module is not None and self.format in ("module", "torch")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_checkpoint(path: str | Path, *, key: str | None = None, trust: bool = False) -> Checkpoint:
+    """Load a checkpoint file and locate its state dict.
+
+    Args:
+        path: A ``torch.save`` file, a ``.safetensors`` file or a TorchScript archive.
+        key: Which entry holds the state dict (dotted for nested dicts, ``"a.b"``); found
+            automatically when ``None`` (see :func:`locate_state_dict`).
+        trust: Allow unpickling arbitrary Python objects (a whole ``nn.Module``). This runs
+            code from the file, so it is off by default and files that need it are refused.
+
+    Raises:
+        CheckpointError: The file is missing, unreadable, needs ``trust``, or holds no state
+            dict. Every failure of the underlying loaders surfaces as this error.
+    """
+    p = Path(path)
+    size = _check_file(p)
+    if p.suffix == ".safetensors" or _looks_like_safetensors(p, size):
+        return _load_safetensors(p, key)
+    if _is_torchscript_zip(p):
+        return _load_torchscript(p, key)
+
+    obj = _torch_load(p, trust=trust)
+    if isinstance(obj, nn.Module):
+        if key is not None:
+            raise CheckpointError(
+                f"--key {key} does not apply: {p} holds a whole nn.Module, not a dict",
+                "leave out --key",
+            )
+        return Checkpoint(p, "module", obj, None, obj.state_dict(), module=obj)
+    state_dict, parts, holder = _locate(obj, key, str(p))
+    module = holder if isinstance(holder, nn.Module) else None
+    return Checkpoint(p, "torch", obj, _join(parts), state_dict, module=module, _key_path=parts)
+
+
+def locate_state_dict(
+    obj: Any, key: str | None = None
+) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Find the state dict inside a loaded checkpoint object.
+
+    With ``key`` the entry at that (dotted) path is used. Otherwise, in this order:
+
+    1. an ``nn.Module`` gives its ``state_dict()``;
+    2. a dict whose values are all tensors is the state dict (key ``None``);
+    3. the first of :data:`WRAPPER_KEYS` whose value yields a state dict by these rules
+       (recursively, giving keys such as ``"model.state_dict"``);
+    4. a dict with some tensor values and no usable wrapper key is taken as a state dict of
+       its tensor entries (e.g. ``{"conv.weight": t, "epoch": 3}``), key ``None``.
+
+    Returns:
+        The state dict (the object itself where possible, so original key names and
+        ``_metadata`` are kept) and the key path used.
+
+    Raises:
+        CheckpointError: ``key`` does not exist, or no state dict is found.
+    """
+    state_dict, parts, _ = _locate(obj, key, "the checkpoint")
+    return state_dict, _join(parts)
+
+
+def _check_file(p: Path) -> int:
+    """Raise unless ``p`` is an existing, non-empty regular file; return its size."""
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}", "check the path")
+    if p.is_dir():
+        raise CheckpointError(
+            f"{p} is a directory, not a checkpoint file", "pass the checkpoint file itself"
+        )
+    try:
+        size = p.stat().st_size
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {p}: {_reason(exc)}", "check the path") from exc
+    if size == 0:
+        raise CheckpointError(_unreadable(p, "the file is empty"), _FIX_UNREADABLE)
+    return size
+
+
+def _looks_like_safetensors(p: Path, size: int) -> bool:
+    """A safetensors file starts with a little-endian u64 header length and then ``{``."""
+    if size < 10:
+        return False
+    try:
+        with p.open("rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= size - 8 and head[8:9] == b"{"
+
+
+def _is_torchscript_zip(p: Path) -> bool:
+    """A TorchScript archive is a zip with ``<name>/constants.pkl`` or a ``<name>/code/`` dir."""
+    try:
+        if not zipfile.is_zipfile(p):
+            return False
+        with zipfile.ZipFile(p) as zf:
+            names = zf.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+    for name in names:
+        inner = name.split("/", 1)[1] if "/" in name else name
+        if inner == "constants.pkl" or inner.startswith("code/"):
+            return True
+    return False
+
+
+def _load_safetensors(p: Path, key: str | None) -> Checkpoint:
+    if key is not None:
+        raise CheckpointError(
+            f"--key {key} does not apply: safetensors files hold one flat state dict",
+            "leave out --key",
+        )
+    try:
+        import safetensors
+        import safetensors.torch
+
+        tensors = safetensors.torch.load_file(str(p), device="cpu")
+        with safetensors.safe_open(str(p), framework="pt", device="cpu") as f:
+            metadata = f.metadata()
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot read {p} as a safetensors file: {_reason(exc)}", _FIX_UNREADABLE
+        ) from exc
+    return Checkpoint(p, "safetensors", tensors, None, tensors, metadata=metadata or None)
+
+
+def _load_torchscript(p: Path, key: str | None) -> Checkpoint:
+    if key is not None:
+        raise CheckpointError(
+            f"--key {key} does not apply: {p} is a TorchScript archive", "leave out --key"
+        )
+    try:
+        module = torch.jit.load(str(p), map_location="cpu")
+        state_dict = dict(module.state_dict())
+    except Exception as exc:
+        raise CheckpointError(_unreadable(p, _reason(exc)), _FIX_UNREADABLE) from exc
+    return Checkpoint(p, "torchscript", module, None, state_dict, module=module)
+
+
+def _torch_load(p: Path, *, trust: bool) -> Any:
+    """``torch.load`` with ``weights_only=True``; unrestricted only when trusted and needed."""
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        detail = text.split("WeightsUnpickler error:", 1)[-1]
+        if "Weights only load failed" not in text or not _UNSAFE_PICKLE.search(detail):
+            raise CheckpointError(_unreadable(p, _reason(exc)), _FIX_UNREADABLE) from exc
+        if not trust:
+            found = _GLOBAL_NAME.search(detail)
+            what = f" (found {found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"{p} contains pickled Python objects{what}, e.g. a whole nn.Module saved "
+                "with torch.save(model), which execute code when loaded",
+                _FIX_TRUST,
+            ) from exc
+    except Exception as exc:
+        raise CheckpointError(_unreadable(p, _reason(exc)), _FIX_UNREADABLE) from exc
+    try:
+        return torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot unpickle {p}: {_reason(exc)}",
+            "make the code that defines the saved classes importable, "
+            "or save model.state_dict() instead",
+        ) from exc
+
+
+def _locate(
+    obj: Any, key: str | None, where: str
+) -> tuple[dict[str, torch.Tensor], tuple[str, ...], Any]:
+    """Return (state dict, key path, object at that path) or raise CheckpointError."""
+    if key is not None:
+        parts, value = _walk(obj, key, where)
+        found = _find(value, parts)
+        if found is None:
+            raise CheckpointError(
+                f"entry '{key}' in {where} holds {_describe(value)}, not a state dict",
+                _FIX_KEY,
+            )
+        return found
+    found = _find(obj, ())
+    if found is not None:
+        return found
+    if isinstance(obj, Mapping):
+        if not obj:
+            raise CheckpointError(f"no state dict found in {where}: it is an empty dict", _FIX_KEY)
+        raise CheckpointError(
+            f"no state dict found in {where}: top-level keys are {_list_keys(obj)}", _FIX_KEY
+        )
+    raise CheckpointError(
+        f"no state dict found in {where}: it holds {_describe(obj)}",
+        "save model.state_dict() (or a dict containing it) instead",
+    )
+
+
+def _find(
+    obj: Any, parts: tuple[str, ...]
+) -> tuple[dict[str, torch.Tensor], tuple[str, ...], Any] | None:
+    """The automatic search of :func:`locate_state_dict`; ``None`` when nothing is found."""
+    if isinstance(obj, nn.Module):
+        return obj.state_dict(), parts, obj
+    if not isinstance(obj, Mapping) or not obj:
+        return None
+    if all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, parts, obj  # type: ignore[return-value]
+    for wrapper in WRAPPER_KEYS:
+        if wrapper in obj:
+            found = _find(obj[wrapper], (*parts, wrapper))
+            if found is not None:
+                return found
+    tensors = [k for k, v in obj.items() if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return None
+    subset: dict[str, torch.Tensor] = OrderedDict((k, obj[k]) for k in tensors)
+    if hasattr(obj, "_metadata"):
+        subset._metadata = obj._metadata  # type: ignore[attr-defined]
+    return subset, parts, obj
+
+
+def _walk(obj: Any, key: str, where: str) -> tuple[tuple[str, ...], Any]:
+    """Follow a dotted key path; a literal key containing dots wins over splitting it."""
+    parts: list[str] = []
+    value = obj
+    rest = key
+    while rest:
+        if not isinstance(value, Mapping):
+            at = f"entry '{_join(tuple(parts))}'" if parts else where
+            raise CheckpointError(
+                f"cannot look up '{rest}': {at} holds {_describe(value)}, not a dict", _FIX_KEY
+            )
+        pieces = rest.split(".")
+        for i in range(len(pieces), 0, -1):
+            head = ".".join(pieces[:i])
+            if head in value:
+                parts.append(head)
+                value = value[head]
+                rest = ".".join(pieces[i:])
+                break
+        else:
+            at = f"entry '{_join(tuple(parts))}'" if parts else where
+            level = "its keys" if parts else "top-level keys"
+            raise CheckpointError(
+                f"no entry '{pieces[0]}' in {at}: {level} are {_list_keys(value)}",
+                "pass --key with one of those keys",
+            )
+    return tuple(parts), value
+
+
+# --------------------------------------------------------------------------------------------
+# Prefixes and fitting a model
+
+
+def common_prefix(keys: Iterable[str]) -> str:
+    """The longest chain of :data:`KNOWN_PREFIXES` that every key starts with.
+
+    ``["module._orig_mod.a", "module._orig_mod.b"]`` gives ``"module._orig_mod."``; ``""``
+    when the keys share none (or there are no keys).
+    """
+    return "".join(_prefix_chain(keys))
+
+
+def _prefix_chain(keys: Iterable[str]) -> list[str]:
+    rest = list(keys)
+    chain: list[str] = []
+    if not rest:
+        return chain
+    while True:
+        for prefix in KNOWN_PREFIXES:
+            if all(k.startswith(prefix) and len(k) > len(prefix) for k in rest):
+                chain.append(prefix)
+                rest = [k[len(prefix) :] for k in rest]
+                break
+        else:
+            return chain
+
+
+def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A new dict with ``prefix`` removed from the keys that start with it (others unchanged).
+
+    Order is kept. A ``_metadata`` attribute (module versions used by ``load_state_dict``) is
+    carried over with its module paths renamed the same way.
+    """
+    metadata = getattr(state_dict, "_metadata", None)
+    if not prefix:
+        out: dict[str, torch.Tensor] = OrderedDict(state_dict) if metadata else dict(state_dict)
+        if metadata is not None:
+            out._metadata = metadata  # type: ignore[attr-defined]
+        return out
+    n = len(prefix)
+    items = ((k[n:] if k.startswith(prefix) else k, v) for k, v in state_dict.items())
+    if metadata is None:
+        return dict(items)
+    out = OrderedDict(items)
+    root = prefix[:-1] if prefix.endswith(".") else prefix
+    new_meta: OrderedDict[str, Any] = OrderedDict()
+    for name, value in metadata.items():
+        if name == root:
+            new_meta[""] = value
+        elif name.startswith(prefix):
+            new_meta[name[n:]] = value
+        elif name == "" or prefix.startswith(name + "."):
+            continue  # a wrapper around the stripped module: no longer in the key space
+        else:
+            new_meta[name] = value
+    out._metadata = new_meta  # type: ignore[attr-defined]
+    return out
+
+
+def match_to_model(
+    state_dict: dict[str, torch.Tensor], model_keys: Iterable[str]
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Rename checkpoint keys to fit a model by stripping known prefixes it does not use.
+
+    The checkpoint's shared prefix chain (:func:`common_prefix`, e.g. ``"module._orig_mod."``)
+    is stripped one link at a time from the front. The first stripping that makes the key
+    sets equal wins; otherwise links are stripped until what remains of the chain is a prefix
+    of the model's own chain, so a prefix the model's keys also have (say a model whose
+    attribute is literally named ``model``) is kept.
+
+    Returns:
+        The renamed state dict (``state_dict`` itself when nothing is stripped) and the prefix
+        stripped (``""`` if none).
+    """
+    model_list = list(model_keys)
+    model_set = set(model_list)
+    chain = _prefix_chain(state_dict.keys())
+    if not chain or set(state_dict) == model_set:
+        return state_dict, ""
+    for i in range(1, len(chain) + 1):
+        prefix = "".join(chain[:i])
+        if {k[len(prefix) :] for k in state_dict} == model_set:
+            return strip_prefix(state_dict, prefix), prefix
+    model_chain = _prefix_chain(model_list)
+    for i in range(len(chain) + 1):
+        if chain[i:] == model_chain[: len(chain) - i]:
+            break
+    prefix = "".join(chain[:i])
+    if not prefix:
+        return state_dict, ""
+    return strip_prefix(state_dict, prefix), prefix
+
+
+def load_into_model(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> str:
+    """Load a checkpoint's state dict into ``model`` strictly, after :func:`match_to_model`.
+
+    Keys and shapes are checked before anything is copied, so a mismatch leaves the model
+    untouched.
+
+    Returns:
+        The prefix stripped from the checkpoint's keys (``""`` if none).
+
+    Raises:
+        ModelError: Missing or unexpected keys, or shape mismatches (one line naming the first
+            few of each and their counts).
+    """
+    own = model.state_dict(keep_vars=True)
+    renamed, prefix = match_to_model(state_dict, own.keys())
+    missing = [k for k in own if k not in renamed and not _fillable(k, renamed)]
+    unexpected = [k for k in renamed if k not in own]
+    shapes = [
+        f"{k}: checkpoint {list(renamed[k].shape)} vs model {list(own[k].shape)}"
+        for k in own
+        if k in renamed
+        and isinstance(renamed[k], torch.Tensor)
+        and isinstance(own[k], torch.Tensor)
+        and not nn.parameter.is_lazy(own[k])
+        and renamed[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(_counted(missing, "missing key"))
+        if unexpected:
+            parts.append(_counted(unexpected, "unexpected key"))
+        if shapes:
+            parts.append(_counted(shapes, "shape mismatch", plural="shape mismatches"))
+        stripped = f" (after stripping prefix '{prefix}')" if prefix else ""
+        raise ModelError(
+            f"checkpoint does not fit the model{stripped}: " + ", ".join(parts), _FIX_MODEL
+        )
+    try:
+        model.load_state_dict(renamed, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"checkpoint does not fit the model: {_reason(exc)}", _FIX_MODEL) from exc
+    return prefix
+
+
+def _fillable(key: str, state_dict: Mapping[str, Any]) -> bool:
+    """``num_batches_tracked`` absent from an old (version < 2) BN state dict is filled by torch.
+
+    Without ``_metadata`` torch treats the version as unknown and fills it as well.
+    """
+    if not key.endswith("num_batches_tracked"):
+        return False
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is None:
+        return True
+    module = key.rsplit(".", 1)[0] if "." in key else ""
+    version = metadata.get(module, {}).get("version")
+    return version is None or version < 2
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+
+
+def default_output_path(path: Path, tag: str) -> Path:
+    """``runs/ckpt.pt`` with tag ``precise`` gives ``runs/ckpt.precise.pt``.
+
+    ``w.safetensors`` gives ``w.precise.safetensors``; a name without suffix gets
+    ``.precise`` appended.
+    """
+    path = Path(path)
+    return path.with_name(f"{path.stem}.{tag}{path.suffix}")
+
+
+def save_checkpoint(
+    ckpt: Checkpoint,
+    updates: dict[str, torch.Tensor],
+    out: str | Path,
+    *,
+    force: bool = False,
+) -> Path:
+    """Write ``ckpt`` to ``out`` with the state-dict entries in ``updates`` replaced.
+
+    ``updates`` uses the original key names of :attr:`Checkpoint.state_dict`; values are cast
+    to the original entry's dtype (on CPU) and must have its shape. Everything else (wrapper
+    keys, prefixes, optimizer state, other entries, ``_metadata``, the file format) is kept.
+    ``ckpt`` itself is not modified. The file is written to a temporary file in the output
+    directory, synced, and renamed onto ``out``; no temporary file survives a failure.
+
+    Returns:
+        The path written.
+
+    Raises:
+        CheckpointError: An unknown key or wrong shape in ``updates``; ``out`` is the input,
+            exists without ``force``, or is not writable; the format cannot be written.
+    """
+    if ckpt.format == "torchscript":
+        raise CheckpointError(
+            "TorchScript archives are inspected statically only; bnscope cannot rewrite them",
+            "save the model's state_dict() and pass --model",
+        )
+    new_values = _prepare_updates(ckpt.state_dict, updates)
+    out_path = Path(out)
+    _check_output(ckpt.path, out_path, force=force)
+
+    if ckpt.format == "safetensors":
+        import safetensors.torch
+
+        tensors = dict(ckpt.state_dict)
+        tensors.update(new_values)
+        payload = safetensors.torch.save(tensors, metadata=ckpt.metadata)
+
+        def write(f: Any) -> None:
+            f.write(payload)
+
+    elif ckpt.format in ("torch", "module"):
+        if ckpt.format == "module":
+            obj = _updated_module(ckpt.raw, new_values)
+        else:
+            parts = ckpt._key_path
+            if parts is None:
+                parts = _walk(ckpt.raw, ckpt.key, str(ckpt.path))[0] if ckpt.key else ()
+            obj = _rebuild(ckpt.raw, parts, new_values)
+
+        def write(f: Any) -> None:
+            torch.save(obj, f)
+
+    else:
+        raise CheckpointError(
+            f"unknown checkpoint format '{ckpt.format}'",
+            "load the checkpoint with bnscope.checkpoint.load_checkpoint",
+        )
+    _atomic_write(out_path, write)
+    return out_path
+
+
+def _prepare_updates(
+    state_dict: Mapping[str, torch.Tensor], updates: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Check keys and shapes, cast to the original dtypes on CPU (fresh, contiguous copies)."""
+    unknown = [k for k in updates if k not in state_dict]
+    if unknown:
+        raise CheckpointError(
+            "cannot update entries the checkpoint does not have: " + _names(unknown),
+            "use the checkpoint's original key names",
+        )
+    result: dict[str, torch.Tensor] = {}
+    for name, value in updates.items():
+        original = state_dict[name]
+        new = torch.as_tensor(value).detach()
+        if tuple(new.shape) != tuple(original.shape):
+            raise CheckpointError(
+                f"update for {name} has shape {list(new.shape)}, "
+                f"the checkpoint's has {list(original.shape)}",
+                "pass a tensor of the checkpoint entry's shape",
+            )
+        result[name] = new.to(device="cpu", dtype=original.dtype, copy=True).contiguous()
+    return result
+
+
+def _check_output(source: Path, out: Path, *, force: bool) -> None:
+    same = out.resolve() == source.resolve()
+    if not same and out.exists() and source.exists():
+        try:
+            same = os.path.samefile(out, source)
+        except OSError:
+            same = False
+    if same:
+        raise CheckpointError(
+            f"refusing to overwrite the input checkpoint {source}", "choose another -o path"
+        )
+    if out.is_dir():
+        raise CheckpointError(f"{out} is a directory", "pass a file path to -o")
+    if out.exists() and not force:
+        raise CheckpointError(f"{out} already exists", "pass --force to overwrite it")
+    parent = out.parent
+    if not parent.is_dir():
+        raise CheckpointError(
+            f"output directory does not exist: {parent}", "create it or choose another -o path"
+        )
+
+
+def _atomic_write(out: Path, write: Any) -> None:
+    """Write through a temporary file in ``out``'s directory, fsync, then rename onto ``out``."""
+    try:
+        mode = out.stat().st_mode & 0o7777 if out.exists() else _default_mode()
+        handle = tempfile.NamedTemporaryFile(
+            dir=out.parent, delete=False, prefix=f".{out.name}.", suffix=".tmp"
+        )
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {out}: {_reason(exc)}", _fix_write()) from exc
+    tmp = Path(handle.name)
+    try:
+        with handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, out)
+    except BaseException as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        if isinstance(exc, CheckpointError) or not isinstance(exc, Exception):
+            raise
+        raise CheckpointError(f"cannot write {out}: {_reason(exc)}", _fix_write()) from exc
+    _fsync_dir(out.parent)
+
+
+def _fix_write() -> str:
+    return "check that the -o directory is writable and has free space"
+
+
+def _default_mode() -> int:
+    """Permissions a newly created file would get (temporary files are created 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename durable where the platform allows opening directories."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _rebuild(container: Any, parts: tuple[str, ...], new_values: dict[str, torch.Tensor]) -> Any:
+    """A shallow copy of ``container`` with only the path to the state dict copied and updated.
+
+    Dicts keep their type, key order and attributes (``_metadata``); all untouched entries are
+    the same objects as in the input.
+    """
+    if parts:
+        head, rest = parts[0], parts[1:]
+        copied = copy.copy(container)
+        copied[head] = _rebuild(container[head], rest, new_values)
+        return copied
+    if isinstance(container, nn.Module):
+        return _updated_module(container, new_values)
+    copied = copy.copy(container)
+    for name, value in new_values.items():
+        copied[name] = value
+    return copied
+
+
+def _updated_module(module: nn.Module, new_values: dict[str, torch.Tensor]) -> nn.Module:
+    """A deep copy of ``module`` with the given state-dict entries overwritten in place."""
+    clone = copy.deepcopy(module)
+    targets = clone.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, value in new_values.items():
+            targets[name].copy_(value)
+    return clone
+
+
+# --------------------------------------------------------------------------------------------
+# Message helpers
+
+
+def _join(parts: tuple[str, ...]) -> str | None:
+    return ".".join(parts) if parts else None
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of an exception message, shortened; the type name if it has none."""
+    text = str(exc).strip()
+    if "Weights only load failed" in text:
+        found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        if found:
+            text = found.group(1)
+    line = text.splitlines()[0].strip() if text else ""
+    if not line:
+        return type(exc).__name__
+    if len(line) > 200:
+        line = line[:197] + "..."
+    return line
+
+
+def _unreadable(p: Path, reason: str) -> str:
+    return f"cannot read {p} as a PyTorch, safetensors or TorchScript checkpoint: {reason}"
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, torch.Tensor):
+        return f"a tensor of shape {list(obj.shape)}"
+    if isinstance(obj, Mapping) and not obj:
+        return "an empty dict"
+    name = type(obj).__name__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    return f"{article} {name}"
+
+
+def _list_keys(mapping: Mapping[Any, Any]) -> str:
+    keys = [str(k) for k in mapping]
+    shown = ", ".join(keys[:_MAX_KEYS_LISTED])
+    if len(keys) > _MAX_KEYS_LISTED:
+        shown += f", ... ({len(keys) - _MAX_KEYS_LISTED} more)"
+    return shown
+
+
+def _names(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    return shown + (", ..." if len(items) > _MAX_LISTED else "")
+
+
+def _counted(items: list[str], noun: str, plural: str | None = None) -> str:
+    word = noun if len(items) == 1 else (plural or noun + "s")
+    return f"{len(items)} {word} ({_names(items)})"

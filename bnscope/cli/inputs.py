@@ -1,0 +1,91 @@
+"""Turn command-line inputs (merged with the project file) into library objects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..config import ProjectConfig
+from ..errors import UsageError
+from .runtime import merged, parse_floats
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..checkpoint import Checkpoint
+    from ..data import DataSource
+
+
+@dataclass
+class DataFlags:
+    """The data options of a command, before merging with the project file."""
+
+    batch_size: int | None = None
+    workers: int | None = None
+    input_key: str | None = None
+    image_size: int | None = None
+    resize: int | None = None
+    channels: int | None = None
+    mean: str | None = None
+    std: str | None = None
+    seed: int = 0
+
+
+def open_checkpoint(path: Path, key: str | None, trust: bool, config: ProjectConfig) -> Checkpoint:
+    from ..checkpoint import load_checkpoint
+
+    return load_checkpoint(path, key=merged(key, config, "key"), trust=trust)
+
+
+def build_model_for(
+    ckpt: Checkpoint, model_spec: str | None, model_kwargs: str | None, config: ProjectConfig
+) -> tuple[nn.Module | None, str, str | None]:
+    """The model with the checkpoint's weights loaded (strict), the prefix stripped, and the
+    model spec used. ``(None, "", None)`` when no model spec is given and the checkpoint is not
+    a trusted whole module."""
+    from ..checkpoint import load_into_model
+    from ..modelspec import build_model
+
+    spec = merged(model_spec, config, "model")
+    kwargs: Any = merged(model_kwargs, config, "model_kwargs")
+    if spec is None:
+        if ckpt.format == "module" and ckpt.module is not None:
+            if kwargs:
+                raise UsageError("--model-kwargs given without --model", "add --model SPEC")
+            return ckpt.module, "", "(whole module from the checkpoint)"
+        if kwargs:
+            raise UsageError("--model-kwargs given without --model", "add --model SPEC")
+        return None, "", None
+    if ckpt.format == "torchscript":
+        raise UsageError(
+            "a TorchScript archive cannot be loaded into a --model (its weights are inspected "
+            "statically)",
+            "drop --model, or save the model's state_dict() and use that",
+        )
+    model = build_model(spec, kwargs)
+    prefix = load_into_model(model, ckpt.state_dict)
+    return model, prefix, spec
+
+
+def open_data(spec: str | None, flags: DataFlags, config: ProjectConfig, option: str) -> DataSource:
+    """Resolve a ``--data``-like spec into a :class:`~bnscope.data.DataSource`."""
+    from ..data import ImageOptions, load_data
+
+    if spec is None:
+        raise UsageError(f"{option} is required here", f"pass {option} SPEC")
+    defaults = ImageOptions()
+    image = ImageOptions(
+        image_size=merged(flags.image_size, config, "image_size"),
+        resize=merged(flags.resize, config, "resize"),
+        channels=merged(flags.channels, config, "channels", defaults.channels),
+        mean=parse_floats(merged(flags.mean, config, "mean"), "--mean") or defaults.mean,
+        std=parse_floats(merged(flags.std, config, "std"), "--std") or defaults.std,
+    )
+    return load_data(
+        spec,
+        batch_size=merged(flags.batch_size, config, "batch_size", 32),
+        workers=merged(flags.workers, config, "workers", 0),
+        image=image,
+        seed=flags.seed,
+    )

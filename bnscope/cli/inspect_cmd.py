@@ -1,0 +1,105 @@
+"""``bnscope inspect``: static report from a checkpoint (dynamic report: a later version)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import NotAvailableError, UsageError
+from . import options as o
+from .app import app
+from .inputs import build_model_for, open_checkpoint
+from .runtime import (
+    Ui,
+    check_fail_on,
+    exit_code_for,
+    finish,
+    project_config,
+    require_checkpoint,
+)
+
+
+HELP = (
+    'Report every BN layer of a checkpoint and what is wrong with its statistics.\n\nWith '
+    'the checkpoint alone (no model code): running-stat ranges, EMA warm-up, tiny '
+    'variances, dead channels, never-updated layers, non-finite values. With --model, '
+    'momentum and eps come from the model.\n\nExample: bnscope inspect runs/ckpt.pt --json'
+)
+
+
+@app.command("inspect", help=HELP)
+def inspect_command(
+    checkpoint: o.Checkpoint = None,
+    key: o.Key = None,
+    trust_checkpoint: o.Trust = False,
+    model: o.Model = None,
+    model_kwargs: o.ModelKwargs = None,
+    data: o.Data = None,
+    eval_data: o.EvalData = None,
+    batches: o.Batches = None,
+    device: o.Device = None,
+    seed: o.Seed = 0,
+    out: o.OutDir = None,
+    json_: o.Json = False,
+    quiet: o.Quiet = False,
+    fail_on: o.FailOn = None,
+    debug: o.Debug = False,
+) -> None:
+    ui = Ui(json=json_, quiet=quiet)
+    level = check_fail_on(fail_on)
+    config = project_config()
+    path = require_checkpoint(checkpoint, config)
+    if data is not None:
+        raise NotAvailableError(
+            "dynamic inspection (--data) is not available in this version of bnscope",
+            "omit --data for the static report",
+        )
+    if eval_data is not None:
+        raise UsageError("--eval-data needs dynamic inspection (--data)", "omit --eval-data")
+
+    from ..checkpoint import common_prefix, strip_prefix
+    from ..static import static_inspect
+
+    ckpt = open_checkpoint(path, key, trust_checkpoint, config)
+    net, prefix, spec = build_model_for(ckpt, model, model_kwargs, config)
+    extra: dict[str, Any] = {
+        "format": ckpt.format,
+        "key": ckpt.key,
+        "prefix": prefix,
+        "model": spec,
+        "project_file": str(config.path) if config.path else None,
+    }
+    fix = _recompute_fix(str(path), spec)
+    if net is not None:
+        report = static_inspect(net, checkpoint=str(path), recompute_fix=fix, extra=extra)
+    else:
+        prefix = common_prefix(ckpt.state_dict.keys())
+        extra["prefix"] = prefix
+        state = strip_prefix(ckpt.state_dict, prefix) if prefix else ckpt.state_dict
+        report = static_inspect(state, checkpoint=str(path), recompute_fix=fix, extra=extra)
+    render_static(ui, report, out)
+    finish(exit_code_for(report, level))
+
+
+def _recompute_fix(path: str, spec: str | None) -> str:
+    model = spec if spec and not spec.startswith("(") else "SPEC"
+    return f"recompute the statistics: bnscope precise {path} --model {model} --data TRAIN_DATA"
+
+
+def render_static(ui: Ui, report: Any, out: str | None) -> None:
+    from ..render.jsonout import report_json
+
+    text = report_json(report)
+    if out is not None:
+        from ..outputs import write_report_dir
+        from ..render.figures import static_ranges_figure
+
+        figures = {"running_stats": static_ranges_figure(report.layers)} if report.layers else {}
+        written = write_report_dir(out, text, figures)
+        ui.info(f"wrote {', '.join(str(p) for p in written)}")
+    if ui.json:
+        ui.out.file.write(text)
+        ui.out.file.flush()
+    else:
+        from ..render.tables import static_report
+
+        ui.out.print(static_report(report))

@@ -1,0 +1,842 @@
+"""``--data`` specs -> iterables of batches.
+
+A spec is one of (DESIGN.md §3):
+
+- a folder of images: class subfolders give labels (ImageFolder layout), a flat folder gives
+  none. Images are decoded with Pillow inside DataLoader workers, converted to RGB (or to one
+  channel), resized and center-cropped as torchvision's ``Resize``/``CenterCrop`` do, and
+  normalized;
+- a tensor file (``.pt``/``.pth``/``.npy``/``.npz``) or a folder of such shards;
+- ``pkg.module:factory`` or ``path/to/file.py:factory``, a callable returning an iterable of
+  batches (usually a DataLoader).
+
+:func:`load_data` resolves a spec into a :class:`DataSource`. :func:`split_batch`,
+:func:`move_to` and :func:`default_call` are how the rest of bnscope consumes batches.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import itertools
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+
+from bnscope.errors import DataError
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_SUFFIXES",
+    "TENSOR_SUFFIXES",
+    "INPUT_KEYS",
+    "LABEL_KEYS",
+    "ImageOptions",
+    "DataSource",
+    "ImageFolderDataset",
+    "TensorPairDataset",
+    "load_data",
+    "split_batch",
+    "move_to",
+    "default_call",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+TENSOR_SUFFIXES = {".pt", ".pth", ".npy", ".npz"}
+
+#: Keys that name the input in a dict batch (and in a ``.pt`` dict / ``.npz``), in priority order.
+INPUT_KEYS = ("x", "input", "inputs", "image", "images", "img", "pixel_values", "data")
+#: Keys that name the labels in a dict batch (and in a ``.pt`` dict / ``.npz``), in priority order.
+LABEL_KEYS = ("y", "label", "labels", "target", "targets")
+# Tensor files accept a narrower set of input names than batches do.
+_FILE_INPUT_KEYS = ("x", "input", "inputs", "data")
+
+_TENSOR_FIX = "save the inputs as a tensor, an (x, y) pair, or a dict with 'x' (and optionally 'y')"
+_DIR_FIX = (
+    "put images in class subfolders (DIR/CLASS/IMG) or directly in DIR, "
+    "or tensor shards (.pt .pth .npy .npz) directly in DIR"
+)
+_SIZE_FIX = "pass --image-size N to resize and crop"
+
+
+# --------------------------------------------------------------------------------------------
+# Options and result
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How image folders are decoded and preprocessed.
+
+    ``image_size`` is the center-crop size; ``None`` means no resize or crop, and then every
+    image must have the same size. ``resize`` is the length the shorter side is resized to
+    before the crop (default ``round(image_size * 8 / 7)``, so 224 -> 256). ``channels`` is 3
+    (RGB) or 1 (grayscale, Pillow mode ``"L"``). ``mean``/``std`` normalize each channel; with
+    one channel a 3-tuple is averaged, and a 1-tuple applies to every channel.
+    """
+
+    image_size: int | None = None
+    resize: int | None = None
+    channels: int = 3
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def resize_to(self) -> int | None:
+        """The shorter-side length images are resized to (``None`` without ``image_size``)."""
+        if self.image_size is None:
+            return None
+        if self.resize is not None:
+            return self.resize
+        return int(round(self.image_size * 8 / 7))
+
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """``(mean, std)`` with exactly ``channels`` entries each."""
+        return (
+            _per_channel(self.mean, self.channels, "mean"),
+            _per_channel(self.std, self.channels, "std"),
+        )
+
+    def validate(self) -> None:
+        """Raise :class:`DataError` when the options cannot be applied."""
+        if self.channels not in (1, 3):
+            raise DataError(
+                f"unsupported number of image channels: {self.channels}",
+                "use --channels 3 (RGB) or --channels 1 (grayscale)",
+            )
+        if self.image_size is not None and self.image_size < 1:
+            raise DataError(
+                f"image size must be positive, got {self.image_size}", "pass --image-size N >= 1"
+            )
+        if self.resize is not None:
+            if self.image_size is None:
+                raise DataError(
+                    "a resize length was given without an image size",
+                    "pass --image-size N as well (the center-crop size)",
+                )
+            if self.resize < self.image_size:
+                raise DataError(
+                    f"resize length {self.resize} is smaller than the image size "
+                    f"{self.image_size}, so the crop would not fit",
+                    "pass a resize length >= the image size, or leave it at its default",
+                )
+        _, std = self.normalization()
+        if any(not s > 0 for s in std):
+            raise DataError(f"std must be positive, got {tuple(self.std)}", "pass --std > 0")
+
+
+def _per_channel(values: Sequence[float], channels: int, name: str) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    if channels == 1 and len(values) == 3:
+        return (sum(values) / 3.0,)
+    raise DataError(
+        f"--{name} has {len(values)} values but images have {channels} channels",
+        f"pass one value or {channels} values to --{name}",
+    )
+
+
+@dataclass
+class DataSource:
+    """A resolved ``--data`` spec: an iterable of batches plus what is known about it.
+
+    ``num_samples`` is the number of samples this rank iterates over (``None`` for factories);
+    ``has_labels`` is ``None`` when unknown.
+    """
+
+    loader: Iterable[Any]
+    description: str
+    kind: str
+    num_samples: int | None
+    has_labels: bool | None
+    classes: list[str] | None = field(default=None)
+
+    def __iter__(self) -> Any:
+        return iter(self.loader)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors raised inside DataLoader workers
+
+
+class _SampleError(DataError):
+    """A :class:`DataError` raised while reading one sample, possibly in a worker process.
+
+    torch re-raises a worker's exception in the main process as ``type(exc)(text)``, where
+    ``text`` is "Caught ... in DataLoader worker process N." followed by the worker's whole
+    traceback. This class recovers the original one-line message and fix from the traceback's
+    last line, so the user still sees one clean line. Fixes given to it contain no ``"; "``.
+    """
+
+    def __init__(self, message: str, fix: str | None = None) -> None:
+        if fix is None and message.startswith("Caught "):
+            message, fix = _unwrap_worker_text(message)
+        super().__init__(message, fix)
+
+
+def _unwrap_worker_text(text: str) -> tuple[str, str | None]:
+    lines = [line for line in text.splitlines() if line.strip()]
+    last = lines[-1] if lines else text
+    marker = f"{_SampleError.__name__}: "
+    if marker not in last:
+        return text, None
+    line = last.split(marker, 1)[1].strip()
+    message, sep, fix = line.rpartition("; ")
+    if not sep:
+        return line, None
+    return message, fix
+
+
+def _describe(exc: BaseException, limit: int = 300) -> str:
+    """``"Type: message"`` on one line, shortened to ``limit`` characters."""
+    text = " ".join(str(exc).split())
+    out = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _is_image(name: str) -> bool:
+    return not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def _walk_images(folder: Path) -> list[Path]:
+    """Image files under ``folder``, recursively, in torchvision's order; hidden entries skipped."""
+    found: list[Path] = []
+    for root, _, files in sorted(os.walk(folder, followlinks=True)):
+        if any(_is_hidden(part) for part in Path(root).relative_to(folder).parts):
+            continue
+        found.extend(Path(root) / name for name in sorted(files) if _is_image(name))
+    return found
+
+
+def _scan_image_folder(root: Path) -> tuple[list[Path], list[int] | None, list[str] | None]:
+    """``(files, labels, classes)``; labels and classes are ``None`` for a flat folder."""
+    loose: list[Path] = []
+    subdirs: list[Path] = []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if _is_hidden(entry.name):
+            continue
+        if entry.is_dir():
+            subdirs.append(Path(entry.path))
+        elif entry.is_file() and _is_image(entry.name):
+            loose.append(Path(entry.path))
+    per_class = {d.name: _walk_images(d) for d in subdirs}
+    with_images = [name for name, files in per_class.items() if files]
+    if loose and with_images:
+        raise DataError(
+            f"{root} mixes loose images ({len(loose)}, e.g. {loose[0].name}) with class "
+            f"subfolders ({len(with_images)}, e.g. {with_images[0]})",
+            "put every image in a class subfolder (labelled) or all directly in the folder "
+            "(unlabelled)",
+        )
+    if loose:
+        return loose, None, None
+    if not with_images:
+        raise DataError(f"no images found in {root}", _DIR_FIX.replace("DIR", str(root)))
+    classes = sorted(per_class)
+    files: list[Path] = []
+    labels: list[int] = []
+    for index, name in enumerate(classes):
+        files.extend(per_class[name])
+        labels.extend([index] * len(per_class[name]))
+    return files, labels, classes
+
+
+def _open_image(path: Path, mode: str) -> Image.Image:
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert(mode)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        raise _SampleError(
+            f"cannot read image {path} ({_describe(exc)})",
+            "remove or replace the file, or point --data at a folder without it",
+        ) from exc
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        raise _SampleError(
+            f"cannot read image {path} ({_describe(exc)})",
+            "remove or replace the file, or point --data at a folder without it",
+        ) from exc
+
+
+def _resize_center_crop(img: Image.Image, size: int, resize: int) -> Image.Image:
+    """torchvision ``Resize(resize)`` (bilinear) then ``CenterCrop(size)`` on a PIL image."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = resize, int(resize * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    left = int(round((new_w - size) / 2.0))
+    top = int(round((new_h - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+class ImageFolderDataset(Dataset):
+    """Images under ``root``: class subfolders (labelled) or loose images (unlabelled).
+
+    Files are found when the dataset is built; they are decoded in ``__getitem__`` (so in
+    DataLoader workers). An item is ``(x, label)`` for a labelled folder and ``x`` for a flat
+    one; ``x`` is a float32 CHW tensor, normalized. Without ``image_size`` every image must have
+    the size of the first one; the first mismatch raises :class:`DataError`.
+    """
+
+    def __init__(self, root: str | Path, options: ImageOptions = ImageOptions()) -> None:
+        options.validate()
+        self.root = Path(root)
+        self.options = options
+        self.files, self.labels, self.classes = _scan_image_folder(self.root)
+        self._mode = "RGB" if options.channels == 3 else "L"
+        mean, std = options.normalization()
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self._reference: tuple[Path, tuple[int, int]] | None = None
+        if options.image_size is None:
+            self._reference = (self.files[0], _image_size(self.files[0]))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Any:
+        path = self.files[index]
+        img = _open_image(path, self._mode)
+        size = self.options.image_size
+        if size is not None:
+            resize = self.options.resize_to()
+            assert resize is not None
+            img = _resize_center_crop(img, size, resize)
+        elif self._reference is not None and img.size != self._reference[1]:
+            ref_path, (rw, rh) = self._reference
+            raise _SampleError(
+                f"images have different sizes: {ref_path} is {rw}x{rh}, "
+                f"{path} is {img.size[0]}x{img.size[1]}",
+                _SIZE_FIX,
+            )
+        array = np.asarray(img, dtype=np.float32) / 255.0
+        if array.ndim == 2:
+            array = array[:, :, None]
+        x = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+        x = (x - self._mean) / self._std
+        if self.labels is None:
+            return x
+        return x, self.labels[index]
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor files
+
+
+class TensorPairDataset(Dataset):
+    """Samples ``x[i]`` (or ``(x[i], y[i])`` when labels are given) from in-memory tensors."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        self.x = x
+        self.y = y
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def __getitem__(self, index: int) -> Any:
+        if self.y is None:
+            return self.x[index]
+        return self.x[index], self.y[index]
+
+
+def _as_tensor(value: Any, path: Path, what: str) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            raise DataError(f"{what} in {path} is an object array", _TENSOR_FIX)
+        try:
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        except TypeError as exc:
+            raise DataError(
+                f"{what} in {path} has unsupported dtype ({_describe(exc)})", _TENSOR_FIX
+            ) from exc
+    if not isinstance(value, torch.Tensor):
+        raise DataError(f"{what} in {path} is a {type(value).__name__}, not a tensor", _TENSOR_FIX)
+    return value
+
+
+def _pick(mapping: Mapping[str, Any], keys: Sequence[str]) -> str | None:
+    return next((k for k in keys if k in mapping), None)
+
+
+def _key_list(keys: Iterable[Any], limit: int = 8) -> str:
+    keys = [str(k) for k in keys]
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "") if keys else "none"
+
+
+def _from_mapping(content: Mapping[str, Any], path: Path) -> tuple[Any, Any]:
+    x_key = _pick(content, _FILE_INPUT_KEYS)
+    if x_key is None:
+        if len(content) == 1:  # a single unnamed array (np.savez(f, arr) -> "arr_0")
+            return next(iter(content.values())), None
+        raise DataError(
+            f"{path} has no input entry (looked for {', '.join(_FILE_INPUT_KEYS)}; "
+            f"found {_key_list(content.keys())})",
+            _TENSOR_FIX,
+        )
+    y_key = _pick(content, LABEL_KEYS)
+    return content[x_key], (content[y_key] if y_key is not None else None)
+
+
+def _read_tensor_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(x, y)`` from one tensor file, checked and with floating inputs as float32."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".pt", ".pth"):
+            content = torch.load(path, map_location="cpu", weights_only=True)
+        elif suffix == ".npy":
+            content = np.load(path, allow_pickle=False)
+        else:
+            with np.load(path, allow_pickle=False) as npz:
+                content = {name: npz[name] for name in npz.files}
+    except Exception as exc:  # unpickling, zip and format errors come in many types
+        raise DataError(f"cannot load tensor file {path} ({_describe(exc)})", _TENSOR_FIX) from exc
+
+    if isinstance(content, Mapping):
+        x, y = _from_mapping(content, path)
+    elif isinstance(content, (tuple, list)):
+        if len(content) not in (1, 2):
+            raise DataError(
+                f"{path} holds a {type(content).__name__} of {len(content)} items; expected "
+                "(x,) or (x, y)",
+                _TENSOR_FIX,
+            )
+        x, y = content[0], (content[1] if len(content) == 2 else None)
+    else:
+        x, y = content, None
+
+    x = _as_tensor(x, path, "the input")
+    y = _as_tensor(y, path, "the labels") if y is not None else None
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise DataError(
+            f"{path} holds no samples (input shape {tuple(x.shape)})",
+            "save inputs with the sample dimension first, e.g. shape (N, C, H, W)",
+        )
+    if y is None and x.dim() == 1 and not (x.is_floating_point() or x.is_complex()):
+        raise DataError(
+            f"{path} looks like labels only (a 1-D {x.dtype} tensor of {x.shape[0]} values)",
+            "save the inputs too, e.g. torch.save({'x': inputs, 'y': labels}, path)",
+        )
+    if y is not None and (y.dim() != 1 or y.shape[0] != x.shape[0]):
+        raise DataError(
+            f"labels in {path} have shape {tuple(y.shape)} but the inputs hold "
+            f"{x.shape[0]} samples",
+            "save one label per sample as a 1-D tensor of length N",
+        )
+    if x.is_floating_point() and x.dtype != torch.float32:
+        x = x.float()
+    return x, y
+
+
+def _tensor_dataset(files: Sequence[Path]) -> tuple[Dataset, int, bool]:
+    """A dataset over one or more tensor files: ``(dataset, num_samples, has_labels)``."""
+    parts: list[TensorPairDataset] = []
+    first: tuple[Path, torch.Tensor, torch.Tensor | None] | None = None
+    for path in files:
+        x, y = _read_tensor_file(path)
+        if first is not None:
+            p0, x0, y0 = first
+            if x.shape[1:] != x0.shape[1:] or x.dtype != x0.dtype:
+                raise DataError(
+                    f"shard {path.name} holds samples of shape {tuple(x.shape[1:])} "
+                    f"({x.dtype}), but {p0.name} holds {tuple(x0.shape[1:])} ({x0.dtype})",
+                    "make every shard hold samples of the same shape and dtype",
+                )
+            if (y is None) != (y0 is None):
+                raise DataError(
+                    f"shard {path.name} {'has no' if y is None else 'has'} labels, but "
+                    f"{p0.name} {'has no' if y0 is None else 'has'} labels",
+                    "save labels in every shard or in none",
+                )
+        else:
+            first = (path, x, y)
+        parts.append(TensorPairDataset(x, y))
+    assert first is not None
+    total = sum(len(p) for p in parts)
+    if len(parts) == 1:
+        return parts[0], total, first[2] is not None
+    return torch.utils.data.ConcatDataset(parts), total, first[2] is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Factories
+
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_DRIVE = re.compile(r"[A-Za-z]:[\\/]")
+_module_counter = itertools.count()
+
+
+def _factory_parts(spec: str) -> tuple[str, str] | None:
+    """``(module_or_file, attribute)`` when ``spec`` is a factory spec, else ``None``."""
+    if ":" not in spec or _DRIVE.match(spec) or Path(spec).exists():
+        return None
+    target, _, attr = spec.rpartition(":")
+    if not _DOTTED.fullmatch(attr):
+        return None
+    if target.endswith(".py") or _DOTTED.fullmatch(target):
+        return target, attr
+    return None
+
+
+def _import_file(path: Path, spec: str) -> Any:
+    if not path.is_file():
+        raise DataError(
+            f"data factory file not found: {path} (from {spec!r})",
+            "check the path before the ':' in --data",
+        )
+    name = f"_bnscope_data_{path.stem}_{next(_module_counter)}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise DataError(f"cannot import {path} (from {spec!r})", "pass a Python source file")
+    module = importlib.util.module_from_spec(module_spec)
+    folder = str(path.resolve().parent)
+    sys.modules[name] = module  # so classes defined there can be pickled to workers
+    sys.path.insert(0, folder)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise DataError(
+            f"cannot import data factory file {path} from {spec!r} ({_describe(exc)})",
+            "fix the error in that file",
+        ) from exc
+    finally:
+        try:
+            sys.path.remove(folder)
+        except ValueError:
+            pass
+    return module
+
+
+def _import_module(name: str, spec: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:
+        raise DataError(
+            f"cannot import data factory module {name!r} from {spec!r} ({_describe(exc)})",
+            "check the module name and that it is importable (installed or on PYTHONPATH)",
+        ) from exc
+
+
+def _factory_kwargs(factory: Callable[..., Any], values: dict[str, int]) -> dict[str, int]:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return {}
+    accepted = {
+        name
+        for name, p in params.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    return {k: v for k, v in values.items() if k in accepted}
+
+
+def _load_factory(target: str, attr: str, spec: str, values: dict[str, int]) -> Iterable[Any]:
+    if target.endswith(".py"):
+        module = _import_file(Path(target), spec)
+    else:
+        module = _import_module(target, spec)
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = [
+                n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))
+            ]
+            raise DataError(
+                f"{target} has no attribute {attr!r} (from {spec!r})",
+                f"name a function defined there (callables found: {_key_list(names, 6)})",
+            )
+        obj = getattr(obj, part)
+    if callable(obj) and not isinstance(obj, (Iterable, Dataset)):
+        try:
+            result = obj(**_factory_kwargs(obj, values))
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(
+                f"data factory {spec!r} raised {_describe(exc)}", "fix the error in the factory"
+            ) from exc
+    else:
+        result = obj
+    if isinstance(result, Dataset) and not isinstance(result, IterableDataset):
+        raise DataError(
+            f"data factory {spec!r} returned a {type(result).__name__} (a dataset of samples), "
+            "not batches",
+            "return torch.utils.data.DataLoader(dataset, batch_size=batch_size)",
+        )
+    if not isinstance(result, Iterable) or isinstance(result, (str, bytes)):
+        raise DataError(
+            f"data factory {spec!r} returned a {type(result).__name__}, not an iterable of batches",
+            "return a DataLoader or another iterable of batches",
+        )
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# load_data
+
+
+def _make_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    workers: int,
+    shuffle: bool,
+    seed: int,
+    drop_last: bool,
+) -> DataLoader:
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        generator=generator,
+        drop_last=drop_last,
+        persistent_workers=False,
+        pin_memory=False,
+    )
+
+
+def _shard(dataset: Dataset, total: int, rank: int, world_size: int) -> Dataset:
+    if world_size == 1:
+        return dataset
+    return Subset(dataset, list(range(rank, total, world_size)))
+
+
+def _shard_note(local: int, total: int, what: str, rank: int, world_size: int) -> str:
+    if world_size == 1:
+        return f"{total} {what}"
+    return f"{local} of {total} {what} on rank {rank} of {world_size}"
+
+
+def _check_args(batch_size: int, workers: int, rank: int, world_size: int) -> None:
+    if batch_size < 1:
+        raise DataError(
+            f"batch size must be at least 1, got {batch_size}", "pass --batch-size N >= 1"
+        )
+    if workers < 0:
+        raise DataError(f"workers must be 0 or more, got {workers}", "pass --workers N >= 0")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(
+            f"invalid rank {rank} for world size {world_size}",
+            "launch with torchrun, or leave rank and world size at their defaults",
+        )
+
+
+def load_data(
+    spec: str | Path,
+    *,
+    batch_size: int = 32,
+    workers: int = 0,
+    image: ImageOptions = ImageOptions(),
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataSource:
+    """Resolve a ``--data`` spec into a :class:`DataSource` of batches.
+
+    Image folders and tensor files become a DataLoader over this rank's samples
+    (``rank::world_size``: every sample on exactly one rank). A factory is called with those
+    of ``batch_size``, ``num_workers``/``workers``, ``seed``, ``rank`` and ``world_size`` that its
+    signature names; shuffling, dropping and sharding are then up to the factory. A
+    module-level iterable (``pkg.mod:loader``) is used as it is. Raises :class:`DataError`.
+    """
+    _check_args(batch_size, workers, rank, world_size)
+    loader_args = dict(
+        batch_size=batch_size, workers=workers, shuffle=shuffle, seed=seed, drop_last=drop_last
+    )
+
+    if isinstance(spec, str):
+        parts = _factory_parts(spec)
+        if parts is not None:
+            values = {
+                "batch_size": batch_size,
+                "num_workers": workers,
+                "workers": workers,
+                "seed": seed,
+                "rank": rank,
+                "world_size": world_size,
+            }
+            loader = _load_factory(parts[0], parts[1], spec, values)
+            return DataSource(loader, f"factory {spec}", "factory", None, None)
+
+    path = Path(spec)
+    if not path.exists():
+        raise DataError(
+            f"data not found: {spec}",
+            "pass an image folder, a tensor file (.pt .pth .npy .npz), a folder of them, "
+            "or pkg.module:factory",
+        )
+
+    if path.is_file():
+        if path.suffix.lower() not in TENSOR_SUFFIXES:
+            raise DataError(
+                f"unsupported data file {spec} (suffix {path.suffix or 'none'!r})",
+                "pass a tensor file (.pt .pth .npy .npz), a folder of images or of tensor "
+                "files, or pkg.module:factory",
+            )
+        dataset, total, labelled = _tensor_dataset([path])
+        local = _shard(dataset, total, rank, world_size)
+        note = _shard_note(len(local), total, "samples", rank, world_size)
+        return DataSource(
+            _make_loader(local, **loader_args),
+            f"tensor file {spec} ({note})",
+            "tensors",
+            len(local),
+            labelled,
+        )
+
+    if not path.is_dir():
+        raise DataError(f"data is neither a file nor a folder: {spec}", "pass a file or folder")
+
+    if _walk_images(path):
+        images = ImageFolderDataset(path, image)
+        total = len(images)
+        local = _shard(images, total, rank, world_size)
+        note = _shard_note(len(local), total, "images", rank, world_size)
+        if images.classes is None:
+            description = f"image folder {spec} (flat, {note}, no labels)"
+        else:
+            description = f"image folder {spec} ({len(images.classes)} classes, {note})"
+        return DataSource(
+            _make_loader(local, **loader_args),
+            description,
+            "images",
+            len(local),
+            images.classes is not None,
+            list(images.classes) if images.classes is not None else None,
+        )
+
+    shards = sorted(
+        (
+            p
+            for p in path.iterdir()
+            if p.is_file() and not _is_hidden(p.name) and p.suffix.lower() in TENSOR_SUFFIXES
+        ),
+        key=lambda p: p.name,
+    )
+    if not shards:
+        raise DataError(
+            f"no images or tensor files found in {spec}", _DIR_FIX.replace("DIR", str(spec))
+        )
+    dataset, total, labelled = _tensor_dataset(shards)
+    local = _shard(dataset, total, rank, world_size)
+    note = _shard_note(len(local), total, "samples", rank, world_size)
+    return DataSource(
+        _make_loader(local, **loader_args),
+        f"tensor shards in {spec} ({len(shards)} files, {note})",
+        "tensors",
+        len(local),
+        labelled,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+
+
+def split_batch(batch: Any, input_key: str | None = None) -> tuple[Any, torch.Tensor | None]:
+    """Split a batch into ``(inputs, labels)``; labels are ``None`` when absent.
+
+    A tensor is all input. A tuple/list holds the input first and, when the second item is a
+    tensor, the labels second. A dict gives its ``input_key`` entry, or else the first of
+    :data:`INPUT_KEYS` present, with labels from the first of :data:`LABEL_KEYS` present.
+    ``input_key`` only applies to dict batches. Raises :class:`DataError`.
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise DataError(
+                "a batch is an empty sequence", "make the data yield (inputs, labels) or inputs"
+            )
+        label = batch[1] if len(batch) >= 2 and isinstance(batch[1], torch.Tensor) else None
+        return batch[0], label
+    if isinstance(batch, Mapping):
+        if input_key is not None:
+            if input_key not in batch:
+                raise DataError(
+                    f"batches have no key {input_key!r} (keys: {_key_list(batch.keys())})",
+                    "pass --input-key with one of those keys",
+                )
+            key: Any = input_key
+        else:
+            key = _pick(batch, INPUT_KEYS)
+            if key is None:
+                raise DataError(
+                    f"cannot tell which entry of the batch is the input "
+                    f"(keys: {_key_list(batch.keys())})",
+                    "pass --input-key KEY",
+                )
+        label_key = _pick(batch, LABEL_KEYS)
+        label = batch[label_key] if label_key is not None else None
+        return batch[key], label if isinstance(label, torch.Tensor) else None
+    raise DataError(
+        f"unsupported batch type {type(batch).__name__}",
+        "yield tensors, (inputs, labels) tuples or dicts, or pass a call(model, batch) function",
+    )
+
+
+def move_to(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor inside tuples, lists and dicts moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(move_to(v, device) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(move_to(v, device) for v in obj)
+    if isinstance(obj, Mapping):
+        items = {k: move_to(v, device) for k, v in obj.items()}
+        try:
+            return type(obj)(items)
+        except Exception:
+            return items
+    return obj
+
+
+def default_call(input_key: str | None = None) -> Callable[[nn.Module, Any], Any]:
+    """A ``call(model, batch)`` that runs ``model(inputs)`` with inputs from :func:`split_batch`.
+
+    It does not move the batch; callers use :func:`move_to` first.
+    """
+
+    def call(model: nn.Module, batch: Any) -> Any:
+        inputs, _ = split_batch(batch, input_key)
+        return model(inputs)
+
+    return call

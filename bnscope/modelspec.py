@@ -1,0 +1,174 @@
+"""``pkg.module:factory`` and ``path/to/file.py:factory`` resolution.
+
+Used for ``--model`` (a factory returning an ``nn.Module``) and for Python ``--data`` specs.
+Import errors, missing attributes and exceptions raised by the factory all become one-line
+:class:`~bnscope.errors.BnscopeError` subclasses naming the spec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import BnscopeError, ModelError
+
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def is_python_spec(spec: str) -> bool:
+    """True for ``pkg.module:attr`` and ``file.py:attr`` (not for plain paths)."""
+    if ":" not in spec:
+        return False
+    target, _, attr = spec.rpartition(":")
+    if not attr or not _DOTTED.match(attr):
+        return False
+    if len(target) == 1 and target.isalpha():  # a Windows drive letter
+        return False
+    return target.endswith(".py") or bool(_DOTTED.match(target))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _import_file(path: Path, error: type[BnscopeError], spec: str) -> Any:
+    if not path.is_file():
+        raise error(f"{spec}: file {path} not found", "check the path before ':'")
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    name = f"_bnscope_user_{path.stem}_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise error(f"{spec}: cannot import {path}", "give a Python source file")
+    module = importlib.util.module_from_spec(module_spec)
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException as exc:
+        sys.modules.pop(name, None)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise error(
+            f"{spec}: importing {path} failed ({_one_line(exc)})", "fix the error in that file"
+        ) from exc
+    finally:
+        try:
+            sys.path.remove(folder)
+        except ValueError:
+            pass
+    return module
+
+
+def resolve_spec(spec: str, error: type[BnscopeError] = ModelError, what: str = "--model") -> Any:
+    """Import the object a ``pkg.module:attr`` or ``file.py:attr`` spec names."""
+    if not is_python_spec(spec):
+        raise error(
+            f"{what} {spec!r} is not of the form pkg.module:factory or path/to/file.py:factory",
+            "name the module or file, a colon, and the factory function",
+        )
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py"):
+        module = _import_file(Path(target), error, spec)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as exc:
+            raise error(
+                f"{what} {spec}: module {exc.name or target!r} not found",
+                "install it or run from the folder that contains it (or use path/to/file.py:NAME)",
+            ) from exc
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            raise error(
+                f"{what} {spec}: importing {target} failed ({_one_line(exc)})",
+                "fix the error in that module",
+            ) from exc
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = sorted(n for n in dir(module) if not n.startswith("_"))[:10]
+            raise error(
+                f"{what} {spec}: {target} has no attribute {attr!r}",
+                f"pick one of: {', '.join(names)}" if names else "check the name after ':'",
+            )
+        obj = getattr(obj, part)
+    return obj
+
+
+def parse_kwargs(text: str | dict[str, Any] | None, option: str = "--model-kwargs") -> dict:
+    """Parse a JSON object of keyword arguments (a dict passes through)."""
+    if text is None or text == "":
+        return {}
+    if isinstance(text, dict):
+        return dict(text)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelError(
+            f"{option} is not valid JSON ({exc.msg} at column {exc.colno})",
+            'write a JSON object, e.g. \'{"num_classes": 10}\'',
+        ) from exc
+    if not isinstance(value, dict):
+        raise ModelError(
+            f"{option} must be a JSON object, got {type(value).__name__}",
+            'write a JSON object, e.g. \'{"num_classes": 10}\'',
+        )
+    return value
+
+
+def call_factory(factory: Any, kwargs: dict[str, Any], spec: str, what: str = "--model") -> Any:
+    """Call a factory with keyword arguments; its exceptions become one-line ModelErrors."""
+    if not callable(factory):
+        raise ModelError(f"{what} {spec} is not callable", "name a function or class")
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as exc:
+        raise ModelError(
+            f"{what} {spec} does not accept these keyword arguments ({exc})",
+            "check --model-kwargs against the factory's signature",
+        ) from exc
+    except ValueError:
+        pass  # no signature available (builtins): just call it
+    try:
+        return factory(**kwargs)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        raise ModelError(
+            f"{what} {spec} raised {_one_line(exc)}",
+            "fix the factory or its --model-kwargs",
+        ) from exc
+
+
+def build_model(spec: str, kwargs: str | dict[str, Any] | None = None) -> Any:
+    """Resolve ``spec``, call it with ``kwargs`` and check it returns an ``nn.Module``."""
+    from torch import nn
+
+    params = parse_kwargs(kwargs)
+    factory = resolve_spec(spec, ModelError, "--model")
+    if isinstance(factory, nn.Module):
+        if params:
+            raise ModelError(
+                f"--model {spec} is a module instance, not a factory",
+                "drop --model-kwargs or point at a factory",
+            )
+        return factory
+    model = call_factory(factory, params, spec)
+    if not isinstance(model, nn.Module):
+        raise ModelError(
+            f"--model {spec} returned {type(model).__name__}, not a torch.nn.Module",
+            "point --model at a function or class that builds the model",
+        )
+    return model

@@ -1,0 +1,149 @@
+"""Result records: frozen dataclasses with ``to_dict()`` and a schema version.
+
+Computation code returns these; the renderers in :mod:`bnscope.render` turn them into tables,
+JSON and figures. A record never formats or prints itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+SEVERITIES = ("info", "warning", "error")
+
+# Every finding code of DESIGN §4, with its meaning (kept here so docs, help and tests agree).
+FINDING_CODES: dict[str, str] = {
+    "no-batchnorm": "the checkpoint or model has no BN layer",
+    "never-updated": "running stats still at their initial values (mean 0, var 1, count 0)",
+    "ema-warmup": "(1-m)^num_batches_tracked is not negligible: the EMA still remembers its init",
+    "tiny-variance": "running_var near zero: gain gamma/sqrt(var+eps) is huge",
+    "dead-channel": "gamma ~ 0: the channel is switched off",
+    "non-finite": "NaN/Inf (or negative variance) in BN buffers or parameters",
+    "not-called": "the layer never ran on the data",
+    "reused": "the layer ran more than once per forward",
+    "stale-ema": "running stats are far from the population statistics, beyond EMA noise",
+    "train-test-gap": "outputs with batch statistics and with running statistics disagree",
+    "small-nbs": "batch statistics at the training batch size are too noisy",
+    "non-iid-batches": "batch statistics vary more than i.i.d. sampling explains",
+    "domain-shift": "target-domain statistics differ from the source statistics (adapt)",
+}
+
+
+def severity_rank(severity: str) -> int:
+    """0 for info, 1 for warning, 2 for error."""
+    return SEVERITIES.index(severity)
+
+
+def _clean(value: Any) -> Any:
+    """Make a value JSON-safe: non-finite floats become strings ("nan", "inf", "-inf")."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return value
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem found, with a stable ``code`` (see :data:`FINDING_CODES`) and its fix."""
+
+    code: str
+    severity: str
+    layer: str | None
+    message: str
+    fix: str
+
+    def __post_init__(self) -> None:
+        if self.code not in FINDING_CODES:
+            raise ValueError(f"unknown finding code {self.code!r}")
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"unknown severity {self.severity!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean(asdict(self))
+
+
+@dataclass(frozen=True)
+class StaticLayer:
+    """Per-layer figures read from BN buffers alone (no forward pass).
+
+    ``ema_init_weight`` is (1-m)^num_batches_tracked: the weight the EMA
+    mu <- (1-m) mu + m mu_B still gives to its initial value after that many updates.
+    ``gain_*`` is |gamma| / sqrt(running_var + eps), the factor eval mode multiplies a
+    centred input by (Ioffe & Szegedy 2015, eq. in Alg. 2).
+    """
+
+    name: str
+    num_features: int
+    num_batches_tracked: int | None
+    momentum: float | None
+    momentum_assumed: bool
+    eps: float
+    eps_assumed: bool
+    ema_init_weight: float | None
+    affine: bool
+    mean_min: float
+    mean_max: float
+    var_min: float
+    var_max: float
+    gain_min: float | None
+    gain_max: float | None
+    dead_channels: int
+    tiny_var_channels: int
+    nonfinite_values: int
+    negative_var_channels: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean(asdict(self))
+
+
+@dataclass(frozen=True)
+class Report:
+    """A command's result: per-layer records, findings and command-specific keys.
+
+    ``to_dict()`` is the JSON document of DESIGN §2 (``schema`` ``"bnscope.<command>/1"``).
+    """
+
+    command: str
+    checkpoint: str | None
+    layers: tuple[Any, ...]
+    findings: tuple[Finding, ...]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def schema(self) -> str:
+        return f"bnscope.{self.command}/{SCHEMA_VERSION}"
+
+    def worst_severity(self) -> str | None:
+        """The highest severity among the findings, or None when there are none."""
+        if not self.findings:
+            return None
+        return max((f.severity for f in self.findings), key=severity_rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "schema": self.schema,
+            "command": self.command,
+            "checkpoint": self.checkpoint,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "findings": [f.to_dict() for f in self.findings],
+        }
+        for key, value in self.extra.items():
+            if key in out:
+                raise ValueError(f"extra key {key!r} collides with a schema key")
+            out[key] = _clean(value)
+        return out
+
+
+def field_names(record_type: type) -> list[str]:
+    """The field names of a record dataclass, in order (used by renderers and tests)."""
+    return [f.name for f in fields(record_type)]

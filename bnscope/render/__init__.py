@@ -1,0 +1,1 @@
+"""Renderers: pure functions of records (rich tables, JSON, matplotlib figures)."""

@@ -1,0 +1,123 @@
+"""rich tables for reports. Each function takes a record (or plain data) and returns a
+renderable; the CLI decides where it goes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from ..records import Finding, Report, StaticLayer, severity_rank
+from .text import num, percent, span
+
+SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+
+
+def static_layers_table(layers: Sequence[StaticLayer]) -> Table:
+    """One row per BN layer: channels, updates, EMA init weight, ranges, dead channels."""
+    table = Table(title="BatchNorm layers", title_justify="left", expand=False)
+    table.add_column("#", justify="right", style="dim")
+    table.add_column("layer", overflow="fold")
+    table.add_column("C", justify="right")
+    table.add_column("tracked", justify="right")
+    table.add_column("EMA init wt", justify="right")
+    table.add_column("running_mean", justify="right")
+    table.add_column("running_var", justify="right")
+    table.add_column("gain", justify="right")
+    table.add_column("dead", justify="right")
+    for i, rec in enumerate(layers):
+        tracked = "n/a" if rec.num_batches_tracked is None else str(rec.num_batches_tracked)
+        table.add_row(
+            str(i),
+            rec.name,
+            str(rec.num_features),
+            tracked,
+            percent(rec.ema_init_weight),
+            span(rec.mean_min, rec.mean_max),
+            span(rec.var_min, rec.var_max),
+            span(rec.gain_min, rec.gain_max),
+            str(rec.dead_channels) if rec.dead_channels else "-",
+        )
+    return table
+
+
+def findings_table(findings: Sequence[Finding]) -> Table | Text:
+    """Findings, worst first, each with its fix."""
+    if not findings:
+        return Text("No findings.", style="green")
+    table = Table(title="Findings", title_justify="left", show_lines=False)
+    table.add_column("severity")
+    table.add_column("code")
+    table.add_column("layer", overflow="fold")
+    table.add_column("message", overflow="fold", ratio=3)
+    table.add_column("fix", overflow="fold", ratio=2)
+    ordered = sorted(findings, key=lambda f: -severity_rank(f.severity))
+    for f in ordered:
+        table.add_row(
+            Text(f.severity, style=SEVERITY_STYLE[f.severity]),
+            f.code,
+            f.layer or "-",
+            f.message,
+            f.fix,
+        )
+    return table
+
+
+def summary_line(report: Report) -> Text:
+    """'3 layers, 2 findings (1 error, 1 warning)' — the verdict line."""
+    counts = {s: 0 for s in ("error", "warning", "info")}
+    for f in report.findings:
+        counts[f.severity] += 1
+    parts = [f"{n} {s}{'s' if n != 1 else ''}" for s, n in counts.items() if n]
+    n_layers = len(report.layers)
+    head = f"{n_layers} BatchNorm layer{'s' if n_layers != 1 else ''}"
+    if not parts:
+        return Text(f"{head}, no findings.", style="green")
+    worst = report.worst_severity() or "info"
+    return Text(f"{head}: {', '.join(parts)}.", style=SEVERITY_STYLE[worst])
+
+
+def header(report: Report) -> Text:
+    """Where the report came from: checkpoint, wrapper key, prefix, project file, assumptions."""
+    extra: dict[str, Any] = report.extra
+    lines = []
+    if report.checkpoint:
+        fmt = extra.get("format")
+        lines.append(f"checkpoint: {report.checkpoint}" + (f" ({fmt})" if fmt else ""))
+    if extra.get("key"):
+        lines.append(f"state dict under key: {extra['key']!r}")
+    if extra.get("prefix"):
+        lines.append(f"key prefix stripped: {extra['prefix']!r}")
+    if extra.get("model"):
+        lines.append(f"model: {extra['model']}")
+    if extra.get("project_file"):
+        lines.append(f"project file: {extra['project_file']}")
+    if extra.get("momentum_assumed") or extra.get("eps_assumed"):
+        lines.append(
+            "no model code: momentum 0.1 and eps 1e-5 assumed (PyTorch defaults); "
+            "pass --model to use the real values"
+        )
+    return Text("\n".join(lines), style="dim")
+
+
+def static_report(report: Report) -> Group:
+    """The whole static ``inspect`` output."""
+    return Group(
+        header(report),
+        static_layers_table(report.layers),
+        findings_table(report.findings),
+        summary_line(report),
+    )
+
+
+__all__ = [
+    "findings_table",
+    "header",
+    "static_layers_table",
+    "static_report",
+    "summary_line",
+    "num",
+]

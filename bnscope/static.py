@@ -1,0 +1,297 @@
+"""Static inspection: BN findings from buffers alone, with no model code and no data.
+
+BN layers are found from buffer names (``*.running_mean`` with ``*.running_var``, and
+optionally ``*.num_batches_tracked``, ``*.weight``, ``*.bias``), so any state dict, safetensors
+file or TorchScript archive can be checked. With a live module, momentum and eps come from the
+modules; otherwise PyTorch's defaults (momentum 0.1, eps 1e-5) are assumed and the report says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .records import Finding, Report, StaticLayer
+
+DEFAULT_MOMENTUM = 0.1
+DEFAULT_EPS = 1e-5
+
+#: ema-warmup is reported when the EMA still gives its initial value at least this weight.
+WARMUP_WEIGHT = 0.01
+#: a channel has "tiny variance" when running_var < TINY_VAR_FACTOR * eps (eps then dominates
+#: the denominator) or its eval-mode gain |gamma|/sqrt(var+eps) exceeds TINY_GAIN.
+TINY_VAR_FACTOR = 10.0
+TINY_GAIN = 100.0
+#: a channel is "dead" when |gamma| is below this.
+DEAD_GAMMA = 1e-5
+
+
+@dataclass(frozen=True)
+class BNBuffers:
+    """The tensors of one BN layer as found in a state dict (names are the layer prefix)."""
+
+    name: str
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    num_batches_tracked: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    momentum: float | None = None
+    momentum_known: bool = False
+    eps: float | None = None
+
+
+def find_bn_buffers(state_dict: Mapping[str, Any]) -> list[BNBuffers]:
+    """BN layers of a state dict, in the dict's (module) order, found from buffer names."""
+    layers: list[BNBuffers] = []
+    for key, value in state_dict.items():
+        if not (key == "running_mean" or key.endswith(".running_mean")):
+            continue
+        name = key[: -len("running_mean")].rstrip(".")
+        prefix = f"{name}." if name else ""
+        var = state_dict.get(prefix + "running_var")
+        if not isinstance(value, torch.Tensor) or not isinstance(var, torch.Tensor):
+            continue
+        if value.ndim != 1 or var.shape != value.shape:
+            continue
+
+        def opt(suffix: str, _prefix: str = prefix) -> torch.Tensor | None:
+            t = state_dict.get(_prefix + suffix)
+            return t if isinstance(t, torch.Tensor) else None
+
+        weight = opt("weight")
+        bias = opt("bias")
+        if weight is not None and weight.shape != value.shape:
+            weight = None
+        if bias is not None and bias.shape != value.shape:
+            bias = None
+        layers.append(
+            BNBuffers(name or "(root)", value, var, opt("num_batches_tracked"), weight, bias)
+        )
+    return layers
+
+
+def module_bn_buffers(model: nn.Module) -> list[BNBuffers]:
+    """BN layers of a live module with their real momentum and eps (tracked layers only)."""
+    out: list[BNBuffers] = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            continue
+        if mod.running_mean is None or mod.running_var is None:
+            continue
+        out.append(
+            BNBuffers(
+                name or "(root)",
+                mod.running_mean.detach(),
+                mod.running_var.detach(),
+                mod.num_batches_tracked,
+                mod.weight.detach() if mod.weight is not None else None,
+                mod.bias.detach() if mod.bias is not None else None,
+                momentum=mod.momentum,
+                momentum_known=True,
+                eps=float(mod.eps),
+            )
+        )
+    return out
+
+
+def _layer_record(buf: BNBuffers, momentum: float | None, eps: float | None) -> StaticLayer:
+    if buf.momentum_known:
+        m, m_assumed = buf.momentum, False
+    elif momentum is not None:
+        m, m_assumed = momentum, False
+    else:
+        m, m_assumed = DEFAULT_MOMENTUM, True
+    if buf.eps is not None:
+        e, e_assumed = buf.eps, False
+    elif eps is not None:
+        e, e_assumed = eps, False
+    else:
+        e, e_assumed = DEFAULT_EPS, True
+
+    mean = buf.running_mean.detach().to(torch.float64).cpu()
+    var = buf.running_var.detach().to(torch.float64).cpu()
+    n = int(buf.num_batches_tracked.item()) if buf.num_batches_tracked is not None else None
+    if n is None:
+        init_weight = None
+    elif m is None:  # cumulative moving average: the init is gone after the first update
+        init_weight = 1.0 if n == 0 else 0.0
+    else:
+        init_weight = (1.0 - m) ** n
+
+    nonfinite = int((~torch.isfinite(mean)).sum() + (~torch.isfinite(var)).sum())
+    negative = int((var < 0).sum())
+    gamma = buf.weight.detach().to(torch.float64).cpu() if buf.weight is not None else None
+    if buf.weight is not None:
+        nonfinite += int((~torch.isfinite(gamma)).sum())
+    if buf.bias is not None:
+        nonfinite += int((~torch.isfinite(buf.bias.detach().to(torch.float64))).sum())
+
+    finite_var = torch.where(torch.isfinite(var) & (var >= 0), var, torch.nan)
+    gamma_abs = gamma.abs() if gamma is not None else torch.ones_like(var)
+    gain = gamma_abs / torch.sqrt(finite_var + e)
+    dead = gamma_abs < DEAD_GAMMA if gamma is not None else torch.zeros_like(var, dtype=torch.bool)
+    tiny = ((finite_var < TINY_VAR_FACTOR * e) | (gain > TINY_GAIN)) & ~dead
+
+    def rng(t: torch.Tensor) -> tuple[float, float]:
+        good = t[torch.isfinite(t)]
+        if good.numel() == 0:
+            return math.nan, math.nan
+        return float(good.min()), float(good.max())
+
+    mean_min, mean_max = rng(mean)
+    var_min, var_max = rng(var)
+    gain_min, gain_max = rng(gain) if gamma is not None else (None, None)
+    return StaticLayer(
+        name=buf.name,
+        num_features=int(mean.numel()),
+        num_batches_tracked=n,
+        momentum=m,
+        momentum_assumed=m_assumed,
+        eps=e,
+        eps_assumed=e_assumed,
+        ema_init_weight=init_weight,
+        affine=gamma is not None,
+        mean_min=mean_min,
+        mean_max=mean_max,
+        var_min=var_min,
+        var_max=var_max,
+        gain_min=gain_min,
+        gain_max=gain_max,
+        dead_channels=int(dead.sum()),
+        tiny_var_channels=int(tiny.sum()),
+        nonfinite_values=nonfinite,
+        negative_var_channels=negative,
+    )
+
+
+def _is_initial(buf: BNBuffers) -> bool:
+    mean = buf.running_mean.detach()
+    var = buf.running_var.detach()
+    return bool(torch.all(mean == 0)) and bool(torch.all(var == 1))
+
+
+def static_findings(
+    layers: list[StaticLayer], buffers: list[BNBuffers], recompute_fix: str
+) -> list[Finding]:
+    """Findings of DESIGN §4 (static part) for the given layer records."""
+    findings: list[Finding] = []
+    if not layers:
+        findings.append(
+            Finding(
+                "no-batchnorm",
+                "warning",
+                None,
+                "no BatchNorm layer found (no *.running_mean / *.running_var buffers)",
+                "nothing to fix; check that this is the checkpoint you meant "
+                "(or pass --key to pick another entry)",
+            )
+        )
+        return findings
+    for rec, buf in zip(layers, buffers, strict=True):
+        if rec.nonfinite_values or rec.negative_var_channels:
+            parts = []
+            if rec.nonfinite_values:
+                parts.append(f"{rec.nonfinite_values} NaN/Inf values")
+            if rec.negative_var_channels:
+                parts.append(f"{rec.negative_var_channels} negative running_var channels")
+            findings.append(
+                Finding(
+                    "non-finite",
+                    "error",
+                    rec.name,
+                    f"{' and '.join(parts)} in BN buffers or parameters",
+                    f"{recompute_fix} (if weight/bias are non-finite, training diverged: "
+                    "go back to an earlier checkpoint)",
+                )
+            )
+        n = rec.num_batches_tracked
+        if (n is None or n == 0) and _is_initial(buf):
+            count = "num_batches_tracked = 0" if n == 0 else "no num_batches_tracked"
+            findings.append(
+                Finding(
+                    "never-updated",
+                    "error",
+                    rec.name,
+                    f"running stats are still the initial mean 0 / var 1 ({count}): "
+                    "eval() normalizes with values this layer never saw",
+                    recompute_fix,
+                )
+            )
+        elif rec.ema_init_weight is not None and rec.ema_init_weight >= WARMUP_WEIGHT and n:
+            assumed = " (assumed PyTorch default)" if rec.momentum_assumed else ""
+            findings.append(
+                Finding(
+                    "ema-warmup",
+                    "warning",
+                    rec.name,
+                    f"EMA has only {n} updates: (1-m)^n = {rec.ema_init_weight:.3g} of the "
+                    f"running stats is still the initial mean 0 / var 1 "
+                    f"(momentum {rec.momentum}{assumed})",
+                    recompute_fix,
+                )
+            )
+        if rec.tiny_var_channels:
+            findings.append(
+                Finding(
+                    "tiny-variance",
+                    "warning",
+                    rec.name,
+                    f"{rec.tiny_var_channels} of {rec.num_features} channels have running_var "
+                    f"near zero (min {rec.var_min:.3g}; max gain |gamma|/sqrt(var+eps) = "
+                    f"{_fmt(rec.gain_max)}): eval() amplifies them",
+                    f"{recompute_fix}; if it persists, the channel is constant on the data",
+                )
+            )
+        if rec.dead_channels:
+            findings.append(
+                Finding(
+                    "dead-channel",
+                    "info",
+                    rec.name,
+                    f"{rec.dead_channels} of {rec.num_features} channels have |gamma| < "
+                    f"{DEAD_GAMMA:g}: switched off",
+                    "prune these channels, or exclude BN weights from weight decay if "
+                    "they were not meant to die",
+                )
+            )
+    return findings
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
+def static_inspect(
+    source: Mapping[str, Any] | nn.Module,
+    *,
+    momentum: float | None = None,
+    eps: float | None = None,
+    checkpoint: str | None = None,
+    recompute_fix: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Report:
+    """Static BN report of a state dict or a module: per-layer records and findings.
+
+    ``momentum`` and ``eps`` override PyTorch's defaults (0.1 and 1e-5) for a state dict; a
+    module's own values are always used. ``recompute_fix`` is the command suggested to recompute
+    statistics (default: a generic ``bnscope precise`` line).
+    """
+    if isinstance(source, nn.Module):
+        buffers = module_bn_buffers(source)
+    else:
+        buffers = find_bn_buffers(source)
+    layers = [_layer_record(b, momentum, eps) for b in buffers]
+    fix = recompute_fix or "recompute the statistics: bnscope precise CKPT --model SPEC --data DATA"
+    findings = static_findings(layers, buffers, fix)
+    info: dict[str, Any] = {
+        "momentum_assumed": any(rec.momentum_assumed for rec in layers),
+        "eps_assumed": any(rec.eps_assumed for rec in layers),
+    }
+    info.update(extra or {})
+    return Report("inspect", checkpoint, tuple(layers), tuple(findings), info)

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+TESTS = Path(__file__).parent
+MODELS = TESTS / "models.py"
+
+
+def tiny_spec(name: str = "make_tiny") -> str:
+    return f"{MODELS}:{name}"
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def trained_tiny(seed: int = 0, steps: int = 3):
+    """A tiny model whose BN buffers moved away from their init (a few train-mode forwards)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_test_models", MODELS)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(seed)
+    model = mod.make_tiny()
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(torch.randn(8, 3, 8, 8) * 2 + 1)
+    return model
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path: Path) -> Path:
+    """A plain state_dict checkpoint of a tiny model after 60 updates (no warm-up finding)."""
+    model = trained_tiny(steps=60)
+    path = tmp_path / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "160")

@@ -1,0 +1,43 @@
+"""Small models for tests, importable as ``path/to/tests/models.py:NAME`` specs."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def make_tiny(num_classes: int = 3, width: int = 4) -> nn.Module:
+    """Conv-BN-ReLU x2, pool, linear: 3x8x8 inputs."""
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width, num_classes),
+    )
+
+
+def make_no_bn() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def make_raises() -> nn.Module:
+    raise RuntimeError("factory exploded")
+
+
+def make_not_module() -> int:
+    return 3
+
+
+class Wrapped(nn.Module):
+    """A model whose own attribute is called ``model`` (its keys start with 'model.')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = make_tiny()
+
+    def forward(self, x):  # pragma: no cover - not run
+        return self.model(x)
