@@ -224,7 +224,7 @@ def static_findings(
                 )
             )
         elif rec.ema_init_weight is not None and rec.ema_init_weight >= WARMUP_WEIGHT and n:
-            assumed = " (assumed PyTorch default)" if rec.momentum_assumed else ""
+            assumed = ", PyTorch's default, assumed" if rec.momentum_assumed else ""
             findings.append(
                 Finding(
                     "ema-warmup",

@@ -46,3 +46,31 @@ def tiny_ckpt(tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "160")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--regen-golden",
+        action="store_true",
+        default=False,
+        help="rewrite the golden files under tests/golden from the current output",
+    )
+
+
+@pytest.fixture
+def golden(request: pytest.FixtureRequest):
+    """Compare text with tests/golden/NAME (rewrite it with --regen-golden)."""
+    regen = request.config.getoption("--regen-golden")
+
+    def check(name: str, text: str) -> None:
+        path = TESTS / "golden" / name
+        if regen or not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            if not regen:
+                pytest.fail(f"golden file {name} was missing and has been written; rerun")
+        assert text == path.read_text(encoding="utf-8"), (
+            f"output differs from tests/golden/{name}; if intended, rerun with --regen-golden"
+        )
+
+    return check

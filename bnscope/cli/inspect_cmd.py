@@ -89,13 +89,19 @@ def render_static(ui: Ui, report: Any, out: str | None) -> None:
     from ..render.jsonout import report_json
 
     text = report_json(report)
+    written = []
     if out is not None:
         from ..outputs import write_report_dir
         from ..render.figures import static_ranges_figure
+        from ..static import DEFAULT_EPS, TINY_GAIN, TINY_VAR_FACTOR
 
-        figures = {"running_stats": static_ranges_figure(report.layers)} if report.layers else {}
+        figures = {}
+        if report.layers:
+            eps = report.layers[0].eps if report.layers else DEFAULT_EPS
+            figures["running_stats"] = static_ranges_figure(
+                report.layers, tiny_var=TINY_VAR_FACTOR * eps, tiny_gain=TINY_GAIN
+            )
         written = write_report_dir(out, text, figures)
-        ui.info(f"wrote {', '.join(str(p) for p in written)}")
     if ui.json:
         ui.out.file.write(text)
         ui.out.file.flush()
@@ -103,3 +109,5 @@ def render_static(ui: Ui, report: Any, out: str | None) -> None:
         from ..render.tables import static_report
 
         ui.out.print(static_report(report))
+    if written:
+        ui.info(f"wrote {', '.join(str(p) for p in written)}")

@@ -1,7 +1,8 @@
 """matplotlib figures, built with ``matplotlib.figure.Figure`` (no pyplot state).
 
-Each function takes computed records and an optional ``ax``/``fig``, returns the figure and
-never recomputes anything. matplotlib is imported lazily by callers of this module only.
+Each function takes computed records and an optional ``fig``, returns the figure and never
+recomputes anything. matplotlib is imported inside the functions so that importing bnscope (and
+``bnscope --help``) stays fast.
 """
 
 from __future__ import annotations
@@ -20,38 +21,64 @@ def _finite(x: float | None) -> float:
     return x if x is not None and math.isfinite(x) else math.nan
 
 
-def static_ranges_figure(layers: Sequence[StaticLayer], fig: Figure | None = None) -> Figure:
+def _log_floor(values: Sequence[float]) -> float:
+    positive = [v for v in values if v > 0 and math.isfinite(v)]
+    return min(positive) / 10 if positive else 1e-6
+
+
+def static_ranges_figure(
+    layers: Sequence[StaticLayer],
+    fig: Figure | None = None,
+    tiny_var: float | None = None,
+    tiny_gain: float | None = None,
+) -> Figure:
     """Per-layer running-statistic ranges by depth: running_mean, running_var and the eval-mode
-    gain |gamma|/sqrt(var+eps), each as a min..max bar per layer (log scale for var and gain)."""
+    gain |gamma|/sqrt(var+eps), each as a min..max bar per layer (log scale for var and gain;
+    zeros are drawn as 'x' at the bottom of the axis). Layers with tiny-variance or non-finite
+    findings are shaded; ``tiny_var``/``tiny_gain`` draw the thresholds used."""
     from matplotlib.figure import Figure
 
-    fig = fig or Figure(figsize=(max(6.0, 0.35 * len(layers) + 3), 7.5), layout="constrained")
+    n = len(layers)
+    fig = fig or Figure(figsize=(max(6.0, 0.35 * n + 3), 7.5), layout="constrained")
     axes = fig.subplots(3, 1, sharex=True)
-    x = list(range(len(layers)))
+    x = list(range(n))
     series = [
         ("running_mean", [_finite(r.mean_min) for r in layers], [_finite(r.mean_max) for r in layers]),
         ("running_var", [_finite(r.var_min) for r in layers], [_finite(r.var_max) for r in layers]),
-        (
-            "gain |γ|/√(var+eps)",
-            [_finite(r.gain_min) for r in layers],
-            [_finite(r.gain_max) for r in layers],
-        ),
+        ("gain |γ|/√(var+eps)", [_finite(r.gain_min) for r in layers],
+         [_finite(r.gain_max) for r in layers]),
     ]
-    for ax, (label, lo, hi) in zip(axes, series, strict=True):
-        ax.vlines(x, lo, hi, color="C0", linewidth=3, label="min .. max")
+    thresholds = [None, tiny_var, tiny_gain]
+    for i, (ax, (label, lo, hi)) in enumerate(zip(axes, series, strict=True)):
+        log = i > 0 and any(v > 0 for v in lo + hi if math.isfinite(v))
+        if log:
+            floor = _log_floor(lo + hi)
+            if thresholds[i] is not None:
+                floor = min(floor, thresholds[i] / 10)
+            zeros = [(xi, floor) for xi, v in zip(x, lo, strict=True) if v <= 0]
+            lo = [max(v, floor) if math.isfinite(v) else v for v in lo]
+            hi = [max(v, floor) if math.isfinite(v) else v for v in hi]
+            ax.set_yscale("log")
+            if zeros:
+                ax.plot(*zip(*zeros, strict=True), "x", color="C3", label="zero (clipped)")
+        ax.vlines(x, lo, hi, color="C0", linewidth=3, label="min .. max over channels")
         ax.plot(x, lo, "v", color="C0", markersize=4)
         ax.plot(x, hi, "^", color="C0", markersize=4)
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
-        positive = [v for v in lo + hi if v > 0 and math.isfinite(v)]
-        if label != "running_mean" and positive:
-            ax.set_yscale("log")
-    bad = [i for i, r in enumerate(layers) if r.tiny_var_channels or r.nonfinite_values]
-    for i in bad:
-        for ax in axes:
-            ax.axvspan(i - 0.4, i + 0.4, color="C3", alpha=0.15)
+    if tiny_var is not None:
+        axes[1].axhline(tiny_var, color="C3", linestyle="--", linewidth=1, label="tiny threshold")
+    if tiny_gain is not None:
+        axes[2].axhline(tiny_gain, color="C3", linestyle="--", linewidth=1, label="tiny threshold")
+    for i, r in enumerate(layers):
+        if r.tiny_var_channels or r.nonfinite_values or r.negative_var_channels:
+            for ax in axes:
+                ax.axvspan(i - 0.4, i + 0.4, color="C3", alpha=0.12)
+    axes[0].legend(loc="best", fontsize=7)
+    axes[1].legend(loc="best", fontsize=7)
+    axes[-1].set_xlim(-0.6, max(n - 0.4, 0.6))
     axes[-1].set_xticks(x)
     axes[-1].set_xticklabels([r.name for r in layers], rotation=60, ha="right", fontsize=7)
-    axes[-1].set_xlabel("BN layer (module order)")
+    axes[-1].set_xlabel("BN layer (module order); shaded: tiny or non-finite values")
     fig.suptitle("Running statistics by depth")
     return fig
