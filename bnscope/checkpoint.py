@@ -260,7 +260,7 @@ def _torch_load(p: Path, *, trust: bool) -> Any:
         text = str(exc)
         detail = text.split("WeightsUnpickler error:", 1)[-1]
         if "Weights only load failed" not in text or not _UNSAFE_PICKLE.search(detail):
-            raise CheckpointError(_unreadable(p, _reason(exc)), _FIX_UNREADABLE) from exc
+            raise CheckpointError(_unreadable(p, _load_reason(p, exc)), _FIX_UNREADABLE) from exc
         if not trust:
             found = _GLOBAL_NAME.search(detail)
             what = f" (found {found.group(1)})" if found else ""
@@ -270,7 +270,7 @@ def _torch_load(p: Path, *, trust: bool) -> Any:
                 _FIX_TRUST,
             ) from exc
     except Exception as exc:
-        raise CheckpointError(_unreadable(p, _reason(exc)), _FIX_UNREADABLE) from exc
+        raise CheckpointError(_unreadable(p, _load_reason(p, exc)), _FIX_UNREADABLE) from exc
     try:
         return torch.load(p, map_location="cpu", weights_only=False)
     except Exception as exc:
@@ -729,18 +729,31 @@ def _join(parts: tuple[str, ...]) -> str | None:
 
 
 def _reason(exc: BaseException) -> str:
-    """The first line of an exception message, shortened; the type name if it has none."""
+    """The first sentence of an exception message, shortened; the type name if it has none."""
     text = str(exc).strip()
     if "Weights only load failed" in text:
         found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
         if found:
             text = found.group(1)
     line = text.splitlines()[0].strip() if text else ""
+    line = line.split(". ", 1)[0].rstrip(".")
     if not line:
         return type(exc).__name__
     if len(line) > 200:
         line = line[:197] + "..."
     return line
+
+
+def _load_reason(p: Path, exc: BaseException) -> str:
+    """Why ``torch.load`` failed, saying which container the bytes were read as."""
+    try:
+        with p.open("rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"
+    except OSError:
+        is_zip = False
+    if is_zip:
+        return f"damaged or truncated zip archive ({_reason(exc)})"
+    return f"not a zip archive, and invalid or truncated pickle data ({_reason(exc)})"
 
 
 def _unreadable(p: Path, reason: str) -> str:
