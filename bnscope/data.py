@@ -23,14 +23,14 @@ import itertools
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
@@ -166,7 +166,7 @@ class DataSource:
     has_labels: bool | None
     classes: list[str] | None = field(default=None)
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[Any]:
         return iter(self.loader)
 
 
@@ -231,6 +231,15 @@ def _walk_images(folder: Path) -> list[Path]:
     return found
 
 
+def _has_images(folder: Path) -> bool:
+    """Whether any image file lies under ``folder``; stops at the first one."""
+    for _, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not _is_hidden(d)]
+        if any(_is_image(name) for name in files):
+            return True
+    return False
+
+
 def _scan_image_folder(root: Path) -> tuple[list[Path], list[int] | None, list[str] | None]:
     """``(files, labels, classes)``; labels and classes are ``None`` for a flat folder."""
     loose: list[Path] = []
@@ -264,27 +273,34 @@ def _scan_image_folder(root: Path) -> tuple[list[Path], list[int] | None, list[s
     return files, labels, classes
 
 
+_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+_READ_FIX = "remove or replace the file, or point --data at a folder without it"
+
+
+def _read_error(path: Path, exc: BaseException) -> _SampleError:
+    if isinstance(exc, UnidentifiedImageError):
+        detail = "not an image, or a format Pillow cannot read"
+    else:
+        detail = _describe(exc)
+    return _SampleError(f"cannot read image {path} ({detail})", _READ_FIX)
+
+
 def _open_image(path: Path, mode: str) -> Image.Image:
+    """Decode ``path`` fully and convert it to ``mode``, as torchvision's ``pil_loader``."""
     try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
+        with Image.open(path) as img:
             return img.convert(mode)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
-        raise _SampleError(
-            f"cannot read image {path} ({_describe(exc)})",
-            "remove or replace the file, or point --data at a folder without it",
-        ) from exc
+    except _READ_ERRORS as exc:
+        raise _read_error(path, exc) from exc
 
 
 def _image_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` from the header alone."""
     try:
         with Image.open(path) as img:
             return img.size
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
-        raise _SampleError(
-            f"cannot read image {path} ({_describe(exc)})",
-            "remove or replace the file, or point --data at a folder without it",
-        ) from exc
+    except _READ_ERRORS as exc:
+        raise _read_error(path, exc) from exc
 
 
 def _resize_center_crop(img: Image.Image, size: int, resize: int) -> Image.Image:
@@ -390,9 +406,12 @@ def _pick(mapping: Mapping[str, Any], keys: Sequence[str]) -> str | None:
 
 
 def _key_list(keys: Iterable[Any], limit: int = 8) -> str:
-    keys = [str(k) for k in keys]
-    shown = ", ".join(repr(k) for k in keys[:limit])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "") if keys else "none"
+    """``'a', 'b', ... (N in all)``: the first ``limit`` names, quoted."""
+    names = [str(k) for k in keys]
+    if not names:
+        return "none"
+    shown = ", ".join(repr(k) for k in names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
 
 
 def _from_mapping(content: Mapping[str, Any], path: Path) -> tuple[Any, Any]:
@@ -607,6 +626,26 @@ def _load_factory(target: str, attr: str, spec: str, values: dict[str, int]) -> 
 # load_data
 
 
+class _ClosingDataLoader(DataLoader):
+    """A DataLoader whose worker processes stop as soon as iteration ends early.
+
+    torch stops workers when its iterator is garbage collected; when the iterator dies in a
+    reference cycle (as it does once an exception's traceback is kept), the queues it needs are
+    finalized first and every worker costs a 5 s join timeout. Stopping them explicitly on an
+    exception, or when the consumer stops early, avoids that stall.
+    """
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        iterator = super().__iter__()
+        try:
+            yield from iterator
+        except BaseException:  # includes GeneratorExit: the consumer stopped early
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            raise
+
+
 def _make_loader(
     dataset: Dataset,
     *,
@@ -618,7 +657,7 @@ def _make_loader(
 ) -> DataLoader:
     generator = torch.Generator()
     generator.manual_seed(seed)
-    return DataLoader(
+    return _ClosingDataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
@@ -704,6 +743,11 @@ def load_data(
         )
 
     if path.is_file():
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            raise DataError(
+                f"data is a single image: {spec}",
+                "pass the folder that holds the images (with class subfolders for labels)",
+            )
         if path.suffix.lower() not in TENSOR_SUFFIXES:
             raise DataError(
                 f"unsupported data file {spec} (suffix {path.suffix or 'none'!r})",
@@ -724,7 +768,7 @@ def load_data(
     if not path.is_dir():
         raise DataError(f"data is neither a file nor a folder: {spec}", "pass a file or folder")
 
-    if _walk_images(path):
+    if _has_images(path):
         images = ImageFolderDataset(path, image)
         total = len(images)
         local = _shard(images, total, rank, world_size)
