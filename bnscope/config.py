@@ -8,10 +8,11 @@ project file that came with a downloaded repository must not switch on code exec
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from .errors import UsageError
 

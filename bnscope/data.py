@@ -16,13 +16,9 @@ A spec is one of (DESIGN.md §3):
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
-import itertools
 import os
 import re
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from bnscope.errors import DataError
+from bnscope.modelspec import resolve_spec
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -513,7 +510,6 @@ def _tensor_dataset(files: Sequence[Path]) -> tuple[Dataset, int, bool]:
 
 _DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _DRIVE = re.compile(r"[A-Za-z]:[\\/]")
-_module_counter = itertools.count()
 
 
 def _factory_parts(spec: str) -> tuple[str, str] | None:
@@ -526,46 +522,6 @@ def _factory_parts(spec: str) -> tuple[str, str] | None:
     if target.endswith(".py") or _DOTTED.fullmatch(target):
         return target, attr
     return None
-
-
-def _import_file(path: Path, spec: str) -> Any:
-    if not path.is_file():
-        raise DataError(
-            f"data factory file not found: {path} (from {spec!r})",
-            "check the path before the ':' in --data",
-        )
-    name = f"_bnscope_data_{path.stem}_{next(_module_counter)}"
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    if module_spec is None or module_spec.loader is None:
-        raise DataError(f"cannot import {path} (from {spec!r})", "pass a Python source file")
-    module = importlib.util.module_from_spec(module_spec)
-    folder = str(path.resolve().parent)
-    sys.modules[name] = module  # so classes defined there can be pickled to workers
-    sys.path.insert(0, folder)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as exc:
-        sys.modules.pop(name, None)
-        raise DataError(
-            f"cannot import data factory file {path} from {spec!r} ({_describe(exc)})",
-            "fix the error in that file",
-        ) from exc
-    finally:
-        try:
-            sys.path.remove(folder)
-        except ValueError:
-            pass
-    return module
-
-
-def _import_module(name: str, spec: str) -> Any:
-    try:
-        return importlib.import_module(name)
-    except Exception as exc:
-        raise DataError(
-            f"cannot import data factory module {name!r} from {spec!r} ({_describe(exc)})",
-            "check the module name and that it is importable (installed or on PYTHONPATH)",
-        ) from exc
 
 
 def _factory_kwargs(factory: Callable[..., Any], values: dict[str, int]) -> dict[str, int]:
@@ -582,21 +538,7 @@ def _factory_kwargs(factory: Callable[..., Any], values: dict[str, int]) -> dict
 
 
 def _load_factory(target: str, attr: str, spec: str, values: dict[str, int]) -> Iterable[Any]:
-    if target.endswith(".py"):
-        module = _import_file(Path(target), spec)
-    else:
-        module = _import_module(target, spec)
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            names = [
-                n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))
-            ]
-            raise DataError(
-                f"{target} has no attribute {attr!r} (from {spec!r})",
-                f"name a function defined there (callables found: {_key_list(names, 6)})",
-            )
-        obj = getattr(obj, part)
+    obj = resolve_spec(f"{target}:{attr}", DataError, "--data")
     if callable(obj) and not isinstance(obj, (Iterable, Dataset)):
         try:
             result = obj(**_factory_kwargs(obj, values))

@@ -118,12 +118,12 @@ def parse_kwargs(text: str | dict[str, Any] | None, option: str = "--model-kwarg
     except json.JSONDecodeError as exc:
         raise ModelError(
             f"{option} is not valid JSON ({exc.msg} at column {exc.colno})",
-            'write a JSON object, e.g. \'{"num_classes": 10}\'',
+            "write a JSON object, e.g. '{\"num_classes\": 10}'",
         ) from exc
     if not isinstance(value, dict):
         raise ModelError(
             f"{option} must be a JSON object, got {type(value).__name__}",
-            'write a JSON object, e.g. \'{"num_classes": 10}\'',
+            "write a JSON object, e.g. '{\"num_classes\": 10}'",
         )
     return value
 

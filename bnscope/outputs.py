@@ -49,7 +49,9 @@ def write_text(target: str | Path, text: str) -> Path:
         with atomic_path(target) as tmp:
             tmp.write_text(text, encoding="utf-8")
     except OSError as exc:
-        raise UsageError(f"cannot write {target} ({exc.strerror or exc})", "check the disk") from exc
+        raise UsageError(
+            f"cannot write {target} ({exc.strerror or exc})", "check the disk"
+        ) from exc
     return Path(target)
 
 
@@ -59,7 +61,9 @@ def save_figure(fig: Figure, target: str | Path, dpi: int = 120) -> Path:
         with atomic_path(target) as tmp:
             fig.savefig(tmp, format="png", dpi=dpi)
     except OSError as exc:
-        raise UsageError(f"cannot write {target} ({exc.strerror or exc})", "check the disk") from exc
+        raise UsageError(
+            f"cannot write {target} ({exc.strerror or exc})", "check the disk"
+        ) from exc
     return Path(target)
 
 

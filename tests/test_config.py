@@ -44,7 +44,7 @@ def test_pyproject_tool_table(tmp_path):
 
 
 def test_bnscope_toml_wins(tmp_path):
-    (tmp_path / "pyproject.toml").write_text('[tool.bnscope]\nbatch_size = 1\n')
+    (tmp_path / "pyproject.toml").write_text("[tool.bnscope]\nbatch_size = 1\n")
     (tmp_path / "bnscope.toml").write_text("[bnscope]\nbatch_size = 2\n")
     assert load_project_config(tmp_path).get("batch_size") == 2
 

@@ -17,10 +17,25 @@ from bnscope.render.text import num, percent, span
 
 def layer(name: str, **kw) -> StaticLayer:
     base = dict(
-        name=name, num_features=8, num_batches_tracked=500, momentum=0.1, momentum_assumed=True,
-        eps=1e-5, eps_assumed=True, ema_init_weight=0.9**500, affine=True, mean_min=-0.5,
-        mean_max=0.25, var_min=0.5, var_max=2.0, gain_min=0.7, gain_max=1.4, dead_channels=0,
-        tiny_var_channels=0, nonfinite_values=0, negative_var_channels=0,
+        name=name,
+        num_features=8,
+        num_batches_tracked=500,
+        momentum=0.1,
+        momentum_assumed=True,
+        eps=1e-5,
+        eps_assumed=True,
+        ema_init_weight=0.9**500,
+        affine=True,
+        mean_min=-0.5,
+        mean_max=0.25,
+        var_min=0.5,
+        var_max=2.0,
+        gain_min=0.7,
+        gain_max=1.4,
+        dead_channels=0,
+        tiny_var_channels=0,
+        nonfinite_values=0,
+        negative_var_channels=0,
     )
     base.update(kw)
     return StaticLayer(**base)
@@ -31,18 +46,45 @@ REPORT = Report(
     "runs/ckpt.pt",
     (
         layer("backbone.bn1"),
-        layer("backbone.layer1.0.bn2", num_batches_tracked=7, ema_init_weight=0.9**7,
-              var_min=0.0, gain_max=316.2, tiny_var_channels=1),
-        layer("head.bn", num_batches_tracked=0, ema_init_weight=1.0, mean_min=0.0, mean_max=0.0,
-              var_min=1.0, var_max=1.0, gain_min=0.0, gain_max=1.0, dead_channels=2),
+        layer(
+            "backbone.layer1.0.bn2",
+            num_batches_tracked=7,
+            ema_init_weight=0.9**7,
+            var_min=0.0,
+            gain_max=316.2,
+            tiny_var_channels=1,
+        ),
+        layer(
+            "head.bn",
+            num_batches_tracked=0,
+            ema_init_weight=1.0,
+            mean_min=0.0,
+            mean_max=0.0,
+            var_min=1.0,
+            var_max=1.0,
+            gain_min=0.0,
+            gain_max=1.0,
+            dead_channels=2,
+        ),
     ),
     (
-        Finding("dead-channel", "info", "head.bn", "2 of 8 channels have |gamma| < 1e-05",
-                "prune them"),
-        Finding("never-updated", "error", "head.bn", "running stats are still initial",
-                "bnscope precise"),
-        Finding("ema-warmup", "warning", "backbone.layer1.0.bn2", "EMA has only 7 updates",
-                "bnscope precise"),
+        Finding(
+            "dead-channel", "info", "head.bn", "2 of 8 channels have |gamma| < 1e-05", "prune them"
+        ),
+        Finding(
+            "never-updated",
+            "error",
+            "head.bn",
+            "running stats are still initial",
+            "bnscope precise",
+        ),
+        Finding(
+            "ema-warmup",
+            "warning",
+            "backbone.layer1.0.bn2",
+            "EMA has only 7 updates",
+            "bnscope precise",
+        ),
     ),
     {"format": "torch", "key": "state_dict", "prefix": "module.", "momentum_assumed": True},
 )
@@ -106,4 +148,6 @@ def test_figures_do_not_touch_pyplot():
     import sys
 
     static_ranges_figure(REPORT.layers)
-    assert "matplotlib.pyplot" not in sys.modules or not sys.modules["matplotlib.pyplot"].get_fignums()
+    assert (
+        "matplotlib.pyplot" not in sys.modules or not sys.modules["matplotlib.pyplot"].get_fignums()
+    )

@@ -103,9 +103,7 @@ def test_dead_channel_is_not_tiny_variance():
     assert rep.findings[0].severity == "info"
 
 
-@pytest.mark.parametrize(
-    "what", ["running_mean", "running_var", "weight", "bias", "negative_var"]
-)
+@pytest.mark.parametrize("what", ["running_mean", "running_var", "weight", "bias", "negative_var"])
 def test_non_finite(what):
     m = updated(model(1))
     bn = m[1]

@@ -10,11 +10,10 @@ from ..errors import NotAvailableError
 from . import options as o
 from .app import app
 
-
 HELP = (
-    'Re-estimate BN statistics on target-domain --data and write CKPT.adapted.pt (not '
-    'available yet).\n\nExample: bnscope adapt runs/ckpt.pt --model model.py:make_model '
-    '--data corrupted/'
+    "Re-estimate BN statistics on target-domain --data and write CKPT.adapted.pt (not "
+    "available yet).\n\nExample: bnscope adapt runs/ckpt.pt --model model.py:make_model "
+    "--data corrupted/"
 )
 
 
@@ -29,8 +28,12 @@ def adapt_command(
     eval_data: o.EvalData = None,
     prior: Annotated[
         float,
-        typer.Option("--prior", help="Pseudo sample count N of the source statistics "
-                     "(lambda = N/(N+n)); 0 = pure target statistics.", min=0.0),
+        typer.Option(
+            "--prior",
+            help="Pseudo sample count N of the source statistics "
+            "(lambda = N/(N+n)); 0 = pure target statistics.",
+            min=0.0,
+        ),
     ] = 0.0,
     batch_size: o.BatchSize = None,
     batches: o.Batches = None,

@@ -10,11 +10,10 @@ from ..errors import NotAvailableError
 from . import options as o
 from .app import app
 
-
 HELP = (
-    'Measure how batch statistics and outputs depend on the normalization batch size (not '
-    'available yet).\n\nExample: bnscope ghost runs/ckpt.pt --model model.py:make_model '
-    '--data data/val --sizes 2,4,8,16,32'
+    "Measure how batch statistics and outputs depend on the normalization batch size (not "
+    "available yet).\n\nExample: bnscope ghost runs/ckpt.pt --model model.py:make_model "
+    "--data data/val --sizes 2,4,8,16,32"
 )
 
 

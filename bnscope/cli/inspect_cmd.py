@@ -17,12 +17,11 @@ from .runtime import (
     require_checkpoint,
 )
 
-
 HELP = (
-    'Report every BN layer of a checkpoint and what is wrong with its statistics.\n\nWith '
-    'the checkpoint alone (no model code): running-stat ranges, EMA warm-up, tiny '
-    'variances, dead channels, never-updated layers, non-finite values. With --model, '
-    'momentum and eps come from the model.\n\nExample: bnscope inspect runs/ckpt.pt --json'
+    "Report every BN layer of a checkpoint and what is wrong with its statistics.\n\nWith "
+    "the checkpoint alone (no model code): running-stat ranges, EMA warm-up, tiny "
+    "variances, dead channels, never-updated layers, non-finite values. With --model, "
+    "momentum and eps come from the model.\n\nExample: bnscope inspect runs/ckpt.pt --json"
 )
 
 

@@ -24,94 +24,154 @@ Checkpoint = Annotated[
 ]
 Key = Annotated[
     str | None,
-    typer.Option("--key", help="Entry of the checkpoint dict that holds the state dict "
-                 "(default: found automatically: state_dict, model, model_state_dict, net, module).",
-                 rich_help_panel=P_INPUT),
+    typer.Option(
+        "--key",
+        help="Entry of the checkpoint dict that holds the state dict "
+        "(default: found automatically: state_dict, model, model_state_dict, net, module).",
+        rich_help_panel=P_INPUT,
+    ),
 ]
 Trust = Annotated[
     bool,
-    typer.Option("--trust-checkpoint", help="Allow loading pickled Python objects (a whole "
-                 "nn.Module saved with torch.save(model)). This executes code from the file: "
-                 "only for files you trust.", rich_help_panel=P_INPUT),
+    typer.Option(
+        "--trust-checkpoint",
+        help="Allow loading pickled Python objects (a whole "
+        "nn.Module saved with torch.save(model)). This executes code from the file: "
+        "only for files you trust.",
+        rich_help_panel=P_INPUT,
+    ),
 ]
 Model = Annotated[
     str | None,
-    typer.Option("--model", help="Model factory: pkg.module:factory or path/to/file.py:factory.",
-                 rich_help_panel=P_INPUT),
+    typer.Option(
+        "--model",
+        help="Model factory: pkg.module:factory or path/to/file.py:factory.",
+        rich_help_panel=P_INPUT,
+    ),
 ]
 ModelKwargs = Annotated[
     str | None,
-    typer.Option("--model-kwargs", help="JSON object of keyword arguments for the model factory.",
-                 rich_help_panel=P_INPUT),
+    typer.Option(
+        "--model-kwargs",
+        help="JSON object of keyword arguments for the model factory.",
+        rich_help_panel=P_INPUT,
+    ),
 ]
 Data = Annotated[
     str | None,
-    typer.Option("--data", help="Data: image folder, tensor file/folder (.pt .npy .npz), or "
-                 "pkg.module:factory / file.py:factory returning batches.", rich_help_panel=P_DATA),
+    typer.Option(
+        "--data",
+        help="Data: image folder, tensor file/folder (.pt .npy .npz), or "
+        "pkg.module:factory / file.py:factory returning batches.",
+        rich_help_panel=P_DATA,
+    ),
 ]
 EvalData = Annotated[
     str | None,
-    typer.Option("--eval-data", help="Data to evaluate on before and after (same forms as --data).",
-                 rich_help_panel=P_DATA),
+    typer.Option(
+        "--eval-data",
+        help="Data to evaluate on before and after (same forms as --data).",
+        rich_help_panel=P_DATA,
+    ),
 ]
 BatchSize = Annotated[
     int | None,
-    typer.Option("--batch-size", help="Batch size for built-in data specs (default 32).",
-                 min=1, rich_help_panel=P_DATA),
+    typer.Option(
+        "--batch-size",
+        help="Batch size for built-in data specs (default 32).",
+        min=1,
+        rich_help_panel=P_DATA,
+    ),
 ]
 Batches = Annotated[
     int | None,
-    typer.Option("--batches", help="Number of batches to use (default: all of the data).",
-                 min=1, rich_help_panel=P_DATA),
+    typer.Option(
+        "--batches",
+        help="Number of batches to use (default: all of the data).",
+        min=1,
+        rich_help_panel=P_DATA,
+    ),
 ]
 Workers = Annotated[
     int | None,
-    typer.Option("--workers", help="DataLoader worker processes (default 0: load in-process).",
-                 min=0, rich_help_panel=P_DATA),
+    typer.Option(
+        "--workers",
+        help="DataLoader worker processes (default 0: load in-process).",
+        min=0,
+        rich_help_panel=P_DATA,
+    ),
 ]
 InputKey = Annotated[
     str | None,
-    typer.Option("--input-key", help="Key of the model input when batches are dicts.",
-                 rich_help_panel=P_DATA),
+    typer.Option(
+        "--input-key", help="Key of the model input when batches are dicts.", rich_help_panel=P_DATA
+    ),
 ]
 ImageSize = Annotated[
     int | None,
-    typer.Option("--image-size", help="Image folders: center-crop size (after resizing the "
-                 "shorter side). Default: keep the images' own size.", min=1,
-                 rich_help_panel=P_DATA),
+    typer.Option(
+        "--image-size",
+        help="Image folders: center-crop size (after resizing the "
+        "shorter side). Default: keep the images' own size.",
+        min=1,
+        rich_help_panel=P_DATA,
+    ),
 ]
 Resize = Annotated[
     int | None,
-    typer.Option("--resize", help="Image folders: shorter side before the crop "
-                 "(default: image size * 8/7).", min=1, rich_help_panel=P_DATA),
+    typer.Option(
+        "--resize",
+        help="Image folders: shorter side before the crop (default: image size * 8/7).",
+        min=1,
+        rich_help_panel=P_DATA,
+    ),
 ]
 Channels = Annotated[
     int | None,
-    typer.Option("--channels", help="Image folders: 3 (RGB, default) or 1 (grayscale).",
-                 min=1, max=3, rich_help_panel=P_DATA),
+    typer.Option(
+        "--channels",
+        help="Image folders: 3 (RGB, default) or 1 (grayscale).",
+        min=1,
+        max=3,
+        rich_help_panel=P_DATA,
+    ),
 ]
 Mean = Annotated[
     str | None,
-    typer.Option("--mean", help="Image folders: per-channel mean to subtract, comma-separated "
-                 "(default ImageNet 0.485,0.456,0.406).", rich_help_panel=P_DATA),
+    typer.Option(
+        "--mean",
+        help="Image folders: per-channel mean to subtract, comma-separated "
+        "(default ImageNet 0.485,0.456,0.406).",
+        rich_help_panel=P_DATA,
+    ),
 ]
 Std = Annotated[
     str | None,
-    typer.Option("--std", help="Image folders: per-channel std to divide by, comma-separated "
-                 "(default ImageNet 0.229,0.224,0.225).", rich_help_panel=P_DATA),
+    typer.Option(
+        "--std",
+        help="Image folders: per-channel std to divide by, comma-separated "
+        "(default ImageNet 0.229,0.224,0.225).",
+        rich_help_panel=P_DATA,
+    ),
 ]
 Device = Annotated[
     str | None,
-    typer.Option("--device", help="auto, cpu, cuda or cuda:N (default auto).", rich_help_panel=P_RUN),
+    typer.Option(
+        "--device", help="auto, cpu, cuda or cuda:N (default auto).", rich_help_panel=P_RUN
+    ),
 ]
 Seed = Annotated[
     int, typer.Option("--seed", help="Random seed (data order, sampling).", rich_help_panel=P_RUN)
 ]
 Output = Annotated[
     str | None,
-    typer.Option("-o", "--output", help="Path of the checkpoint to write (default: next to the "
-                 "input, with a tag before the suffix). Never the input itself.",
-                 rich_help_panel=P_OUT),
+    typer.Option(
+        "-o",
+        "--output",
+        help="Path of the checkpoint to write (default: next to the "
+        "input, with a tag before the suffix). Never the input itself.",
+        rich_help_panel=P_OUT,
+    ),
 ]
 Force = Annotated[
     bool, typer.Option("--force", help="Overwrite an existing output file.", rich_help_panel=P_OUT)
@@ -122,17 +182,25 @@ OutDir = Annotated[
 ]
 Json = Annotated[
     bool,
-    typer.Option("--json", help="Print exactly one JSON document on stdout instead of tables.",
-                 rich_help_panel=P_OUT),
+    typer.Option(
+        "--json",
+        help="Print exactly one JSON document on stdout instead of tables.",
+        rich_help_panel=P_OUT,
+    ),
 ]
 Quiet = Annotated[
-    bool, typer.Option("--quiet", "-q", help="No progress or status lines on stderr.",
-                       rich_help_panel=P_OUT)
+    bool,
+    typer.Option(
+        "--quiet", "-q", help="No progress or status lines on stderr.", rich_help_panel=P_OUT
+    ),
 ]
 FailOn = Annotated[
     str | None,
-    typer.Option("--fail-on", help="Exit 1 when a finding is at or above this severity: "
-                 "info, warning or error.", rich_help_panel=P_OUT),
+    typer.Option(
+        "--fail-on",
+        help="Exit 1 when a finding is at or above this severity: info, warning or error.",
+        rich_help_panel=P_OUT,
+    ),
 ]
 Debug = Annotated[
     bool, typer.Option("--debug", help="Show the traceback of an error.", rich_help_panel=P_RUN)

@@ -6,11 +6,10 @@ from ..errors import NotAvailableError
 from . import options as o
 from .app import app
 
-
 HELP = (
     "Recompute every BN layer's statistics exactly on --data and write CKPT.precise.pt "
-    '(not available yet).\n\nExample: bnscope precise runs/ckpt.pt --model '
-    'model.py:make_model --data data/train --batches 100'
+    "(not available yet).\n\nExample: bnscope precise runs/ckpt.pt --model "
+    "model.py:make_model --data data/train --batches 100"
 )
 
 

@@ -84,7 +84,7 @@ def require_checkpoint(arg: str | None, config: ProjectConfig) -> Path:
     if value is None:
         raise UsageError(
             "no checkpoint given",
-            "pass CKPT, or set checkpoint = \"...\" in bnscope.toml or [tool.bnscope]",
+            'pass CKPT, or set checkpoint = "..." in bnscope.toml or [tool.bnscope]',
         )
     return Path(value)
 

@@ -43,10 +43,17 @@ def static_ranges_figure(
     axes = fig.subplots(3, 1, sharex=True)
     x = list(range(n))
     series = [
-        ("running_mean", [_finite(r.mean_min) for r in layers], [_finite(r.mean_max) for r in layers]),
+        (
+            "running_mean",
+            [_finite(r.mean_min) for r in layers],
+            [_finite(r.mean_max) for r in layers],
+        ),
         ("running_var", [_finite(r.var_min) for r in layers], [_finite(r.var_max) for r in layers]),
-        ("gain |γ|/√(var+eps)", [_finite(r.gain_min) for r in layers],
-         [_finite(r.gain_max) for r in layers]),
+        (
+            "gain |γ|/√(var+eps)",
+            [_finite(r.gain_min) for r in layers],
+            [_finite(r.gain_max) for r in layers],
+        ),
     ]
     thresholds = [None, tiny_var, tiny_gain]
     for i, (ax, (label, lo, hi)) in enumerate(zip(axes, series, strict=True)):
