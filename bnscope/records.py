@@ -118,6 +118,8 @@ class Report:
     layers: tuple[Any, ...]
     findings: tuple[Finding, ...]
     extra: dict[str, Any] = field(default_factory=dict)
+    #: per-layer tensors (e.g. old/new statistics); not part of the JSON document
+    arrays: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def schema(self) -> str:
@@ -142,6 +144,33 @@ class Report:
                 raise ValueError(f"extra key {key!r} collides with a schema key")
             out[key] = _clean(value)
         return out
+
+
+@dataclass(frozen=True)
+class PreciseLayer:
+    """Per-layer result of Precise BN / Adaptive BN: how far the new statistics moved.
+
+    ``d_mu`` = |mu_old - mu_new| / sqrt(var_new + eps) and ``d_var`` =
+    |log((var_old + eps) / (var_new + eps))| per channel (DESIGN §4), summarized by max and
+    median over channels. ``status`` is ``updated``, ``not-called`` (statistics kept) or
+    ``skipped`` (``reason`` says why).
+    """
+
+    name: str
+    num_features: int
+    status: str
+    reason: str | None
+    calls: int
+    calls_per_forward: int
+    samples: int
+    elements: int
+    d_mu_max: float | None
+    d_mu_median: float | None
+    d_var_max: float | None
+    d_var_median: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean(asdict(self))
 
 
 def field_names(record_type: type) -> list[str]:

@@ -1,0 +1,187 @@
+"""The collection loop shared by precise, adapt, inspect and ghost.
+
+Runs the model over ``batches`` batches of ``data`` under :class:`~bnscope.capture.BNCapture`
+and turns failures into one-line errors that name the batch and the layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .capture import BNCapture, LayerStats, NonFiniteInput, SkippedLayer
+from .data import move_to, split_batch
+from .errors import DataError, UsageError
+
+Call = Callable[[nn.Module, Any], Any]
+Progress = Callable[[int, "int | None"], None]
+
+
+@dataclass
+class Collection:
+    """Population statistics per BN layer (float64 accumulators) and what was run."""
+
+    layers: dict[str, LayerStats]
+    skipped: list[SkippedLayer]
+    batches: int
+    samples: int
+
+
+def default_call(model: nn.Module, batch: Any) -> Any:
+    """``model(inputs)`` where inputs are the batch's first item (or the tensor itself)."""
+    inputs, _ = split_batch(batch)
+    return model(inputs)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def on_device(model: nn.Module, device: torch.device | str | None) -> Iterator[torch.device]:
+    """Move the model to ``device`` for the block and back afterwards (also on error)."""
+    original = model_device(model)
+    target = torch.device(device) if device is not None else original
+    if target == original:
+        yield original
+        return
+    model.to(target)
+    try:
+        yield target
+    finally:
+        model.to(original)
+
+
+class _Tracker:
+    """Pre-hooks on every module that remember which one ran last (to name a failing layer)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.current = "(model)"
+        self.handles = []
+        for name, module in model.named_modules():
+            if name:
+                self.handles.append(module.register_forward_pre_hook(self._hook(name)))
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            self.current = f"{name} ({type(module).__name__})"
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def _shape_of(batch: Any) -> str:
+    try:
+        inputs, _ = split_batch(batch)
+    except Exception:  # noqa: BLE001 - only for the message
+        return "?"
+    return "x".join(str(s) for s in inputs.shape) if isinstance(inputs, torch.Tensor) else "?"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return " ".join(text[0].split()) if text else type(exc).__name__
+
+
+def check_batches(batches: int | None) -> None:
+    if batches is not None and (not isinstance(batches, int) or batches < 1):
+        raise UsageError(
+            f"batches must be a positive integer, got {batches!r}", "e.g. --batches 100"
+        )
+
+
+def collect(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    batches: int | None = None,
+    call: Call | None = None,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+    only_training: bool = False,
+) -> Collection:
+    """Run ``model`` over the data in collection mode and return the pooled statistics.
+
+    The model's state is restored afterwards (see :class:`~bnscope.capture.BNCapture`);
+    ``batches=None`` uses all of the data. Data that runs out before ``batches`` is an error.
+    """
+    check_batches(batches)
+    call = call or default_call
+    done = 0
+    samples = 0
+    with on_device(model, device) as dev, BNCapture(model, only_training=only_training) as cap:
+        tracker = _Tracker(model)
+        iterator = iter(data)
+        try:
+            with torch.no_grad():
+                while batches is None or done < batches:
+                    try:
+                        batch = next(iterator)
+                    except StopIteration:
+                        break
+                    batch = move_to(batch, dev)
+                    tracker.current = "(model)"
+                    try:
+                        with cap.forward():
+                            call(model, batch)
+                    except NonFiniteInput as exc:
+                        raise DataError(
+                            f"NaN or Inf reached BN layer {exc.layer} in batch {done}",
+                            "check the data and the checkpoint (bnscope inspect CKPT)",
+                        ) from exc
+                    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                        raise _forward_error(exc, done, tracker.current, batch) from exc
+                    done += 1
+                    samples += _batch_len(batch)
+                    if progress is not None:
+                        progress(done, batches)
+        finally:
+            tracker.remove()
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if callable(shutdown) and (batches is not None and done >= batches):
+                with contextlib.suppress(Exception):
+                    shutdown()
+        if done == 0:
+            raise DataError("the data yielded no batches", "check --data (is it empty?)")
+        if batches is not None and done < batches:
+            raise DataError(
+                f"the data ran out after {done} batches but {batches} were asked for",
+                "lower --batches, or omit it to use all of the data",
+            )
+        return Collection(dict(cap.layers), list(cap.skipped), done, samples)
+
+
+def _batch_len(batch: Any) -> int:
+    try:
+        inputs, _ = split_batch(batch)
+    except Exception:  # noqa: BLE001
+        return 0
+    return int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) and inputs.ndim else 0
+
+
+def _forward_error(exc: BaseException, index: int, where: str, batch: Any) -> DataError:
+    text = _first_line(exc)
+    if "Expected more than 1 value per channel" in text:
+        return DataError(
+            f"BN layer {where} got 1 value per channel in batch {index} (batch of one sample): "
+            "batch statistics need at least 2",
+            "use --batch-size 2 or more (and drop a last batch of 1)",
+        )
+    return DataError(
+        f"the model failed on batch {index} (input {_shape_of(batch)}) in {where}: "
+        f"{type(exc).__name__}: {text}",
+        "check that --data fits the model (channels, image size, --input-key, --model-kwargs)",
+    )

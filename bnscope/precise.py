@@ -1,0 +1,178 @@
+"""Precise BN: replace running statistics with the exact population statistics of a fixed model.
+
+Wu & Johnson (2021), "Rethinking 'Batch' in BatchNorm", §3: the EMA of batch statistics is a
+poor estimate of the population statistics of the *final* model; Precise BN recomputes them over
+many batches with the model fixed. bnscope pools every element of every call in float64
+(:mod:`bnscope.stats`), so the result equals mu = sum(x)/N, var = sum((x - mu)^2)/N over all the
+data, independent of the batch split — unlike the average of per-batch variances that fvcore's
+``update_bn_stats`` and ``torch.optim.swa_utils.update_bn`` compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .collect import Call, Collection, Progress, collect
+from .records import Finding, PreciseLayer, Report
+from .stats import log_var_ratio, normalized_mean_shift
+
+
+def _summary(t: torch.Tensor) -> tuple[float, float]:
+    return float(t.max()), float(t.median())
+
+
+def layer_records(
+    collection: Collection, new_stats: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[list[PreciseLayer], dict[str, dict[str, Any]]]:
+    """Per-layer change records (module order) and the old/new tensors behind them."""
+    records: list[PreciseLayer] = []
+    arrays: dict[str, dict[str, Any]] = {}
+    entries: list[tuple[int, PreciseLayer]] = []
+    order = {name: i for i, name in enumerate(collection.layers)}
+    for name, st in collection.layers.items():
+        mod = st.module
+        if name in new_stats:
+            mean, var = new_stats[name]
+            old_mean = mod.running_mean.detach().to(torch.float64)
+            old_var = mod.running_var.detach().to(torch.float64)
+            d_mu = normalized_mean_shift(old_mean, mean, var, mod.eps)
+            d_var = log_var_ratio(old_var, var, mod.eps)
+            arrays[name] = {
+                "old_mean": old_mean.cpu(),
+                "old_var": old_var.cpu(),
+                "new_mean": mean.cpu(),
+                "new_var": var.cpu(),
+                "d_mu": d_mu.cpu(),
+                "d_var": d_var.cpu(),
+            }
+            mu_max, mu_med = _summary(d_mu)
+            var_max, var_med = _summary(d_var)
+            rec = PreciseLayer(
+                name,
+                mod.num_features,
+                "updated",
+                None,
+                st.calls,
+                st.max_calls_per_forward,
+                st.samples,
+                st.acc.count,
+                mu_max,
+                mu_med,
+                var_max,
+                var_med,
+            )
+        else:
+            rec = PreciseLayer(
+                name,
+                mod.num_features,
+                "not-called",
+                "never ran on the data; statistics kept",
+                0,
+                0,
+                0,
+                0,
+                None,
+                None,
+                None,
+                None,
+            )
+        entries.append((order[name], rec))
+    records = [r for _, r in sorted(entries, key=lambda e: e[0])]
+    for sk in collection.skipped:
+        records.append(
+            PreciseLayer(
+                sk.name, sk.num_features, "skipped", sk.reason, 0, 0, 0, 0, None, None, None, None
+            )
+        )
+    return records, arrays
+
+
+def usage_findings(records: list[PreciseLayer], fix_not_called: str) -> list[Finding]:
+    """``not-called`` and ``reused`` findings from collection records."""
+    out: list[Finding] = []
+    for rec in records:
+        if rec.status == "not-called":
+            out.append(
+                Finding(
+                    "not-called",
+                    "warning",
+                    rec.name,
+                    "the layer never ran on the data: its running statistics were kept as they are",
+                    fix_not_called,
+                )
+            )
+        elif rec.calls_per_forward > 1:
+            out.append(
+                Finding(
+                    "reused",
+                    "info",
+                    rec.name,
+                    f"called {rec.calls_per_forward} times per forward: every call's input is pooled "
+                    "into one set of statistics, but one BN module shares them across those uses",
+                    "give each use its own BatchNorm module if the inputs differ in distribution",
+                )
+            )
+    return out
+
+
+def population_stats(collection: Collection) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Float64 (mean, biased var) per layer that ran at least once."""
+    return {
+        name: (st.acc.population_mean, st.acc.population_var)
+        for name, st in collection.layers.items()
+        if st.called
+    }
+
+
+def write_stats(
+    model_layers: Collection, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """Copy new statistics into the BN buffers (cast to their dtype); nothing else changes."""
+    with torch.no_grad():
+        for name, (mean, var) in stats.items():
+            mod = model_layers.layers[name].module
+            mod.running_mean.copy_(mean.to(mod.running_mean.dtype))
+            mod.running_var.copy_(var.to(mod.running_var.dtype))
+
+
+def precise_bn(
+    model: nn.Module,
+    data: Iterable[Any],
+    batches: int | None = None,
+    *,
+    call: Call | None = None,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+    only_training: bool = False,
+) -> Report:
+    """Recompute every BN layer's running statistics exactly and write them in place.
+
+    Population statistics over ``batches`` batches (all of ``data`` when None) with the model
+    fixed and BN normalizing with batch statistics. Layers that never ran keep their
+    statistics (``not-called``); ``track_running_stats=False`` layers are skipped; with
+    ``only_training=True`` so are layers in eval mode. Every module's mode, momentum, hooks and
+    ``num_batches_tracked`` are as before. Returns a ``precise`` report: per-layer
+    :class:`~bnscope.records.PreciseLayer` records (old vs new), with the old and new tensors in
+    ``report.arrays``.
+    """
+    collection = collect(
+        model,
+        data,
+        batches=batches,
+        call=call,
+        device=device,
+        progress=progress,
+        only_training=only_training,
+    )
+    stats = population_stats(collection)
+    records, arrays = layer_records(collection, stats)
+    write_stats(collection, stats)
+    findings = usage_findings(
+        records, "check the forward: the layer is defined but unused, or the data skips its branch"
+    )
+    extra = {"batches": collection.batches, "samples": collection.samples}
+    return Report("precise", None, tuple(records), tuple(findings), extra, arrays)
