@@ -119,7 +119,7 @@ class BNCapture:
         self._restore()
 
     def _setup(self) -> None:
-        for name, module in self.model.named_modules():
+        for module in self.model.modules():
             self._saved.training[module] = module.training
         targets: list[tuple[str, _BatchNorm]] = []
         for name, module in self.model.named_modules():

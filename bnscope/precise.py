@@ -111,8 +111,8 @@ def usage_findings(records: list[PreciseLayer], fix_not_called: str) -> list[Fin
                     "reused",
                     "info",
                     rec.name,
-                    f"called {rec.calls_per_forward} times per forward: every call's input is pooled "
-                    "into one set of statistics, but one BN module shares them across those uses",
+                    f"called {rec.calls_per_forward} times per forward: every call's input is "
+                    "pooled into one set of statistics shared by all those uses",
                     "give each use its own BatchNorm module if the inputs differ in distribution",
                 )
             )

@@ -19,7 +19,11 @@ from PIL import Image, ImageDraw
 
 __all__ = ["CLASSES", "make_image", "write_image_folder", "write_dataset"]
 
-CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "stripes")
+import os
+
+CLASSES: tuple[str, ...] = tuple(
+    os.environ.get("XCLS", "circle,square,triangle,stripes").split(",")
+)
 
 _SUPER = 2  # draw at 2x then downsample (cheap anti-aliasing)
 _NOISE_STD = 10.0  # per-pixel Gaussian noise, in 0..255 units
@@ -72,13 +76,9 @@ def _draw_distractors(
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=col)
 
 
-def _draw_shape(
-    draw: ImageDraw.ImageDraw,
-    cls: str,
-    rng: np.random.Generator,
-    n: int,
-    color: tuple[int, int, int],
-) -> None:
+def _draw_shape(draw: ImageDraw.ImageDraw, cls: str, rng: np.random.Generator, n: int) -> None:
+    """Draw the class shape onto an "L" mask: 255 = shape, 0 = background."""
+    color = 255
     radius = rng.uniform(0.20, 0.34) * n  # half-extent of the shape
     margin = radius * 1.05
     cx = rng.uniform(margin, n - margin)
@@ -101,6 +101,19 @@ def _draw_shape(
         r = radius * rng.uniform(0.9, 1.1, size=3)
         pts = np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
         draw.polygon(_rotate(pts, angle, (cx, cy)), fill=color)
+    elif cls == "ring":
+        aspect = rng.uniform(0.8, 1.0)
+        thick = rng.uniform(0.3, 0.45)
+        t = np.linspace(0.0, 2.0 * math.pi, 48, endpoint=False)
+        outer = np.stack([radius * np.cos(t), radius * aspect * np.sin(t)], axis=1)
+        inner = outer * (1.0 - thick)
+        draw.polygon(_rotate(outer, angle, (cx, cy)), fill=color)
+        draw.polygon(_rotate(inner, angle, (cx, cy)), fill=0)
+    elif cls == "cross":
+        arm = radius * rng.uniform(0.22, 0.32)
+        for a in (angle, angle + math.pi / 2):
+            pts = np.array([[-radius, -arm], [radius, -arm], [radius, arm], [-radius, arm]])
+            draw.polygon(_rotate(pts, a, (cx, cy)), fill=color)
     elif cls == "stripes":
         # 3-4 parallel bars inside a roughly square patch, at a random orientation.
         k = int(rng.integers(3, 5))
@@ -109,8 +122,9 @@ def _draw_shape(
         half_len = radius * rng.uniform(0.85, 1.0)
         for i in range(k):
             x0 = -radius + i * period
-            pts = np.array([[x0, -half_len], [x0 + bar, -half_len], [x0 + bar, half_len],
-                            [x0, half_len]])
+            pts = np.array(
+                [[x0, -half_len], [x0 + bar, -half_len], [x0 + bar, half_len], [x0, half_len]]
+            )
             draw.polygon(_rotate(pts, angle, (cx, cy)), fill=color)
     else:
         raise ValueError(f"unknown class {cls!r}; expected one of {CLASSES}")
@@ -126,7 +140,9 @@ def make_image(cls: str, rng: np.random.Generator, size: int = 32) -> Image.Imag
     img, bg_mean = _background(rng, n)
     draw = ImageDraw.Draw(img)
     _draw_distractors(draw, rng, n, bg_mean)
-    _draw_shape(draw, cls, rng, n, _contrasting_color(rng, bg_mean))
+    mask = Image.new("L", (n, n), 0)
+    _draw_shape(ImageDraw.Draw(mask), cls, rng, n)
+    img.paste(_contrasting_color(rng, bg_mean), (0, 0), mask)
     img = img.resize((size, size), Image.Resampling.BOX)
     arr = np.asarray(img, dtype=np.float32)
     arr = arr + rng.normal(0.0, _NOISE_STD, size=arr.shape).astype(np.float32)
