@@ -559,7 +559,7 @@ def save_checkpoint(
         )
     new_values = _prepare_updates(ckpt.state_dict, updates)
     out_path = Path(out)
-    _check_output(ckpt.path, out_path, force=force)
+    check_output(ckpt.path, out_path, force=force)
 
     if ckpt.format == "safetensors":
         import safetensors.torch
@@ -616,7 +616,8 @@ def _prepare_updates(
     return result
 
 
-def _check_output(source: Path, out: Path, *, force: bool) -> None:
+def check_output(source: Path, out: Path, *, force: bool) -> None:
+    """Refuse the input itself, a folder, an existing file without force, a missing folder."""
     same = out.resolve() == source.resolve()
     if not same and out.exists() and source.exists():
         try:

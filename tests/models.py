@@ -41,3 +41,10 @@ class Wrapped(nn.Module):
 
     def forward(self, x):  # pragma: no cover - not run
         return self.model(x)
+
+
+def make_mlp(features: int = 6, num_classes: int = 3) -> nn.Module:
+    """Linear-BN1d-ReLU-Linear on flat inputs."""
+    return nn.Sequential(
+        nn.Linear(features, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, num_classes)
+    )

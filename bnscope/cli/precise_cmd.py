@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
-from ..errors import NotAvailableError
+import copy
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
 from . import options as o
 from .app import app
+from .inputs import DataFlags, build_model_for, open_checkpoint, open_data
+from .runtime import (
+    Ui,
+    check_fail_on,
+    exit_code_for,
+    finish,
+    merged,
+    progress_bar,
+    project_config,
+    require_checkpoint,
+    resolve_device,
+)
 
 HELP = (
-    "Recompute every BN layer's statistics exactly on --data and write CKPT.precise.pt "
-    "(not available yet).\n\nExample: bnscope precise runs/ckpt.pt --model "
-    "model.py:make_model --data data/train --batches 100"
+    "Recompute every BN layer's statistics exactly on --data (Precise BN) and write "
+    "CKPT.precise.pt: same structure as the input, only BN buffers changed.\n\n"
+    "Statistics are pooled over every element of every batch in float64, so they do not depend "
+    "on the batch split. --eval-data evaluates before and after.\n\n"
+    "Example: bnscope precise runs/ckpt.pt --model model.py:make_model --data data/train "
+    "--batches 100 --eval-data data/val"
 )
 
 
@@ -41,7 +60,107 @@ def precise_command(
     fail_on: o.FailOn = None,
     debug: o.Debug = False,
 ) -> None:
-    raise NotAvailableError(
-        "bnscope precise is not available in this version (the Precise BN engine is next)",
-        "use bnscope inspect for a static report meanwhile",
-    )
+    ui = Ui(json=json_, quiet=quiet)
+    level = check_fail_on(fail_on)
+    config = project_config()
+    path = require_checkpoint(checkpoint, config)
+    data_spec = merged(data, config, "data")
+    if data_spec is None:
+        raise UsageError("precise needs --data (the training data)", "pass --data SPEC")
+    eval_spec = merged(eval_data, config, "eval_data")
+    dev = resolve_device(device)
+
+    from ..checkpoint import check_output, default_output_path
+
+    out_path = Path(output) if output else default_output_path(path, "precise")
+    if path.exists():
+        check_output(path, out_path, force=force)
+
+    import torch
+
+    from ..data import default_call
+
+    torch.manual_seed(seed)
+    ckpt = open_checkpoint(path, key, trust_checkpoint, config)
+    net, prefix, spec = build_model_for(ckpt, model, model_kwargs, config)
+    if net is None:
+        raise UsageError(
+            "precise runs the model: it needs --model pkg.module:factory or file.py:factory",
+            "pass --model (or set model in bnscope.toml)",
+        )
+    flags = DataFlags(batch_size, workers, input_key, image_size, resize, channels, mean, std, seed)
+    source = open_data(data_spec, flags, config, "--data")
+    evaluation = open_data(eval_spec, flags, config, "--eval-data") if eval_spec else None
+    call = default_call(merged(input_key, config, "input_key"))
+    original = copy.deepcopy(net) if evaluation is not None else None
+
+    from ..precise import precise_bn
+
+    ui.info(f"Precise BN on {source.description} ({dev})")
+    with progress_bar(ui, "collecting statistics", batches) as progress:
+        result = precise_bn(net, source, batches, call=call, device=dev, progress=progress)
+
+    extra: dict[str, Any] = {
+        "format": ckpt.format,
+        "key": ckpt.key,
+        "prefix": prefix,
+        "model": spec,
+        "project_file": str(config.path) if config.path else None,
+        "data": source.description,
+        **result.extra,
+    }
+    if evaluation is not None:
+        from ..evaluate import compare_models
+
+        ui.info(f"evaluating before/after on {evaluation.description}")
+        comparison = compare_models(original, net, evaluation, call=call, device=dev)
+        extra["metrics"] = {"data": evaluation.description, **comparison.to_dict()}
+
+    updates = bn_updates(net, result.layers, prefix)
+    from ..checkpoint import save_checkpoint
+
+    written = save_checkpoint(ckpt, updates, out_path, force=force)
+    extra["output"] = str(written)
+
+    from ..records import Report
+
+    report = Report("precise", str(path), result.layers, result.findings, extra, result.arrays)
+    render(ui, report, out)
+    finish(exit_code_for(report, level))
+
+
+def bn_updates(model: Any, layers: Any, prefix: str) -> dict[str, Any]:
+    """Checkpoint keys -> new running_mean/running_var of the updated layers."""
+    modules = dict(model.named_modules())
+    updates: dict[str, Any] = {}
+    for rec in layers:
+        if rec.status != "updated":
+            continue
+        name = "" if rec.name == "(root)" else rec.name
+        mod = modules[name]
+        base = f"{prefix}{name}." if name else prefix
+        updates[f"{base}running_mean"] = mod.running_mean.detach().cpu()
+        updates[f"{base}running_var"] = mod.running_var.detach().cpu()
+    return updates
+
+
+def render(ui: Ui, report: Any, out: str | None) -> None:
+    from ..render.jsonout import report_json
+
+    text = report_json(report)
+    written = []
+    if out is not None:
+        from ..outputs import write_report_dir
+        from ..render.figures import change_figure
+
+        figures = {"precise_change": change_figure(report.layers)} if report.layers else {}
+        written = write_report_dir(out, text, figures)
+    if ui.json:
+        ui.out.file.write(text)
+        ui.out.file.flush()
+    else:
+        from ..render.tables import precise_report
+
+        ui.out.print(precise_report(report))
+    if written:
+        ui.info(f"wrote {', '.join(str(p) for p in written)}")

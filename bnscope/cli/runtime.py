@@ -3,8 +3,10 @@ report output and ``--fail-on``. No computation happens here."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,8 +56,10 @@ class Ui:
     err: Console = field(default_factory=stderr_console)
 
     def info(self, message: str) -> None:
-        """A progress/status line on stderr (silent with --quiet or --json)."""
-        if not (self.quiet or self.json):
+        """A status line on stderr, only for a person at a terminal: silent with --quiet or
+        --json, and when stderr is not a terminal (so a failing run's stderr is the one error
+        line)."""
+        if self.show_progress:
             self.err.print(message, markup=False, highlight=False)
 
     def warn(self, message: str) -> None:
@@ -151,3 +155,21 @@ def exit_code_for(report: Report, fail_on: str | None) -> int:
 def finish(code: int) -> None:
     if code:
         raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def progress_bar(ui: Ui, description: str, total: int | None) -> Iterator[Any]:
+    """A transient rich progress bar on stderr, only when stderr is a terminal and neither
+    --quiet nor --json; yields the ``progress(done, total)`` callback or None."""
+    if not ui.show_progress:
+        yield None
+        return
+    from rich.progress import Progress
+
+    with Progress(console=ui.err, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+
+        def update(done: int, tot: int | None) -> None:
+            bar.update(task, completed=done, total=tot)
+
+        yield update

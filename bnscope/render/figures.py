@@ -89,3 +89,33 @@ def static_ranges_figure(
     axes[-1].set_xlabel("BN layer (module order); shaded: tiny or non-finite values")
     fig.suptitle("Running statistics by depth")
     return fig
+
+
+def change_figure(layers: Sequence, fig: Figure | None = None, title: str | None = None) -> Figure:
+    """Per-layer change of statistics by depth: d_mu and d_var (max and median over channels),
+    log scale. Layers that were not updated are left out of the lines."""
+    from matplotlib.figure import Figure
+
+    n = len(layers)
+    fig = fig or Figure(figsize=(max(6.0, 0.35 * n + 3), 5.5), layout="constrained")
+    ax_mu, ax_var = fig.subplots(2, 1, sharex=True)
+    x = [i for i, r in enumerate(layers) if r.status == "updated"]
+    for ax, stem, label in (
+        (ax_mu, "d_mu", "d_mu = |Δμ| / σ"),
+        (ax_var, "d_var", "d_var = |log var ratio|"),
+    ):
+        mx = [getattr(layers[i], f"{stem}_max") for i in x]
+        md = [getattr(layers[i], f"{stem}_median") for i in x]
+        ax.plot(x, mx, "o-", color="C3", label="max over channels")
+        ax.plot(x, md, "s--", color="C0", label="median over channels")
+        if any(v > 0 for v in mx + md):
+            ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize=7)
+    ax_var.set_xlim(-0.6, max(n - 0.4, 0.6))
+    ax_var.set_xticks(list(range(n)))
+    ax_var.set_xticklabels([r.name for r in layers], rotation=60, ha="right", fontsize=7)
+    ax_var.set_xlabel("BN layer (module order)")
+    fig.suptitle(title or "Change of BN statistics by depth (old running vs new)")
+    return fig

@@ -121,3 +121,82 @@ __all__ = [
     "summary_line",
     "num",
 ]
+
+
+def _change_key(rec: Any) -> float:
+    vals = [v for v in (rec.d_mu_max, rec.d_var_max) if v is not None]
+    return max(vals) if vals else -1.0
+
+
+def precise_table(layers: Sequence[Any], title: str = "Statistics change per layer") -> Table:
+    """Per-layer change of the statistics, largest change first (``#`` is the module order).
+
+    d_mu = |mu_old - mu_new| / sqrt(var_new + eps); d_var = |log((var_old+eps)/(var_new+eps))|.
+    """
+    table = Table(title=title, title_justify="left")
+    table.add_column("#", justify="right", style="dim")
+    table.add_column("layer", overflow="fold")
+    table.add_column("C", justify="right")
+    table.add_column("calls/fwd", justify="right")
+    table.add_column("d_mu max", justify="right")
+    table.add_column("d_mu med", justify="right")
+    table.add_column("d_var max", justify="right")
+    table.add_column("d_var med", justify="right")
+    table.add_column("status")
+    indexed = list(enumerate(layers))
+    indexed.sort(key=lambda item: -_change_key(item[1]))
+    for i, rec in indexed:
+        status = rec.status if rec.reason is None or rec.status == "updated" else rec.reason
+        table.add_row(
+            str(i),
+            rec.name,
+            str(rec.num_features),
+            str(rec.calls_per_forward) if rec.calls_per_forward else "-",
+            num(rec.d_mu_max),
+            num(rec.d_mu_median),
+            num(rec.d_var_max),
+            num(rec.d_var_median),
+            status,
+        )
+    return table
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def metrics_table(metrics: dict[str, Any], before: str = "before", after: str = "after") -> Table:
+    """Evaluation before vs after (accuracy and loss with labels; agreement and KL always)."""
+    table = Table(title=f"Evaluation on {metrics.get('data', 'eval data')}", title_justify="left")
+    table.add_column("metric")
+    table.add_column(before, justify="right")
+    table.add_column(after, justify="right")
+    a, b = metrics["a"], metrics["b"]
+    if metrics.get("has_labels"):
+        table.add_row("accuracy", _pct(a["accuracy"]), _pct(b["accuracy"]))
+        table.add_row("loss", num(a["loss"], 4), num(b["loss"], 4))
+    if metrics.get("agreement") is not None:
+        table.add_row(f"top-1 agreement with {before}", "100.00%", _pct(metrics["agreement"]))
+        table.add_row(f"KL({before} || {after})", "0", num(metrics["kl"]))
+    table.add_row("relative output change", "0", num(metrics["rel_diff"]))
+    table.add_row("samples", str(a["samples"]), str(b["samples"]))
+    return table
+
+
+def precise_report(report: Report) -> Group:
+    """The whole ``precise`` output: header, change table, findings, evaluation, verdict."""
+    extra = report.extra
+    parts: list[Any] = [header(report), precise_table(report.layers)]
+    if report.findings:
+        parts.append(findings_table(report.findings))
+    if extra.get("metrics"):
+        parts.append(metrics_table(extra["metrics"]))
+    updated = sum(1 for r in report.layers if r.status == "updated")
+    line = (
+        f"Precise BN: {updated} of {len(report.layers)} BN layers recomputed from "
+        f"{extra.get('batches')} batches ({extra.get('samples')} samples)."
+    )
+    if extra.get("output"):
+        line += f" Wrote {extra['output']}."
+    parts.append(Text(line, style="green"))
+    return Group(*parts)
