@@ -1,3 +1,48 @@
-"""bnscope: diagnose and fix BatchNorm statistics in PyTorch checkpoints."""
+"""bnscope: diagnose and fix BatchNorm statistics in PyTorch checkpoints.
+
+Public API (imported lazily so that ``bnscope --help`` does not load torch)::
+
+    import bnscope
+    rep = bnscope.static_inspect(state_dict)             # no model code needed
+    res = bnscope.precise_bn(model, loader, batches=100)  # exact population statistics, in place
+    bnscope.load_checkpoint("ckpt.pt")                    # any supported checkpoint form
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_API = {
+    "static_inspect": "bnscope.static",
+    "precise_bn": "bnscope.precise",
+    "compare_models": "bnscope.evaluate",
+    "load_checkpoint": "bnscope.checkpoint",
+    "save_checkpoint": "bnscope.checkpoint",
+    "load_into_model": "bnscope.checkpoint",
+    "load_data": "bnscope.data",
+    "build_model": "bnscope.modelspec",
+    "BNCapture": "bnscope.capture",
+    "MomentAccumulator": "bnscope.stats",
+    "Report": "bnscope.records",
+    "Finding": "bnscope.records",
+    "BnscopeError": "bnscope.errors",
+    "CheckpointError": "bnscope.errors",
+    "ModelError": "bnscope.errors",
+    "DataError": "bnscope.errors",
+    "UsageError": "bnscope.errors",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'bnscope' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

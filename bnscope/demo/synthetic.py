@@ -19,11 +19,7 @@ from PIL import Image, ImageDraw
 
 __all__ = ["CLASSES", "make_image", "write_image_folder", "write_dataset"]
 
-import os
-
-CLASSES: tuple[str, ...] = tuple(
-    os.environ.get("XCLS", "circle,square,triangle,stripes").split(",")
-)
+CLASSES: tuple[str, ...] = ("circle", "triangle", "cross", "stripes")
 
 _SUPER = 2  # draw at 2x then downsample (cheap anti-aliasing)
 _NOISE_STD = 10.0  # per-pixel Gaussian noise, in 0..255 units
@@ -53,7 +49,7 @@ def _background(rng: np.random.Generator, n: int) -> tuple[Image.Image, np.ndarr
     t = (xs - 0.5) * math.cos(theta) + (ys - 0.5) * math.sin(theta)
     t = (t - t.min()) / max(t.max() - t.min(), 1e-9)
     arr = c0[None, None, :] * (1.0 - t[..., None]) + c1[None, None, :] * t[..., None]
-    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="RGB")
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     return img, 0.5 * (c0 + c1)
 
 
@@ -77,8 +73,7 @@ def _draw_distractors(
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, cls: str, rng: np.random.Generator, n: int) -> None:
-    """Draw the class shape onto an "L" mask: 255 = shape, 0 = background."""
-    color = 255
+    """Draw the class shape onto an "L" mask (255 = shape) at a random pose."""
     radius = rng.uniform(0.20, 0.34) * n  # half-extent of the shape
     margin = radius * 1.05
     cx = rng.uniform(margin, n - margin)
@@ -89,31 +84,18 @@ def _draw_shape(draw: ImageDraw.ImageDraw, cls: str, rng: np.random.Generator, n
         aspect = rng.uniform(0.8, 1.0)
         t = np.linspace(0.0, 2.0 * math.pi, 48, endpoint=False)
         pts = np.stack([radius * np.cos(t), radius * aspect * np.sin(t)], axis=1)
-        draw.polygon(_rotate(pts, angle, (cx, cy)), fill=color)
-    elif cls == "square":
-        aspect = rng.uniform(0.8, 1.0)
-        h = radius / math.sqrt(2.0) * 1.15
-        pts = np.array([[-h, -h * aspect], [h, -h * aspect], [h, h * aspect], [-h, h * aspect]])
-        draw.polygon(_rotate(pts, angle, (cx, cy)), fill=color)
+        draw.polygon(_rotate(pts, angle, (cx, cy)), fill=255)
     elif cls == "triangle":
         base = np.array([math.pi / 2, math.pi / 2 + 2 * math.pi / 3, math.pi / 2 + 4 * math.pi / 3])
         t = base + rng.uniform(-0.2, 0.2, size=3)
         r = radius * rng.uniform(0.9, 1.1, size=3)
         pts = np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
-        draw.polygon(_rotate(pts, angle, (cx, cy)), fill=color)
-    elif cls == "ring":
-        aspect = rng.uniform(0.8, 1.0)
-        thick = rng.uniform(0.3, 0.45)
-        t = np.linspace(0.0, 2.0 * math.pi, 48, endpoint=False)
-        outer = np.stack([radius * np.cos(t), radius * aspect * np.sin(t)], axis=1)
-        inner = outer * (1.0 - thick)
-        draw.polygon(_rotate(outer, angle, (cx, cy)), fill=color)
-        draw.polygon(_rotate(inner, angle, (cx, cy)), fill=0)
+        draw.polygon(_rotate(pts, angle, (cx, cy)), fill=255)
     elif cls == "cross":
         arm = radius * rng.uniform(0.22, 0.32)
         for a in (angle, angle + math.pi / 2):
             pts = np.array([[-radius, -arm], [radius, -arm], [radius, arm], [-radius, arm]])
-            draw.polygon(_rotate(pts, a, (cx, cy)), fill=color)
+            draw.polygon(_rotate(pts, a, (cx, cy)), fill=255)
     elif cls == "stripes":
         # 3-4 parallel bars inside a roughly square patch, at a random orientation.
         k = int(rng.integers(3, 5))
@@ -125,7 +107,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, cls: str, rng: np.random.Generator, n
             pts = np.array(
                 [[x0, -half_len], [x0 + bar, -half_len], [x0 + bar, half_len], [x0, half_len]]
             )
-            draw.polygon(_rotate(pts, angle, (cx, cy)), fill=color)
+            draw.polygon(_rotate(pts, angle, (cx, cy)), fill=255)
     else:
         raise ValueError(f"unknown class {cls!r}; expected one of {CLASSES}")
 
@@ -146,7 +128,7 @@ def make_image(cls: str, rng: np.random.Generator, size: int = 32) -> Image.Imag
     img = img.resize((size, size), Image.Resampling.BOX)
     arr = np.asarray(img, dtype=np.float32)
     arr = arr + rng.normal(0.0, _NOISE_STD, size=arr.shape).astype(np.float32)
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="RGB")
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
 
 
 def write_image_folder(root: Path, per_class: int, seed: int, size: int = 32) -> int:
