@@ -68,8 +68,19 @@ def build_model_for(
     return model, prefix, spec
 
 
-def open_data(spec: str | None, flags: DataFlags, config: ProjectConfig, option: str) -> DataSource:
-    """Resolve a ``--data``-like spec into a :class:`~bnscope.data.DataSource`."""
+def open_data(
+    spec: str | None,
+    flags: DataFlags,
+    config: ProjectConfig,
+    option: str,
+    *,
+    shuffle: bool = False,
+) -> DataSource:
+    """Resolve a ``--data``-like spec into a :class:`~bnscope.data.DataSource`.
+
+    ``shuffle=True`` (seeded by ``--seed``) for statistics collection: with BN normalizing by
+    batch statistics, deeper layers' inputs depend on the batch composition, so batches must
+    be i.i.d. samples (an image folder read in order gives one class per batch)."""
     from ..data import ImageOptions, load_data
 
     if spec is None:
@@ -87,5 +98,6 @@ def open_data(spec: str | None, flags: DataFlags, config: ProjectConfig, option:
         batch_size=merged(flags.batch_size, config, "batch_size", 32),
         workers=merged(flags.workers, config, "workers", 0),
         image=image,
+        shuffle=shuffle,
         seed=flags.seed,
     )

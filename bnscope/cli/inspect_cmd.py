@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from ..config import ProjectConfig
 from ..errors import NotAvailableError, UsageError
+from ..records import Report
 from . import options as o
 from .app import app
 from .inputs import build_model_for, open_checkpoint
@@ -55,10 +58,24 @@ def inspect_command(
     if eval_data is not None:
         raise UsageError("--eval-data needs dynamic inspection (--data)", "omit --eval-data")
 
+    report = static_report_for(path, key, trust_checkpoint, model, model_kwargs, config)
+    render_static(ui, report, out)
+    finish(exit_code_for(report, level))
+
+
+def static_report_for(
+    path: Path,
+    key: str | None,
+    trust: bool,
+    model: str | None,
+    model_kwargs: str | None,
+    config: ProjectConfig,
+) -> Report:
+    """Load the checkpoint (and the model when given) and build the static report."""
     from ..checkpoint import common_prefix, strip_prefix
     from ..static import static_inspect
 
-    ckpt = open_checkpoint(path, key, trust_checkpoint, config)
+    ckpt = open_checkpoint(path, key, trust, config)
     net, prefix, spec = build_model_for(ckpt, model, model_kwargs, config)
     extra: dict[str, Any] = {
         "format": ckpt.format,
@@ -69,14 +86,11 @@ def inspect_command(
     }
     fix = _recompute_fix(str(path), spec)
     if net is not None:
-        report = static_inspect(net, checkpoint=str(path), recompute_fix=fix, extra=extra)
-    else:
-        prefix = common_prefix(ckpt.state_dict.keys())
-        extra["prefix"] = prefix
-        state = strip_prefix(ckpt.state_dict, prefix) if prefix else ckpt.state_dict
-        report = static_inspect(state, checkpoint=str(path), recompute_fix=fix, extra=extra)
-    render_static(ui, report, out)
-    finish(exit_code_for(report, level))
+        return static_inspect(net, checkpoint=str(path), recompute_fix=fix, extra=extra)
+    prefix = common_prefix(ckpt.state_dict.keys())
+    extra["prefix"] = prefix
+    state = strip_prefix(ckpt.state_dict, prefix) if prefix else ckpt.state_dict
+    return static_inspect(state, checkpoint=str(path), recompute_fix=fix, extra=extra)
 
 
 def _recompute_fix(path: str, spec: str | None) -> str:

@@ -6,7 +6,9 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from ..config import ProjectConfig
 from ..errors import UsageError
+from ..records import Report
 from . import options as o
 from .app import app
 from .inputs import DataFlags, build_model_for, open_checkpoint, open_data
@@ -64,13 +66,52 @@ def precise_command(
     level = check_fail_on(fail_on)
     config = project_config()
     path = require_checkpoint(checkpoint, config)
+    flags = DataFlags(batch_size, workers, input_key, image_size, resize, channels, mean, std, seed)
+    report = run_precise(
+        ui,
+        config,
+        path,
+        key=key,
+        trust=trust_checkpoint,
+        model=model,
+        model_kwargs=model_kwargs,
+        data=data,
+        eval_data=eval_data,
+        flags=flags,
+        batches=batches,
+        device=device,
+        output=output,
+        force=force,
+    )
+    render(ui, report, out)
+    finish(exit_code_for(report, level))
+
+
+def run_precise(
+    ui: Ui,
+    config: ProjectConfig,
+    path: Path,
+    *,
+    key: str | None,
+    trust: bool,
+    model: str | None,
+    model_kwargs: str | None,
+    data: str | None,
+    eval_data: str | None,
+    flags: DataFlags,
+    batches: int | None,
+    device: str | None,
+    output: str | None,
+    force: bool,
+) -> Report:
+    """Everything ``bnscope precise`` does before rendering: load, collect, evaluate, write."""
     data_spec = merged(data, config, "data")
     if data_spec is None:
         raise UsageError("precise needs --data (the training data)", "pass --data SPEC")
     eval_spec = merged(eval_data, config, "eval_data")
     dev = resolve_device(device)
 
-    from ..checkpoint import check_output, default_output_path
+    from ..checkpoint import check_output, default_output_path, save_checkpoint
 
     out_path = Path(output) if output else default_output_path(path, "precise")
     if path.exists():
@@ -79,22 +120,20 @@ def precise_command(
     import torch
 
     from ..data import default_call
+    from ..precise import precise_bn
 
-    torch.manual_seed(seed)
-    ckpt = open_checkpoint(path, key, trust_checkpoint, config)
+    torch.manual_seed(flags.seed)
+    ckpt = open_checkpoint(path, key, trust, config)
     net, prefix, spec = build_model_for(ckpt, model, model_kwargs, config)
     if net is None:
         raise UsageError(
             "precise runs the model: it needs --model pkg.module:factory or file.py:factory",
             "pass --model (or set model in bnscope.toml)",
         )
-    flags = DataFlags(batch_size, workers, input_key, image_size, resize, channels, mean, std, seed)
-    source = open_data(data_spec, flags, config, "--data")
+    source = open_data(data_spec, flags, config, "--data", shuffle=True)
     evaluation = open_data(eval_spec, flags, config, "--eval-data") if eval_spec else None
-    call = default_call(merged(input_key, config, "input_key"))
+    call = default_call(merged(flags.input_key, config, "input_key"))
     original = copy.deepcopy(net) if evaluation is not None else None
-
-    from ..precise import precise_bn
 
     ui.info(f"Precise BN on {source.description} ({dev})")
     with progress_bar(ui, "collecting statistics", batches) as progress:
@@ -116,17 +155,9 @@ def precise_command(
         comparison = compare_models(original, net, evaluation, call=call, device=dev)
         extra["metrics"] = {"data": evaluation.description, **comparison.to_dict()}
 
-    updates = bn_updates(net, result.layers, prefix)
-    from ..checkpoint import save_checkpoint
-
-    written = save_checkpoint(ckpt, updates, out_path, force=force)
+    written = save_checkpoint(ckpt, bn_updates(net, result.layers, prefix), out_path, force=force)
     extra["output"] = str(written)
-
-    from ..records import Report
-
-    report = Report("precise", str(path), result.layers, result.findings, extra, result.arrays)
-    render(ui, report, out)
-    finish(exit_code_for(report, level))
+    return Report("precise", str(path), result.layers, result.findings, extra, result.arrays)
 
 
 def bn_updates(model: Any, layers: Any, prefix: str) -> dict[str, Any]:

@@ -55,14 +55,16 @@ def findings_table(findings: Sequence[Finding]) -> Table | Text:
     table.add_column("message", overflow="fold", ratio=3)
     table.add_column("fix", overflow="fold", ratio=2)
     ordered = sorted(findings, key=lambda f: -severity_rank(f.severity))
+    previous = None
     for f in ordered:
         table.add_row(
             Text(f.severity, style=SEVERITY_STYLE[f.severity]),
             f.code,
             f.layer or "-",
             f.message,
-            f.fix,
+            Text("(same as above)", style="dim") if f.fix == previous else f.fix,
         )
+        previous = f.fix
     return table
 
 
@@ -165,9 +167,9 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
-def metrics_table(metrics: dict[str, Any], before: str = "before", after: str = "after") -> Table:
+def metrics_table(metrics: dict[str, Any], before: str = "before", after: str = "after") -> Group:
     """Evaluation before vs after (accuracy and loss with labels; agreement and KL always)."""
-    table = Table(title=f"Evaluation on {metrics.get('data', 'eval data')}", title_justify="left")
+    table = Table()
     table.add_column("metric")
     table.add_column(before, justify="right")
     table.add_column(after, justify="right")
@@ -180,7 +182,8 @@ def metrics_table(metrics: dict[str, Any], before: str = "before", after: str = 
         table.add_row(f"KL({before} || {after})", "0", num(metrics["kl"]))
     table.add_row("relative output change", "0", num(metrics["rel_diff"]))
     table.add_row("samples", str(a["samples"]), str(b["samples"]))
-    return table
+    title = Text(f"Evaluation on {metrics.get('data', 'the evaluation data')}", style="italic")
+    return Group(title, table)
 
 
 def precise_report(report: Report) -> Group:

@@ -1,0 +1,154 @@
+"""Build the demo folder: model file, synthetic data, a briefly trained checkpoint, project file.
+
+Computation only: it reports progress through a callback and returns a record; the CLI renders.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+
+MODEL_SOURCE = Path(__file__).with_name("model.py")
+PROJECT_FILE = """# bnscope project file written by `bnscope demo`: flags override these values.
+checkpoint = "ckpt.pt"
+model = "model.py:make_model"
+data = "data/train"
+eval_data = "data/val"
+batch_size = 32
+"""
+
+
+@dataclass
+class DemoBuild:
+    """What ``build_demo`` made and measured."""
+
+    folder: Path
+    checkpoint: Path
+    model_file: Path
+    train_dir: Path
+    val_dir: Path
+    counts: dict[str, int]
+    history: list[dict[str, float]]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "folder": str(self.folder),
+            "checkpoint": str(self.checkpoint),
+            "model_file": str(self.model_file),
+            "train": str(self.train_dir),
+            "val": str(self.val_dir),
+            "counts": dict(self.counts),
+            "history": list(self.history),
+            "seconds": dict(self.seconds),
+        }
+
+
+def default_folder(cwd: Path) -> Path:
+    """``./bnscope-demo``, or ``./bnscope-demo-2``, ... : the first that does not exist."""
+    candidate = cwd / "bnscope-demo"
+    i = 2
+    while candidate.exists():
+        candidate = cwd / f"bnscope-demo-{i}"
+        i += 1
+    return candidate
+
+
+def prepare_folder(folder: Path, force: bool) -> Path:
+    """Create the demo folder; a non-empty one is refused unless ``force``."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder} exists and is not a folder", "choose another DIR")
+    if folder.exists() and any(folder.iterdir()):
+        if not force:
+            raise UsageError(
+                f"{folder} is not empty", "choose a new DIR, or pass --force to reuse it"
+            )
+        for sub in ("data",):
+            shutil.rmtree(folder / sub, ignore_errors=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot create {folder} ({exc.strerror or exc})", "choose a folder you can write to"
+        ) from exc
+    return folder
+
+
+def build_demo(
+    folder: Path,
+    *,
+    seed: int = 0,
+    train_per_class: int = 400,
+    val_per_class: int = 100,
+    epochs: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> DemoBuild:
+    """Write model.py, data/train, data/val, train the model, save ckpt.pt and bnscope.toml.
+
+    The checkpoint is ``{"state_dict": ..., "epoch": ..., "history": [...]}``: a wrapped state
+    dict, as training scripts write them.
+    """
+    import torch
+
+    from ..data import load_data
+    from ..outputs import atomic_path, write_text
+    from . import synthetic
+    from .model import make_model
+    from .train import DEMO_BATCH_SIZE, DEMO_EPOCHS, DEMO_FINAL_LR, DEMO_LR, train
+
+    def say(msg: str) -> None:
+        if progress is not None:
+            progress(msg)
+
+    seconds: dict[str, float] = {}
+    model_file = folder / "model.py"
+    shutil.copyfile(MODEL_SOURCE, model_file)
+
+    t0 = time.perf_counter()
+    say("writing synthetic images (circle, triangle, cross, stripes)")
+    counts = synthetic.write_dataset(folder / "data", train_per_class, val_per_class, seed)
+    seconds["data"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    n_epochs = DEMO_EPOCHS if epochs is None else epochs
+    say(f"training the demo CNN for {n_epochs} epochs on {counts['train']} images")
+    loader = load_data(
+        folder / "data" / "train",
+        batch_size=DEMO_BATCH_SIZE,
+        shuffle=True,
+        drop_last=True,
+        seed=seed,
+    )
+    torch.manual_seed(seed)
+    model = make_model(num_classes=len(synthetic.CLASSES))
+    history = train(
+        model,
+        loader.loader,
+        epochs=n_epochs,
+        lr=DEMO_LR,
+        final_lr=DEMO_FINAL_LR,
+        seed=seed,
+        progress=say,
+    )
+    seconds["train"] = time.perf_counter() - t0
+
+    ckpt = folder / "ckpt.pt"
+    with atomic_path(ckpt) as tmp:
+        torch.save({"state_dict": model.state_dict(), "epoch": n_epochs, "history": history}, tmp)
+    write_text(folder / "bnscope.toml", PROJECT_FILE)
+    return DemoBuild(
+        folder,
+        ckpt,
+        model_file,
+        folder / "data" / "train",
+        folder / "data" / "val",
+        counts,
+        history,
+        seconds,
+    )
