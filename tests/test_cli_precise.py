@@ -209,3 +209,43 @@ def test_batch_of_one_with_bn1d(tmp_path):
     one_error_line(res, "got 1 value per channel in batch 0")
     assert "--batch-size 2" in res.stderr
     assert listing(tmp_path) == before
+
+
+def _write_images(folder, n=3, size=(8, 8), corrupt=False):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", size, (i * 40, 10, 200)).save(folder / f"{i}.png")
+    if corrupt:
+        (folder / "broken.png").write_bytes(b"\x89PNG not really")
+
+
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda p: p / "nothing_here", "data not found"),
+        (lambda p: (p / "empty").mkdir() or p / "empty", "no images or tensor files"),
+        (lambda p: _write_images(p / "bad", corrupt=True) or p / "bad", "broken.png"),
+        (lambda p: (p / "notes.txt").write_text("hi") and p / "notes.txt", "notes.txt"),
+        (lambda p: _write_images(p / "gray", size=(8, 8)) or p / "gray", None),
+    ],
+    ids=["missing", "empty-folder", "unreadable-image", "text-file", "ok-images"],
+)
+def test_precise_data_errors(setup, make, fragment):
+    tmp, ckpt, _, _, _ = setup
+    spec = make(tmp)
+    before = listing(tmp)
+    res = run("precise", ckpt, "--model", tiny_spec(), "--data", spec, "-o", tmp / "out.pt")
+    if fragment is None:  # a readable image folder works end to end
+        assert res.exit_code == 0, res.stderr
+        return
+    one_error_line(res, fragment)
+    assert listing(tmp) == before
+
+
+def test_precise_image_channels_mismatch(setup):
+    tmp, ckpt, _, _, _ = setup
+    _write_images(tmp / "imgs")
+    res = run("precise", ckpt, "--model", tiny_spec(), "--data", tmp / "imgs", "--channels", "1")
+    one_error_line(res, "the model failed on batch 0 (input 3x1x8x8)")
