@@ -144,8 +144,12 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in methods}
     accuracy: dict[str, tuple[float, float]] = {}
     run_floor(copy.deepcopy(model), batches[:2])  # warm-up
-    for _ in range(args.reps):
-        for name, fn in methods.items():
+    names = list(methods)
+    for rep in range(args.reps):
+        # rotate the order each repetition so no method always runs first or last
+        order = names[rep % len(names) :] + names[: rep % len(names)]
+        for name in order:
+            fn = methods[name]
             m = copy.deepcopy(model)
             t0 = time.perf_counter()
             fn(m, batches)
