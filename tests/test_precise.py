@@ -285,3 +285,18 @@ def test_progress_callback():
         progress=lambda d, t: seen.append((d, t)),
     )
     assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_syncbatchnorm_without_process_group_and_lazy_batchnorm():
+    torch.manual_seed(8)
+    x = torch.randn(48, 3, 5) * 2 + 0.5
+    ref_var = x.double().var((0, 2), unbiased=False)
+    sync = nn.Sequential(nn.SyncBatchNorm(3))
+    precise_bn(sync, batches_of(x, (16, 32)))
+    torch.testing.assert_close(sync[0].running_var.double(), ref_var, rtol=1e-5, atol=0)
+
+    lazy = nn.Sequential(nn.LazyBatchNorm1d())
+    lazy(torch.randn(4, 3, 5))  # initializes it (it becomes a BatchNorm1d)
+    rep = precise_bn(lazy, batches_of(x, (16, 32)))
+    torch.testing.assert_close(lazy[0].running_var.double(), ref_var, rtol=1e-5, atol=0)
+    assert rep.layers[0].status == "updated"
