@@ -103,6 +103,146 @@ def _logits(out: Any) -> torch.Tensor:
     )
 
 
+@contextlib.contextmanager
+def batch_stats_mode(model: nn.Module) -> Iterator[None]:
+    """Every module in eval mode except BN layers, which normalize with the statistics of each
+    test batch ("test-time batch statistics", the norm baseline of Schneider et al. 2020 and
+    TENT). Running statistics, ``num_batches_tracked`` and every mode are restored on exit."""
+    from .capture import is_batchnorm
+
+    flags = {m: m.training for m in model.modules()}
+    saved = {
+        m: {n: b.detach().clone() for n, b in m.named_buffers(recurse=False)}
+        for m in model.modules()
+        if is_batchnorm(m)
+    }
+    try:
+        for m in flags:
+            m.training = m in saved
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in saved.items():
+                for n, value in buffers.items():
+                    getattr(m, n).copy_(value)
+        for m, flag in flags.items():
+            m.training = flag
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Several variants of a model on the same inputs. ``metrics`` per variant; ``agreement``,
+    ``kl`` and ``rel_diff`` of every other variant against the first one (the reference)."""
+
+    metrics: dict[str, Metrics]
+    has_labels: bool
+    agreement: dict[str, float | None]
+    kl: dict[str, float | None]
+    rel_diff: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metrics": {k: v.to_dict() for k, v in self.metrics.items()},
+            "has_labels": self.has_labels,
+            "agreement": dict(self.agreement),
+            "kl": dict(self.kl),
+            "rel_diff": dict(self.rel_diff),
+        }
+
+
+def evaluate_models(
+    models: dict[str, nn.Module],
+    data: Iterable[Any],
+    *,
+    modes: dict[str, str] | None = None,
+    batches: int | None = None,
+    call: Callable[[nn.Module, Any], Any] | None = None,
+    device: torch.device | str | None = None,
+) -> Evaluation:
+    """Run every model on the same batches, each in its mode: ``"eval"`` (running statistics,
+    the default) or ``"batch"`` (BN with test-batch statistics, see :func:`batch_stats_mode`).
+
+    With integer labels and [N, K] outputs: accuracy and cross-entropy of each. Against the
+    first model: top-1 agreement and mean KL(softmax first || softmax other) for [N, K] outputs,
+    and ||out_first - out_other|| / ||out_first|| for any tensor output.
+    """
+    check_batches(batches)
+    if not models:
+        raise ValueError("no models to evaluate")
+    call = call or default_call
+    modes = modes or {}
+    names = list(models)
+    first = names[0]
+    dev = torch.device(device) if device is not None else model_device(models[first])
+    tallies = {k: _Tally() for k in names}
+    agree = {k: 0 for k in names}
+    kl_sum = {k: 0.0 for k in names}
+    diff2 = {k: 0.0 for k in names}
+    ref2 = 0.0
+    classes = labelled = True
+    samples = done = 0
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(eval_mode(*[m for k, m in models.items() if modes.get(k) != "batch"]))
+        for k, m in models.items():
+            if modes.get(k) == "batch":
+                stack.enter_context(batch_stats_mode(m))
+        stack.enter_context(torch.no_grad())
+        for batch in data:
+            if batches is not None and done >= batches:
+                break
+            batch = move_to(batch, dev)
+            _, labels = split_batch(batch)
+            outs = {}
+            for k in names:
+                try:
+                    outs[k] = _logits(call(models[k], batch))
+                except DataError:
+                    raise
+                except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                    msg = " ".join(str(exc).split())[:300]
+                    raise DataError(
+                        f"evaluation failed on batch {done}: {type(exc).__name__}: {msg}",
+                        "check that --eval-data fits the model (channels, image size, "
+                        "--input-key, a last batch of 1 with batch statistics)",
+                    ) from exc
+            ref = outs[first]
+            ref2 += float(ref.double().pow(2).sum())
+            is_cls = ref.ndim == 2 and ref.shape[1] > 1
+            classes = classes and is_cls
+            n = ref.shape[0] if ref.ndim else 1
+            samples += n
+            ok_labels = (
+                labels is not None
+                and is_cls
+                and labels.ndim == 1
+                and not labels.is_floating_point()
+                and labels.shape[0] == n
+            )
+            labelled = labelled and ok_labels
+            log_ref = F.log_softmax(ref.double(), 1) if is_cls else None
+            for k in names:
+                out = outs[k]
+                diff2[k] += float((ref.double() - out.double()).pow(2).sum())
+                if is_cls:
+                    agree[k] += int((ref.argmax(1) == out.argmax(1)).sum())
+                    lo = F.log_softmax(out.double(), 1)
+                    kl_sum[k] += float((log_ref.exp() * (log_ref - lo)).sum())
+                if ok_labels:
+                    tallies[k].add(out, labels)
+            done += 1
+    if done == 0:
+        raise DataError("the evaluation data yielded no batches", "check --eval-data")
+    return Evaluation(
+        metrics={k: tallies[k].metrics(samples, labelled) for k in names},
+        has_labels=labelled,
+        agreement={k: agree[k] / samples if classes and samples else None for k in names},
+        kl={k: kl_sum[k] / samples if classes and samples else None for k in names},
+        rel_diff={
+            k: math.sqrt(diff2[k] / ref2) if ref2 > 0 else math.sqrt(diff2[k]) for k in names
+        },
+    )
+
+
 def compare_models(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -112,68 +252,15 @@ def compare_models(
     call: Callable[[nn.Module, Any], Any] | None = None,
     device: torch.device | str | None = None,
 ) -> Comparison:
-    """Run both models in eval mode on the same batches and compare them.
-
-    With integer labels and [N, K] outputs: accuracy and cross-entropy of each. Always: top-1
-    agreement and KL(softmax a || softmax b) for [N, K] outputs, and
-    ||out_a - out_b|| / ||out_a|| for any tensor output.
-    """
-    check_batches(batches)
-    call = call or default_call
-    dev = torch.device(device) if device is not None else model_device(model_a)
-    ta, tb = _Tally(), _Tally()
-    classes = True
-    labelled = True
-    samples = agree = 0
-    kl_sum = 0.0
-    diff2 = ref2 = 0.0
-    done = 0
-    with eval_mode(model_a, model_b), torch.no_grad():
-        for batch in data:
-            if batches is not None and done >= batches:
-                break
-            batch = move_to(batch, dev)
-            _, labels = split_batch(batch)
-            try:
-                out_a = _logits(call(model_a, batch))
-                out_b = _logits(call(model_b, batch))
-            except DataError:
-                raise
-            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-                msg = " ".join(str(exc).split())[:300]
-                raise DataError(
-                    f"evaluation failed on batch {done}: {type(exc).__name__}: {msg}",
-                    "check that --eval-data fits the model (channels, image size, --input-key)",
-                ) from exc
-            diff2 += float((out_a.double() - out_b.double()).pow(2).sum())
-            ref2 += float(out_a.double().pow(2).sum())
-            is_cls = out_a.ndim == 2 and out_a.shape[1] > 1
-            classes = classes and is_cls
-            n = out_a.shape[0] if out_a.ndim else 1
-            samples += n
-            if is_cls:
-                agree += int((out_a.argmax(1) == out_b.argmax(1)).sum())
-                la, lb = F.log_softmax(out_a.double(), 1), F.log_softmax(out_b.double(), 1)
-                kl_sum += float((la.exp() * (la - lb)).sum())
-            ok_labels = (
-                labels is not None
-                and is_cls
-                and labels.ndim == 1
-                and not labels.is_floating_point()
-                and labels.shape[0] == n
-            )
-            labelled = labelled and ok_labels
-            if ok_labels:
-                ta.add(out_a, labels)
-                tb.add(out_b, labels)
-            done += 1
-    if done == 0:
-        raise DataError("the evaluation data yielded no batches", "check --eval-data")
+    """Both models in eval mode on the same batches (see :func:`evaluate_models`)."""
+    ev = evaluate_models(
+        {"a": model_a, "b": model_b}, data, batches=batches, call=call, device=device
+    )
     return Comparison(
-        a=ta.metrics(samples, labelled),
-        b=tb.metrics(samples, labelled),
-        has_labels=labelled,
-        agreement=agree / samples if classes and samples else None,
-        kl=kl_sum / samples if classes and samples else None,
-        rel_diff=math.sqrt(diff2 / ref2) if ref2 > 0 else math.sqrt(diff2),
+        a=ev.metrics["a"],
+        b=ev.metrics["b"],
+        has_labels=ev.has_labels,
+        agreement=ev.agreement["b"],
+        kl=ev.kl["b"],
+        rel_diff=ev.rel_diff["b"],
     )

@@ -173,6 +173,36 @@ class PreciseLayer:
         return _clean(asdict(self))
 
 
+@dataclass(frozen=True)
+class AdaptLayer:
+    """Per-layer result of Adaptive BN: how the target domain differs from the source.
+
+    Between the source statistics (the checkpoint's running statistics) and the pooled target
+    statistics, per channel: ``d_mu`` = |mu_s - mu_t| / sqrt(var_t + eps),
+    ``d_var`` = |log((var_s + eps) / (var_t + eps))| and ``kl`` = the symmetric KL divergence
+    KL(N_s || N_t) + KL(N_t || N_s) of the two Gaussians; max and median over channels.
+    ``weight_source`` is lambda = N / (N + n) of the prior (Schneider et al. 2020).
+    """
+
+    name: str
+    num_features: int
+    status: str
+    reason: str | None
+    calls: int
+    calls_per_forward: int
+    samples: int
+    weight_source: float | None
+    d_mu_max: float | None
+    d_mu_median: float | None
+    d_var_max: float | None
+    d_var_median: float | None
+    kl_max: float | None
+    kl_median: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean(asdict(self))
+
+
 def field_names(record_type: type) -> list[str]:
     """The field names of a record dataclass, in order (used by renderers and tests)."""
     return [f.name for f in fields(record_type)]

@@ -74,3 +74,17 @@ def golden(request: pytest.FixtureRequest):
         )
 
     return check
+
+
+@pytest.fixture
+def precise_env(tmp_path):
+    model = trained_tiny(steps=5)
+    sd = {f"module.{k}": v for k, v in model.state_dict().items()}
+    ckpt = tmp_path / "ck.pt"
+    torch.save({"model": sd, "epoch": 7, "optimizer": {"lr": torch.tensor(0.1)}}, ckpt)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(90, 3, 8, 8, generator=g) * 2 + 1
+    y = torch.randint(0, 3, (90,), generator=g)
+    data = tmp_path / "d.pt"
+    torch.save({"x": x, "y": y}, data)
+    return tmp_path, ckpt, data, model, x

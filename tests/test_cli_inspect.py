@@ -248,6 +248,6 @@ def test_dynamic_not_available_yet(tiny_ckpt, tmp_path):
     )
 
 
-@pytest.mark.parametrize("command", ["adapt", "ghost"])
+@pytest.mark.parametrize("command", ["ghost"])
 def test_later_commands_say_so(command, tiny_ckpt):
     one_error_line(run(command, tiny_ckpt), "not available in this version")

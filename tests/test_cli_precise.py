@@ -9,30 +9,16 @@ import torch
 
 from bnscope.checkpoint import load_checkpoint
 
-from .conftest import sha256, tiny_spec, trained_tiny
+from .conftest import sha256, tiny_spec
 from .test_cli_inspect import one_error_line, run
-
-
-@pytest.fixture
-def setup(tmp_path):
-    model = trained_tiny(steps=5)
-    sd = {f"module.{k}": v for k, v in model.state_dict().items()}
-    ckpt = tmp_path / "ck.pt"
-    torch.save({"model": sd, "epoch": 7, "optimizer": {"lr": torch.tensor(0.1)}}, ckpt)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(90, 3, 8, 8, generator=g) * 2 + 1
-    y = torch.randint(0, 3, (90,), generator=g)
-    data = tmp_path / "d.pt"
-    torch.save({"x": x, "y": y}, data)
-    return tmp_path, ckpt, data, model, x
 
 
 def listing(folder):
     return sorted(p.name for p in folder.iterdir())
 
 
-def test_precise_writes_exact_stats_and_keeps_structure(setup):
-    tmp, ckpt, data, model, x = setup
+def test_precise_writes_exact_stats_and_keeps_structure(precise_env):
+    tmp, ckpt, data, model, x = precise_env
     digest = sha256(ckpt)
     res = run(
         "precise", ckpt, "--model", tiny_spec(), "--data", data, "--batch-size", "16", "--json"
@@ -71,8 +57,8 @@ def test_precise_writes_exact_stats_and_keeps_structure(setup):
     assert int(raw_out["model"]["module.1.num_batches_tracked"]) == 5
 
 
-def test_precise_eval_and_out_dir(setup):
-    tmp, ckpt, data, _, _ = setup
+def test_precise_eval_and_out_dir(precise_env):
+    tmp, ckpt, data, _, _ = precise_env
     res = run(
         "precise",
         ckpt,
@@ -99,8 +85,8 @@ def test_precise_eval_and_out_dir(setup):
     assert (tmp / "new.pt").exists()
 
 
-def test_precise_eval_without_labels_reports_agreement(setup):
-    tmp, ckpt, data, _, x = setup
+def test_precise_eval_without_labels_reports_agreement(precise_env):
+    tmp, ckpt, data, _, x = precise_env
     unl = tmp / "x.pt"
     torch.save(x, unl)
     res = run("precise", ckpt, "--model", tiny_spec(), "--data", unl, "--eval-data", unl, "--json")
@@ -109,8 +95,8 @@ def test_precise_eval_without_labels_reports_agreement(setup):
     assert 0 <= m["agreement"] <= 1
 
 
-def test_precise_batches_limits(setup):
-    tmp, ckpt, data, _, _ = setup
+def test_precise_batches_limits(precise_env):
+    tmp, ckpt, data, _, _ = precise_env
     res = run(
         "precise",
         ckpt,
@@ -136,10 +122,10 @@ def test_precise_batches_limits(setup):
     assert listing(tmp) == before
 
 
-def test_precise_safetensors_round_trip(setup, tmp_path):
+def test_precise_safetensors_round_trip(precise_env, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    _, _, data, model, _ = setup
+    _, _, data, model, _ = precise_env
     st = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, st, metadata={"a": "b"})
     res = run("precise", st, "--model", tiny_spec(), "--data", data)
@@ -160,8 +146,8 @@ def test_precise_safetensors_round_trip(setup, tmp_path):
         (["--data", "DATA", "--device", "tpu"], "--device 'tpu'"),
     ],
 )
-def test_precise_bad_input(setup, extra, fragment):
-    tmp, ckpt, data, _, _ = setup
+def test_precise_bad_input(precise_env, extra, fragment):
+    tmp, ckpt, data, _, _ = precise_env
     torch.save(torch.randn(8, 5, 8, 8), tmp / "bad.pt")
     torch.save(torch.full((8, 3, 8, 8), float("nan")), tmp / "nan.pt")
     (tmp / "existing.pt").write_bytes(b"keep me")
@@ -179,8 +165,8 @@ def test_precise_bad_input(setup, extra, fragment):
     assert (tmp / "existing.pt").read_bytes() == b"keep me"
 
 
-def test_precise_needs_model(setup):
-    _, ckpt, data, _, _ = setup
+def test_precise_needs_model(precise_env):
+    _, ckpt, data, _, _ = precise_env
     one_error_line(run("precise", ckpt, "--data", data), "needs --model")
 
 
@@ -232,8 +218,8 @@ def _write_images(folder, n=3, size=(8, 8), corrupt=False):
     ],
     ids=["missing", "empty-folder", "unreadable-image", "text-file", "ok-images"],
 )
-def test_precise_data_errors(setup, make, fragment):
-    tmp, ckpt, _, _, _ = setup
+def test_precise_data_errors(precise_env, make, fragment):
+    tmp, ckpt, _, _, _ = precise_env
     spec = make(tmp)
     before = listing(tmp)
     res = run("precise", ckpt, "--model", tiny_spec(), "--data", spec, "-o", tmp / "out.pt")
@@ -244,8 +230,8 @@ def test_precise_data_errors(setup, make, fragment):
     assert listing(tmp) == before
 
 
-def test_precise_image_channels_mismatch(setup):
-    tmp, ckpt, _, _, _ = setup
+def test_precise_image_channels_mismatch(precise_env):
+    tmp, ckpt, _, _, _ = precise_env
     _write_images(tmp / "imgs")
     res = run("precise", ckpt, "--model", tiny_spec(), "--data", tmp / "imgs", "--channels", "1")
     one_error_line(res, "the model failed on batch 0 (input 3x1x8x8)")

@@ -2,18 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import copy
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
-from ..errors import NotAvailableError
+from ..config import ProjectConfig
+from ..errors import UsageError
+from ..records import Report
 from . import options as o
 from .app import app
+from .inputs import DataFlags, build_model_for, open_checkpoint, open_data
+from .precise_cmd import bn_updates
+from .runtime import (
+    Ui,
+    check_fail_on,
+    exit_code_for,
+    finish,
+    merged,
+    progress_bar,
+    project_config,
+    require_checkpoint,
+    resolve_device,
+)
 
 HELP = (
-    "Re-estimate BN statistics on target-domain --data and write CKPT.adapted.pt (not "
-    "available yet).\n\nExample: bnscope adapt runs/ckpt.pt --model model.py:make_model "
-    "--data corrupted/"
+    "Re-estimate BN statistics on unlabeled target-domain --data (Adaptive BN) and write "
+    "CKPT.adapted.pt; report where in the network the domain differs.\n\n"
+    "--prior N mixes in the source statistics as N pseudo samples (Schneider et al. 2020). "
+    "--eval-data (labelled target data) compares source statistics, adapted statistics and "
+    "test-time batch statistics.\n\n"
+    "Example: bnscope adapt runs/ckpt.pt --model model.py:make_model --data corrupted/train "
+    "--eval-data corrupted/val"
 )
 
 
@@ -30,8 +51,8 @@ def adapt_command(
         float,
         typer.Option(
             "--prior",
-            help="Pseudo sample count N of the source statistics "
-            "(lambda = N/(N+n)); 0 = pure target statistics.",
+            help="Pseudo sample count N of the source statistics (lambda = N/(N+n), n = target "
+            "samples); 0 = pure target statistics.",
             min=0.0,
         ),
     ] = 0.0,
@@ -54,7 +75,127 @@ def adapt_command(
     fail_on: o.FailOn = None,
     debug: o.Debug = False,
 ) -> None:
-    raise NotAvailableError(
-        "bnscope adapt is not available in this version (it builds on the Precise BN engine)",
-        "use bnscope inspect for a static report meanwhile",
-    )
+    ui = Ui(json=json_, quiet=quiet)
+    level = check_fail_on(fail_on)
+    config = project_config()
+    path = require_checkpoint(checkpoint, config)
+    flags = DataFlags(batch_size, workers, input_key, image_size, resize, channels, mean, std, seed)
+    report = run_adapt(
+        ui, config, path, key=key, trust=trust_checkpoint, model=model,
+        model_kwargs=model_kwargs, data=data, eval_data=eval_data, prior=prior, flags=flags,
+        batches=batches, device=device, output=output, force=force,
+    )  # fmt: skip
+    render(ui, report, out)
+    finish(exit_code_for(report, level))
+
+
+def run_adapt(
+    ui: Ui,
+    config: ProjectConfig,
+    path: Path,
+    *,
+    key: str | None,
+    trust: bool,
+    model: str | None,
+    model_kwargs: str | None,
+    data: str | None,
+    eval_data: str | None,
+    prior: float,
+    flags: DataFlags,
+    batches: int | None,
+    device: str | None,
+    output: str | None,
+    force: bool,
+) -> Report:
+    """Everything ``bnscope adapt`` does before rendering. ``--data`` is taken literally (the
+    project file's ``data`` is the *source* training data, not the target)."""
+    if data is None:
+        raise UsageError("adapt needs --data (unlabeled target-domain data)", "pass --data SPEC")
+    if prior < 0:
+        raise UsageError(f"--prior must be >= 0, got {prior}", "e.g. --prior 16")
+    dev = resolve_device(device)
+
+    from ..checkpoint import check_output, default_output_path, save_checkpoint
+
+    out_path = Path(output) if output else default_output_path(path, "adapted")
+    if path.exists():
+        check_output(path, out_path, force=force)
+
+    import torch
+
+    from ..adapt import adapt_bn
+    from ..data import default_call
+
+    torch.manual_seed(flags.seed)
+    ckpt = open_checkpoint(path, key, trust, config)
+    net, prefix, spec = build_model_for(ckpt, model, model_kwargs, config)
+    if net is None:
+        raise UsageError(
+            "adapt runs the model: it needs --model pkg.module:factory or file.py:factory",
+            "pass --model (or set model in bnscope.toml)",
+        )
+    source = open_data(data, flags, config, "--data", shuffle=True)
+    evaluation = open_data(eval_data, flags, config, "--eval-data") if eval_data else None
+    call = default_call(merged(flags.input_key, config, "input_key"))
+    original = copy.deepcopy(net) if evaluation is not None else None
+
+    ui.info(f"Adaptive BN on {source.description} (prior {prior:g}, {dev})")
+    with progress_bar(ui, "collecting target statistics", batches) as progress:
+        result = adapt_bn(net, source, prior, batches, call=call, device=dev, progress=progress)
+
+    extra: dict[str, Any] = {
+        "format": ckpt.format,
+        "key": ckpt.key,
+        "prefix": prefix,
+        "model": spec,
+        "project_file": str(config.path) if config.path else None,
+        "data": source.description,
+        **result.extra,
+    }
+    if evaluation is not None:
+        from ..evaluate import evaluate_models
+
+        ui.info(f"evaluating on {evaluation.description}")
+        ev = evaluate_models(
+            {"source": original, "adapted": net, "batch_stats": copy.deepcopy(original)},
+            evaluation,
+            modes={"batch_stats": "batch"},
+            call=call,
+            device=dev,
+        )
+        extra["metrics"] = {"data": evaluation.description, **ev.to_dict()}
+        if not ev.has_labels:
+            ui.warn(
+                f"{evaluation.description} has no usable labels: reporting agreement with the "
+                "source model instead of accuracy"
+            )
+
+    written = save_checkpoint(ckpt, bn_updates(net, result.layers, prefix), out_path, force=force)
+    extra["output"] = str(written)
+    return Report("adapt", str(path), result.layers, result.findings, extra, result.arrays)
+
+
+def render(ui: Ui, report: Report, out: str | None) -> None:
+    from ..render.jsonout import report_json
+
+    text = report_json(report)
+    written = []
+    if out is not None:
+        from ..outputs import write_report_dir
+        from ..render.figures import adapt_metrics_figure, shift_figure
+
+        figures: dict[str, Any] = {}
+        if report.layers:
+            figures["domain_shift"] = shift_figure(report.layers)
+        if report.extra.get("metrics"):
+            figures["adapt_metrics"] = adapt_metrics_figure(report.extra["metrics"])
+        written = write_report_dir(out, text, figures)
+    if ui.json:
+        ui.out.file.write(text)
+        ui.out.file.flush()
+    else:
+        from ..render.tables import adapt_report
+
+        ui.out.print(adapt_report(report))
+    if written:
+        ui.info(f"wrote {', '.join(str(p) for p in written)}")

@@ -65,7 +65,9 @@ class Ui:
     def warn(self, message: str) -> None:
         """A warning line on stderr (silent with --quiet; kept with --json: stderr is free)."""
         if not self.quiet:
-            self.err.print(f"bnscope: warning: {message}", markup=False, highlight=False)
+            text = " ".join(message.split())  # one line, never wrapped
+            self.err.file.write(f"bnscope: warning: {text}\n")
+            self.err.file.flush()
 
     @property
     def show_progress(self) -> bool:

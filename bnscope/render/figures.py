@@ -119,3 +119,64 @@ def change_figure(layers: Sequence, fig: Figure | None = None, title: str | None
     ax_var.set_xlabel("BN layer (module order)")
     fig.suptitle(title or "Change of BN statistics by depth (old running vs new)")
     return fig
+
+
+def shift_figure(layers: Sequence, fig: Figure | None = None) -> Figure:
+    """Where the domain differs: median and max over channels of the symmetric KL, d_mu and
+    d_var between source and target statistics, by depth (log scale)."""
+    from matplotlib.figure import Figure
+
+    n = len(layers)
+    fig = fig or Figure(figsize=(max(6.0, 0.35 * n + 3), 7.0), layout="constrained")
+    axes = fig.subplots(3, 1, sharex=True)
+    x = [i for i, r in enumerate(layers) if r.status == "updated"]
+    rows = (
+        ("kl", "symmetric KL"),
+        ("d_mu", "d_mu = |Δμ| / σ_target"),
+        ("d_var", "d_var = |log var ratio|"),
+    )
+    for ax, (stem, label) in zip(axes, rows, strict=True):
+        mx = [getattr(layers[i], f"{stem}_max") for i in x]
+        md = [getattr(layers[i], f"{stem}_median") for i in x]
+        ax.plot(x, mx, "o-", color="C3", label="max over channels")
+        ax.plot(x, md, "s--", color="C0", label="median over channels")
+        if any(v > 0 for v in mx + md):
+            ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(loc="best", fontsize=7)
+    axes[-1].set_xlim(-0.6, max(n - 0.4, 0.6))
+    axes[-1].set_xticks(list(range(n)))
+    axes[-1].set_xticklabels([r.name for r in layers], rotation=60, ha="right", fontsize=7)
+    axes[-1].set_xlabel("BN layer (module order)")
+    fig.suptitle("Domain shift by depth: source vs target statistics")
+    return fig
+
+
+def adapt_metrics_figure(metrics: dict, fig: Figure | None = None) -> Figure:
+    """Bars: accuracy (with labels) or top-1 agreement with the source model (without) for
+    source statistics, adapted statistics and test-time batch statistics."""
+    from matplotlib.figure import Figure
+
+    keys = ("source", "adapted", "batch_stats")
+    labels = ("source stats", "adapted stats", "test-batch stats")
+    fig = fig or Figure(figsize=(5.5, 3.8), layout="constrained")
+    ax = fig.subplots()
+    if metrics.get("has_labels"):
+        values = [metrics["metrics"][k]["accuracy"] for k in keys]
+        ax.set_ylabel("accuracy")
+    else:
+        values = [metrics["agreement"][k] or 0.0 for k in keys]
+        ax.set_ylabel("top-1 agreement with source")
+    bars = ax.bar(labels, values, color=["C7", "C2", "C0"])
+    for bar, v in zip(bars, values, strict=True):
+        ax.annotate(
+            f"{100 * v:.1f}%",
+            (bar.get_x() + bar.get_width() / 2, v),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"Evaluation on {metrics.get('data', 'target data')}", fontsize=9)
+    return fig

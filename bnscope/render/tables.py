@@ -203,3 +203,88 @@ def precise_report(report: Report) -> Group:
         line += f" Wrote {extra['output']}."
     parts.append(Text(line, style="green"))
     return Group(*parts)
+
+
+def shift_table(layers: Sequence[Any], title: str = "Domain shift per layer") -> Table:
+    """Source vs target statistics per layer, largest shift (median symmetric KL) first."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("#", justify="right", style="dim")
+    table.add_column("layer", overflow="fold")
+    table.add_column("C", justify="right")
+    table.add_column("KL med", justify="right")
+    table.add_column("KL max", justify="right")
+    table.add_column("d_mu med", justify="right")
+    table.add_column("d_var med", justify="right")
+    table.add_column("λ source", justify="right")
+    table.add_column("status")
+    indexed = sorted(
+        enumerate(layers), key=lambda e: -(e[1].kl_median if e[1].kl_median is not None else -1)
+    )
+    for i, rec in indexed:
+        status = rec.status if rec.reason is None or rec.status == "updated" else rec.reason
+        table.add_row(
+            str(i),
+            rec.name,
+            str(rec.num_features),
+            num(rec.kl_median),
+            num(rec.kl_max),
+            num(rec.d_mu_median),
+            num(rec.d_var_median),
+            num(rec.weight_source),
+            status,
+        )
+    return table
+
+
+ADAPT_VARIANTS = (
+    ("source", "source stats"),
+    ("adapted", "adapted stats"),
+    ("batch_stats", "test-batch stats"),
+)
+
+
+def adapt_metrics_table(metrics: dict[str, Any]) -> Group:
+    """Source statistics vs adapted statistics vs test-time batch statistics."""
+    table = Table()
+    table.add_column("metric")
+    for _, label in ADAPT_VARIANTS:
+        table.add_column(label, justify="right")
+    per = metrics["metrics"]
+    if metrics.get("has_labels"):
+        table.add_row("accuracy", *[_pct(per[k]["accuracy"]) for k, _ in ADAPT_VARIANTS])
+        table.add_row("loss", *[num(per[k]["loss"], 4) for k, _ in ADAPT_VARIANTS])
+    if metrics["agreement"].get("source") is not None:
+        table.add_row(
+            "top-1 agreement with source",
+            *[_pct(metrics["agreement"][k]) for k, _ in ADAPT_VARIANTS],
+        )
+        table.add_row("KL(source || variant)", *[num(metrics["kl"][k]) for k, _ in ADAPT_VARIANTS])
+    table.add_row(
+        "relative output change", *[num(metrics["rel_diff"][k]) for k, _ in ADAPT_VARIANTS]
+    )
+    table.add_row("samples", *[str(per[k]["samples"]) for k, _ in ADAPT_VARIANTS])
+    note = "" if metrics.get("has_labels") else " (no labels: agreement only)"
+    title = Text(
+        f"Evaluation on {metrics.get('data', 'the evaluation data')}{note}", style="italic"
+    )
+    return Group(title, table)
+
+
+def adapt_report(report: Report) -> Group:
+    """The whole ``adapt`` output."""
+    extra = report.extra
+    parts: list[Any] = [header(report), shift_table(report.layers)]
+    if report.findings:
+        parts.append(findings_table(report.findings))
+    if extra.get("metrics"):
+        parts.append(adapt_metrics_table(extra["metrics"]))
+    updated = sum(1 for r in report.layers if r.status == "updated")
+    line = (
+        f"Adaptive BN: {updated} of {len(report.layers)} BN layers re-estimated on "
+        f"{extra.get('batches')} target batches ({extra.get('samples')} samples, prior "
+        f"{extra.get('prior', 0):g})."
+    )
+    if extra.get("output"):
+        line += f" Wrote {extra['output']}."
+    parts.append(Text(line, style="green"))
+    return Group(*parts)
