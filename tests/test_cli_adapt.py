@@ -96,3 +96,34 @@ def test_adapt_bad_input(precise_env, args, fragment):
     res = run("adapt", ckpt, "--model", tiny_spec(), *[str(subst.get(a, a)) for a in args])
     one_error_line(res, fragment)
     assert listing(tmp) == before
+
+
+def test_corrupt_command(tmp_path):
+    from PIL import Image
+
+    src = tmp_path / "src" / "cls"
+    src.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (6, 6), (100, 120, 140)).save(src / f"{i}.png")
+    res = run(
+        "corrupt",
+        tmp_path / "src",
+        tmp_path / "dst",
+        "--corruption",
+        "contrast",
+        "--severity",
+        "5",
+        "--json",
+    )
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["images"] == 3 and doc["schema"] == "bnscope.corrupt/1"
+    assert sorted(p.name for p in (tmp_path / "dst" / "cls").iterdir()) == [
+        "0.png",
+        "1.png",
+        "2.png",
+    ]
+    one_error_line(run("corrupt", tmp_path / "src", tmp_path / "dst"), "not empty")
+    one_error_line(run("corrupt", tmp_path / "src", tmp_path / "d2", "--corruption", "fog"), "fog")
+    one_error_line(run("corrupt", tmp_path / "src", tmp_path / "d3", "--severity", "6"), "severity")
+    assert not (tmp_path / "d2").exists() and not (tmp_path / "d3").exists()

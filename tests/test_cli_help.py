@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from bnscope import __version__
 from bnscope.cli import app
 
-COMMANDS = ["inspect", "precise", "adapt", "ghost", "demo"]
+COMMANDS = ["inspect", "precise", "adapt", "ghost", "demo", "corrupt"]
 
 
 def test_every_command_and_option_has_help():

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from . import adapt_cmd, demo_cmd, ghost_cmd, inspect_cmd, precise_cmd  # noqa: F401 (registers)
+from . import (  # noqa: F401 (importing registers the commands)
+    adapt_cmd,
+    corrupt_cmd,
+    demo_cmd,
+    ghost_cmd,
+    inspect_cmd,
+    precise_cmd,
+)
 from .app import app
 
 

@@ -135,7 +135,10 @@ def run_adapt(
             "pass --model (or set model in bnscope.toml)",
         )
     source = open_data(data, flags, config, "--data", shuffle=True)
-    evaluation = open_data(eval_data, flags, config, "--eval-data") if eval_data else None
+    # shuffled (seeded): the test-batch-statistics baseline needs i.i.d. batches
+    evaluation = (
+        open_data(eval_data, flags, config, "--eval-data", shuffle=True) if eval_data else None
+    )
     call = default_call(merged(flags.input_key, config, "input_key"))
     original = copy.deepcopy(net) if evaluation is not None else None
 

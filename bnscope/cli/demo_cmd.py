@@ -17,8 +17,9 @@ from .runtime import Ui
 
 HELP = (
     "Build a small BatchNorm CNN, a labelled synthetic image dataset and a briefly trained "
-    "checkpoint in DIR, then run bnscope inspect and bnscope precise on it and show what to try "
-    "next. Runs in well under 2 minutes on 2 CPU cores.\n\n"
+    "checkpoint in DIR, then run bnscope inspect and bnscope precise on it, make a corrupted copy "
+    "of the data and run bnscope adapt, and show what to try next. Runs in well under 2 "
+    "minutes on 2 CPU cores.\n\n"
     "Example: bnscope demo /tmp/bnscope-demo"
 )
 
@@ -79,16 +80,44 @@ def demo_command(
         output=None,
         force=True,
     )
+    from ..demo.run import DEMO_CORRUPTION, write_corrupted
+    from .adapt_cmd import render as render_adapt
+    from .adapt_cmd import run_adapt
+
+    name, severity = DEMO_CORRUPTION
+    say(f"bnscope corrupt data/ corrupted/ --corruption {name} --severity {severity}")
+    corrupted = write_corrupted(built.folder, seed)
+    say("bnscope adapt ckpt.precise.pt --data corrupted/train --eval-data corrupted/val")
+    adapted = run_adapt(
+        ui,
+        config,
+        built.folder / "ckpt.precise.pt",
+        key=None,
+        trust=False,
+        model=None,
+        model_kwargs=None,
+        data=str(corrupted["train"]),
+        eval_data=str(corrupted["val"]),
+        prior=0.0,
+        flags=DataFlags(seed=seed),
+        batches=None,
+        device=device,
+        output=None,
+        force=True,
+    )
     if json_:
         doc: dict[str, Any] = {
             "schema": "bnscope.demo/1",
             "command": "demo",
             "checkpoint": str(built.checkpoint),
             "layers": static.to_dict()["layers"],
-            "findings": static.to_dict()["findings"] + precise.to_dict()["findings"],
+            "findings": static.to_dict()["findings"]
+            + precise.to_dict()["findings"]
+            + adapted.to_dict()["findings"],
             "demo": built.to_dict(),
             "inspect": static.to_dict(),
             "precise": precise.to_dict(),
+            "adapt": adapted.to_dict(),
         }
         sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
         return
@@ -97,19 +126,30 @@ def demo_command(
     render_static(quiet_ui, static, None)
     ui.out.rule("bnscope precise ckpt.pt")
     render(quiet_ui, precise, None)
+    ui.out.rule(f"bnscope adapt ckpt.precise.pt --data corrupted/train ({name} {severity})")
+    render_adapt(quiet_ui, adapted, None)
     ui.out.rule("next")
-    ui.out.print(next_steps(built.folder, precise.to_dict()), markup=False, highlight=False)
+    text = next_steps(built.folder, precise.to_dict(), adapted.to_dict())
+    ui.out.print(text, markup=False, highlight=False)
 
 
-def next_steps(folder: Path, precise: dict[str, Any]) -> str:
+def next_steps(folder: Path, precise: dict[str, Any], adapted: dict[str, Any]) -> str:
     """What the demo found and what to try next (plain text)."""
-    lines = [f"Demo folder: {folder} (model.py, data/, ckpt.pt, bnscope.toml)."]
+    lines = [f"Demo folder: {folder} (model.py, data/, corrupted/, ckpt.pt, bnscope.toml)."]
     m = precise.get("metrics")
     if m and m.get("has_labels"):
         a, b = m["a"]["accuracy"], m["b"]["accuracy"]
         lines.append(
             f"Validation accuracy with the checkpoint's running statistics: {100 * a:.1f}%; "
             f"with Precise BN statistics: {100 * b:.1f}%."
+        )
+    m = adapted.get("metrics")
+    if m and m.get("has_labels"):
+        acc = {k: v["accuracy"] for k, v in m["metrics"].items()}
+        lines.append(
+            f"On noisy images (corrupted/val): {100 * acc['source']:.1f}% with the source "
+            f"statistics, {100 * acc['adapted']:.1f}% after bnscope adapt, "
+            f"{100 * acc['batch_stats']:.1f}% with test-batch statistics."
         )
     lines += [
         "The demo model uses BN momentum 0.01 (a TensorFlow/Keras-style checkpoint), so its",
@@ -119,5 +159,7 @@ def next_steps(folder: Path, precise: dict[str, Any]) -> str:
         "  bnscope inspect --model model.py:make_model     # real momentum: EMA warm-up check",
         "  bnscope precise --batches 20 --force --json      # machine-readable result",
         "  bnscope inspect ckpt.precise.pt --out report/    # report.json + running_stats.png",
+        "  bnscope adapt ckpt.precise.pt --data corrupted/train --prior 100 --force",
+        "  bnscope corrupt data/val blurred/ --corruption defocus_blur --severity 4",
     ]
     return "\n".join(lines)

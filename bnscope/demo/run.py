@@ -152,3 +152,21 @@ def build_demo(
         history,
         seconds,
     )
+
+
+#: the demo's target domain: CIFAR-10-C Gaussian noise at severity 3
+DEMO_CORRUPTION = ("gaussian_noise", 3)
+
+
+def write_corrupted(folder: Path, seed: int = 0) -> dict[str, Path]:
+    """``corrupted/train`` (unlabeled target data for adapt) and ``corrupted/val`` (labelled
+    target evaluation data), copies of the demo data with :data:`DEMO_CORRUPTION`."""
+    from ..corruptions import corrupt_folder
+
+    name, severity = DEMO_CORRUPTION
+    out = {}
+    for i, split in enumerate(("train", "val")):
+        dst = folder / "corrupted" / split
+        corrupt_folder(folder / "data" / split, dst, name, severity, seed=2 * seed + i, force=True)
+        out[split] = dst
+    return out
