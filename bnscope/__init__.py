@@ -18,6 +18,9 @@ __version__ = "0.1.0"
 _API = {
     "static_inspect": "bnscope.static",
     "precise_bn": "bnscope.precise",
+    "adapt_bn": "bnscope.adapt",
+    "evaluate_models": "bnscope.evaluate",
+    "corrupt": "bnscope.corruptions",
     "compare_models": "bnscope.evaluate",
     "load_checkpoint": "bnscope.checkpoint",
     "save_checkpoint": "bnscope.checkpoint",
