@@ -13,18 +13,15 @@ from ..errors import UsageError
 from ..records import Report
 from . import options as o
 from .app import app
-from .inputs import DataFlags, build_model_for, open_checkpoint, open_data
-from .precise_cmd import bn_updates
+from .inputs import DataFlags, bn_updates, prepare_run
 from .runtime import (
     Ui,
     check_fail_on,
     exit_code_for,
     finish,
-    merged,
     progress_bar,
     project_config,
     require_checkpoint,
-    resolve_device,
 )
 
 HELP = (
@@ -113,68 +110,43 @@ def run_adapt(
         raise UsageError("adapt needs --data (unlabeled target-domain data)", "pass --data SPEC")
     if prior < 0:
         raise UsageError(f"--prior must be >= 0, got {prior}", "e.g. --prior 16")
-    dev = resolve_device(device)
-
-    from ..checkpoint import check_output, default_output_path, save_checkpoint
-
-    out_path = Path(output) if output else default_output_path(path, "adapted")
-    if path.exists():
-        check_output(path, out_path, force=force)
-
-    import torch
+    run = prepare_run(
+        "adapt", config, path, key=key, trust=trust, model=model, model_kwargs=model_kwargs,
+        data_spec=data, eval_spec=eval_data, flags=flags, device=device, output=output,
+        force=force, tag="adapted",
+    )  # fmt: skip
 
     from ..adapt import adapt_bn
-    from ..data import default_call
+    from ..checkpoint import save_checkpoint
 
-    torch.manual_seed(flags.seed)
-    ckpt = open_checkpoint(path, key, trust, config)
-    net, prefix, spec = build_model_for(ckpt, model, model_kwargs, config)
-    if net is None:
-        raise UsageError(
-            "adapt runs the model: it needs --model pkg.module:factory or file.py:factory",
-            "pass --model (or set model in bnscope.toml)",
-        )
-    source = open_data(data, flags, config, "--data", shuffle=True)
-    # shuffled (seeded): the test-batch-statistics baseline needs i.i.d. batches
-    evaluation = (
-        open_data(eval_data, flags, config, "--eval-data", shuffle=True) if eval_data else None
-    )
-    call = default_call(merged(flags.input_key, config, "input_key"))
-    original = copy.deepcopy(net) if evaluation is not None else None
-
-    ui.info(f"Adaptive BN on {source.description} (prior {prior:g}, {dev})")
+    original = copy.deepcopy(run.model) if run.evaluation is not None else None
+    ui.info(f"Adaptive BN on {run.source.description} (prior {prior:g}, {run.device})")
     with progress_bar(ui, "collecting target statistics", batches) as progress:
-        result = adapt_bn(net, source, prior, batches, call=call, device=dev, progress=progress)
-
-    extra: dict[str, Any] = {
-        "format": ckpt.format,
-        "key": ckpt.key,
-        "prefix": prefix,
-        "model": spec,
-        "project_file": str(config.path) if config.path else None,
-        "data": source.description,
-        **result.extra,
-    }
-    if evaluation is not None:
+        result = adapt_bn(
+            run.model, run.source, prior, batches, call=run.call, device=run.device,
+            progress=progress,
+        )  # fmt: skip
+    extra: dict[str, Any] = {**run.base_extra(config), **result.extra}
+    if run.evaluation is not None:
         from ..evaluate import evaluate_models
 
-        ui.info(f"evaluating on {evaluation.description}")
+        ui.info(f"evaluating on {run.evaluation.description}")
         ev = evaluate_models(
-            {"source": original, "adapted": net, "batch_stats": copy.deepcopy(original)},
-            evaluation,
+            {"source": original, "adapted": run.model, "batch_stats": copy.deepcopy(original)},
+            run.evaluation,
             modes={"batch_stats": "batch"},
-            call=call,
-            device=dev,
+            call=run.call,
+            device=run.device,
         )
-        extra["metrics"] = {"data": evaluation.description, **ev.to_dict()}
+        extra["metrics"] = {"data": run.evaluation.description, **ev.to_dict()}
         if not ev.has_labels:
             ui.warn(
-                f"{evaluation.description} has no usable labels: reporting agreement with the "
-                "source model instead of accuracy"
+                f"{run.evaluation.description} has no usable labels: reporting agreement with "
+                "the source model instead of accuracy"
             )
 
-    written = save_checkpoint(ckpt, bn_updates(net, result.layers, prefix), out_path, force=force)
-    extra["output"] = str(written)
+    updates = bn_updates(run.model, result.layers, run.prefix)
+    extra["output"] = str(save_checkpoint(run.ckpt, updates, run.out_path, force=force))
     return Report("adapt", str(path), result.layers, result.findings, extra, result.arrays)
 
 

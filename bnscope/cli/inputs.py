@@ -101,3 +101,91 @@ def open_data(
         shuffle=shuffle,
         seed=flags.seed,
     )
+
+
+@dataclass
+class Run:
+    """Everything a model-running command needs, resolved and validated up front."""
+
+    ckpt: Checkpoint
+    model: nn.Module
+    prefix: str
+    spec: str | None
+    source: DataSource
+    evaluation: DataSource | None
+    call: Any
+    device: str
+    out_path: Path
+
+    def base_extra(self, config: ProjectConfig) -> dict[str, Any]:
+        """The report keys every model-running command shares."""
+        return {
+            "format": self.ckpt.format,
+            "key": self.ckpt.key,
+            "prefix": self.prefix,
+            "model": self.spec,
+            "project_file": str(config.path) if config.path else None,
+            "data": self.source.description,
+        }
+
+
+def prepare_run(
+    command: str,
+    config: ProjectConfig,
+    path: Path,
+    *,
+    key: str | None,
+    trust: bool,
+    model: str | None,
+    model_kwargs: str | None,
+    data_spec: str,
+    eval_spec: str | None,
+    flags: DataFlags,
+    device: str | None,
+    output: str | None,
+    force: bool,
+    tag: str,
+) -> Run:
+    """Check the output path first (nothing runs if it would be refused), then load the
+    checkpoint into the model and open the data. Collection data and evaluation data are
+    shuffled (seeded): batch statistics need i.i.d. batches."""
+    from ..checkpoint import check_output, default_output_path
+    from ..data import default_call
+    from .runtime import resolve_device
+
+    dev = resolve_device(device)
+    out_path = Path(output) if output else default_output_path(path, tag)
+    if path.exists():
+        check_output(path, out_path, force=force)
+
+    import torch
+
+    torch.manual_seed(flags.seed)
+    ckpt = open_checkpoint(path, key, trust, config)
+    net, prefix, spec = build_model_for(ckpt, model, model_kwargs, config)
+    if net is None:
+        raise UsageError(
+            f"{command} runs the model: it needs --model pkg.module:factory or file.py:factory",
+            "pass --model (or set model in bnscope.toml)",
+        )
+    source = open_data(data_spec, flags, config, "--data", shuffle=True)
+    evaluation = (
+        open_data(eval_spec, flags, config, "--eval-data", shuffle=True) if eval_spec else None
+    )
+    call = default_call(merged(flags.input_key, config, "input_key"))
+    return Run(ckpt, net, prefix, spec, source, evaluation, call, dev, out_path)
+
+
+def bn_updates(model: Any, layers: Any, prefix: str) -> dict[str, Any]:
+    """Checkpoint keys -> new running_mean/running_var of the layers with status 'updated'."""
+    modules = dict(model.named_modules())
+    updates: dict[str, Any] = {}
+    for rec in layers:
+        if rec.status != "updated":
+            continue
+        name = "" if rec.name == "(root)" else rec.name
+        mod = modules[name]
+        base = f"{prefix}{name}." if name else prefix
+        updates[f"{base}running_mean"] = mod.running_mean.detach().cpu()
+        updates[f"{base}running_var"] = mod.running_var.detach().cpu()
+    return updates

@@ -11,7 +11,7 @@ from ..errors import UsageError
 from ..records import Report
 from . import options as o
 from .app import app
-from .inputs import DataFlags, build_model_for, open_checkpoint, open_data
+from .inputs import DataFlags, bn_updates, prepare_run
 from .runtime import (
     Ui,
     check_fail_on,
@@ -21,7 +21,6 @@ from .runtime import (
     progress_bar,
     project_config,
     require_checkpoint,
-    resolve_device,
 )
 
 HELP = (
@@ -108,71 +107,34 @@ def run_precise(
     data_spec = merged(data, config, "data")
     if data_spec is None:
         raise UsageError("precise needs --data (the training data)", "pass --data SPEC")
-    eval_spec = merged(eval_data, config, "eval_data")
-    dev = resolve_device(device)
+    run = prepare_run(
+        "precise", config, path, key=key, trust=trust, model=model, model_kwargs=model_kwargs,
+        data_spec=data_spec, eval_spec=merged(eval_data, config, "eval_data"), flags=flags,
+        device=device, output=output, force=force, tag="precise",
+    )  # fmt: skip
 
-    from ..checkpoint import check_output, default_output_path, save_checkpoint
-
-    out_path = Path(output) if output else default_output_path(path, "precise")
-    if path.exists():
-        check_output(path, out_path, force=force)
-
-    import torch
-
-    from ..data import default_call
+    from ..checkpoint import save_checkpoint
     from ..precise import precise_bn
 
-    torch.manual_seed(flags.seed)
-    ckpt = open_checkpoint(path, key, trust, config)
-    net, prefix, spec = build_model_for(ckpt, model, model_kwargs, config)
-    if net is None:
-        raise UsageError(
-            "precise runs the model: it needs --model pkg.module:factory or file.py:factory",
-            "pass --model (or set model in bnscope.toml)",
-        )
-    source = open_data(data_spec, flags, config, "--data", shuffle=True)
-    evaluation = open_data(eval_spec, flags, config, "--eval-data") if eval_spec else None
-    call = default_call(merged(flags.input_key, config, "input_key"))
-    original = copy.deepcopy(net) if evaluation is not None else None
-
-    ui.info(f"Precise BN on {source.description} ({dev})")
+    original = copy.deepcopy(run.model) if run.evaluation is not None else None
+    ui.info(f"Precise BN on {run.source.description} ({run.device})")
     with progress_bar(ui, "collecting statistics", batches) as progress:
-        result = precise_bn(net, source, batches, call=call, device=dev, progress=progress)
-
-    extra: dict[str, Any] = {
-        "format": ckpt.format,
-        "key": ckpt.key,
-        "prefix": prefix,
-        "model": spec,
-        "project_file": str(config.path) if config.path else None,
-        "data": source.description,
-        **result.extra,
-    }
-    if evaluation is not None:
+        result = precise_bn(
+            run.model, run.source, batches, call=run.call, device=run.device, progress=progress
+        )
+    extra: dict[str, Any] = {**run.base_extra(config), **result.extra}
+    if run.evaluation is not None:
         from ..evaluate import compare_models
 
-        ui.info(f"evaluating before/after on {evaluation.description}")
-        comparison = compare_models(original, net, evaluation, call=call, device=dev)
-        extra["metrics"] = {"data": evaluation.description, **comparison.to_dict()}
+        ui.info(f"evaluating before/after on {run.evaluation.description}")
+        comparison = compare_models(
+            original, run.model, run.evaluation, call=run.call, device=run.device
+        )
+        extra["metrics"] = {"data": run.evaluation.description, **comparison.to_dict()}
 
-    written = save_checkpoint(ckpt, bn_updates(net, result.layers, prefix), out_path, force=force)
-    extra["output"] = str(written)
+    updates = bn_updates(run.model, result.layers, run.prefix)
+    extra["output"] = str(save_checkpoint(run.ckpt, updates, run.out_path, force=force))
     return Report("precise", str(path), result.layers, result.findings, extra, result.arrays)
-
-
-def bn_updates(model: Any, layers: Any, prefix: str) -> dict[str, Any]:
-    """Checkpoint keys -> new running_mean/running_var of the updated layers."""
-    modules = dict(model.named_modules())
-    updates: dict[str, Any] = {}
-    for rec in layers:
-        if rec.status != "updated":
-            continue
-        name = "" if rec.name == "(root)" else rec.name
-        mod = modules[name]
-        base = f"{prefix}{name}." if name else prefix
-        updates[f"{base}running_mean"] = mod.running_mean.detach().cpu()
-        updates[f"{base}running_var"] = mod.running_var.detach().cpu()
-    return updates
 
 
 def render(ui: Ui, report: Any, out: str | None) -> None:
