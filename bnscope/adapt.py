@@ -139,7 +139,7 @@ def _shift_records(
                 None,
             )
         )
-    return records, arrays
+    return collection.in_module_order(records), arrays
 
 
 def shift_findings(records: list[AdaptLayer], threshold: float = SHIFT_KL) -> list[Finding]:

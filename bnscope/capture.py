@@ -100,6 +100,8 @@ class BNCapture:
         self.only_training = only_training
         self.layers: dict[str, LayerStats] = {}
         self.skipped: list[SkippedLayer] = []
+        #: every BN layer's name (collected or skipped) in module order
+        self.order: list[str] = []
         self._saved = _Saved()
         self._handles: list[Any] = []
         self._active = False
@@ -126,6 +128,7 @@ class BNCapture:
             if not is_batchnorm(module):
                 continue
             label = name or "(root)"
+            self.order.append(label)
             if not module.track_running_stats or module.running_mean is None:
                 self.skipped.append(
                     SkippedLayer(label, module.num_features, "track_running_stats=False")

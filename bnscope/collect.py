@@ -30,6 +30,12 @@ class Collection:
     skipped: list[SkippedLayer]
     batches: int
     samples: int
+    order: list[str]
+
+    def in_module_order(self, records: list[Any]) -> list[Any]:
+        """Records (anything with ``.name``) sorted into module order."""
+        rank = {name: i for i, name in enumerate(self.order)}
+        return sorted(records, key=lambda r: rank.get(r.name, len(rank)))
 
 
 def default_call(model: nn.Module, batch: Any) -> Any:
@@ -161,7 +167,7 @@ def collect(
                 f"the data ran out after {done} batches but {batches} were asked for",
                 "lower --batches, or omit it to use all of the data",
             )
-        return Collection(dict(cap.layers), list(cap.skipped), done, samples)
+        return Collection(dict(cap.layers), list(cap.skipped), done, samples, list(cap.order))
 
 
 def _batch_len(batch: Any) -> int:

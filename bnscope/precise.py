@@ -31,8 +31,6 @@ def layer_records(
     """Per-layer change records (module order) and the old/new tensors behind them."""
     records: list[PreciseLayer] = []
     arrays: dict[str, dict[str, Any]] = {}
-    entries: list[tuple[int, PreciseLayer]] = []
-    order = {name: i for i, name in enumerate(collection.layers)}
     for name, st in collection.layers.items():
         mod = st.module
         if name in new_stats:
@@ -80,15 +78,14 @@ def layer_records(
                 None,
                 None,
             )
-        entries.append((order[name], rec))
-    records = [r for _, r in sorted(entries, key=lambda e: e[0])]
+        records.append(rec)
     for sk in collection.skipped:
         records.append(
             PreciseLayer(
                 sk.name, sk.num_features, "skipped", sk.reason, 0, 0, 0, 0, None, None, None, None
             )
         )
-    return records, arrays
+    return collection.in_module_order(records), arrays
 
 
 def usage_findings(records: list[PreciseLayer], fix_not_called: str) -> list[Finding]:

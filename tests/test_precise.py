@@ -300,3 +300,15 @@ def test_syncbatchnorm_without_process_group_and_lazy_batchnorm():
     rep = precise_bn(lazy, batches_of(x, (16, 32)))
     torch.testing.assert_close(lazy[0].running_var.double(), ref_var, rtol=1e-5, atol=0)
     assert rep.layers[0].status == "updated"
+
+
+def test_layers_reported_in_module_order_including_skipped():
+    m = nn.Sequential(
+        nn.BatchNorm1d(3, track_running_stats=False), nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    )
+    rep = precise_bn(m, [torch.randn(8, 3)])
+    assert [(r.name, r.status) for r in rep.layers] == [
+        ("0", "skipped"),
+        ("1", "updated"),
+        ("2", "updated"),
+    ]
