@@ -71,7 +71,9 @@ class Comparison:
         }
 
 
-class _Tally:
+class Tally:
+    """Running count of correct top-1 predictions and summed cross-entropy."""
+
     def __init__(self) -> None:
         self.n = 0
         self.correct = 0
@@ -88,7 +90,7 @@ class _Tally:
         return Metrics(samples, self.correct / self.n, self.loss / self.n)
 
 
-def _logits(out: Any) -> torch.Tensor:
+def logits_of(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
@@ -101,6 +103,15 @@ def _logits(out: Any) -> torch.Tensor:
         f"cannot evaluate: the model returned {type(out).__name__}, not a tensor",
         "pass call= that returns the logits tensor",
     )
+
+
+def agreement_and_kl(ref: torch.Tensor, out: torch.Tensor) -> tuple[int, float]:
+    """For [N, K] class scores: the number of equal top-1 predictions and the summed
+    KL(softmax(ref) || softmax(out)) over the N samples (float64)."""
+    log_ref = F.log_softmax(ref.double(), 1)
+    log_out = F.log_softmax(out.double(), 1)
+    agree = int((ref.argmax(1) == out.argmax(1)).sum())
+    return agree, float((log_ref.exp() * (log_ref - log_out)).sum())
 
 
 @contextlib.contextmanager
@@ -174,7 +185,7 @@ def evaluate_models(
     names = list(models)
     first = names[0]
     dev = torch.device(device) if device is not None else model_device(models[first])
-    tallies = {k: _Tally() for k in names}
+    tallies = {k: Tally() for k in names}
     agree = {k: 0 for k in names}
     kl_sum = {k: 0.0 for k in names}
     diff2 = {k: 0.0 for k in names}
@@ -195,7 +206,7 @@ def evaluate_models(
             outs = {}
             for k in names:
                 try:
-                    outs[k] = _logits(call(models[k], batch))
+                    outs[k] = logits_of(call(models[k], batch))
                 except DataError:
                     raise
                 except (RuntimeError, ValueError, TypeError, IndexError) as exc:
@@ -219,14 +230,13 @@ def evaluate_models(
                 and labels.shape[0] == n
             )
             labelled = labelled and ok_labels
-            log_ref = F.log_softmax(ref.double(), 1) if is_cls else None
             for k in names:
                 out = outs[k]
                 diff2[k] += float((ref.double() - out.double()).pow(2).sum())
                 if is_cls:
-                    agree[k] += int((ref.argmax(1) == out.argmax(1)).sum())
-                    lo = F.log_softmax(out.double(), 1)
-                    kl_sum[k] += float((log_ref.exp() * (log_ref - lo)).sum())
+                    a, kl = agreement_and_kl(ref, out)
+                    agree[k] += a
+                    kl_sum[k] += kl
                 if ok_labels:
                     tallies[k].add(out, labels)
             done += 1

@@ -203,6 +203,79 @@ class AdaptLayer:
         return _clean(asdict(self))
 
 
+@dataclass(frozen=True)
+class GhostLayerSize:
+    """One BN layer at one ghost size g: how far chunk statistics fall from the population's.
+
+    Over every chunk k and channel c: ``noise_mu`` is the mean of |mu_k - mu_pop| / sigma_pop and
+    ``noise_var`` the mean of |log((var_k + eps) / (var_pop + eps))|, with sigma_pop =
+    sqrt(var_pop + eps). ``iid_mu`` and ``iid_var`` are what i.i.d. samples would give
+    (normal approximations from the spread of per-sample statistics; see
+    :mod:`bnscope.ghost`). ``effective_size`` = g * E_iid[(mu_k - mu)^2] / Var_measured(mu_k):
+    close to g for i.i.d. samples, lower when samples in a chunk are correlated.
+    """
+
+    size: int
+    chunks: int
+    noise_mu: float | None
+    noise_var: float | None
+    iid_mu: float | None
+    iid_var: float | None
+    effective_size: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean(asdict(self))
+
+
+@dataclass(frozen=True)
+class GhostLayer:
+    """Per-layer result of the ghost-size analysis: one :class:`GhostLayerSize` per size run.
+
+    ``status`` is ``analysed``, ``not-called`` or ``skipped`` (``reason`` says why)."""
+
+    name: str
+    num_features: int
+    status: str
+    reason: str | None
+    calls_per_forward: int
+    sizes: tuple[GhostLayerSize, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean(asdict(self))
+
+
+@dataclass(frozen=True)
+class GhostSize:
+    """The model at one ghost size g: outputs with batch statistics of chunks of g against
+    outputs with population statistics on the same inputs.
+
+    ``status`` is ``ok`` or ``skipped`` (``note`` says why, e.g. g larger than the batch);
+    ``remainder_chunks``/``remainder_samples`` count the chunks smaller than g (batch size not
+    a multiple of g), which are normalized on their own. ``agreement`` is the fraction of equal
+    top-1 predictions, ``kl`` the mean KL(p_pop || p_g); ``accuracy``/``loss`` need labels.
+    ``noise_mu``/``noise_var`` are medians over layers; ``effective_ratio`` is the lowest
+    ``effective_size / g`` over layers (the layer whose chunks are most correlated). A
+    single-sample remainder merged into the previous chunk counts as a remainder chunk too.
+    """
+
+    size: int
+    status: str
+    note: str | None
+    chunks: int
+    remainder_chunks: int
+    remainder_samples: int
+    agreement: float | None
+    kl: float | None
+    accuracy: float | None
+    loss: float | None
+    noise_mu: float | None
+    noise_var: float | None
+    effective_ratio: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean(asdict(self))
+
+
 def field_names(record_type: type) -> list[str]:
     """The field names of a record dataclass, in order (used by renderers and tests)."""
     return [f.name for f in fields(record_type)]

@@ -246,8 +246,3 @@ def test_dynamic_not_available_yet(tiny_ckpt, tmp_path):
         run("inspect", tiny_ckpt, "--model", tiny_spec(), "--data", tmp_path),
         "not available in this version",
     )
-
-
-@pytest.mark.parametrize("command", ["ghost"])
-def test_later_commands_say_so(command, tiny_ckpt):
-    one_error_line(run(command, tiny_ckpt), "not available in this version")

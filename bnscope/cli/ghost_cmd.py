@@ -2,18 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
-from ..errors import NotAvailableError
+from ..config import ProjectConfig
+from ..errors import UsageError
+from ..records import Report
 from . import options as o
 from .app import app
+from .inputs import DataFlags, build_model_for, open_checkpoint, open_data
+from .runtime import (
+    Ui,
+    check_fail_on,
+    exit_code_for,
+    finish,
+    merged,
+    progress_bar,
+    project_config,
+    require_checkpoint,
+    resolve_device,
+)
 
 HELP = (
-    "Measure how batch statistics and outputs depend on the normalization batch size (not "
-    "available yet).\n\nExample: bnscope ghost runs/ckpt.pt --model model.py:make_model "
-    "--data data/val --sizes 2,4,8,16,32"
+    "Measure how batch statistics and the model's outputs depend on the normalization batch "
+    "size (NBS): every batch is split into chunks of g samples, each normalized with its own "
+    "statistics, and compared with population statistics.\n\n"
+    "Reports per size the noise of chunk statistics (with the i.i.d. expectation), the "
+    "effective sample size, and agreement/KL/accuracy against population statistics (the NBS "
+    "curve). Built-in data specs are read shuffled; a factory's batches are used as they come, "
+    "so non-i.i.d. batches of your own loader show up as a low effective size.\n\n"
+    "Example: bnscope ghost runs/ckpt.pt --model model.py:make_model --data data/val "
+    "--sizes 2,4,8,16,32"
 )
 
 
@@ -27,7 +48,11 @@ def ghost_command(
     data: o.Data = None,
     sizes: Annotated[
         str,
-        typer.Option("--sizes", help="Comma-separated ghost batch sizes to analyse."),
+        typer.Option(
+            "--sizes",
+            help="Comma-separated ghost sizes g (samples per normalization batch, each >= 2). "
+            "Sizes above --batch-size are reported as skipped.",
+        ),
     ] = "2,4,8,16,32",
     batch_size: o.BatchSize = None,
     batches: o.Batches = None,
@@ -46,7 +71,98 @@ def ghost_command(
     fail_on: o.FailOn = None,
     debug: o.Debug = False,
 ) -> None:
-    raise NotAvailableError(
-        "bnscope ghost is not available in this version (it builds on the Precise BN engine)",
-        "use bnscope inspect for a static report meanwhile",
-    )
+    from ..ghost import parse_sizes
+
+    ui = Ui(json=json_, quiet=quiet)
+    level = check_fail_on(fail_on)
+    wanted = parse_sizes(sizes)
+    config = project_config()
+    path = require_checkpoint(checkpoint, config)
+    flags = DataFlags(batch_size, workers, input_key, image_size, resize, channels, mean, std, seed)
+    report = run_ghost(
+        ui, config, path, key=key, trust=trust_checkpoint, model=model,
+        model_kwargs=model_kwargs, data=data, flags=flags, sizes=wanted, batches=batches,
+        device=device,
+    )  # fmt: skip
+    render(ui, report, out)
+    finish(exit_code_for(report, level))
+
+
+def run_ghost(
+    ui: Ui,
+    config: ProjectConfig,
+    path: Path,
+    *,
+    key: str | None,
+    trust: bool,
+    model: str | None,
+    model_kwargs: str | None,
+    data: str | None,
+    flags: DataFlags,
+    sizes: list[int],
+    batches: int | None,
+    device: str | None,
+) -> Report:
+    """Everything ``bnscope ghost`` does before rendering: load, collect, analyse."""
+    data_spec = merged(data, config, "data")
+    if data_spec is None:
+        raise UsageError("ghost needs --data (batches to split into ghost batches)",
+                         "pass --data SPEC")  # fmt: skip
+    dev = resolve_device(device)
+
+    import torch
+
+    from ..data import default_call
+    from ..ghost import ghost_analysis
+
+    torch.manual_seed(flags.seed)
+    ckpt = open_checkpoint(path, key, trust, config)
+    net, prefix, spec = build_model_for(ckpt, model, model_kwargs, config)
+    if net is None:
+        raise UsageError(
+            "ghost runs the model: it needs --model pkg.module:factory or file.py:factory",
+            "pass --model (or set model in bnscope.toml)",
+        )
+    source = open_data(data_spec, flags, config, "--data", shuffle=True)
+    call = default_call(merged(flags.input_key, config, "input_key"))
+    ui.info(f"ghost-size analysis on {source.description} ({dev}), sizes {sizes}")
+    total = None if batches is None else 2 * batches
+    with progress_bar(ui, "analysing", total) as progress:
+        result = ghost_analysis(
+            net, source, sizes, batches, call=call, device=dev, progress=progress
+        )
+    extra: dict[str, Any] = {
+        "format": ckpt.format,
+        "key": ckpt.key,
+        "prefix": prefix,
+        "model": spec,
+        "project_file": str(config.path) if config.path else None,
+        "data": source.description,
+        **result.extra,
+    }
+    return Report("ghost", str(path), result.layers, result.findings, extra, result.arrays)
+
+
+def render(ui: Ui, report: Report, out: str | None) -> None:
+    from ..render.jsonout import report_json
+
+    text = report_json(report)
+    written = []
+    if out is not None:
+        from ..outputs import write_report_dir
+        from ..render.figures import ghost_noise_figure, nbs_curve_figure
+
+        figures = {
+            "ghost_noise": ghost_noise_figure(report.layers),
+            "nbs_curve": nbs_curve_figure(report.extra["sizes"], report.extra["population"]),
+        }
+        written = write_report_dir(out, text, figures)
+    if ui.json:
+        ui.out.file.write(text)
+        ui.out.file.flush()
+    else:
+        from ..render.ghost import ghost_report
+
+        ui.out.print(ghost_report(report))
+    if written:
+        ui.info(f"wrote {', '.join(str(p) for p in written)}")

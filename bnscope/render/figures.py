@@ -180,3 +180,75 @@ def adapt_metrics_figure(metrics: dict, fig: Figure | None = None) -> Figure:
     ax.set_ylim(0, 1.05)
     ax.set_title(f"Evaluation on {metrics.get('data', 'target data')}", fontsize=9)
     return fig
+
+
+def ghost_noise_figure(layers: Sequence, fig: Figure | None = None) -> Figure:
+    """Log-log noise of chunk statistics vs ghost size g, one line per analysed layer (colour =
+    depth): mean |mu_k - mu_pop| / sigma (left) and mean |log var ratio| (right), with each
+    quantity's i.i.d. expectation for the median layer dashed in black (slope -1/2 for means)."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    fig = fig or Figure(figsize=(10.0, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2)
+    analysed = [layer for layer in layers if layer.status == "analysed" and layer.sizes]
+    cmap = colormaps["viridis"]
+    n = max(len(analysed) - 1, 1)
+    keys = (("noise_mu", "iid_mu", "mean |μ_g − μ_pop| / σ"),
+            ("noise_var", "iid_var", "mean |log var_g / var_pop|"))  # fmt: skip
+    for ax, (key, iid_key, label) in zip(axes, keys, strict=True):
+        for i, layer in enumerate(analysed):
+            g = [s.size for s in layer.sizes if getattr(s, key) is not None]
+            y = [getattr(s, key) for s in layer.sizes if getattr(s, key) is not None]
+            ax.plot(g, y, "o-", color=cmap(i / n), lw=1, ms=3, label=layer.name)
+        if analysed:
+            mid = analysed[len(analysed) // 2]
+            g = [s.size for s in mid.sizes if getattr(s, iid_key) is not None]
+            y = [getattr(s, iid_key) for s in mid.sizes if getattr(s, iid_key) is not None]
+            ax.plot(g, y, "k--", lw=1.5, label=f"i.i.d. expectation ({mid.name})")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("ghost size g (samples per normalization batch)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    if analysed:  # many layers: label only the i.i.d. line (colour already shows depth)
+        handles = axes[0].lines if len(analysed) <= 12 else axes[0].lines[-1:]
+        axes[0].legend(handles=handles, fontsize=6, loc="best")
+    fig.suptitle("Noise of chunk statistics around the population statistics, by layer")
+    return fig
+
+
+def nbs_curve_figure(rows: Sequence[dict], population: dict, fig: Figure | None = None) -> Figure:
+    """The NBS curve: accuracy (with labels) or top-1 agreement with population statistics
+    (without) at each ghost size, with population statistics as a horizontal line; KL on a
+    second axis."""
+    from matplotlib.figure import Figure
+
+    fig = fig or Figure(figsize=(6.0, 4.0), layout="constrained")
+    ax = fig.subplots()
+    ok = [r for r in rows if r["status"] == "ok"]
+    g = [r["size"] for r in ok]
+    labelled = population.get("accuracy") is not None and all(r["accuracy"] is not None for r in ok)
+    if labelled:
+        ax.plot(g, [r["accuracy"] for r in ok], "o-", color="C0", label="batch statistics at g")
+        ax.axhline(population["accuracy"], color="C2", ls="--", label="population statistics")
+        ax.set_ylabel("accuracy")
+    else:
+        ax.plot(g, [_finite(r["agreement"]) for r in ok], "o-", color="C0",
+                label="agreement with population statistics")  # fmt: skip
+        ax.axhline(1.0, color="C2", ls="--", label="population statistics")
+        ax.set_ylabel("top-1 agreement")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(g)
+    ax.set_xticklabels([str(v) for v in g])
+    ax.set_xlabel("normalization batch size g")
+    ax.grid(True, alpha=0.3)
+    kl = [_finite(r["kl"]) for r in ok]
+    if any(math.isfinite(v) for v in kl):
+        ax2 = ax.twinx()
+        ax2.plot(g, kl, "s:", color="C3", label="KL(pop || g)")
+        ax2.set_ylabel("KL(p_pop || p_g)", color="C3")
+        ax2.legend(loc="lower left", fontsize=7)
+    ax.legend(loc="lower right", fontsize=7)
+    ax.set_title("Model outputs vs normalization batch size")
+    return fig

@@ -1,0 +1,648 @@
+"""Ghost batch size: how batch statistics and outputs depend on the normalization batch size.
+
+The normalization batch size (NBS) is the number of samples whose statistics BN normalizes with
+while training. Hoffer et al. (2017), "Train longer, generalize better" (Ghost BN), make it a
+knob below the batch size; Wu & Johnson (2021), "Rethinking 'Batch' in BatchNorm", §4, show
+how results depend on it (ResNet-50 val error 23.6-23.7% from NBS 16 to 128, 25% at 8, 35%
+at 2).
+
+:func:`ghost_analysis` splits every batch along the sample axis into chunks of g (the
+remainder is a chunk of its own, unless it would hold one value per channel; then it joins the
+previous chunk, as :class:`bnscope.nn.GhostBatchNorm` does; the layout comes from
+:func:`bnscope.nn.ghost_chunk_sizes`) and normalizes each chunk with its
+own statistics in every BN layer. For each g and layer it measures, over chunks k and
+channels c, with sigma = sqrt(var_pop + eps):
+
+    noise_mu  = mean |mu_k - mu_pop| / sigma
+    noise_var = mean |log((var_k + eps) / (var_pop + eps))|
+
+and compares them with what i.i.d. samples would give. With m_i the per-sample mean of a
+channel (over its spatial positions) and s the chunk size, i.i.d. samples give
+Var(mu_k) = Var(m_i) / s, so E|mu_k - mu| = sqrt(2/pi) sqrt(Var(m_i) / s) (normal
+approximation). The variance noise uses the delta method on var_k = mean(q_i) - (mu_k - mu)^2
+with q_i = v_i + (m_i - mu)^2 (v_i the per-sample variance): log(var_k / var) is about normal
+with mean log(E[q] - Var(m)/s) - Var(q) / (2 s E[q]^2) and variance Var(q) / (s E[q]^2), and
+E|N(b, s^2)| = s sqrt(2/pi) exp(-b^2 / 2s^2) + b (1 - 2 Phi(-b/s)).
+
+The effective sample size is g * (Var(m_i)/s averaged over chunks) / Var_measured(mu_k): the
+number of i.i.d. samples whose mean would be as noisy as the chunk means are. Samples that share
+a source (frames of one video, crops of one image, one class per batch) make it lower than g.
+
+The model's outputs with batch statistics of chunks of g are compared with its outputs with
+population statistics (eval mode) on the same inputs: top-1 agreement, KL, and accuracy/loss
+with labels; that is the NBS curve. Population statistics come from the Precise BN engine in
+the same run, so the analysis costs one collection pass, then per batch one forward with
+population statistics plus one per size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .capture import restored
+from .collect import Call, Progress, check_batches, collect, default_call, on_device
+from .data import move_to, split_batch
+from .errors import DataError, UsageError
+from .evaluate import Metrics, Tally, agreement_and_kl, logits_of
+from .nn import ghost_chunk_sizes
+from .precise import population_stats
+from .records import Finding, GhostLayer, GhostLayerSize, GhostSize, Report
+
+#: the smallest ghost size: one sample has no batch statistics worth the name
+MIN_SIZE = 2
+#: a size is "too noisy" when top-1 agreement with population statistics falls below this ...
+SMALL_NBS_AGREEMENT = 0.95
+#: ... or, with labels, accuracy falls by more than this (absolute) against population stats
+SMALL_NBS_ACCURACY_DROP = 0.02
+#: ``non-iid-batches`` when effective size / g falls below this at the largest size analysed
+NON_IID_RATIO = 0.5
+#: chunks a layer needs at a size before its effective size is judged
+MIN_CHUNKS = 8
+
+F64 = torch.float64
+
+
+def parse_sizes(sizes: Iterable[int] | str) -> list[int]:
+    """Validate ghost sizes (a comma-separated string or integers): sorted, unique, >= 2."""
+    example = "e.g. --sizes 2,4,8,16,32"
+    if isinstance(sizes, str):
+        parts = [p.strip() for p in sizes.split(",")]
+        try:
+            values = [int(p) for p in parts if p]
+        except ValueError:
+            raise UsageError(
+                f"ghost sizes must be comma-separated integers, got {sizes!r}", example
+            ) from None
+    else:
+        values = list(sizes)
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise UsageError(f"ghost sizes must be integers, got {v!r}", example)
+    if not values:
+        raise UsageError("no ghost sizes given", example)
+    low = [v for v in values if v < MIN_SIZE]
+    if low:
+        raise UsageError(
+            f"ghost size {low[0]} is too small: batch statistics need at least {MIN_SIZE} samples",
+            example,
+        )
+    return sorted(set(values))
+
+
+def normalize_chunks(
+    x: torch.Tensor, sizes: list[int], eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalize each chunk of ``x`` ([N, C, ...]) with its own mean and biased variance.
+
+    Returns (normalized x, chunk means [K, C], chunk variances [K, C]); no affine transform.
+    Chunks of equal size are handled in one vectorized operation."""
+    work = x if x.dtype in (torch.float32, F64) else x.float()
+    outs, means, variances = [], [], []
+    start = 0
+    groups: list[tuple[int, int]] = []  # (chunk size, number of chunks)
+    for s in sizes:
+        if groups and groups[-1][0] == s:
+            groups[-1] = (s, groups[-1][1] + 1)
+        else:
+            groups.append((s, 1))
+    for s, count in groups:
+        part = work[start : start + s * count]
+        start += s * count
+        view = part.reshape(count, s, *part.shape[1:])
+        dims = (1, *range(3, view.ndim))
+        var, mean = torch.var_mean(view, dim=dims, correction=0, keepdim=True)
+        outs.append(((view - mean) / torch.sqrt(var + eps)).reshape(part.shape))
+        means.append(mean.reshape(count, -1))
+        variances.append(var.reshape(count, -1))
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    return out.to(x.dtype), torch.cat(means), torch.cat(variances)
+
+
+def _affine(module: _BatchNorm, y: torch.Tensor) -> torch.Tensor:
+    if module.weight is None:
+        return y
+    shape = (1, -1) + (1,) * (y.ndim - 2)
+    return y * module.weight.reshape(shape) + module.bias.reshape(shape)
+
+
+class _NoiseProbe:
+    """Float64 sums for one layer at one ghost size (all tensors, so one all-reduce merges
+    ranks): chunk deviations from the population, per-sample moments, chunk-size counts."""
+
+    def __init__(self, mean_pop: torch.Tensor, var_pop: torch.Tensor, eps: float, g: int) -> None:
+        self.mu = mean_pop.to(F64)
+        self.sigma2 = var_pop.to(F64) + eps
+        self.log_sigma2 = torch.log(self.sigma2)
+        self.eps = eps
+        c = self.mu.numel()
+        dev = self.mu.device
+        # rows: |dmu|, dmu^2, dmu, |dlogvar|, sample d, d^2, q, q^2
+        self.sums = torch.zeros(8, c, dtype=F64, device=dev)
+        # counts[s] = chunks of s samples (s up to 2g, a merged remainder included); [0] samples
+        self.counts = torch.zeros(2 * g + 2, dtype=F64, device=dev)
+
+    def add(self, x: torch.Tensor, sizes: list[int], means: torch.Tensor, var: torch.Tensor):
+        dm = (means.to(F64) - self.mu) / self.sigma2.sqrt()
+        dv = torch.log(var.to(F64) + self.eps) - self.log_sigma2
+        per = x.detach().reshape(x.shape[0], x.shape[1], -1)
+        v_i, m_i = torch.var_mean(per.float(), dim=2, correction=0)
+        d = (m_i.to(F64) - self.mu) / self.sigma2.sqrt()
+        q = (v_i.to(F64) + (m_i.to(F64) - self.mu) ** 2) / self.sigma2
+        rows = (dm.abs(), dm * dm, dm, dv.abs(), d, d * d, q, q * q)
+        self.sums += torch.stack([r.sum(0) for r in rows])
+        for s in sizes:
+            self.counts[min(s, self.counts.numel() - 1)] += 1
+        self.counts[0] += x.shape[0]
+
+    def result(self, g: int) -> GhostLayerSize:
+        chunk_sizes = torch.arange(self.counts.numel(), dtype=F64, device=self.counts.device)
+        per_size = self.counts.clone()
+        per_size[0] = 0
+        chunks = int(per_size.sum())
+        samples = float(self.counts[0])
+        if chunks == 0 or samples == 0:
+            return GhostLayerSize(g, 0, None, None, None, None, None)
+        s = self.sums
+        cells = chunks * s.shape[1]
+        noise_mu = float(s[0].sum() / cells)
+        noise_var = float(s[3].sum() / cells)
+        var_m = (s[5] / samples - (s[4] / samples) ** 2).clamp_min(0)
+        mean_q = s[6] / samples
+        var_q = (s[7] / samples - mean_q**2).clamp_min(0)
+        used = per_size > 0
+        weights = per_size[used] / chunks  # fraction of chunks of each size
+        sz = chunk_sizes[used]
+        iid_mu = math.sqrt(2 / math.pi) * float(
+            (var_m.sqrt()[:, None] * (weights / sz.sqrt())[None, :]).sum(1).mean()
+        )
+        iid_var = float((_expected_abs_log_var(var_m, mean_q, var_q, sz) * weights).sum(1).mean())
+        effective = None
+        if chunks >= 2:
+            measured = (s[1] / chunks - (s[2] / chunks) ** 2).clamp_min(0)  # Var(mu_k)/sigma^2
+            expected = var_m * float((weights / sz).sum())
+            if float(measured.mean()) > 0:
+                effective = g * float(expected.mean() / measured.mean())
+        return GhostLayerSize(g, chunks, noise_mu, noise_var, iid_mu, iid_var, effective)
+
+
+def _expected_abs_log_var(
+    var_m: torch.Tensor, mean_q: torch.Tensor, var_q: torch.Tensor, sizes: torch.Tensor
+) -> torch.Tensor:
+    """E|log(var_k / var_pop)| for i.i.d. chunks of each size (delta method, normal
+    approximation; see the module docstring). Shape [C, sizes]."""
+    s = sizes[None, :]
+    centre = (mean_q[:, None] - var_m[:, None] / s).clamp_min(1e-12)
+    sd = (var_q[:, None] / s).sqrt() / centre
+    b = torch.log(centre) - sd**2 / 2
+    sd = sd.clamp_min(1e-12)
+    return sd * math.sqrt(2 / math.pi) * torch.exp(-(b**2) / (2 * sd**2)) + b * (
+        1 - 2 * torch.special.ndtr(-b / sd)
+    )
+
+
+@contextlib.contextmanager
+def ghost_forwards(
+    layers: dict[str, _BatchNorm], g: int, probes: dict[str, _NoiseProbe] | None = None
+) -> Iterator[None]:
+    """Within the block, the given BN layers normalize every chunk of ``g`` samples with the
+    chunk's own statistics (whatever their mode) and never touch their buffers; ``probes``
+    record the chunk statistics. Each module's own ``forward`` is restored on exit."""
+    missing = object()
+    saved: dict[_BatchNorm, Any] = {}
+    try:
+        for name, module in layers.items():
+            saved[module] = module.__dict__.get("forward", missing)
+            probe = probes.get(name) if probes else None
+            module.forward = _ghost_forward(module, g, probe)
+        yield
+    finally:
+        for module, previous in saved.items():
+            if previous is missing:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+
+
+def _ghost_forward(
+    module: _BatchNorm, g: int, probe: _NoiseProbe | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.ndim < 2:
+            raise ValueError(f"expected an input of shape [N, C, ...], got {tuple(x.shape)}")
+        spatial = math.prod(x.shape[2:])
+        sizes = ghost_chunk_sizes(x.shape[0], g, spatial)
+        if sizes[0] * spatial == 1:
+            raise ValueError("Expected more than 1 value per channel when training")
+        y, means, var = normalize_chunks(x, sizes, module.eps)
+        if probe is not None:
+            probe.add(x, sizes, means, var)
+        return _affine(module, y)
+
+    return forward
+
+
+@dataclass
+class _SizeTally:
+    tally: Tally
+    agree: int = 0
+    kl: float = 0.0
+
+
+def _batch_size(data: Iterable[Any]) -> int:
+    iterator = iter(data)
+    if iterator is data:
+        raise UsageError(
+            "the ghost analysis reads the data twice, but it is a one-shot iterator",
+            "pass a re-iterable (a DataLoader or a list of batches), not a generator",
+        )
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise DataError("the data yielded no batches", "check --data (is it empty?)") from None
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if callable(shutdown):
+            with contextlib.suppress(Exception):
+                shutdown()
+    inputs, _ = split_batch(first)
+    if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2:
+        raise DataError(
+            "cannot tell the batch size: the batch's input is not a tensor of shape [N, C, ...]",
+            "pass --input-key, or call= returning the model input",
+        )
+    return int(inputs.shape[0])
+
+
+def _reduce_sum(tensors: list[torch.Tensor], process_group: Any) -> None:
+    """Sum tensors across ranks in place (one collective) when distributed."""
+    import torch.distributed as dist
+
+    if not tensors or not (dist.is_available() and dist.is_initialized()):
+        return
+    flat = torch.cat([t.reshape(-1).to(F64) for t in tensors])
+    dist.all_reduce(flat, group=process_group)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].reshape(t.shape).to(t.dtype))
+        offset += n
+
+
+def ghost_analysis(
+    model: nn.Module,
+    data: Iterable[Any],
+    sizes: Iterable[int] | str = (2, 4, 8, 16, 32),
+    batches: int | None = None,
+    *,
+    call: Call | None = None,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+    process_group: Any = None,
+) -> Report:
+    """Normalization-batch-size analysis: chunk-statistics noise per layer and the model's
+    outputs with batch statistics of chunks of each size g, against population statistics.
+
+    ``data`` is read twice (so it must be re-iterable): once to collect population statistics
+    (Precise BN engine), once to compare, per batch, the outputs with population statistics and
+    with batch statistics at every size. Sizes larger than the batch are reported as skipped.
+    The model is left exactly as it was (modes, buffers, forwards). Returns a ``ghost`` report:
+    :class:`~bnscope.records.GhostLayer` records in module order, findings ``small-nbs`` and
+    ``non-iid-batches``, and ``extra["sizes"]`` with one :class:`~bnscope.records.GhostSize`
+    dict per size.
+    """
+    wanted = parse_sizes(sizes)
+    check_batches(batches)
+    call = call or default_call
+    batch_size = _batch_size(data)
+    run = [g for g in wanted if g <= batch_size]
+    if not run:
+        raise DataError(
+            f"the data's batches hold {batch_size} samples, fewer than every ghost size "
+            f"({', '.join(map(str, wanted))})",
+            f"use --batch-size {wanted[0]} or more, or smaller --sizes",
+        )
+    total = None if batches is None else 2 * batches
+
+    def first_pass(done: int, _: int | None) -> None:
+        if progress is not None:
+            progress(done, total)
+
+    dist_kw = {} if process_group is None else {"process_group": process_group}
+    collection = collect(
+        model, data, batches=batches, call=call, device=device, progress=first_pass, **dist_kw
+    )
+    pop = population_stats(collection)
+    targets = {name: collection.layers[name].module for name in pop}
+    probes = {
+        g: {name: _NoiseProbe(mean, var, targets[name].eps, g) for name, (mean, var) in pop.items()}
+        for g in run
+    }
+    ref_tally = Tally()
+    tallies = {g: _SizeTally(Tally()) for g in run}
+    samples = 0
+    labelled = classes = True
+    done = 0
+    with on_device(model, device) as dev, restored(model), torch.no_grad():
+        for module in model.modules():
+            module.training = False
+        for name, (mean, var) in pop.items():
+            module = targets[name]
+            module.running_mean.copy_(mean.to(module.running_mean.dtype))
+            module.running_var.copy_(var.to(module.running_var.dtype))
+        for probe_set in probes.values():
+            for probe in probe_set.values():
+                probe.sums = probe.sums.to(dev)
+                probe.counts = probe.counts.to(dev)
+                probe.mu, probe.sigma2 = probe.mu.to(dev), probe.sigma2.to(dev)
+                probe.log_sigma2 = probe.log_sigma2.to(dev)
+        for batch in data:
+            if batches is not None and done >= batches:
+                break
+            batch = move_to(batch, dev)
+            _, labels = split_batch(batch)
+            try:
+                ref = logits_of(call(model, batch))
+                outs = {}
+                for g in run:
+                    with ghost_forwards(targets, g, probes[g]):
+                        outs[g] = logits_of(call(model, batch))
+            except DataError:
+                raise
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                msg = " ".join(str(exc).split())[:300]
+                raise DataError(
+                    f"the model failed on batch {done} of the ghost pass: "
+                    f"{type(exc).__name__}: {msg}",
+                    "check that --data fits the model; batches need 2+ samples",
+                ) from exc
+            n = ref.shape[0] if ref.ndim else 1
+            samples += n
+            is_cls = ref.ndim == 2 and ref.shape[1] > 1
+            classes = classes and is_cls
+            ok_labels = (
+                labels is not None
+                and is_cls
+                and labels.ndim == 1
+                and not labels.is_floating_point()
+                and labels.shape[0] == n
+            )
+            labelled = labelled and ok_labels
+            if ok_labels:
+                ref_tally.add(ref, labels)
+            for g, out in outs.items():
+                st = tallies[g]
+                if is_cls:
+                    a, kl = agreement_and_kl(ref, out)
+                    st.agree += a
+                    st.kl += kl
+                if ok_labels:
+                    st.tally.add(out, labels)
+            done += 1
+            if progress is not None:
+                progress(collection.batches + done, total)
+    if done == 0:
+        raise DataError(
+            "the data yielded no batches on its second reading",
+            "pass a re-iterable (a DataLoader or a list of batches), not a generator",
+        )
+    _reduce_all(probes, ref_tally, tallies, process_group)
+    return _report(collection, probes, run, wanted, batch_size, ref_tally, tallies, samples,
+                   labelled, classes, done)  # fmt: skip
+
+
+def _reduce_all(
+    probes: dict[int, dict[str, _NoiseProbe]],
+    ref_tally: Tally,
+    tallies: dict[int, _SizeTally],
+    process_group: Any,
+) -> None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    tensors = [p.sums for ps in probes.values() for p in ps.values()]
+    tensors += [p.counts for ps in probes.values() for p in ps.values()]
+    scalars = [ref_tally.n, ref_tally.correct, ref_tally.loss]
+    for st in tallies.values():
+        scalars += [st.agree, st.kl, st.tally.n, st.tally.correct, st.tally.loss]
+    packed = torch.tensor(scalars, dtype=F64, device=tensors[0].device if tensors else "cpu")
+    _reduce_sum([*tensors, packed], process_group)
+    values = packed.tolist()
+    ref_tally.n, ref_tally.correct, ref_tally.loss = int(values[0]), int(values[1]), values[2]
+    i = 3
+    for st in tallies.values():
+        st.agree, st.kl = int(values[i]), values[i + 1]
+        st.tally.n, st.tally.correct, st.tally.loss = (
+            int(values[i + 2]),
+            int(values[i + 3]),
+            values[i + 4],
+        )
+        i += 5
+
+
+def _min(values: list[float]) -> float | None:
+    return min(values) if values else None
+
+
+def _median(values: list[float]) -> float | None:
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return None
+    mid = len(vals) // 2
+    return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
+
+
+def _report(
+    collection: Any,
+    probes: dict[int, dict[str, _NoiseProbe]],
+    run: list[int],
+    wanted: list[int],
+    batch_size: int,
+    ref_tally: Tally,
+    tallies: dict[int, _SizeTally],
+    samples: int,
+    labelled: bool,
+    classes: bool,
+    done: int,
+) -> Report:
+    results = {g: {name: p.result(g) for name, p in ps.items()} for g, ps in probes.items()}
+    layers: list[GhostLayer] = []
+    for name, st in collection.layers.items():
+        if name in probes[run[0]]:
+            per = tuple(results[g][name] for g in run)
+            layers.append(
+                GhostLayer(
+                    name, st.module.num_features, "analysed", None, st.max_calls_per_forward, per
+                )  # fmt: skip
+            )
+        else:
+            layers.append(
+                GhostLayer(
+                    name, st.module.num_features, "not-called", "never ran on the data", 0, ()
+                )  # fmt: skip
+            )
+    for sk in collection.skipped:
+        layers.append(GhostLayer(sk.name, sk.num_features, "skipped", sk.reason, 0, ()))
+    layers = collection.in_module_order(layers)
+
+    population = ref_tally.metrics(samples, labelled)
+    size_rows: list[GhostSize] = []
+    for g in wanted:
+        if g not in tallies:
+            size_rows.append(
+                GhostSize(g, "skipped",
+                          f"larger than the batch size ({batch_size}): a chunk cannot exceed "
+                          "the batch", 0, 0, 0, None, None, None, None, None, None, None)
+            )  # fmt: skip
+            continue
+        st = tallies[g]
+        per_layer = list(results[g].values())
+        counts = next(iter(probes[g].values())).counts if probes[g] else None
+        chunks = rem_chunks = rem_samples = 0
+        if counts is not None:
+            for s, c in enumerate(counts.tolist()):
+                if s == 0 or c == 0:
+                    continue
+                chunks += int(c)
+                if s < g:  # a remainder normalized on its own (or a short last batch)
+                    rem_chunks += int(c)
+                    rem_samples += int(c) * s
+                elif s > g:  # a single-sample remainder merged into the previous chunk
+                    rem_chunks += int(c)
+                    rem_samples += int(c) * (s - g)
+        metrics = st.tally.metrics(samples, labelled)
+        note = _size_note(g, batch_size)
+        size_rows.append(
+            GhostSize(
+                g, "ok", note, chunks, rem_chunks, rem_samples,
+                st.agree / samples if classes and samples else None,
+                st.kl / samples if classes and samples else None,
+                metrics.accuracy, metrics.loss,
+                _median([r.noise_mu for r in per_layer]),
+                _median([r.noise_var for r in per_layer]),
+                _min([r.effective_size / g for r in per_layer if r.effective_size is not None]),
+            )
+        )  # fmt: skip
+    findings = _findings(layers, size_rows, population, batch_size)
+    extra = {
+        "sizes": [row.to_dict() for row in size_rows],
+        "batch_size": batch_size,
+        "batches": collection.batches,
+        "samples": samples,
+        "population": population.to_dict(),
+        "has_labels": labelled,
+    }
+    arrays = {"size_rows": {"rows": size_rows}, "population": {"metrics": population}}
+    return Report("ghost", None, tuple(layers), tuple(findings), extra, arrays)
+
+
+def _size_note(g: int, batch_size: int) -> str | None:
+    if g == batch_size:
+        return "the data's batch size: plain BatchNorm training statistics"
+    r = batch_size % g
+    if r:
+        return (
+            f"{batch_size} = {batch_size // g} x {g} + {r}: a remainder chunk of {r} per batch "
+            "(normalized on its own; a single value per channel joins the previous chunk)"
+        )
+    return None
+
+
+def too_noisy(row: GhostSize, population: Metrics) -> bool:
+    """True when outputs with batch statistics at this size stray from population-statistics
+    outputs: agreement below :data:`SMALL_NBS_AGREEMENT` or, with labels, accuracy lower by
+    more than :data:`SMALL_NBS_ACCURACY_DROP`."""
+    if row.status != "ok":
+        return False
+    if row.accuracy is not None and population.accuracy is not None:
+        if population.accuracy - row.accuracy > SMALL_NBS_ACCURACY_DROP:
+            return True
+    return row.agreement is not None and row.agreement < SMALL_NBS_AGREEMENT
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _findings(
+    layers: list[GhostLayer], rows: list[GhostSize], population: Metrics, batch_size: int
+) -> list[Finding]:
+    out: list[Finding] = []
+    ok = [r for r in rows if r.status == "ok"]
+    noisy = [r for r in ok if too_noisy(r, population)]
+    if noisy:
+        worst_g = max(r.size for r in noisy)
+        row = next(r for r in noisy if r.size == worst_g)
+        better = [r.size for r in ok if r.size > worst_g and not too_noisy(r, population)]
+        target = better[0] if better else None
+        worst_layer = _noisiest_layer(layers, worst_g)
+        if row.accuracy is not None and population.accuracy is not None:
+            what = (
+                f"accuracy {_pct(row.accuracy)} with batch statistics of {worst_g} samples vs "
+                f"{_pct(population.accuracy)} with population statistics"
+            )
+        else:
+            what = (
+                f"outputs with batch statistics of {worst_g} samples agree with population "
+                f"statistics on {_pct(row.agreement)}"
+            )
+        severity = "warning" if worst_g >= batch_size else "info"
+        where = " (the data's batch size)" if worst_g >= batch_size else ""
+        fix = (
+            f"normalize over at least {target} samples while training "
+            f"(bnscope.nn.GhostBatchNorm(ghost_size={target}), a larger per-device batch, or "
+            "SyncBatchNorm)"
+            if target
+            else "normalize over more samples while training (a larger per-device batch or "
+            "SyncBatchNorm)"
+        ) + "; evaluate with population statistics (bnscope precise)"
+        out.append(
+            Finding(
+                "small-nbs",
+                severity,
+                worst_layer,
+                f"normalization batches of {worst_g} or fewer samples are too noisy{where}: {what}",
+                fix,
+            )
+        )
+    if ok:
+        g = ok[-1].size  # the largest size analysed: closest to how the model trains
+        run_index = len(ok) - 1
+        for layer in layers:
+            if layer.status != "analysed":
+                continue
+            res = layer.sizes[run_index]
+            if res.effective_size is None or res.chunks < MIN_CHUNKS:
+                continue
+            ratio = res.effective_size / g
+            if ratio < NON_IID_RATIO:
+                out.append(
+                    Finding(
+                        "non-iid-batches",
+                        "warning",
+                        layer.name,
+                        f"chunks of {g} samples vary like {res.effective_size:.1f} independent "
+                        f"samples ({100 * ratio:.0f}% of {g}): samples in a batch are correlated",
+                        "shuffle the training data so every batch mixes samples from across the "
+                        "dataset (the sampler), or normalize over larger batches drawn across "
+                        "groups",
+                    )
+                )
+    return out
+
+
+def _noisiest_layer(layers: list[GhostLayer], g: int) -> str | None:
+    best, name = -1.0, None
+    for layer in layers:
+        for res in layer.sizes:
+            if res.size == g and res.noise_mu is not None and res.noise_mu > best:
+                best, name = res.noise_mu, layer.name
+    return name

@@ -1,0 +1,145 @@
+"""Tables for the ghost-size (normalization batch size) report: plain records in, rich
+renderables out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from ..records import GhostLayer, Report
+from .tables import findings_table, header
+from .text import num, percent
+
+#: how many layers the "noisiest layers" table lists
+WORST_LAYERS = 5
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def sizes_table(rows: Sequence[dict[str, Any]], population: dict[str, Any]) -> Group:
+    """One row per ghost size: chunks and remainders, median chunk noise over layers, effective
+    size ratio, and the model's outputs against population statistics; a first row for the
+    population statistics themselves."""
+    table = Table(title="Normalization batch size (NBS curve)", title_justify="left")
+    table.add_column("g", justify="right")
+    table.add_column("chunks", justify="right")
+    table.add_column("remainder", justify="right")
+    table.add_column("noise μ", justify="right")
+    table.add_column("noise log var", justify="right")
+    table.add_column("min eff. size / g", justify="right")
+    table.add_column("agreement", justify="right")
+    table.add_column("KL", justify="right")
+    table.add_column("accuracy", justify="right")
+    table.add_column("loss", justify="right")
+    notes: list[str] = ["pop = population statistics (eval mode), the reference"]
+    table.add_row(
+        "pop", "-", "-", "0", "0", "-", "100.0%", "0",
+        _pct(population.get("accuracy")), num(population.get("loss"), 4),
+    )  # fmt: skip
+    for row in rows:
+        if row["status"] != "ok":
+            table.add_row(str(row["size"]), *["-"] * 9)
+            notes.append(f"g={row['size']}: {row['note']}")
+            continue
+        if row["note"]:
+            notes.append(f"g={row['size']}: {row['note']}")
+        rem = (
+            f"{row['remainder_chunks']} ({row['remainder_samples']} samples)"
+            if row["remainder_chunks"]
+            else "0"
+        )
+        table.add_row(
+            str(row["size"]),
+            str(row["chunks"]),
+            rem,
+            num(row["noise_mu"]),
+            num(row["noise_var"]),
+            num(row["effective_ratio"], 2),
+            _pct(row["agreement"]),
+            num(row["kl"]),
+            _pct(row["accuracy"]),
+            num(row["loss"], 4),
+        )
+    return Group(table, Text("\n".join(notes), style="dim"))
+
+
+def worst_layers_table(layers: Sequence[GhostLayer], limit: int = WORST_LAYERS) -> Table | None:
+    """The layers whose chunk means are noisiest at the smallest size: noise per size and the
+    effective size at the largest size, with the i.i.d. expectation beside each."""
+    analysed = [layer for layer in layers if layer.status == "analysed" and layer.sizes]
+    if not analysed:
+        return None
+    ordered = sorted(analysed, key=lambda layer: -(layer.sizes[0].noise_mu or 0.0))[:limit]
+    sizes = [s.size for s in ordered[0].sizes]
+    table = Table(
+        title=f"Noisiest layers (noise μ measured / i.i.d.; top {len(ordered)} of {len(analysed)})",
+        title_justify="left",
+    )
+    table.add_column("layer", overflow="fold")
+    table.add_column("C", justify="right")
+    for g in sizes:
+        table.add_column(f"g={g}", justify="right")
+    table.add_column(f"eff. size at g={sizes[-1]}", justify="right")
+    for layer in ordered:
+        cells = [f"{num(s.noise_mu)} / {num(s.iid_mu)}" for s in layer.sizes]
+        eff = layer.sizes[-1].effective_size
+        table.add_row(layer.name, str(layer.num_features), *cells, num(eff, 3))
+    return table
+
+
+def verdict(report: Report) -> Text:
+    """One line: down to which size batch statistics reproduce population-statistics outputs."""
+    from ..ghost import SMALL_NBS_ACCURACY_DROP, SMALL_NBS_AGREEMENT
+
+    rows = [r for r in report.extra.get("sizes", []) if r["status"] == "ok"]
+    if not rows:
+        return Text("No size could be analysed.", style="yellow")
+    pop = report.extra.get("population", {})
+
+    def fine(r: dict[str, Any]) -> bool:
+        if r.get("accuracy") is not None and pop.get("accuracy") is not None:
+            if pop["accuracy"] - r["accuracy"] > SMALL_NBS_ACCURACY_DROP:
+                return False
+        return r.get("agreement") is None or r["agreement"] >= SMALL_NBS_AGREEMENT
+
+    bad = [r["size"] for r in rows if not fine(r)]
+    if not bad:
+        return Text(
+            f"Batch statistics reproduce population-statistics outputs at every size down to "
+            f"g={rows[0]['size']}.",
+            style="green",
+        )
+    ok_above = [r["size"] for r in rows if r["size"] > max(bad) and fine(r)]
+    tail = f"; g={ok_above[0]} and above are within tolerance" if ok_above else ""
+    return Text(
+        f"Batch statistics of {max(bad)} or fewer samples change this model's outputs "
+        f"(agreement below {percent(SMALL_NBS_AGREEMENT)} or accuracy down more than "
+        f"{100 * SMALL_NBS_ACCURACY_DROP:.0f} points){tail}.",
+        style="yellow",
+    )
+
+
+def ghost_report(report: Report) -> Group:
+    """The whole ``ghost`` output."""
+    extra = report.extra
+    parts: list[Any] = [header(report), verdict(report)]
+    parts.append(sizes_table(extra.get("sizes", []), extra.get("population", {})))
+    worst = worst_layers_table(report.layers)
+    if worst is not None:
+        parts.append(worst)
+    parts.append(findings_table(report.findings))
+    note = "" if extra.get("has_labels") else " No labels: agreement and KL only."
+    parts.append(
+        Text(
+            f"{extra.get('batches')} batches of {extra.get('batch_size')} "
+            f"({extra.get('samples')} samples) on {extra.get('data', 'the data')}.{note}",
+            style="dim",
+        )
+    )
+    return Group(*parts)
