@@ -41,6 +41,15 @@ def test_demo_end_to_end(tmp_path):
     assert (folder / "ckpt.precise.adapted.pt").is_file()
     assert len(list((folder / "corrupted" / "val" / "circle").glob("*.png"))) == 100
 
+    # the NBS curve of the precise checkpoint on data/val: every size analysed, labels used,
+    # the smallest size clearly worse than population statistics (measured: 49% vs 96%)
+    g = doc["ghost"]
+    assert [r["size"] for r in g["sizes"]] == [2, 4, 8, 16, 32]
+    assert all(r["status"] == "ok" for r in g["sizes"]) and g["has_labels"] is True
+    assert g["sizes"][0]["accuracy"] < g["population"]["accuracy"] - 0.2
+    assert g["sizes"][0]["accuracy"] < g["sizes"][-1]["accuracy"]
+    assert any(f["code"] == "small-nbs" for f in g["findings"])
+
     # the project file written into the folder makes the commands work with no arguments
     res = run("inspect", "--json", cwd=folder)
     assert res.exit_code == 0, res.stderr

@@ -18,7 +18,8 @@ from .runtime import Ui
 HELP = (
     "Build a small BatchNorm CNN, a labelled synthetic image dataset and a briefly trained "
     "checkpoint in DIR, then run bnscope inspect and bnscope precise on it, make a corrupted copy "
-    "of the data and run bnscope adapt, and show what to try next. Runs in well under 2 "
+    "of the data and run bnscope adapt, run bnscope ghost (the NBS curve), and show what "
+    "to try next. Runs in well under 2 "
     "minutes on 2 CPU cores.\n\n"
     "Example: bnscope demo /tmp/bnscope-demo"
 )
@@ -105,6 +106,26 @@ def demo_command(
         output=None,
         force=True,
     )
+    from ..demo.run import DEMO_GHOST_SIZES
+    from .ghost_cmd import render as render_ghost
+    from .ghost_cmd import run_ghost
+
+    sizes_text = ",".join(map(str, DEMO_GHOST_SIZES))
+    say(f"bnscope ghost ckpt.precise.pt --data data/val --sizes {sizes_text}")
+    ghost = run_ghost(
+        ui,
+        config,
+        built.folder / "ckpt.precise.pt",
+        key=None,
+        trust=False,
+        model=None,
+        model_kwargs=None,
+        data=str(built.folder / "data" / "val"),
+        flags=DataFlags(seed=seed),
+        sizes=list(DEMO_GHOST_SIZES),
+        batches=None,
+        device=device,
+    )
     if json_:
         doc: dict[str, Any] = {
             "schema": "bnscope.demo/1",
@@ -113,11 +134,13 @@ def demo_command(
             "layers": static.to_dict()["layers"],
             "findings": static.to_dict()["findings"]
             + precise.to_dict()["findings"]
-            + adapted.to_dict()["findings"],
+            + adapted.to_dict()["findings"]
+            + ghost.to_dict()["findings"],
             "demo": built.to_dict(),
             "inspect": static.to_dict(),
             "precise": precise.to_dict(),
             "adapt": adapted.to_dict(),
+            "ghost": ghost.to_dict(),
         }
         sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
         return
@@ -128,12 +151,16 @@ def demo_command(
     render(quiet_ui, precise, None)
     ui.out.rule(f"bnscope adapt ckpt.precise.pt --data corrupted/train ({name} {severity})")
     render_adapt(quiet_ui, adapted, None)
+    ui.out.rule(f"bnscope ghost ckpt.precise.pt --data data/val --sizes {sizes_text}")
+    render_ghost(quiet_ui, ghost, None)
     ui.out.rule("next")
-    text = next_steps(built.folder, precise.to_dict(), adapted.to_dict())
+    text = next_steps(built.folder, precise.to_dict(), adapted.to_dict(), ghost.to_dict())
     ui.out.print(text, markup=False, highlight=False)
 
 
-def next_steps(folder: Path, precise: dict[str, Any], adapted: dict[str, Any]) -> str:
+def next_steps(
+    folder: Path, precise: dict[str, Any], adapted: dict[str, Any], ghost: dict[str, Any] | None
+) -> str:
     """What the demo found and what to try next (plain text)."""
     lines = [f"Demo folder: {folder} (model.py, data/, corrupted/, ckpt.pt, bnscope.toml)."]
     m = precise.get("metrics")
@@ -151,6 +178,14 @@ def next_steps(folder: Path, precise: dict[str, Any], adapted: dict[str, Any]) -
             f"statistics, {100 * acc['adapted']:.1f}% after bnscope adapt, "
             f"{100 * acc['batch_stats']:.1f}% with test-batch statistics."
         )
+    if ghost and ghost.get("has_labels"):
+        rows = [r for r in ghost["sizes"] if r["status"] == "ok"]
+        curve = ", ".join(f"g={r['size']} {100 * r['accuracy']:.1f}%" for r in rows)
+        pop = ghost["population"]["accuracy"]
+        lines.append(
+            f"NBS curve on data/val (batch statistics of g samples): {curve}; population "
+            f"statistics {100 * pop:.1f}%."
+        )
     lines += [
         "The demo model uses BN momentum 0.01 (a TensorFlow/Keras-style checkpoint), so its",
         "running averages lag the final weights; Precise BN recomputes them exactly.",
@@ -161,5 +196,6 @@ def next_steps(folder: Path, precise: dict[str, Any], adapted: dict[str, Any]) -
         "  bnscope inspect ckpt.precise.pt --out report/    # report.json + running_stats.png",
         "  bnscope adapt ckpt.precise.pt --data corrupted/train --prior 100 --force",
         "  bnscope corrupt data/val blurred/ --corruption defocus_blur --severity 4",
+        "  bnscope ghost ckpt.precise.pt --data data/val --sizes 2,4,8,16,32 --out nbs/",
     ]
     return "\n".join(lines)

@@ -155,6 +155,9 @@ def build_demo(
 
 
 #: the demo's target domain: CIFAR-10-C Gaussian noise at severity 3
+#: ghost sizes the demo analyses (the demo trains with batches of 32)
+DEMO_GHOST_SIZES = (2, 4, 8, 16, 32)
+
 DEMO_CORRUPTION = ("gaussian_noise", 3)
 
 

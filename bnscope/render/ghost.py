@@ -87,7 +87,7 @@ def worst_layers_table(layers: Sequence[GhostLayer], limit: int = WORST_LAYERS) 
         table.add_column(f"g={g}", justify="right")
     table.add_column(f"eff. size at g={sizes[-1]}", justify="right")
     for layer in ordered:
-        cells = [f"{num(s.noise_mu)} / {num(s.iid_mu)}" for s in layer.sizes]
+        cells = [f"{num(s.noise_mu, 2)} / {num(s.iid_mu, 2)}" for s in layer.sizes]
         eff = layer.sizes[-1].effective_size
         table.add_row(layer.name, str(layer.num_features), *cells, num(eff, 3))
     return table
