@@ -82,10 +82,18 @@ def prepare_out_dir(out: str | Path) -> Path:
     return out
 
 
-def write_report_dir(out: str | Path, report_text: str, figures: dict[str, Any]) -> list[Path]:
-    """Write ``report.json`` and each figure (``name -> Figure``) as ``name.png`` into ``out``."""
+def write_report_dir(
+    out: str | Path,
+    report_text: str,
+    figures: dict[str, Any],
+    texts: dict[str, str] | None = None,
+) -> list[Path]:
+    """Write ``report.json``, each figure (``name -> Figure``) as ``name.png`` and each extra
+    text file (``file name -> text``, e.g. ``report.html``) into ``out``, each atomically."""
     folder = prepare_out_dir(out)
     written = [write_text(folder / "report.json", report_text)]
     for name, fig in figures.items():
         written.append(save_figure(fig, folder / f"{name}.png"))
+    for name, text in (texts or {}).items():
+        written.append(write_text(folder / name, text))
     return written

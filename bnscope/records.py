@@ -204,6 +204,41 @@ class AdaptLayer:
 
 
 @dataclass(frozen=True)
+class InspectLayer:
+    """Per-layer result of dynamic inspection (see :mod:`bnscope.dynamic`).
+
+    ``d_mu``/``d_var`` (max and median over channels) compare the running statistics with the
+    population statistics of the model as it is (DESIGN §4). ``z_mu``/``z_var`` are the root
+    mean square over channels of the gap in units of the EMA's own noise
+    (sqrt(m/(2-m) Var(mu_B))): about 1 for an EMA that is merely noisy. ``ema_noise_mu`` is
+    that noise in sigma units (median), ``batch_spread_mu`` the spread of batch means
+    sqrt(Var(mu_B))/sigma and ``batch_spread_var`` the relative spread of batch variances, at
+    the data's batch size. ``status``: ``ok`` (gap below 0.05), ``stale`` (beyond EMA noise),
+    ``noisy`` (within it), ``unknown`` (one batch only), ``not-called`` or ``skipped``.
+    """
+
+    name: str
+    num_features: int
+    status: str
+    reason: str | None
+    momentum: float | None
+    calls_per_forward: int
+    batch_calls: int
+    d_mu_max: float | None
+    d_mu_median: float | None
+    d_var_max: float | None
+    d_var_median: float | None
+    z_mu: float | None
+    z_var: float | None
+    ema_noise_mu: float | None
+    batch_spread_mu: float | None
+    batch_spread_var: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean(asdict(self))
+
+
+@dataclass(frozen=True)
 class GhostLayerSize:
     """One BN layer at one ghost size g: how far chunk statistics fall from the population's.
 

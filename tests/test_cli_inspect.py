@@ -239,10 +239,3 @@ def test_debug_shows_traceback(tmp_path):
     assert res.exit_code == 2
     assert "Traceback" in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("bnscope: error:")
-
-
-def test_dynamic_not_available_yet(tiny_ckpt, tmp_path):
-    one_error_line(
-        run("inspect", tiny_ckpt, "--model", tiny_spec(), "--data", tmp_path),
-        "not available in this version",
-    )

@@ -1,30 +1,43 @@
-"""``bnscope inspect``: static report from a checkpoint (dynamic report: a later version)."""
+"""``bnscope inspect``: static report from a checkpoint; with the model and data, the dynamic
+report (EMA staleness, train/test consistency, layer usage)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import typer
 
 from ..config import ProjectConfig
-from ..errors import NotAvailableError, UsageError
+from ..errors import UsageError
 from ..records import Report
 from . import options as o
 from .app import app
-from .inputs import build_model_for, open_checkpoint
+from .inputs import DataFlags, build_model_for, open_checkpoint, open_data
 from .runtime import (
     Ui,
     check_fail_on,
     exit_code_for,
     finish,
+    merged,
+    progress_bar,
     project_config,
     require_checkpoint,
+    resolve_device,
 )
 
 HELP = (
     "Report every BN layer of a checkpoint and what is wrong with its statistics.\n\nWith "
     "the checkpoint alone (no model code): running-stat ranges, EMA warm-up, tiny "
     "variances, dead channels, never-updated layers, non-finite values. With --model, "
-    "momentum and eps come from the model.\n\nExample: bnscope inspect runs/ckpt.pt --json"
+    "momentum and eps come from the model.\n\nWith --model and --data (the training data; "
+    "also from bnscope.toml): the dynamic report. Per layer, how far the running statistics "
+    "are from this model's population statistics and whether that is beyond the EMA's own "
+    "noise (stale) or not (noisy); outputs with batch, running and precise statistics on the "
+    "same batches (the train/test gap); layers never called or called twice. --out writes "
+    "report.json, figures and a self-contained report.html.\n\nExamples: bnscope inspect "
+    "runs/ckpt.pt --json; bnscope inspect runs/ckpt.pt --model model.py:make_model --data "
+    "data/train --batches 50 --out report/"
 )
 
 
@@ -37,7 +50,23 @@ def inspect_command(
     model_kwargs: o.ModelKwargs = None,
     data: o.Data = None,
     eval_data: o.EvalData = None,
+    static: Annotated[
+        bool,
+        typer.Option(
+            "--static",
+            help="Only the static report from the checkpoint's buffers, even when a model and "
+            "data are given (or set in bnscope.toml).",
+        ),
+    ] = False,
+    batch_size: o.BatchSize = None,
     batches: o.Batches = None,
+    workers: o.Workers = None,
+    input_key: o.InputKey = None,
+    image_size: o.ImageSize = None,
+    resize: o.Resize = None,
+    channels: o.Channels = None,
+    mean: o.Mean = None,
+    std: o.Std = None,
     device: o.Device = None,
     seed: o.Seed = 0,
     out: o.OutDir = None,
@@ -50,17 +79,81 @@ def inspect_command(
     level = check_fail_on(fail_on)
     config = project_config()
     path = require_checkpoint(checkpoint, config)
-    if data is not None:
-        raise NotAvailableError(
-            "dynamic inspection (--data) is not available in this version of bnscope",
-            "omit --data for the static report",
-        )
     if eval_data is not None:
-        raise UsageError("--eval-data needs dynamic inspection (--data)", "omit --eval-data")
-
-    report = static_report_for(path, key, trust_checkpoint, model, model_kwargs, config)
-    render_static(ui, report, out)
+        raise UsageError(
+            "inspect compares statistics on --data (the training data); it takes no --eval-data",
+            "use --data, or bnscope precise --eval-data to evaluate before/after",
+        )
+    data_spec = None if static else merged(data, config, "data")
+    if data_spec is None:
+        report = static_report_for(path, key, trust_checkpoint, model, model_kwargs, config)
+        render_static(ui, report, out)
+        finish(exit_code_for(report, level))
+        return
+    flags = DataFlags(batch_size, workers, input_key, image_size, resize, channels, mean, std, seed)
+    report = run_dynamic(
+        ui, config, path, key=key, trust=trust_checkpoint, model=model,
+        model_kwargs=model_kwargs, data_spec=data_spec, flags=flags, batches=batches,
+        device=device,
+    )  # fmt: skip
+    if report.command == "inspect" and "verdict" not in report.extra:
+        # no model code: the static report is produced; asking for --data was a mistake
+        render_static(ui, report, out)
+        if data is not None:
+            raise UsageError(
+                "--data needs --model for a state-dict checkpoint: the dynamic report runs "
+                "the model; the static report above comes from the buffers alone",
+                "pass --model pkg.module:factory or file.py:factory (or drop --data)",
+            )
+        finish(exit_code_for(report, level))
+        return
+    render_dynamic(ui, report, out)
     finish(exit_code_for(report, level))
+
+
+def run_dynamic(
+    ui: Ui,
+    config: ProjectConfig,
+    path: Path,
+    *,
+    key: str | None,
+    trust: bool,
+    model: str | None,
+    model_kwargs: str | None,
+    data_spec: str,
+    flags: DataFlags,
+    batches: int | None,
+    device: str | None,
+) -> Report:
+    """Load, then the dynamic report; without model code, the static report instead."""
+    dev = resolve_device(device)
+
+    import torch
+
+    from ..data import default_call
+    from ..dynamic import inspect
+
+    torch.manual_seed(flags.seed)
+    ckpt = open_checkpoint(path, key, trust, config)
+    net, prefix, spec = build_model_for(ckpt, model, model_kwargs, config)
+    if net is None:
+        return static_report_for(path, key, trust, model, model_kwargs, config)
+    source = open_data(data_spec, flags, config, "--data", shuffle=True)
+    call = default_call(merged(flags.input_key, config, "input_key"))
+    ui.info(f"dynamic inspection on {source.description} ({dev})")
+    total = None if batches is None else 2 * batches
+    with progress_bar(ui, "inspecting", total) as progress:
+        result = inspect(net, source, batches, call=call, device=dev, progress=progress)
+    extra: dict[str, Any] = {
+        "format": ckpt.format,
+        "key": ckpt.key,
+        "prefix": prefix,
+        "model": spec,
+        "project_file": str(config.path) if config.path else None,
+        "data": source.description,
+        **result.extra,
+    }
+    return Report("inspect", str(path), result.layers, result.findings, extra, result.arrays)
 
 
 def static_report_for(
@@ -122,5 +215,62 @@ def render_static(ui: Ui, report: Any, out: str | None) -> None:
         from ..render.tables import static_report
 
         ui.out.print(static_report(report))
+    if written:
+        ui.info(f"wrote {', '.join(str(p) for p in written)}")
+
+
+def dynamic_figures(report: Report) -> dict[str, tuple[str, Any]]:
+    """The dynamic report's figures: name -> (caption, Figure)."""
+    from ..dynamic import STALE_Z
+    from ..render.figures import batch_means_figure, consistency_figure, staleness_figure
+
+    figures: dict[str, tuple[str, Any]] = {}
+    if report.layers:
+        figures["staleness"] = (
+            "Running vs population statistics by depth: d_mu, d_var and the gap in units of "
+            "EMA noise (stale layers shaded).",
+            staleness_figure(report.layers, STALE_Z),
+        )
+    ranked = sorted(
+        (r for r in report.layers if r.name in report.arrays and r.d_mu_max is not None),
+        key=lambda r: r.d_mu_max,
+        reverse=True,
+    )
+    if ranked:
+        worst = ranked[0].name
+        figures["batch_means"] = (
+            f"Batch means of the most stale channels of {worst}, with the population mean and "
+            "the running mean (EMA).",
+            batch_means_figure(worst, report.arrays[worst]),
+        )
+    figures["train_test"] = (
+        "The same batches with running, precise and batch statistics.",
+        consistency_figure(report.extra["consistency"]),
+    )
+    return figures
+
+
+def render_dynamic(ui: Ui, report: Report, out: str | None) -> None:
+    from ..render.jsonout import report_json
+
+    text = report_json(report)
+    written = []
+    if out is not None:
+        from ..outputs import write_report_dir
+        from ..render.html import figure_png, inspect_html
+
+        figures = dynamic_figures(report)
+        pngs = {name: (caption, figure_png(fig)) for name, (caption, fig) in figures.items()}
+        html = inspect_html(report, pngs)
+        written = write_report_dir(
+            out, text, {name: fig for name, (_, fig) in figures.items()}, {"report.html": html}
+        )
+    if ui.json:
+        ui.out.file.write(text)
+        ui.out.file.flush()
+    else:
+        from ..render.inspect import inspect_report
+
+        ui.out.print(inspect_report(report))
     if written:
         ui.info(f"wrote {', '.join(str(p) for p in written)}")

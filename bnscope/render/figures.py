@@ -252,3 +252,100 @@ def nbs_curve_figure(rows: Sequence[dict], population: dict, fig: Figure | None 
     ax.legend(loc="lower right", fontsize=7)
     ax.set_title("Model outputs vs normalization batch size")
     return fig
+
+
+def staleness_figure(layers: Sequence, stale_z: float = 3.0, fig: Figure | None = None) -> Figure:
+    """Staleness by depth: d_mu and d_var (median and max over channels) between running and
+    population statistics, and the z-score of the gap against EMA noise (RMS over channels)
+    with the ``stale_z`` threshold; stale layers are shaded."""
+    from matplotlib.figure import Figure
+
+    n = len(layers)
+    fig = fig or Figure(figsize=(max(6.0, 0.35 * n + 3), 7.5), layout="constrained")
+    axes = fig.subplots(3, 1, sharex=True)
+    x = [i for i, r in enumerate(layers) if r.d_mu_median is not None]
+    for ax, stem, label in ((axes[0], "d_mu", "d_mu = |μ_EMA − μ_pop| / σ"),
+                            (axes[1], "d_var", "d_var = |log var_EMA / var_pop|")):  # fmt: skip
+        mx = [_finite(getattr(layers[i], f"{stem}_max")) for i in x]
+        md = [_finite(getattr(layers[i], f"{stem}_median")) for i in x]
+        ax.plot(x, mx, "o-", color="C3", label="max over channels")
+        ax.plot(x, md, "s--", color="C0", label="median over channels")
+        if any(v > 0 for v in mx + md):
+            ax.set_yscale("log")
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(True, alpha=0.3)
+    zx = [i for i in x if layers[i].z_mu is not None]
+    axes[2].plot(zx, [_finite(layers[i].z_mu) for i in zx], "o-", color="C1", label="z (mean)")
+    zv = [i for i in x if layers[i].z_var is not None]
+    axes[2].plot(zv, [_finite(layers[i].z_var) for i in zv], "s--", color="C4",
+                 label="z (variance)")  # fmt: skip
+    axes[2].axhline(stale_z, color="k", ls=":", label=f"stale above {stale_z:g}")
+    axes[2].axhline(1.0, color="0.6", ls=":", lw=0.8)
+    if any(layers[i].z_mu and layers[i].z_mu > 0 for i in zx):
+        axes[2].set_yscale("log")
+    axes[2].set_ylabel("gap / EMA noise (RMS z)", fontsize=8)
+    axes[2].grid(True, alpha=0.3)
+    for i, r in enumerate(layers):
+        if r.status == "stale":
+            for ax in axes:
+                ax.axvspan(i - 0.4, i + 0.4, color="C3", alpha=0.08)
+    axes[0].legend(loc="best", fontsize=7)
+    axes[2].legend(loc="best", fontsize=7)
+    axes[-1].set_xlim(-0.6, max(n - 0.4, 0.6))
+    axes[-1].set_xticks(list(range(n)))
+    axes[-1].set_xticklabels([r.name for r in layers], rotation=60, ha="right", fontsize=7)
+    axes[-1].set_xlabel("BN layer (module order)")
+    fig.suptitle("Running statistics vs this model's population statistics, by depth")
+    return fig
+
+
+def batch_means_figure(layer: str, arrays: dict, fig: Figure | None = None) -> Figure:
+    """For one layer's most stale channels: the distribution of batch means (in units of the
+    population sigma, centred on the population mean) with the population mean (0) and the
+    running mean (EMA) marked."""
+    from matplotlib.figure import Figure
+
+    channels = [int(c) for c in arrays["channels"]]
+    fig = fig or Figure(figsize=(2.6 * max(len(channels), 1) + 1, 3.2), layout="constrained")
+    axes = fig.subplots(1, max(len(channels), 1), squeeze=False)[0]
+    means = arrays["batch_means"]
+    for j, (ax, c) in enumerate(zip(axes, channels, strict=False)):
+        sigma = float(arrays["population_sigma"][j])
+        pop = float(arrays["population_mean"][j])
+        ema = (float(arrays["running_mean"][j]) - pop) / sigma
+        values = [(float(v) - pop) / sigma for v in means[:, j]] if len(means) else []
+        if values:
+            ax.hist(values, bins=min(30, max(5, len(values) // 3)), color="C0", alpha=0.7,
+                    label="batch means")  # fmt: skip
+        ax.axvline(0.0, color="C2", lw=2, label="population")
+        ax.axvline(ema, color="C3", lw=2, ls="--", label="running (EMA)")
+        ax.set_title(f"channel {c}", fontsize=8)
+        ax.set_xlabel("(μ − μ_pop) / σ", fontsize=8)
+    axes[0].legend(fontsize=6, loc="best")
+    fig.suptitle(f"{layer}: batch means of the most stale channels")
+    return fig
+
+
+def consistency_figure(consistency: dict, fig: Figure | None = None) -> Figure:
+    """Bars: accuracy (with labels) or top-1 agreement with eval-mode outputs (without) for
+    running statistics, precise statistics and batch statistics on the same batches."""
+    from matplotlib.figure import Figure
+
+    keys = ("running", "precise", "batch")
+    labels = ("running stats\n(eval)", "precise stats", "batch stats\n(train mode)")
+    fig = fig or Figure(figsize=(5.5, 3.8), layout="constrained")
+    ax = fig.subplots()
+    if consistency.get("has_labels"):
+        values = [consistency["metrics"][k]["accuracy"] for k in keys]
+        ax.set_ylabel("accuracy")
+    else:
+        agree = consistency["agreement"]
+        values = [1.0, agree["precise"] or 0.0, agree["batch"] or 0.0]
+        ax.set_ylabel("top-1 agreement with eval mode")
+    bars = ax.bar(labels, values, color=["C7", "C2", "C0"])
+    for bar, v in zip(bars, values, strict=True):
+        ax.annotate(f"{100 * v:.1f}%", (bar.get_x() + bar.get_width() / 2, v), ha="center",
+                    va="bottom", fontsize=8)  # fmt: skip
+    ax.set_ylim(0, 1.08)
+    ax.set_title("Train/test consistency on the same batches", fontsize=9)
+    return fig

@@ -1,0 +1,116 @@
+"""Tables for the dynamic ``inspect`` report: verdict first, then the train/test comparison,
+the worst layers and the findings. Plain records in, rich renderables out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from ..records import InspectLayer, Report
+from .tables import findings_table, header, summary_line
+from .text import num
+
+#: rows of the worst-layers table
+WORST_LAYERS = 10
+
+VERDICT_STYLE = {"stale": "bold yellow", "gap": "bold yellow", "noisy": "cyan",
+                 "healthy": "bold green"}  # fmt: skip
+
+VARIANTS = (
+    ("running", "running stats (eval)"),
+    ("precise", "precise stats"),
+    ("batch", "batch stats (train mode)"),
+)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def consistency_table(consistency: dict[str, Any]) -> Table:
+    """Running vs precise vs batch statistics on the same inputs."""
+    table = Table(title="Train/test consistency on the same batches", title_justify="left")
+    table.add_column("metric")
+    for _, label in VARIANTS:
+        table.add_column(label, justify="right")
+    per = consistency["metrics"]
+    if consistency.get("has_labels"):
+        table.add_row("accuracy", *[_pct(per[k]["accuracy"]) for k, _ in VARIANTS])
+        table.add_row("loss", *[num(per[k]["loss"], 4) for k, _ in VARIANTS])
+    agree = consistency["agreement"]
+    kl = consistency["kl"]
+    table.add_row("top-1 agreement with eval", "100.0%", _pct(agree["precise"]),
+                  _pct(agree["batch"]))  # fmt: skip
+    table.add_row("KL(eval || variant)", "0", num(kl["precise"]), num(kl["batch"]))
+    table.add_row("samples", *[str(per[k]["samples"]) for k, _ in VARIANTS])
+    return table
+
+
+def _severity_key(layer: InspectLayer) -> float:
+    order = {"stale": 3.0, "noisy": 2.0, "not-called": 1.5, "unknown": 1.0}
+    gap = max(v for v in (layer.d_mu_median, layer.d_var_median, 0.0) if v is not None)
+    return order.get(layer.status, 0.0) * 10 + gap
+
+
+def layers_table(layers: Sequence[InspectLayer], limit: int = WORST_LAYERS) -> Table:
+    """The worst layers first: status, gap to the population (median/max d_mu, d_var), the gap
+    in units of EMA noise (z), and the spread of batch statistics at the data's batch size."""
+    ordered = sorted(layers, key=_severity_key, reverse=True)[:limit]
+    more = len(layers) - len(ordered)
+    title = "BN layers, worst first" + (f" (top {len(ordered)} of {len(layers)})" if more else "")
+    table = Table(title=title, title_justify="left")
+    table.add_column("layer", overflow="fold")
+    table.add_column("status")
+    table.add_column("C", justify="right")
+    table.add_column("m", justify="right")
+    table.add_column("d_mu med/max", justify="right")
+    table.add_column("d_var med/max", justify="right")
+    table.add_column("z μ / var", justify="right")
+    table.add_column("EMA noise", justify="right")
+    table.add_column("batch spread", justify="right")
+    table.add_column("calls/fwd", justify="right")
+    style = {"stale": "yellow", "noisy": "cyan", "not-called": "yellow", "ok": "green"}
+    for layer in ordered:
+        if layer.d_mu_median is None:
+            table.add_row(layer.name, Text(layer.status, style=style.get(layer.status, "")),
+                          str(layer.num_features), num(layer.momentum), "-", "-", "-", "-", "-",
+                          str(layer.calls_per_forward))  # fmt: skip
+            continue
+        table.add_row(
+            layer.name,
+            Text(layer.status, style=style.get(layer.status, "")),
+            str(layer.num_features),
+            "cum." if layer.momentum is None else num(layer.momentum),
+            f"{num(layer.d_mu_median, 2)} / {num(layer.d_mu_max, 2)}",
+            f"{num(layer.d_var_median, 2)} / {num(layer.d_var_max, 2)}",
+            f"{num(layer.z_mu, 2)} / {num(layer.z_var, 2)}",
+            num(layer.ema_noise_mu, 2),
+            num(layer.batch_spread_mu, 2),
+            str(layer.calls_per_forward),
+        )
+    return table
+
+
+def inspect_report(report: Report) -> Group:
+    """The whole dynamic ``inspect`` output."""
+    extra = report.extra
+    verdict = Text(extra["verdict_text"], style=VERDICT_STYLE.get(extra["verdict"], ""))
+    parts: list[Any] = [verdict, header(report), consistency_table(extra["consistency"])]
+    parts.append(layers_table(report.layers))
+    parts.append(findings_table(report.findings))
+    parts.append(
+        Text(
+            "d_mu = |mu_EMA - mu_pop|/sigma, d_var = |log var ratio|; z = gap / EMA noise "
+            "(RMS over channels; about 1 when the EMA is merely noisy, stale above 3); batch "
+            "spread = sd of batch means / sigma. "
+            f"{extra.get('batches')} batches, {extra.get('samples')} samples of "
+            f"{extra.get('data', 'the data')}.",
+            style="dim",
+        )
+    )
+    parts.append(summary_line(report))
+    return Group(*parts)

@@ -1,0 +1,128 @@
+"""Dynamic-inspect renderers from hand-made records: golden terminal output, figure artists,
+and the HTML page's content."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import torch
+from rich.console import Console
+
+from bnscope.records import Finding, InspectLayer, Report
+from bnscope.render.figures import batch_means_figure, consistency_figure, staleness_figure
+from bnscope.render.html import inspect_html
+from bnscope.render.inspect import inspect_report
+
+LAYERS = (
+    InspectLayer("stem.bn", 16, "ok", None, 0.1, 1, 40, 0.05, 0.01, 0.09, 0.02, 1.1, 0.9,
+                 0.02, 0.08, 0.1),
+    InspectLayer("layer1.bn", 32, "stale", None, 0.01, 1, 40, 0.41, 0.12, 0.3, 0.07, 48.0,
+                 9.5, 0.002, 0.03, 0.08),
+    InspectLayer("layer2.bn", 32, "noisy", None, 0.1, 2, 80, 0.3, 0.08, 0.2, 0.06, 1.4, 1.2,
+                 0.05, 0.2, 0.3),
+    InspectLayer("aux.bn", 8, "not-called", "never ran on the data", 0.1, 0, 0, None, None,
+                 None, None, None, None, None, None, None),
+)  # fmt: skip
+CONSISTENCY = {
+    "samples": 1280,
+    "has_labels": True,
+    "metrics": {
+        "running": {"samples": 1280, "accuracy": 0.885, "loss": 0.31},
+        "precise": {"samples": 1280, "accuracy": 0.965, "loss": 0.11},
+        "batch": {"samples": 1280, "accuracy": 0.95, "loss": 0.15},
+    },
+    "agreement": {"precise": 0.9, "batch": 0.88},
+    "kl": {"precise": 0.2, "batch": 0.25},
+}
+FINDINGS = (
+    Finding("stale-ema", "warning", "layer1.bn", "running statistics are 0.12 sigma away",
+            "bnscope precise CKPT --data TRAIN_DATA would change accuracy from 88.5% to 96.5%"),
+    Finding("not-called", "warning", "aux.bn", "the layer never ran on the data", "check it"),
+    Finding("reused", "info", "layer2.bn", "called 2 times per forward", "give each use one"),
+)  # fmt: skip
+REPORT = Report(
+    "inspect",
+    "runs/ckpt.pt",
+    LAYERS,
+    FINDINGS,
+    {
+        "format": "torch",
+        "model": "model.py:make_model",
+        "data": "image folder data/train",
+        "verdict": "stale",
+        "verdict_text": "Stale running statistics: 1 of 3 BN layers (layer1.bn); run precise.",
+        "batches": 40,
+        "samples": 1280,
+        "consistency": CONSISTENCY,
+    },
+)
+
+
+def render(renderable) -> str:
+    buf = io.StringIO()
+    Console(file=buf, width=120, color_system=None, force_terminal=False).print(renderable)
+    return buf.getvalue()
+
+
+def test_inspect_report_golden(golden):
+    text = render(inspect_report(REPORT))
+    assert text.splitlines()[0].startswith("Stale running statistics")  # verdict first
+    golden("inspect_dynamic.txt", text)
+
+
+def test_layers_table_puts_stale_first():
+    text = render(inspect_report(REPORT))
+    table = text[text.index("BN layers, worst first") :]
+    assert table.index("layer1.bn") < table.index("layer2.bn") < table.index("stem.bn")
+
+
+def test_staleness_figure_artists():
+    fig = staleness_figure(LAYERS, 3.0)
+    top, mid, bottom = fig.axes
+    assert list(top.lines[0].get_xdata()) == [0, 1, 2]
+    assert list(top.lines[0].get_ydata()) == [0.05, 0.41, 0.3]  # d_mu max
+    assert list(mid.lines[1].get_ydata()) == [0.02, 0.07, 0.06]  # d_var median
+    assert list(bottom.lines[0].get_ydata()) == [1.1, 48.0, 1.4]  # z (mean)
+    assert any(list(line.get_ydata()) == [3.0, 3.0] for line in bottom.lines)
+    assert len(top.patches) == 1  # the stale layer is shaded
+    assert [t.get_text() for t in bottom.get_xticklabels()] == [r.name for r in LAYERS]
+
+
+def test_batch_means_figure_marks_ema_and_population():
+    arrays = {
+        "channels": torch.tensor([5, 1]),
+        "batch_means": torch.tensor([[1.0, 0.0], [1.2, 0.1], [0.8, -0.1]]),
+        "running_mean": torch.tensor([2.0, 0.5]),
+        "population_mean": torch.tensor([1.0, 0.0]),
+        "population_sigma": torch.tensor([0.5, 1.0]),
+    }
+    fig = batch_means_figure("layer1.bn", arrays)
+    ax = fig.axes[0]
+    assert ax.get_title() == "channel 5"
+    xs = [list(line.get_xdata()) for line in ax.lines]
+    assert [0.0, 0.0] in xs and [2.0, 2.0] in xs  # population at 0, EMA at (2-1)/0.5
+    assert sum(p.get_height() for p in ax.patches) == 3
+
+
+def test_consistency_figure_with_and_without_labels():
+    ax = consistency_figure(CONSISTENCY).axes[0]
+    assert [p.get_height() for p in ax.patches] == [0.885, 0.965, 0.95]
+    nolabel = {**CONSISTENCY, "has_labels": False}
+    ax = consistency_figure(nolabel).axes[0]
+    assert [p.get_height() for p in ax.patches] == [1.0, 0.9, 0.88]
+
+
+def test_html_is_self_contained_and_complete():
+    png = base64.b64decode(
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    )
+    html = inspect_html(REPORT, {"staleness": ("Staleness <by> depth", png)})
+    assert html.startswith("<!DOCTYPE html>")
+    assert "id='verdict'" in html and "Stale running statistics" in html
+    assert "data:image/png;base64," in html and "Staleness &lt;by&gt; depth" in html
+    assert "src='http" not in html and "<script" not in html  # nothing fetched
+    for layer in LAYERS:
+        assert layer.name in html
+    for f in FINDINGS:
+        assert f.code in html
