@@ -25,6 +25,14 @@ def test_demo_end_to_end(tmp_path):
     assert len(doc["layers"]) == 5
     ckpt = load_checkpoint(folder / "ckpt.pt")
     assert ckpt.key == "state_dict" and ckpt.raw["epoch"] == 8
+    # inspect (dynamic, on data/train) names the stale layers and predicts the gain ...
+    ins = doc["inspect"]
+    assert ins["verdict"] == "stale"
+    stale = {f["layer"] for f in ins["findings"] if f["code"] == "stale-ema"}
+    assert len(stale) >= 2 and stale <= {lay["name"] for lay in ins["layers"]}
+    acc = {k: v["accuracy"] for k, v in ins["consistency"]["metrics"].items()}
+    assert acc["precise"] > acc["running"] + 0.03
+    # ... that precise then delivers on data/val
     m = doc["precise"]["metrics"]
     assert m["has_labels"] is True
     # the demo checkpoint's EMA lags the weights; Precise BN must recover accuracy

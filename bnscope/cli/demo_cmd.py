@@ -59,11 +59,23 @@ def demo_command(
     built = build_demo(target, seed=seed, progress=say)
     config = load_project_config(target)
 
-    from .inspect_cmd import render_static, static_report_for
+    from .inspect_cmd import render_dynamic, run_dynamic
     from .precise_cmd import render, run_precise
 
-    say("bnscope inspect ckpt.pt")
-    static = static_report_for(built.checkpoint, None, False, None, None, config)
+    say("bnscope inspect ckpt.pt (model and data/train from bnscope.toml)")
+    inspected = run_dynamic(
+        ui,
+        config,
+        built.checkpoint,
+        key=None,
+        trust=False,
+        model=None,
+        model_kwargs=None,
+        data_spec=str(built.folder / "data" / "train"),
+        flags=DataFlags(seed=seed),
+        batches=None,
+        device=device,
+    )
     say("bnscope precise ckpt.pt (statistics on data/train, evaluated on data/val)")
     precise = run_precise(
         ui,
@@ -131,13 +143,13 @@ def demo_command(
             "schema": "bnscope.demo/1",
             "command": "demo",
             "checkpoint": str(built.checkpoint),
-            "layers": static.to_dict()["layers"],
-            "findings": static.to_dict()["findings"]
+            "layers": inspected.to_dict()["layers"],
+            "findings": inspected.to_dict()["findings"]
             + precise.to_dict()["findings"]
             + adapted.to_dict()["findings"]
             + ghost.to_dict()["findings"],
             "demo": built.to_dict(),
-            "inspect": static.to_dict(),
+            "inspect": inspected.to_dict(),
             "precise": precise.to_dict(),
             "adapt": adapted.to_dict(),
             "ghost": ghost.to_dict(),
@@ -145,8 +157,8 @@ def demo_command(
         sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
         return
     quiet_ui = Ui(json=False, quiet=True)
-    ui.out.rule("bnscope inspect ckpt.pt")
-    render_static(quiet_ui, static, None)
+    ui.out.rule("bnscope inspect ckpt.pt (model and data from bnscope.toml)")
+    render_dynamic(quiet_ui, inspected, None)
     ui.out.rule("bnscope precise ckpt.pt")
     render(quiet_ui, precise, None)
     ui.out.rule(f"bnscope adapt ckpt.precise.pt --data corrupted/train ({name} {severity})")
@@ -154,15 +166,30 @@ def demo_command(
     ui.out.rule(f"bnscope ghost ckpt.precise.pt --data data/val --sizes {sizes_text}")
     render_ghost(quiet_ui, ghost, None)
     ui.out.rule("next")
-    text = next_steps(built.folder, precise.to_dict(), adapted.to_dict(), ghost.to_dict())
+    text = next_steps(
+        built.folder, precise.to_dict(), adapted.to_dict(), ghost.to_dict(), inspected.to_dict()
+    )
     ui.out.print(text, markup=False, highlight=False)
 
 
 def next_steps(
-    folder: Path, precise: dict[str, Any], adapted: dict[str, Any], ghost: dict[str, Any] | None
+    folder: Path,
+    precise: dict[str, Any],
+    adapted: dict[str, Any],
+    ghost: dict[str, Any] | None = None,
+    inspected: dict[str, Any] | None = None,
 ) -> str:
     """What the demo found and what to try next (plain text)."""
     lines = [f"Demo folder: {folder} (model.py, data/, corrupted/, ckpt.pt, bnscope.toml)."]
+    if inspected and inspected.get("consistency"):
+        stale = [x["name"] for x in inspected["layers"] if x["status"] == "stale"]
+        acc = {k: v["accuracy"] for k, v in inspected["consistency"]["metrics"].items()}
+        if stale and acc["running"] is not None:
+            lines.append(
+                f"bnscope inspect found {len(stale)} stale BN layers ({', '.join(stale)}) and "
+                f"predicted that Precise BN lifts accuracy on data/train from "
+                f"{100 * acc['running']:.1f}% to {100 * acc['precise']:.1f}%."
+            )
     m = precise.get("metrics")
     if m and m.get("has_labels"):
         a, b = m["a"]["accuracy"], m["b"]["accuracy"]
@@ -191,9 +218,10 @@ def next_steps(
         "running averages lag the final weights; Precise BN recomputes them exactly.",
         "Try next (bnscope.toml in the folder supplies checkpoint, model and data):",
         f"  cd {folder}",
-        "  bnscope inspect --model model.py:make_model     # real momentum: EMA warm-up check",
+        "  bnscope inspect --out report/                    # report.html with the figures",
         "  bnscope precise --batches 20 --force --json      # machine-readable result",
-        "  bnscope inspect ckpt.precise.pt --out report/    # report.json + running_stats.png",
+        "  bnscope inspect ckpt.precise.pt                  # no stale layers any more",
+        "  bnscope inspect --static                         # buffers only, no model run",
         "  bnscope adapt ckpt.precise.pt --data corrupted/train --prior 100 --force",
         "  bnscope corrupt data/val blurred/ --corruption defocus_blur --severity 4",
         "  bnscope ghost ckpt.precise.pt --data data/val --sizes 2,4,8,16,32 --out nbs/",
