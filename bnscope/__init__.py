@@ -4,6 +4,7 @@ Public API (imported lazily so that ``bnscope --help`` does not load torch)::
 
     import bnscope
     rep = bnscope.static_inspect(state_dict)             # no model code needed
+    rep = bnscope.inspect(model, loader, batches=50)      # dynamic report: staleness, gap
     res = bnscope.precise_bn(model, loader, batches=100)  # exact population statistics, in place
     gho = bnscope.ghost_analysis(model, loader, sizes=[2, 4, 8, 16, 32])  # NBS analysis
     bnscope.load_checkpoint("ckpt.pt")                    # any supported checkpoint form
@@ -21,6 +22,7 @@ _API = {
     "precise_bn": "bnscope.precise",
     "adapt_bn": "bnscope.adapt",
     "ghost_analysis": "bnscope.ghost",
+    "inspect": "bnscope.dynamic",
     "evaluate_models": "bnscope.evaluate",
     "corrupt": "bnscope.corruptions",
     "compare_models": "bnscope.evaluate",

@@ -199,3 +199,10 @@ def test_report_document():
     assert doc["layers"][0].keys() >= {"name", "num_features", "d_mu_median", "z_mu", "status"}
     assert doc["verdict"] in ("stale", "gap", "noisy", "healthy") and doc["verdict_text"]
     assert doc["batches"] == 3 and doc["consistency"]["samples"] == 96
+
+
+def test_public_api_name():
+    import bnscope
+    import bnscope.dynamic  # noqa: F401 - importing the module must not shadow the function
+
+    assert bnscope.inspect is inspect and bnscope.ghost_analysis.__module__ == "bnscope.ghost"
