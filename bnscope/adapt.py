@@ -173,6 +173,7 @@ def adapt_bn(
     progress: Progress | None = None,
     only_training: bool = False,
     shift_threshold: float = SHIFT_KL,
+    process_group: Any = None,
 ) -> Report:
     """Re-estimate every BN layer's statistics on ``target_data`` and write them in place.
 
@@ -182,6 +183,10 @@ def adapt_bn(
     (where in the network the domain differs), ``domain-shift`` findings for layers whose
     median symmetric KL exceeds ``shift_threshold``, and source/target tensors in ``arrays``.
     The model's modes, momentum, hooks and ``num_batches_tracked`` are restored.
+
+    Under ``torch.distributed`` each rank passes its share of the target data; statistics and
+    sample counts are pooled over all ranks (see :func:`~bnscope.collect.collect`;
+    ``process_group`` as there), so every rank writes the same statistics.
     """
     if not isinstance(prior, (int, float)) or prior < 0:
         raise UsageError(f"prior must be a number >= 0, got {prior!r}", "e.g. --prior 16")
@@ -193,6 +198,7 @@ def adapt_bn(
         device=device,
         progress=progress,
         only_training=only_training,
+        process_group=process_group,
     )
     target = population_stats(collection)
     mixed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -216,4 +222,6 @@ def adapt_bn(
         "prior": prior,
         "shift_threshold": shift_threshold,
     }
+    if collection.world_size > 1:
+        extra["world_size"] = collection.world_size
     return Report("adapt", None, tuple(records), tuple(findings), extra, arrays)

@@ -14,6 +14,11 @@ them in float64 (:mod:`bnscope.stats`). This costs no extra pass over the activa
 ``_BatchNorm`` subclasses (custom forwards) get a pre-hook that computes float64 moments of the
 input itself, and so does a native layer whose channels have |mean|/std above
 :data:`ILL_CONDITIONED` (there the float32 batch mean would lose digits).
+
+``SyncBatchNorm`` runs as a plain BatchNorm during collection (also under a process group, and
+on CPU): each rank normalizes with its own batch statistics and the ranks pool float64
+sufficient statistics once at the end (:mod:`bnscope.distributed`), instead of all-reducing
+every batch. The module keeps its class.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .distributed import local_batchnorm
 from .stats import MomentAccumulator
 
 #: |mean|/std above which a layer's batch moments are computed in float64 from its input.
@@ -104,6 +110,7 @@ class BNCapture:
         self.order: list[str] = []
         self._saved = _Saved()
         self._handles: list[Any] = []
+        self._stack = contextlib.ExitStack()
         self._active = False
 
     # -- setup / teardown ---------------------------------------------------------------
@@ -142,6 +149,7 @@ class BNCapture:
             targets.append((label, module))
         for module in self._saved.training:
             module.training = False  # dropout and everything else in eval mode
+        self._stack.enter_context(local_batchnorm(self.model))
         for label, module in targets:
             self._saved.momentum[module] = module.momentum
             self._saved.buffers[module] = {
@@ -169,6 +177,10 @@ class BNCapture:
             except BaseException as exc:  # pragma: no cover - defensive
                 errors.append(exc)
         self._handles.clear()
+        try:
+            self._stack.close()
+        except BaseException as exc:  # pragma: no cover - defensive
+            errors.append(exc)
         for module, momentum in self._saved.momentum.items():
             module.momentum = momentum
         for module, buffers in self._saved.buffers.items():

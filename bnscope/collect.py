@@ -1,7 +1,9 @@
 """The collection loop shared by precise, adapt, inspect and ghost.
 
 Runs the model over ``batches`` batches of ``data`` under :class:`~bnscope.capture.BNCapture`
-and turns failures into one-line errors that name the batch and the layer.
+and turns failures into one-line errors that name the batch and the layer. Under an initialized
+``torch.distributed`` process group each rank collects its own data and the float64 sufficient
+statistics are all-reduced once at the end (:mod:`bnscope.distributed`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .capture import BNCapture, LayerStats, NonFiniteInput, SkippedLayer
 from .data import move_to, split_batch
 from .errors import DataError, UsageError
@@ -24,13 +27,17 @@ Progress = Callable[[int, "int | None"], None]
 
 @dataclass
 class Collection:
-    """Population statistics per BN layer (float64 accumulators) and what was run."""
+    """Population statistics per BN layer (float64 accumulators) and what was run.
+
+    Under a process group every figure (statistics, calls, samples, batches) covers all ranks
+    and ``world_size`` says how many took part."""
 
     layers: dict[str, LayerStats]
     skipped: list[SkippedLayer]
     batches: int
     samples: int
     order: list[str]
+    world_size: int = 1
 
     def in_module_order(self, records: list[Any]) -> list[Any]:
         """Records (anything with ``.name``) sorted into module order."""
@@ -118,12 +125,84 @@ def collect(
     device: torch.device | str | None = None,
     progress: Progress | None = None,
     only_training: bool = False,
+    process_group: Any = None,
 ) -> Collection:
     """Run ``model`` over the data in collection mode and return the pooled statistics.
 
     The model's state is restored afterwards (see :class:`~bnscope.capture.BNCapture`);
     ``batches=None`` uses all of the data. Data that runs out before ``batches`` is an error.
+
+    Under ``torch.distributed`` (``process_group=None`` uses the default group when it is
+    initialized; :data:`bnscope.distributed.LOCAL` turns communication off) ``data`` is this
+    rank's share and ``batches`` counts this rank's batches. At the end the ranks exchange
+    their status (a rank's error stops every rank: it re-raises its error, the others raise
+    :class:`~bnscope.distributed.PeerFailed`), then all-reduce count, sum and centred second
+    moment of every layer in float64, plus calls, samples and calls per forward: every rank
+    returns the same statistics, equal to one process's on the union of the data. A rank
+    whose share is empty is fine when ``batches`` is None. Every rank must call this the same
+    number of times, with the same model.
     """
+    group = distributed.resolve_group(process_group)
+    if group is None:
+        return _collect_local(
+            model, data, batches=batches, call=call, device=device, progress=progress,
+            only_training=only_training, allow_empty=False,
+        )  # fmt: skip
+    try:
+        collection = _collect_local(
+            model, data, batches=batches, call=call, device=device, progress=progress,
+            only_training=only_training, allow_empty=batches is None,
+        )  # fmt: skip
+    except Exception as exc:
+        distributed.announce_failure(exc, group)
+        raise
+    distributed.check_peers(group)
+    _reduce(collection, group)
+    if collection.batches == 0:
+        raise DataError(
+            f"the data yielded no batches on any of the {collection.world_size} ranks",
+            "check --data (is it empty?)",
+        )
+    return collection
+
+
+def _reduce(collection: Collection, group: Any) -> None:
+    """All-reduce a collection's statistics and counters over ``group`` (in place)."""
+    stats = list(collection.layers.values())
+    n = len(stats)
+    sums = torch.tensor(
+        [float(s.calls) for s in stats]
+        + [float(s.samples) for s in stats]
+        + [float(collection.batches), float(collection.samples)],
+        dtype=torch.float64,
+    )
+    maxima = torch.tensor([float(s.max_calls_per_forward) for s in stats], dtype=torch.float64)
+    total, peak = distributed.reduce_moments([s.acc for s in stats], group, sums, maxima)
+    counts = [int(round(v)) for v in (total.tolist() if total is not None else [])]
+    peaks = [int(round(v)) for v in (peak.tolist() if peak is not None else [])]
+    for i, st in enumerate(stats):
+        st.calls = counts[i]
+        st.samples = counts[n + i]
+        st.max_calls_per_forward = peaks[i]
+        st.calls_this_forward = 0
+        st.last_mean = None
+    collection.batches = counts[2 * n]
+    collection.samples = counts[2 * n + 1]
+    collection.world_size = distributed.get_world_size(group)
+
+
+def _collect_local(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    batches: int | None,
+    call: Call | None,
+    device: torch.device | str | None,
+    progress: Progress | None,
+    only_training: bool,
+    allow_empty: bool,
+) -> Collection:
+    """One process's collection (no communication)."""
     check_batches(batches)
     call = call or default_call
     done = 0
@@ -160,12 +239,13 @@ def collect(
             if callable(shutdown) and (batches is not None and done >= batches):
                 with contextlib.suppress(Exception):
                     shutdown()
-        if done == 0:
+        if done == 0 and not allow_empty:
             raise DataError("the data yielded no batches", "check --data (is it empty?)")
         if batches is not None and done < batches:
             raise DataError(
                 f"the data ran out after {done} batches but {batches} were asked for",
-                "lower --batches, or omit it to use all of the data",
+                "lower --batches (batches per rank under torchrun), or omit it to use all of "
+                "the data",
             )
         return Collection(dict(cap.layers), list(cap.skipped), done, samples, list(cap.order))
 

@@ -145,6 +145,7 @@ def precise_bn(
     device: torch.device | str | None = None,
     progress: Progress | None = None,
     only_training: bool = False,
+    process_group: Any = None,
 ) -> Report:
     """Recompute every BN layer's running statistics exactly and write them in place.
 
@@ -155,6 +156,11 @@ def precise_bn(
     ``num_batches_tracked`` are as before. Returns a ``precise`` report: per-layer
     :class:`~bnscope.records.PreciseLayer` records (old vs new), with the old and new tensors in
     ``report.arrays``.
+
+    Under ``torch.distributed`` each rank passes its share of the data (``batches`` per rank):
+    float64 sufficient statistics are all-reduced once at the end, so every rank writes the
+    same, exact population statistics of the union (``process_group``: see
+    :func:`~bnscope.collect.collect`).
     """
     collection = collect(
         model,
@@ -164,6 +170,7 @@ def precise_bn(
         device=device,
         progress=progress,
         only_training=only_training,
+        process_group=process_group,
     )
     stats = population_stats(collection)
     records, arrays = layer_records(collection, stats)
@@ -171,5 +178,7 @@ def precise_bn(
     findings = usage_findings(
         records, "check the forward: the layer is defined but unused, or the data skips its branch"
     )
-    extra = {"batches": collection.batches, "samples": collection.samples}
+    extra: dict[str, Any] = {"batches": collection.batches, "samples": collection.samples}
+    if collection.world_size > 1:
+        extra["world_size"] = collection.world_size
     return Report("precise", None, tuple(records), tuple(findings), extra, arrays)

@@ -16,9 +16,11 @@ from .app import app
 from .inputs import DataFlags, bn_updates, prepare_run
 from .runtime import (
     Ui,
+    begin_output,
     check_fail_on,
     exit_code_for,
     finish,
+    is_main_process,
     progress_bar,
     project_config,
     require_checkpoint,
@@ -30,6 +32,8 @@ HELP = (
     "--prior N mixes in the source statistics as N pseudo samples (Schneider et al. 2020). "
     "--eval-data (labelled target data) compares source statistics, adapted statistics and "
     "test-time batch statistics.\n\n"
+    "Under torchrun each rank reads its share of --data and the ranks pool exact statistics; "
+    "rank 0 writes the checkpoint.\n\n"
     "Example: bnscope adapt runs/ckpt.pt --model model.py:make_model --data corrupted/train "
     "--eval-data corrupted/val"
 )
@@ -82,7 +86,8 @@ def adapt_command(
         model_kwargs=model_kwargs, data=data, eval_data=eval_data, prior=prior, flags=flags,
         batches=batches, device=device, output=output, force=force,
     )  # fmt: skip
-    render(ui, report, out)
+    if is_main_process():
+        render(ui, report, out)
     finish(exit_code_for(report, level))
 
 
@@ -113,11 +118,12 @@ def run_adapt(
     run = prepare_run(
         "adapt", config, path, key=key, trust=trust, model=model, model_kwargs=model_kwargs,
         data_spec=data, eval_spec=eval_data, flags=flags, device=device, output=output,
-        force=force, tag="adapted",
+        force=force, tag="adapted", ui=ui,
     )  # fmt: skip
 
     from ..adapt import adapt_bn
     from ..checkpoint import save_checkpoint
+    from ..distributed import local_batchnorm
 
     original = copy.deepcopy(run.model) if run.evaluation is not None else None
     ui.info(f"Adaptive BN on {run.source.description} (prior {prior:g}, {run.device})")
@@ -131,13 +137,15 @@ def run_adapt(
         from ..evaluate import evaluate_models
 
         ui.info(f"evaluating on {run.evaluation.description}")
-        ev = evaluate_models(
-            {"source": original, "adapted": run.model, "batch_stats": copy.deepcopy(original)},
-            run.evaluation,
-            modes={"batch_stats": "batch"},
-            call=run.call,
-            device=run.device,
-        )
+        models = {"source": original, "adapted": run.model, "batch_stats": copy.deepcopy(original)}
+        with local_batchnorm(*models.values()):
+            ev = evaluate_models(
+                models,
+                run.evaluation,
+                modes={"batch_stats": "batch"},
+                call=run.call,
+                device=run.device,
+            )
         extra["metrics"] = {"data": run.evaluation.description, **ev.to_dict()}
         if not ev.has_labels:
             ui.warn(
@@ -146,7 +154,9 @@ def run_adapt(
             )
 
     updates = bn_updates(run.model, result.layers, run.prefix)
-    extra["output"] = str(save_checkpoint(run.ckpt, updates, run.out_path, force=force))
+    extra["output"] = str(run.out_path)
+    if begin_output():  # rank 0 writes, once every rank got here
+        extra["output"] = str(save_checkpoint(run.ckpt, updates, run.out_path, force=force))
     return Report("adapt", str(path), result.layers, result.findings, extra, result.arrays)
 
 

@@ -2,13 +2,12 @@
 
 Exit codes: 0 ran; 1 ``--fail-on`` matched a finding; 2 usage or input error; 130 interrupted.
 Every expected error is one line on stderr (``bnscope: error: what; what to do``); ``--debug``
-adds the traceback.
+adds the traceback. Under ``torchrun`` that line is shown once, by the failing rank.
 """
 
 from __future__ import annotations
 
 import sys
-import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,18 +16,24 @@ from typer.core import TyperGroup
 
 from .. import __version__
 from ..errors import BnscopeError
+from .runtime import DistributedSession, Outcome
 
 PROG = "bnscope"
 
 
-def _error_line(message: str) -> None:
+def _error_line(message: str, stream: Any = None) -> None:
     text = " ".join(str(message).split())
-    sys.stderr.write(f"{PROG}: error: {text}\n")
-    sys.stderr.flush()
+    stream = stream if stream is not None else sys.stderr
+    stream.write(f"{PROG}: error: {text}\n")
+    stream.flush()
 
 
 class BnscopeGroup(TyperGroup):
-    """A typer group whose ``main`` turns every expected error into one line and exit 2."""
+    """A typer group whose ``main`` turns every expected error into one line and exit 2.
+
+    Under ``torchrun`` it also joins the process group first and, at the end, makes every rank
+    agree on the outcome (see :class:`~bnscope.cli.runtime.DistributedSession`): the error
+    line is shown once, every rank exits 2 when any rank failed, and nobody waits forever."""
 
     def main(  # type: ignore[override]
         self,
@@ -40,7 +45,33 @@ class BnscopeGroup(TyperGroup):
     ) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
         debug = "--debug" in argv
-        code = 0
+        try:
+            session = DistributedSession.start()
+        except BnscopeError as exc:  # could not join the process group: no one to tell
+            _error_line(exc.line())
+            return self._exit(2, standalone_mode)
+        try:
+            outcome = self._invoke(argv, prog_name, complete_var, extra, session.active)
+            code = session.conclude(outcome, debug, _error_line)
+        finally:
+            session.close()
+        return self._exit(code, standalone_mode)
+
+    @staticmethod
+    def _exit(code: int, standalone_mode: bool) -> Any:
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+    def _invoke(
+        self,
+        argv: list[str],
+        prog_name: str | None,
+        complete_var: str | None,
+        extra: dict[str, Any],
+        catch_all: bool,
+    ) -> Outcome:
+        """Run the command; how it ended (nothing is printed here)."""
         try:
             result = super().main(
                 args=argv,
@@ -49,31 +80,26 @@ class BnscopeGroup(TyperGroup):
                 standalone_mode=False,
                 **extra,
             )
-            code = result if isinstance(result, int) else 0
+            return Outcome(result if isinstance(result, int) else 0)
         except BnscopeError as exc:
-            if debug:
-                traceback.print_exc()
-            _error_line(exc.line())
-            code = 2
+            return Outcome(2, exc, exc.line(), failed=True)
         except typer.TyperException as exc:  # click's usage errors (vendored or not)
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                return Outcome(0)  # the help text was already printed
             code = getattr(exc, "exit_code", 2) or 2
             ctx = getattr(exc, "ctx", None)
-            if type(exc).__name__ == "NoArgsIsHelpError":
-                code = 0  # the help text was already printed
-            else:
-                where = ctx.command_path if ctx is not None else PROG
-                _error_line(f"{exc.format_message()}; see '{where} --help'")
-        except typer.Abort:
-            _error_line("aborted")
-            code = 130
-        except KeyboardInterrupt:
-            _error_line("interrupted; nothing was written")
-            code = 130
+            where = ctx.command_path if ctx is not None else PROG
+            return Outcome(code, exc, f"{exc.format_message()}; see '{where} --help'", True)
+        except typer.Abort as exc:
+            return Outcome(130, exc, "aborted", interrupted=True)
+        except KeyboardInterrupt as exc:
+            return Outcome(130, exc, "interrupted; nothing was written", interrupted=True)
         except BrokenPipeError:
-            code = 1
-        if not standalone_mode:
-            return code
-        sys.exit(code)
+            return Outcome(1)
+        except Exception as exc:
+            if not catch_all:
+                raise
+            return Outcome(1, exc, None, failed=True, unexpected=True)
 
 
 app = typer.Typer(

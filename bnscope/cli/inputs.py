@@ -8,13 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import ProjectConfig
 from ..errors import UsageError
-from .runtime import merged, parse_floats
+from .runtime import merged, parse_floats, rank_and_world_size
 
 if TYPE_CHECKING:
     from torch import nn
 
     from ..checkpoint import Checkpoint
     from ..data import DataSource
+    from .runtime import Ui
 
 
 @dataclass
@@ -75,12 +76,18 @@ def open_data(
     option: str,
     *,
     shuffle: bool = False,
+    shard: bool = True,
+    ui: Ui | None = None,
 ) -> DataSource:
     """Resolve a ``--data``-like spec into a :class:`~bnscope.data.DataSource`.
 
     ``shuffle=True`` (seeded by ``--seed``) for statistics collection: with BN normalizing by
     batch statistics, deeper layers' inputs depend on the batch composition, so batches must
-    be i.i.d. samples (an image folder read in order gives one class per batch)."""
+    be i.i.d. samples (an image folder read in order gives one class per batch).
+
+    Under ``torchrun`` with ``shard=True`` each rank gets its share (image folders and tensor
+    files: samples ``rank::world_size``; factories: ``rank`` and ``world_size`` when their
+    signature names them; ``ui`` then warns about a factory that cannot shard)."""
     from ..data import ImageOptions, load_data
 
     if spec is None:
@@ -93,14 +100,40 @@ def open_data(
         mean=parse_floats(merged(flags.mean, config, "mean"), "--mean") or defaults.mean,
         std=parse_floats(merged(flags.std, config, "std"), "--std") or defaults.std,
     )
-    return load_data(
+    rank, world_size = rank_and_world_size() if shard else (0, 1)
+    source = load_data(
         spec,
         batch_size=merged(flags.batch_size, config, "batch_size", 32),
         workers=merged(flags.workers, config, "workers", 0),
         image=image,
         shuffle=shuffle,
         seed=flags.seed,
+        rank=rank,
+        world_size=world_size,
     )
+    if world_size > 1 and source.kind == "factory" and ui is not None:
+        if not _factory_shards(str(spec)):
+            ui.warn(
+                f"{option} {spec} does not take rank and world_size, so each of the "
+                f"{world_size} ranks reads all of its batches (statistics stay exact; the work "
+                "is repeated)"
+            )
+    return source
+
+
+def _factory_shards(spec: str) -> bool:
+    """Whether a ``--data`` factory's signature takes ``rank`` and ``world_size``."""
+    import inspect
+
+    from ..errors import DataError
+    from ..modelspec import resolve_spec
+
+    try:
+        obj = resolve_spec(spec, DataError, "--data")
+        params = inspect.signature(obj).parameters if callable(obj) else {}
+    except Exception:  # noqa: BLE001 - only for a warning
+        return True
+    return "rank" in params and "world_size" in params
 
 
 @dataclass
@@ -145,10 +178,14 @@ def prepare_run(
     output: str | None,
     force: bool,
     tag: str,
+    ui: Ui | None = None,
 ) -> Run:
     """Check the output path first (nothing runs if it would be refused), then load the
     checkpoint into the model and open the data. Collection data and evaluation data are
-    shuffled (seeded): batch statistics need i.i.d. batches."""
+    shuffled (seeded): batch statistics need i.i.d. batches.
+
+    Under ``torchrun`` the collection data is sharded across ranks; evaluation data is not
+    (every rank evaluates all of it, so every rank computes the same metrics)."""
     from ..checkpoint import check_output, default_output_path
     from ..data import default_call
     from .runtime import resolve_device
@@ -168,9 +205,11 @@ def prepare_run(
             f"{command} runs the model: it needs --model pkg.module:factory or file.py:factory",
             "pass --model (or set model in bnscope.toml)",
         )
-    source = open_data(data_spec, flags, config, "--data", shuffle=True)
+    source = open_data(data_spec, flags, config, "--data", shuffle=True, ui=ui)
     evaluation = (
-        open_data(eval_spec, flags, config, "--eval-data", shuffle=True) if eval_spec else None
+        open_data(eval_spec, flags, config, "--eval-data", shuffle=True, shard=False)
+        if eval_spec
+        else None
     )
     call = default_call(merged(flags.input_key, config, "input_key"))
     return Run(ckpt, net, prefix, spec, source, evaluation, call, dev, out_path)

@@ -87,7 +87,8 @@ Batches = Annotated[
     int | None,
     typer.Option(
         "--batches",
-        help="Number of batches to use (default: all of the data).",
+        help="Number of batches to use (default: all of the data); per rank under torchrun, "
+        "where each rank reads its own share of --data.",
         min=1,
         rich_help_panel=P_DATA,
     ),

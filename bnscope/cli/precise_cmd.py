@@ -14,9 +14,11 @@ from .app import app
 from .inputs import DataFlags, bn_updates, prepare_run
 from .runtime import (
     Ui,
+    begin_output,
     check_fail_on,
     exit_code_for,
     finish,
+    is_main_process,
     merged,
     progress_bar,
     project_config,
@@ -28,6 +30,8 @@ HELP = (
     "CKPT.precise.pt: same structure as the input, only BN buffers changed.\n\n"
     "Statistics are pooled over every element of every batch in float64, so they do not depend "
     "on the batch split. --eval-data evaluates before and after.\n\n"
+    "Under torchrun each rank reads its share of --data and the ranks pool exact statistics; "
+    "rank 0 writes the checkpoint.\n\n"
     "Example: bnscope precise runs/ckpt.pt --model model.py:make_model --data data/train "
     "--batches 100 --eval-data data/val"
 )
@@ -82,7 +86,8 @@ def precise_command(
         output=output,
         force=force,
     )
-    render(ui, report, out)
+    if is_main_process():
+        render(ui, report, out)
     finish(exit_code_for(report, level))
 
 
@@ -110,10 +115,11 @@ def run_precise(
     run = prepare_run(
         "precise", config, path, key=key, trust=trust, model=model, model_kwargs=model_kwargs,
         data_spec=data_spec, eval_spec=merged(eval_data, config, "eval_data"), flags=flags,
-        device=device, output=output, force=force, tag="precise",
+        device=device, output=output, force=force, tag="precise", ui=ui,
     )  # fmt: skip
 
     from ..checkpoint import save_checkpoint
+    from ..distributed import local_batchnorm
     from ..precise import precise_bn
 
     original = copy.deepcopy(run.model) if run.evaluation is not None else None
@@ -127,13 +133,16 @@ def run_precise(
         from ..evaluate import compare_models
 
         ui.info(f"evaluating before/after on {run.evaluation.description}")
-        comparison = compare_models(
-            original, run.model, run.evaluation, call=run.call, device=run.device
-        )
+        with local_batchnorm(original, run.model):
+            comparison = compare_models(
+                original, run.model, run.evaluation, call=run.call, device=run.device
+            )
         extra["metrics"] = {"data": run.evaluation.description, **comparison.to_dict()}
 
     updates = bn_updates(run.model, result.layers, run.prefix)
-    extra["output"] = str(save_checkpoint(run.ckpt, updates, run.out_path, force=force))
+    extra["output"] = str(run.out_path)
+    if begin_output():  # rank 0 writes, once every rank got here
+        extra["output"] = str(save_checkpoint(run.ckpt, updates, run.out_path, force=force))
     return Report("precise", str(path), result.layers, result.findings, extra, result.arrays)
 
 

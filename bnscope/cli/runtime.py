@@ -1,21 +1,30 @@
 """What every command shares: consoles, option merging with the project file, device choice,
-report output and ``--fail-on``. No computation happens here."""
+report output, ``--fail-on``, and the command's part in a ``torchrun`` launch. No computation
+happens here.
+
+Under ``torchrun`` (see :class:`DistributedSession`): every rank runs the command on its share
+of the data; ranks other than 0 have ``sys.stdout``/``sys.stderr`` silenced for the whole
+command, so the :class:`Ui` there prints nothing; files are written on rank 0 only (commands
+call :func:`begin_output` once before writing or printing their result); an error on any rank
+ends every rank, with one error line.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import typer
 from rich.console import Console
 
 from ..config import ProjectConfig, load_project_config
-from ..errors import UsageError
+from ..errors import BnscopeError, UsageError
 from ..records import SEVERITIES, Report, severity_rank
 
 FAIL_LEVELS = SEVERITIES
@@ -115,12 +124,14 @@ def parse_floats(text: str | list[float] | None, option: str) -> tuple[float, ..
 
 
 def resolve_device(spec: str | None) -> str:
-    """``auto`` -> ``cuda`` when available else ``cpu``; ``cpu``; ``cuda`` or ``cuda:i``."""
+    """``auto`` -> ``cuda`` when available else ``cpu``; ``cpu``; ``cuda`` or ``cuda:i``.
+
+    Under ``torchrun``, ``auto`` and ``cuda`` mean this rank's GPU, ``cuda:LOCAL_RANK``."""
     spec = (spec or "auto").strip().lower()
     import torch
 
     if spec == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return _rank_cuda(spec) if torch.cuda.is_available() else "cpu"
     if spec == "cpu":
         return "cpu"
     if spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
@@ -131,8 +142,176 @@ def resolve_device(spec: str | None) -> str:
                 f"--device {spec}: only {torch.cuda.device_count()} CUDA devices",
                 "pick an existing index",
             )
-        return spec
+        return spec if ":" in spec else _rank_cuda(spec)
     raise UsageError(f"--device {spec!r} is not auto, cpu, cuda or cuda:N", "e.g. --device cpu")
+
+
+def _rank_cuda(spec: str) -> str:
+    """``cuda:LOCAL_RANK`` under a process group, else ``cuda``."""
+    if not distributed_active():
+        return "cuda"
+    import torch
+
+    from .. import distributed
+
+    local, count = distributed.local_rank(), torch.cuda.device_count()
+    if local >= count:
+        raise UsageError(
+            f"--device {spec}: LOCAL_RANK {local} has no CUDA device (this node has {count})",
+            f"start at most {count} processes per node (torchrun --nproc-per-node {count}), "
+            "or use --device cpu",
+        )
+    return f"cuda:{local}"
+
+
+# --------------------------------------------------------------------------------------------
+# torchrun
+
+#: What torchrun sets for every worker (as :data:`bnscope.distributed.TORCHRUN_ENV`).
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def distributed_active() -> bool:
+    """True when ``torch.distributed`` is initialized (never imports torch)."""
+    if "torch.distributed" not in sys.modules:
+        return False
+    from .. import distributed
+
+    return distributed.is_initialized()
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of a process group, and without one (never imports torch)."""
+    if not distributed_active():
+        return True
+    from .. import distributed
+
+    return distributed.is_main_process()
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """``(rank, world_size)``: ``(0, 1)`` without a process group."""
+    if not distributed_active():
+        return 0, 1
+    from .. import distributed
+
+    return distributed.get_rank(), distributed.get_world_size()
+
+
+def begin_output() -> bool:
+    """Call once on every rank when the result is computed, before writing files or printing
+    it. Under a process group it first checks that no rank failed (a status exchange: when one
+    did, it raises and nothing is written), then returns True on rank 0 only. Without a
+    process group it returns True."""
+    if not distributed_active():
+        return True
+    from .. import distributed
+
+    distributed.check_peers()
+    return distributed.is_main_process()
+
+
+@dataclass
+class Outcome:
+    """How one invocation ended on this rank: exit code, the exception (if any), the one error
+    line to show, and what kind of ending it was."""
+
+    code: int = 0
+    exc: BaseException | None = None
+    line: str | None = None
+    failed: bool = False
+    interrupted: bool = False
+    unexpected: bool = False
+
+
+class DistributedSession:
+    """The CLI's part in a ``torchrun`` launch (inactive otherwise).
+
+    :meth:`start` joins the process group from torchrun's environment (``gloo`` for CPU
+    tensors, ``nccl`` for CUDA tensors when available) unless ``torch.distributed`` is already
+    initialized, and silences ``sys.stdout``/``sys.stderr`` on ranks other than 0.
+    :meth:`conclude` runs a last status exchange so that a rank that failed after the last
+    collective stops nobody from finishing, prints the failure once (on the lowest failing
+    rank), waits for every rank, and returns the exit code: 2 on every rank when any rank
+    failed. :meth:`close` restores the streams and destroys the group it created.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.owned = False
+        self.real_err: TextIO = sys.stderr
+        self._quiet: Any = None
+
+    @classmethod
+    def start(cls) -> DistributedSession:
+        session = cls()
+        torchrun = all(name in os.environ for name in TORCHRUN_ENV)
+        if not torchrun and "torch.distributed" not in sys.modules:
+            return session  # the common case: no torch import
+        from .. import distributed
+
+        session.owned = distributed.init_from_env()
+        if not distributed.is_initialized():
+            return session
+        session.active = distributed.get_world_size() > 1
+        session._quiet = distributed.quiet_unless_main()
+        session.real_err = session._quiet.__enter__()
+        return session
+
+    def close(self) -> None:
+        if self._quiet is not None:
+            with contextlib.suppress(Exception):
+                self._quiet.__exit__(None, None, None)
+            self._quiet = None
+        if self.owned:
+            from .. import distributed
+
+            distributed.destroy()
+            self.owned = False
+
+    def conclude(self, outcome: Outcome, debug: bool, error_line: Any) -> int:
+        """The exit code of this rank; shows the failure once (see the class docstring)."""
+        if not self.active:
+            if outcome.unexpected and outcome.exc is not None:
+                raise outcome.exc
+            if outcome.line is not None:
+                if debug and isinstance(outcome.exc, BnscopeError):
+                    traceback.print_exception(outcome.exc)
+                error_line(outcome.line, sys.stderr)
+            return outcome.code
+        from .. import distributed
+
+        rank, world = distributed.get_rank(), distributed.get_world_size()
+        if outcome.interrupted:  # no collective: the others may be anywhere
+            if rank == 0 and outcome.line is not None:
+                error_line(outcome.line, self.real_err)
+            return outcome.code
+        status = distributed.status_of(outcome.exc)
+        if status is None:
+            if isinstance(outcome.exc, distributed.CommunicationError):
+                status = distributed.RankStatus(rank, world, broken=True)
+            else:
+                text = outcome.line
+                if outcome.failed and text is None:
+                    text = distributed.error_text(outcome.exc or RuntimeError("failed"))
+                status = distributed.exchange_status(
+                    distributed.resolve_group(), text if outcome.failed else None
+                )
+        if status.broken:  # no more collectives: every rank that knows says so
+            if outcome.line is not None:
+                error_line(f"rank {rank} of {world}: {outcome.line}", self.real_err)
+            return outcome.code or 2
+        if status.ok:
+            return outcome.code
+        if status.reporter:
+            if outcome.unexpected or (debug and isinstance(outcome.exc, BnscopeError)):
+                traceback.print_exception(outcome.exc, file=self.real_err)
+            if outcome.line is not None:
+                where = "" if len(status.failed) == world else f"rank {rank} of {world}: "
+                error_line(where + outcome.line, self.real_err)
+            self.real_err.flush()
+        distributed.barrier()  # the line is out before any rank exits
+        return outcome.code if outcome.failed and outcome.code else 2
 
 
 def check_fail_on(level: str | None) -> str | None:
