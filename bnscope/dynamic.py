@@ -146,7 +146,10 @@ def inspect(
     ``non-finite``), and ``extra["consistency"]`` with metrics for running, batch and precise
     statistics.
     """
+    from . import distributed
+
     check_batches(batches)
+    group = distributed.resolve_group(process_group)
     if iter(data) is data:
         from .errors import UsageError
 
@@ -162,10 +165,10 @@ def inspect(
             progress(done, total)
 
     static = static_inspect(model)
-    dist_kw = {} if process_group is None else {"process_group": process_group}
     collection = collect(
-        model, data, batches=batches, call=call, device=device, progress=first, **dist_kw
-    )
+        model, data, batches=batches, call=call, device=device, progress=first,
+        process_group=process_group,
+    )  # fmt: skip
     pop = population_stats(collection)
     precise_records, _ = layer_records(collection, pop)
 
@@ -196,7 +199,12 @@ def inspect(
     samples = done = 0
     labelled = classes = True
     active = [False]
-    with on_device(model, device) as dev, eval_mode(model):
+    with (
+        distributed.failures_announced(group),
+        on_device(model, device) as dev,
+        eval_mode(model),
+        distributed.local_batchnorm(twin),
+    ):
         twin.to(dev)
         for m in twin.modules():
             m.training = False
@@ -247,7 +255,11 @@ def inspect(
                 if progress is not None:
                     progress(collection.batches + done, total)
     del twin
-    if done == 0:
+    if group is not None:
+        samples, labelled, classes = _reduce_pass(
+            group, spreads, tallies, agree, kl, samples, labelled, classes
+        )
+    if samples == 0:
         raise DataError(
             "the data yielded no batches on its second reading",
             "pass a re-iterable (a DataLoader or a list of batches), not a generator",
@@ -272,6 +284,38 @@ def inspect(
         "static_layers": [layer.to_dict() for layer in static.layers],
     }
     return Report("inspect", None, tuple(layers), tuple(findings), extra, arrays)
+
+
+def _reduce_pass(
+    group: Any,
+    spreads: dict[str, _Spread],
+    tallies: dict[str, Tally],
+    agree: dict[str, int],
+    kl: dict[str, float],
+    samples: int,
+    labelled: bool,
+    classes: bool,
+) -> tuple[int, bool, bool]:
+    """Pool the comparison pass over the ranks: batch-statistics spreads (exact moments) and
+    every tally, in place; returns the pooled (samples, labelled, classes)."""
+    from . import distributed
+
+    accs = [a for sp in spreads.values() for a in (sp.means, sp.uvars)]
+    distributed.all_reduce_moments(accs, group)
+    empty = samples == 0
+    values = [samples, 0 if (labelled or empty) else 1, 0 if (classes or empty) else 1]
+    for key in ("running", "batch", "precise"):
+        values += [tallies[key].n, tallies[key].correct, tallies[key].loss]
+    values += [agree["batch"], agree["precise"], kl["batch"], kl["precise"]]
+    flat = distributed.all_reduce_sum(torch.tensor(values, dtype=F64), group).tolist()
+    i = 3
+    for key in ("running", "batch", "precise"):
+        t = tallies[key]
+        t.n, t.correct, t.loss = int(flat[i]), int(flat[i + 1]), flat[i + 2]
+        i += 3
+    agree["batch"], agree["precise"] = int(flat[i]), int(flat[i + 1])
+    kl["batch"], kl["precise"] = flat[i + 2], flat[i + 3]
+    return int(flat[0]), flat[1] == 0, flat[2] == 0
 
 
 @contextlib.contextmanager

@@ -256,7 +256,9 @@ class _SizeTally:
     kl: float = 0.0
 
 
-def _batch_size(data: Iterable[Any]) -> int:
+def _batch_size(data: Iterable[Any], distributed_run: bool = False) -> int:
+    """The first batch's size (0 for empty data under a process group: a rank may get an
+    empty shard; the caller takes the largest over ranks)."""
     iterator = iter(data)
     if iterator is data:
         raise UsageError(
@@ -266,6 +268,8 @@ def _batch_size(data: Iterable[Any]) -> int:
     try:
         first = next(iterator)
     except StopIteration:
+        if distributed_run:
+            return 0
         raise DataError("the data yielded no batches", "check --data (is it empty?)") from None
     finally:
         shutdown = getattr(iterator, "_shutdown_workers", None)
@@ -279,21 +283,6 @@ def _batch_size(data: Iterable[Any]) -> int:
             "pass --input-key, or call= returning the model input",
         )
     return int(inputs.shape[0])
-
-
-def _reduce_sum(tensors: list[torch.Tensor], process_group: Any) -> None:
-    """Sum tensors across ranks in place (one collective) when distributed."""
-    import torch.distributed as dist
-
-    if not tensors or not (dist.is_available() and dist.is_initialized()):
-        return
-    flat = torch.cat([t.reshape(-1).to(F64) for t in tensors])
-    dist.all_reduce(flat, group=process_group)
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset : offset + n].reshape(t.shape).to(t.dtype))
-        offset += n
 
 
 def ghost_analysis(
@@ -318,10 +307,17 @@ def ghost_analysis(
     ``non-iid-batches``, and ``extra["sizes"]`` with one :class:`~bnscope.records.GhostSize`
     dict per size.
     """
+    from . import distributed
+
     wanted = parse_sizes(sizes)
     check_batches(batches)
     call = call or default_call
-    batch_size = _batch_size(data)
+    group = distributed.resolve_group(process_group)
+    with distributed.failures_announced(group):
+        local_size = _batch_size(data, group is not None)
+    batch_size = int(distributed.all_reduce_max(torch.tensor([local_size]), group)[0])
+    if batch_size == 0:
+        raise DataError("the data yielded no batches", "check --data (is it empty?)")
     run = [g for g in wanted if g <= batch_size]
     if not run:
         raise DataError(
@@ -335,10 +331,10 @@ def ghost_analysis(
         if progress is not None:
             progress(done, total)
 
-    dist_kw = {} if process_group is None else {"process_group": process_group}
     collection = collect(
-        model, data, batches=batches, call=call, device=device, progress=first_pass, **dist_kw
-    )
+        model, data, batches=batches, call=call, device=device, progress=first_pass,
+        process_group=process_group,
+    )  # fmt: skip
     pop = population_stats(collection)
     targets = {name: collection.layers[name].module for name in pop}
     probes = {
@@ -350,7 +346,12 @@ def ghost_analysis(
     samples = 0
     labelled = classes = True
     done = 0
-    with on_device(model, device) as dev, restored(model), torch.no_grad():
+    with (
+        distributed.failures_announced(group),
+        on_device(model, device) as dev,
+        restored(model),
+        torch.no_grad(),
+    ):
         for module in model.modules():
             module.training = False
         for name, (mean, var) in pop.items():
@@ -408,12 +409,23 @@ def ghost_analysis(
             done += 1
             if progress is not None:
                 progress(collection.batches + done, total)
-    if done == 0:
+    if done == 0 and group is None:
         raise DataError(
             "the data yielded no batches on its second reading",
             "pass a re-iterable (a DataLoader or a list of batches), not a generator",
         )
-    _reduce_all(probes, ref_tally, tallies, process_group)
+    flags = torch.tensor([samples, int(labelled), int(classes)], dtype=torch.float64)
+    flags[1:] = 1 - flags[1:]  # count the ranks where labels (classes) were missing
+    if samples == 0:
+        flags[1:] = 0  # an empty shard says nothing about labels
+    distributed.all_reduce_sum(flags, group)
+    samples, labelled, classes = int(flags[0]), bool(flags[1] == 0), bool(flags[2] == 0)
+    if samples == 0:
+        raise DataError(
+            "the data yielded no batches on its second reading",
+            "pass a re-iterable (a DataLoader or a list of batches), not a generator",
+        )
+    _reduce_all(probes, ref_tally, tallies, group)
     return _report(collection, probes, run, wanted, batch_size, ref_tally, tallies, samples,
                    labelled, classes, done)  # fmt: skip
 
@@ -422,29 +434,33 @@ def _reduce_all(
     probes: dict[int, dict[str, _NoiseProbe]],
     ref_tally: Tally,
     tallies: dict[int, _SizeTally],
-    process_group: Any,
+    group: Any,
 ) -> None:
-    import torch.distributed as dist
+    """Sum every rank's probes and tallies (one collective for all of them)."""
+    from . import distributed
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if group is None:
         return
     tensors = [p.sums for ps in probes.values() for p in ps.values()]
     tensors += [p.counts for ps in probes.values() for p in ps.values()]
     scalars = [ref_tally.n, ref_tally.correct, ref_tally.loss]
     for st in tallies.values():
         scalars += [st.agree, st.kl, st.tally.n, st.tally.correct, st.tally.loss]
-    packed = torch.tensor(scalars, dtype=F64, device=tensors[0].device if tensors else "cpu")
-    _reduce_sum([*tensors, packed], process_group)
-    values = packed.tolist()
+    dev = tensors[0].device if tensors else torch.device("cpu")
+    flat = torch.cat([*(t.reshape(-1).to(F64) for t in tensors),
+                      torch.tensor(scalars, dtype=F64, device=dev)])  # fmt: skip
+    distributed.all_reduce_sum(flat, group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].reshape(t.shape))
+        offset += t.numel()
+    values = flat[offset:].tolist()
     ref_tally.n, ref_tally.correct, ref_tally.loss = int(values[0]), int(values[1]), values[2]
     i = 3
     for st in tallies.values():
         st.agree, st.kl = int(values[i]), values[i + 1]
-        st.tally.n, st.tally.correct, st.tally.loss = (
-            int(values[i + 2]),
-            int(values[i + 3]),
-            values[i + 4],
-        )
+        st.tally.n, st.tally.correct = int(values[i + 2]), int(values[i + 3])
+        st.tally.loss = values[i + 4]
         i += 5
 
 

@@ -21,6 +21,8 @@ from torch import nn
 
 from bnscope import distributed
 from bnscope.adapt import adapt_bn
+from bnscope.dynamic import inspect
+from bnscope.ghost import ghost_analysis
 from bnscope.precise import precise_bn
 from bnscope.stats import MomentAccumulator
 
@@ -115,6 +117,12 @@ def _cases(rank: int, out: Path) -> dict:
     model = make_model()
     rep = adapt_bn(model, [b * 0.5 - 1 for b in mine], prior=8)
     res["adapt"] = {"buffers": bn_buffers(model), "layers": [x.to_dict() for x in rep.layers]}
+
+    # ghost analysis and dynamic inspection: every figure pooled over the ranks
+    rep = ghost_analysis(make_model(), mine, sizes=[2, 4, 32])
+    res["ghost"] = rep.to_dict()
+    rep = inspect(make_model(), mine)
+    res["inspect"] = rep.to_dict()
 
     # public helpers: moments of arbitrary data, an empty accumulator on one rank, sums, max
     g = torch.Generator().manual_seed(5 + rank)
@@ -362,3 +370,38 @@ def test_payload_bytes():
     # ResNet-50 has 53 BN layers with 26,560 channels in all
     assert distributed.payload_bytes([64]) == 8 * (2 * 64 + 4)
     assert distributed.payload_bytes([256] * 2) == 2 * 4128
+
+
+def approx_equal(got, want, path: str = "") -> None:
+    """Recursive equality; floats to 1e-9 relative (float64 sums added in another order)."""
+    if isinstance(want, float) and isinstance(got, float):
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12), path
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), path
+        for key in want:
+            approx_equal(got[key], want[key], f"{path}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            approx_equal(g, w, f"{path}[{i}]")
+    else:
+        assert got == want, path
+
+
+def test_ghost_two_ranks_equal_one_process(ranks):
+    _, ref = single_process(lambda m: ghost_analysis(m, make_batches(), sizes=[2, 4, 32]))
+    want = ref.to_dict()
+    g0, g1 = ranks[0]["ghost"], ranks[1]["ghost"]
+    assert g0 == g1  # the same report on every rank
+    assert g0["samples"] == 49 and g0["batch_size"] == 16
+    approx_equal({k: v for k, v in g0.items() if k != "world_size"}, want)
+
+
+def test_inspect_two_ranks_equal_one_process(ranks):
+    _, ref = single_process(lambda m: inspect(m, make_batches()))
+    want = ref.to_dict()
+    i0, i1 = ranks[0]["inspect"], ranks[1]["inspect"]
+    assert i0 == i1
+    assert i0["consistency"]["samples"] == 49
+    assert {lay["name"]: lay["batch_calls"] for lay in i0["layers"]}["bn1"] == 5
+    approx_equal({k: v for k, v in i0.items() if k != "world_size"}, want)

@@ -282,3 +282,29 @@ def test_factory_sharding_is_read_from_the_signature():
     assert _factory_shards(f"{HERE}:failing_data")
     assert not _factory_shards(f"{HERE}:make_two_branch")
     assert begin_output() and is_main_process() and rank_and_world_size() == (0, 1)
+
+
+def test_ghost_and_inspect_under_torchrun(env):
+    """One report from rank 0 covering both ranks' shards, --out written once."""
+    tmp, ckpt = env
+    model = ["--model", f"{HERE}:make_two_branch", "--data", tmp / "d.pt", "--batch-size", "16"]
+    res, _ = torchrun("ghost", ckpt, *model, "--sizes", "2,4,32", "--json", "--out",
+                      tmp / "g", cwd=tmp)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["samples"] == 91 and doc["has_labels"] is True
+    assert [r["status"] for r in doc["sizes"]] == ["ok", "ok", "skipped"]
+    assert all(0 <= r["agreement"] <= 1 for r in doc["sizes"][:2])
+    assert sorted(p.name for p in (tmp / "g").iterdir()) == [
+        "ghost_noise.png", "nbs_curve.png", "report.json",
+    ]  # fmt: skip
+    res, _ = torchrun("inspect", ckpt, *model, "--json", cwd=tmp)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    ref = single("inspect", ckpt, *model, "--json", cwd=tmp)
+    want = json.loads(ref.stdout)
+    assert doc["consistency"]["samples"] == want["consistency"]["samples"] == 91
+    assert [x["batch_calls"] for x in doc["layers"]] == [6, 6]  # 46 + 45 samples by 16
+    for got, exp in zip(doc["layers"], want["layers"], strict=True):
+        assert got["d_mu_max"] == pytest.approx(exp["d_mu_max"], rel=1e-4)
+    assert error_lines(res.stderr) == []

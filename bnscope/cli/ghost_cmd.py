@@ -15,6 +15,7 @@ from .app import app
 from .inputs import DataFlags, build_model_for, open_checkpoint, open_data
 from .runtime import (
     Ui,
+    begin_output,
     check_fail_on,
     exit_code_for,
     finish,
@@ -84,7 +85,8 @@ def ghost_command(
         model_kwargs=model_kwargs, data=data, flags=flags, sizes=wanted, batches=batches,
         device=device,
     )  # fmt: skip
-    render(ui, report, out)
+    if begin_output():  # under torchrun: rank 0, once every rank is done
+        render(ui, report, out)
     finish(exit_code_for(report, level))
 
 
@@ -123,7 +125,7 @@ def run_ghost(
             "ghost runs the model: it needs --model pkg.module:factory or file.py:factory",
             "pass --model (or set model in bnscope.toml)",
         )
-    source = open_data(data_spec, flags, config, "--data", shuffle=True)
+    source = open_data(data_spec, flags, config, "--data", shuffle=True, ui=ui)
     call = default_call(merged(flags.input_key, config, "input_key"))
     ui.info(f"ghost-size analysis on {source.description} ({dev}), sizes {sizes}")
     total = None if batches is None else 2 * batches

@@ -16,6 +16,7 @@ from .app import app
 from .inputs import DataFlags, build_model_for, open_checkpoint, open_data
 from .runtime import (
     Ui,
+    begin_output,
     check_fail_on,
     exit_code_for,
     finish,
@@ -87,7 +88,8 @@ def inspect_command(
     data_spec = None if static else merged(data, config, "data")
     if data_spec is None:
         report = static_report_for(path, key, trust_checkpoint, model, model_kwargs, config)
-        render_static(ui, report, out)
+        if begin_output():
+            render_static(ui, report, out)
         finish(exit_code_for(report, level))
         return
     flags = DataFlags(batch_size, workers, input_key, image_size, resize, channels, mean, std, seed)
@@ -98,7 +100,8 @@ def inspect_command(
     )  # fmt: skip
     if report.command == "inspect" and "verdict" not in report.extra:
         # no model code: the static report is produced; asking for --data was a mistake
-        render_static(ui, report, out)
+        if begin_output():
+            render_static(ui, report, out)
         if data is not None:
             raise UsageError(
                 "--data needs --model for a state-dict checkpoint: the dynamic report runs "
@@ -107,7 +110,8 @@ def inspect_command(
             )
         finish(exit_code_for(report, level))
         return
-    render_dynamic(ui, report, out)
+    if begin_output():  # under torchrun: rank 0, once every rank is done
+        render_dynamic(ui, report, out)
     finish(exit_code_for(report, level))
 
 
@@ -138,7 +142,7 @@ def run_dynamic(
     net, prefix, spec = build_model_for(ckpt, model, model_kwargs, config)
     if net is None:
         return static_report_for(path, key, trust, model, model_kwargs, config)
-    source = open_data(data_spec, flags, config, "--data", shuffle=True)
+    source = open_data(data_spec, flags, config, "--data", shuffle=True, ui=ui)
     call = default_call(merged(flags.input_key, config, "input_key"))
     ui.info(f"dynamic inspection on {source.description} ({dev})")
     total = None if batches is None else 2 * batches
