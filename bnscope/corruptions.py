@@ -40,6 +40,7 @@ latter from a shell.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import io
 import os
@@ -568,8 +569,15 @@ def corrupt_folder(
             )
         plan[key] = (rel, out_rel, fmt)
 
-    dst_abs.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst_abs.name}.tmp-", dir=dst_abs.parent))
+    created = _make_parents(dst_abs.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst_abs.name}.tmp-", dir=dst_abs.parent))
+    except OSError as exc:
+        _remove_created(created)
+        raise UsageError(
+            f"cannot write into {dst_abs.parent} ({exc.strerror or exc})",
+            "choose a destination folder you can write to",
+        ) from exc
     try:
         for rel_dir in dirs:
             (tmp / rel_dir).mkdir(parents=True, exist_ok=True)
@@ -584,8 +592,39 @@ def corrupt_folder(
         _move_into_place(tmp, dst_abs)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_created(created)
         raise
     return total
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; the ones created, deepest first. A file in
+    the way is a one-line error (nothing created)."""
+    missing: list[Path] = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise UsageError(
+                    f"cannot create the destination's folder: {path} is a file",
+                    "choose another destination",
+                )
+            break
+        missing.append(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _remove_created(missing)
+        raise UsageError(
+            f"cannot create {folder} ({exc.strerror or exc})", "choose another destination"
+        ) from exc
+    return missing
+
+
+def _remove_created(folders: list[Path]) -> None:
+    """Remove folders this run created (deepest first), if they are still empty."""
+    for path in folders:
+        with contextlib.suppress(OSError):
+            path.rmdir()
 
 
 def _move_into_place(tmp: Path, dst: Path) -> None:

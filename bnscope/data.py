@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from bnscope.errors import DataError
+from bnscope.errors import BnscopeError, DataError
 from bnscope.modelspec import resolve_spec
 
 __all__ = [
@@ -564,6 +564,70 @@ def _load_factory(target: str, attr: str, spec: str, values: dict[str, int]) -> 
     return result
 
 
+class _FactoryBatches:
+    """A factory's iterable of batches whose failures while producing a batch become one-line
+    DataErrors naming the spec and the batch (a reader that breaks after a few
+    batches, a DataLoader worker that raises). ``KeyboardInterrupt``, ``StopIteration`` and
+    bnscope's own errors pass through unchanged; other attributes are the loader's."""
+
+    def __init__(self, loader: Iterable[Any], spec: str) -> None:
+        self.loader = loader
+        self.spec = spec
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            inner = iter(self.loader)
+        except (BnscopeError, StopIteration):
+            raise
+        except Exception as exc:
+            raise _iteration_error(self.spec, exc, 0) from exc
+        return _FactoryIterator(inner, self.spec)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("loader", "spec"):
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+
+class _FactoryIterator:
+    """The iterator of :class:`_FactoryBatches`; other attributes (``_shutdown_workers`` of a
+    DataLoader's iterator) are the wrapped iterator's."""
+
+    def __init__(self, inner: Iterator[Any], spec: str) -> None:
+        self.inner = inner
+        self.spec = spec
+        self.index = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            batch = next(self.inner)
+        except (BnscopeError, StopIteration):
+            raise
+        except Exception as exc:
+            raise _iteration_error(self.spec, exc, self.index) from exc
+        self.index += 1
+        return batch
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("inner", "spec", "index"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def _iteration_error(spec: str, exc: BaseException, index: int) -> DataError:
+    detail = _describe(exc)
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if "Original Traceback" in str(exc) and lines:  # from a DataLoader worker: its last line
+        detail = lines[-1] if len(lines[-1]) <= 300 else lines[-1][:297] + "..."
+    return DataError(
+        f"data factory {spec!r} raised {detail} while producing batch {index}",
+        "fix the error in the factory (or its data)",
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # load_data
 
@@ -674,7 +738,8 @@ def load_data(
                 "world_size": world_size,
             }
             loader = _load_factory(parts[0], parts[1], spec, values)
-            return DataSource(loader, f"factory {spec}", "factory", None, None)
+            batches = _FactoryBatches(loader, spec)
+            return DataSource(batches, f"factory {spec}", "factory", None, None)
 
     path = Path(spec)
     if not path.exists():

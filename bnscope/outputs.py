@@ -67,6 +67,25 @@ def save_figure(fig: Figure, target: str | Path, dpi: int = 120) -> Path:
     return Path(target)
 
 
+def check_out_dir(out: str | Path | None) -> None:
+    """Refuse an ``--out`` folder that cannot be created, before anything runs (so a long run
+    never ends with nothing but an error, and no checkpoint is written next to a bad --out):
+    an existing file in its place, or a file where one of its parent folders should be."""
+    if out is None:
+        return
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path} exists and is not a folder", "choose a folder path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(
+                    f"cannot create --out folder {path} ({parent} is a file)",
+                    "choose a folder you can write to",
+                )
+            break
+
+
 def prepare_out_dir(out: str | Path) -> Path:
     """Create the ``--out`` folder (and parents); a file in its place is an error."""
     out = Path(out)

@@ -77,6 +77,9 @@ def adapt_command(
     debug: o.Debug = False,
 ) -> None:
     ui = Ui(json=json_, quiet=quiet)
+    from ..outputs import check_out_dir
+
+    check_out_dir(out)  # before anything runs
     level = check_fail_on(fail_on)
     config = project_config()
     path = require_checkpoint(checkpoint, config)

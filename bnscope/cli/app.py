@@ -80,7 +80,10 @@ class BnscopeGroup(TyperGroup):
                 standalone_mode=False,
                 **extra,
             )
-            return Outcome(result if isinstance(result, int) else 0)
+            code = result if isinstance(result, int) else 0
+            if code == 130:  # typer turned a KeyboardInterrupt into exit code 130
+                return Outcome(130, None, "interrupted; nothing was written", interrupted=True)
+            return Outcome(code)
         except BnscopeError as exc:
             return Outcome(2, exc, exc.line(), failed=True)
         except typer.TyperException as exc:  # click's usage errors (vendored or not)

@@ -45,7 +45,9 @@ def demo_command(
 ) -> None:
     ui = Ui(json=json_, quiet=quiet)
     from ..demo.run import build_demo, default_folder, prepare_folder
+    from .runtime import resolve_device
 
+    resolve_device(device)  # before the folder is created and the model trained
     target = Path(folder) if folder else default_folder(Path.cwd())
     prepare_folder(target, force)
 

@@ -12,7 +12,7 @@ from ..errors import UsageError
 from ..records import Report
 from . import options as o
 from .app import app
-from .inputs import DataFlags, build_model_for, open_checkpoint, open_data
+from .inputs import DataFlags, build_model_for, open_checkpoint, open_data, require_batchnorm
 from .runtime import (
     Ui,
     begin_output,
@@ -75,6 +75,9 @@ def ghost_command(
     from ..ghost import parse_sizes
 
     ui = Ui(json=json_, quiet=quiet)
+    from ..outputs import check_out_dir
+
+    check_out_dir(out)  # before anything runs
     level = check_fail_on(fail_on)
     wanted = parse_sizes(sizes)
     config = project_config()
@@ -125,6 +128,7 @@ def run_ghost(
             "ghost runs the model: it needs --model pkg.module:factory or file.py:factory",
             "pass --model (or set model in bnscope.toml)",
         )
+    require_batchnorm(net, "ghost")
     source = open_data(data_spec, flags, config, "--data", shuffle=True, ui=ui)
     call = default_call(merged(flags.input_key, config, "input_key"))
     ui.info(f"ghost-size analysis on {source.description} ({dev}), sizes {sizes}")

@@ -69,6 +69,18 @@ def build_model_for(
     return model, prefix, spec
 
 
+def require_batchnorm(model: Any, command: str) -> None:
+    """``precise``, ``adapt`` and ``ghost`` have nothing to do on a model without BN layers:
+    one line before anything runs (no copy of the checkpoint is written)."""
+    from ..capture import is_batchnorm
+
+    if not any(is_batchnorm(m) for m in model.modules()):
+        raise UsageError(
+            f"the model has no BatchNorm layer: {command} has nothing to do",
+            "check --model (bnscope inspect CKPT lists the BN layers a checkpoint holds)",
+        )
+
+
 def open_data(
     spec: str | None,
     flags: DataFlags,
@@ -205,6 +217,7 @@ def prepare_run(
             f"{command} runs the model: it needs --model pkg.module:factory or file.py:factory",
             "pass --model (or set model in bnscope.toml)",
         )
+    require_batchnorm(net, command)
     source = open_data(data_spec, flags, config, "--data", shuffle=True, ui=ui)
     evaluation = (
         open_data(eval_spec, flags, config, "--eval-data", shuffle=True, shard=False)
