@@ -12,8 +12,9 @@ during collection, so right after each call ``running_mean`` holds the call's ba
 ``running_var`` its unbiased batch variance n/(n-1) var_B; a forward hook reads both and merges
 them in float64 (:mod:`bnscope.stats`). This costs no extra pass over the activations. Other
 ``_BatchNorm`` subclasses (custom forwards) get a pre-hook that computes float64 moments of the
-input itself, and so does a native layer whose channels have |mean|/std above
-:data:`ILL_CONDITIONED` (there the float32 batch mean would lose digits).
+input itself, and so do a native layer whose channels have |mean|/std above
+:data:`ILL_CONDITIONED` (there the float32 batch mean would lose digits) and a layer whose
+buffers are float16/bfloat16.
 
 ``SyncBatchNorm`` runs as a plain BatchNorm during collection (also under a process group, and
 on CPU): each rank normalizes with its own batch statistics and the ranks pool float64
@@ -47,7 +48,13 @@ def is_batchnorm(module: nn.Module) -> bool:
 
 
 def _native(module: nn.Module) -> bool:
-    return type(module).forward in _NATIVE_FORWARDS
+    """PyTorch's own BN forward with float32/float64 buffers: its running_mean/var can carry
+    the batch moments. float16/bfloat16 buffers would round each batch mean to the dtype (up to
+    ~0.05 sigma in float16 at |mean|/std = 100), so such layers take the exact float64 path."""
+    if type(module).forward not in _NATIVE_FORWARDS:
+        return False
+    buf = getattr(module, "running_mean", None)
+    return buf is None or buf.dtype in (torch.float32, torch.float64)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import pickletools
 import re
 import tempfile
 import zipfile
@@ -71,6 +72,8 @@ _MAX_KEYS_LISTED = 10
 # not allow-listed" (as opposed to "these bytes are not a pickle at all").
 _UNSAFE_PICKLE = re.compile(r"GLOBAL|safe_globals|allowlist|allowed global")
 _GLOBAL_NAME = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")
+# ... and "this is a pickle opcode it does not implement" (protocol 4 and 5's FRAME etc.).
+_UNSUPPORTED_OP = re.compile(r"Unsupported operand \d+")
 
 
 @dataclass
@@ -142,7 +145,7 @@ def load_checkpoint(path: str | Path, *, key: str | None = None, trust: bool = F
                 f"--key {key} does not apply: {p} holds a whole nn.Module, not a dict",
                 "leave out --key",
             )
-        return Checkpoint(p, "module", obj, None, obj.state_dict(), module=obj)
+        return Checkpoint(p, "module", obj, None, _module_state(obj, p), module=obj)
     state_dict, parts, holder = _locate(obj, key, str(p))
     module = holder if isinstance(holder, nn.Module) else None
     return Checkpoint(p, "torch", obj, _join(parts), state_dict, module=module, _key_path=parts)
@@ -210,7 +213,7 @@ def _is_torchscript_zip(p: Path) -> bool:
             return False
         with zipfile.ZipFile(p) as zf:
             names = zf.namelist()
-    except (OSError, zipfile.BadZipFile, ValueError):
+    except (OSError, zipfile.BadZipFile, ValueError, NotImplementedError):
         return False
     for name in names:
         inner = name.split("/", 1)[1] if "/" in name else name
@@ -244,6 +247,7 @@ def _load_torchscript(p: Path, key: str | None) -> Checkpoint:
         raise CheckpointError(
             f"--key {key} does not apply: {p} is a TorchScript archive", "leave out --key"
         )
+    _check_zip_crc(p)
     try:
         module = torch.jit.load(str(p), map_location="cpu")
         state_dict = dict(module.state_dict())
@@ -252,16 +256,62 @@ def _load_torchscript(p: Path, key: str | None) -> Checkpoint:
     return Checkpoint(p, "torchscript", module, None, state_dict, module=module)
 
 
+def _module_state(module: nn.Module, where: Any) -> dict[str, torch.Tensor]:
+    """``module.state_dict()``; an unpickled module that is broken (a damaged or mismatched
+    pickle of a whole model) is a one-line error."""
+    try:
+        return module.state_dict()
+    except Exception as exc:
+        raise CheckpointError(
+            f"the nn.Module unpickled from {where} is broken: {_reason(exc)}",
+            "re-save it from working code (preferably model.state_dict())",
+        ) from exc
+
+
+def _check_zip_crc(p: Path) -> None:
+    """Verify every member's CRC-32 of a zip archive (torch.save's format, TorchScript).
+
+    Neither torch.load nor torch.jit.load checks them: damaged bytes load silently as other
+    weights (and would be copied into a written checkpoint), or, for damaged TorchScript code
+    plus debug info, abort the process from C++. Costs one extra read of the file."""
+    try:
+        with zipfile.ZipFile(p) as zf:
+            bad = zf.testzip()
+    except NotImplementedError:
+        return  # a zip feature Python's reader lacks (torch's reader ignores it): unchecked
+    except Exception as exc:
+        raise CheckpointError(_unreadable(p, _load_reason(p, exc)), _FIX_UNREADABLE) from exc
+    if bad is not None:
+        reason = f"damaged zip archive (CRC-32 mismatch in {bad})"
+        raise CheckpointError(_unreadable(p, reason), _FIX_UNREADABLE)
+
+
 def _torch_load(p: Path, *, trust: bool) -> Any:
-    """``torch.load`` with ``weights_only=True``; unrestricted only when trusted and needed."""
+    """``torch.load`` with ``weights_only=True``; unrestricted only when trusted and needed.
+    A zip archive's CRC-32s are checked first."""
+    try:
+        is_zip = zipfile.is_zipfile(p)
+    except Exception as exc:  # e.g. a damaged end record claiming several disks
+        raise CheckpointError(_unreadable(p, _load_reason(p, exc)), _FIX_UNREADABLE) from exc
+    if is_zip:
+        _check_zip_crc(p)
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         detail = text.split("WeightsUnpickler error:", 1)[-1]
-        if "Weights only load failed" not in text or not _UNSAFE_PICKLE.search(detail):
+        safe_loader = "Weights only load failed" in text
+        if safe_loader and _UNSUPPORTED_OP.search(detail) and _parses_as_pickle(p):
+            if not trust:
+                raise CheckpointError(
+                    f"{p} uses pickle opcodes (pickle protocol 4 or 5) that the safe loader "
+                    "cannot check, so loading it may execute code",
+                    "re-run with --trust-checkpoint only if you trust its source, "
+                    "or re-save it with torch.save's default pickle protocol",
+                ) from exc
+        elif not safe_loader or not _UNSAFE_PICKLE.search(detail):
             raise CheckpointError(_unreadable(p, _load_reason(p, exc)), _FIX_UNREADABLE) from exc
-        if not trust:
+        elif not trust:
             found = _GLOBAL_NAME.search(detail)
             what = f" (found {found.group(1)})" if found else ""
             raise CheckpointError(
@@ -279,6 +329,35 @@ def _torch_load(p: Path, *, trust: bool) -> Any:
             "make the code that defines the saved classes importable, "
             "or save model.state_dict() instead",
         ) from exc
+
+
+def _parses_as_pickle(p: Path) -> bool:
+    """Whether the pickle data torch's safe loader rejected is well-formed pickle opcodes.
+
+    Only reads the opcodes (nothing is executed): ``data.pkl`` of a zip archive, else the
+    legacy format's leading pickles (magic number, protocol, system info, object). Garbage
+    and truncated pickles give False.
+    """
+    try:
+        if zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as zf:
+                names = [n for n in zf.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"]
+                if len(names) != 1:
+                    return False
+                with zf.open(names[0]) as f:
+                    for _ in pickletools.genops(f):
+                        pass
+            return True
+        with p.open("rb") as f:
+            for _ in range(4):
+                for _ in pickletools.genops(f):
+                    pass
+                if not f.read(1):
+                    break  # the end of the file: a plain pickle
+                f.seek(-1, os.SEEK_CUR)
+        return True
+    except Exception:
+        return False
 
 
 def _locate(
@@ -314,7 +393,7 @@ def _find(
 ) -> tuple[dict[str, torch.Tensor], tuple[str, ...], Any] | None:
     """The automatic search of :func:`locate_state_dict`; ``None`` when nothing is found."""
     if isinstance(obj, nn.Module):
-        return obj.state_dict(), parts, obj
+        return _module_state(obj, parts), parts, obj
     if not isinstance(obj, Mapping) or not obj:
         return None
     if all(isinstance(v, torch.Tensor) for v in obj.values()):
