@@ -80,7 +80,8 @@ def test_parse_sizes():
 @pytest.mark.parametrize("shape,sizes", [((10, 3, 4, 4), [4, 4, 2]), ((9, 5), [4, 5])])
 def test_normalize_chunks_gives_zero_mean_unit_variance(shape, sizes):
     x = torch.randn(*shape, dtype=torch.float64) * 3 + 2
-    y, means, var = normalize_chunks(x, sizes, eps=0.0)
+    y, st = normalize_chunks(x, sizes, eps=0.0)
+    means, var = st.mean, st.var
     start = 0
     dims = (0, *range(2, len(shape)))
     for k, s in enumerate(sizes):
@@ -92,6 +93,17 @@ def test_normalize_chunks_gives_zero_mean_unit_variance(shape, sizes):
         torch.testing.assert_close(means[k], orig.mean(dims))
         torch.testing.assert_close(var[k], orig.var(dims, unbiased=False))
         start += s
+    per = x.reshape(shape[0], shape[1], -1)
+    torch.testing.assert_close(st.sample_mean, per.mean(2))
+    torch.testing.assert_close(st.sample_var, per.var(2, unbiased=False))
+    # with the affine transform: gamma * normalized + beta
+    w, b = (
+        torch.rand(shape[1], dtype=torch.float64) + 0.5,
+        torch.randn(shape[1], dtype=torch.float64),
+    )
+    y2, _ = normalize_chunks(x, sizes, 0.0, w, b)
+    view = (1, -1) + (1,) * (len(shape) - 2)
+    torch.testing.assert_close(y2, y * w.view(view) + b.view(view))
 
 
 def test_ghost_size_of_the_batch_equals_batchnorm_training():
