@@ -1,4 +1,4 @@
-"""`bnscope demo` end to end (the same run a newcomer gets; about 15 s on 2 cores)."""
+"""`bnscope demo` end to end (the same run a newcomer gets; about 17 s on 2 cores)."""
 
 from __future__ import annotations
 
