@@ -21,15 +21,17 @@ through a temporary file and an atomic rename; it never overwrites the input.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pickle
 import pickletools
 import re
 import tempfile
+import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,6 +270,15 @@ def _module_state(module: nn.Module, where: Any) -> dict[str, torch.Tensor]:
         ) from exc
 
 
+@contextlib.contextmanager
+def _quiet_torch_load() -> Iterator[None]:
+    """torch.load's "Detected pickle protocol N" UserWarning would be a second stderr line
+    next to bnscope's own message about it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        yield
+
+
 def _check_zip_crc(p: Path) -> None:
     """Verify every member's CRC-32 of a zip archive (torch.save's format, TorchScript).
 
@@ -296,7 +307,8 @@ def _torch_load(p: Path, *, trust: bool) -> Any:
     if is_zip:
         _check_zip_crc(p)
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        with _quiet_torch_load():
+            return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         detail = text.split("WeightsUnpickler error:", 1)[-1]
@@ -322,7 +334,8 @@ def _torch_load(p: Path, *, trust: bool) -> Any:
     except Exception as exc:
         raise CheckpointError(_unreadable(p, _load_reason(p, exc)), _FIX_UNREADABLE) from exc
     try:
-        return torch.load(p, map_location="cpu", weights_only=False)
+        with _quiet_torch_load():
+            return torch.load(p, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise CheckpointError(
             f"cannot unpickle {p}: {_reason(exc)}",

@@ -496,3 +496,14 @@ def test_broken_whole_module_with_trust_is_a_clean_error(tmp_path: Path) -> None
     torch.save(module, path)
     with pytest.raises(CheckpointError, match="is broken"):
         bnscope.load_checkpoint(path, trust=True)
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_cli_protocol_4_state_dict_is_one_line(tmp_path: Path, protocol: int) -> None:
+    """The safe loader cannot check protocol 4/5 opcodes: one line naming --trust-checkpoint
+    (torch's own "Detected pickle protocol" warning is not a second line)."""
+    path = tmp_path / "p.pt"
+    torch.save(trained_tiny().state_dict(), path, pickle_protocol=protocol)
+    one_error_line(run("inspect", path), "--trust-checkpoint")
+    res = run("inspect", path, "--trust-checkpoint", "--json")
+    assert res.exit_code == 0 and res.stderr == "", res.stderr
