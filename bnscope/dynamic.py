@@ -41,7 +41,7 @@ from .capture import is_batchnorm
 from .collect import Call, Progress, check_batches, collect, default_call, on_device
 from .data import move_to, split_batch
 from .errors import DataError
-from .evaluate import Metrics, Tally, agreement_and_kl, eval_mode, logits_of
+from .evaluate import Metrics, Tally, agreement_and_kl, batch_kind, eval_mode, logits_of
 from .precise import layer_records, population_stats, usage_findings
 from .records import Finding, InspectLayer, Report
 from .static import static_inspect
@@ -232,17 +232,9 @@ def inspect(
                     ) from exc
                 finally:
                     active[0] = False
-                n = ref.shape[0] if ref.ndim else 1
+                n, is_cls, ok_labels = batch_kind(ref, labels)
                 samples += n
-                is_cls = ref.ndim == 2 and ref.shape[1] > 1
                 classes = classes and is_cls
-                ok_labels = (
-                    labels is not None
-                    and is_cls
-                    and labels.ndim == 1
-                    and not labels.is_floating_point()
-                    and labels.shape[0] == n
-                )
                 labelled = labelled and ok_labels
                 for key, out in (("running", ref), ("batch", bat), ("precise", pre)):
                     if ok_labels:

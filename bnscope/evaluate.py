@@ -105,6 +105,21 @@ def logits_of(out: Any) -> torch.Tensor:
     )
 
 
+def batch_kind(ref: torch.Tensor, labels: Any) -> tuple[int, bool, bool]:
+    """For one batch's reference output: (samples, whether outputs are [N, K] class scores,
+    whether ``labels`` are usable integer class labels for them)."""
+    n = ref.shape[0] if ref.ndim else 1
+    is_cls = ref.ndim == 2 and ref.shape[1] > 1
+    ok_labels = (
+        isinstance(labels, torch.Tensor)
+        and is_cls
+        and labels.ndim == 1
+        and not labels.is_floating_point()
+        and labels.shape[0] == n
+    )
+    return n, is_cls, ok_labels
+
+
 def agreement_and_kl(ref: torch.Tensor, out: torch.Tensor) -> tuple[int, float]:
     """For [N, K] class scores: the number of equal top-1 predictions and the summed
     KL(softmax(ref) || softmax(out)) over the N samples (float64)."""
@@ -218,17 +233,9 @@ def evaluate_models(
                     ) from exc
             ref = outs[first]
             ref2 += float(ref.double().pow(2).sum())
-            is_cls = ref.ndim == 2 and ref.shape[1] > 1
+            n, is_cls, ok_labels = batch_kind(ref, labels)
             classes = classes and is_cls
-            n = ref.shape[0] if ref.ndim else 1
             samples += n
-            ok_labels = (
-                labels is not None
-                and is_cls
-                and labels.ndim == 1
-                and not labels.is_floating_point()
-                and labels.shape[0] == n
-            )
             labelled = labelled and ok_labels
             for k in names:
                 out = outs[k]

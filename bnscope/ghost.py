@@ -51,7 +51,7 @@ from .capture import restored
 from .collect import Call, Progress, check_batches, collect, default_call, on_device
 from .data import move_to, split_batch
 from .errors import DataError, UsageError
-from .evaluate import Metrics, Tally, agreement_and_kl, logits_of
+from .evaluate import Metrics, Tally, agreement_and_kl, batch_kind, logits_of
 from .nn import ghost_chunk_sizes
 from .precise import population_stats
 from .records import Finding, GhostLayer, GhostLayerSize, GhostSize, Report
@@ -393,17 +393,9 @@ def ghost_analysis(
                     f"{type(exc).__name__}: {msg}",
                     "check that --data fits the model; batches need 2+ samples",
                 ) from exc
-            n = ref.shape[0] if ref.ndim else 1
+            n, is_cls, ok_labels = batch_kind(ref, labels)
             samples += n
-            is_cls = ref.ndim == 2 and ref.shape[1] > 1
             classes = classes and is_cls
-            ok_labels = (
-                labels is not None
-                and is_cls
-                and labels.ndim == 1
-                and not labels.is_floating_point()
-                and labels.shape[0] == n
-            )
             labelled = labelled and ok_labels
             if ok_labels:
                 ref_tally.add(ref, labels)

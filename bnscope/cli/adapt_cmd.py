@@ -18,6 +18,7 @@ from .runtime import (
     Ui,
     begin_output,
     check_fail_on,
+    emit_report,
     exit_code_for,
     finish,
     is_main_process,
@@ -164,26 +165,19 @@ def run_adapt(
 
 
 def render(ui: Ui, report: Report, out: str | None) -> None:
-    from ..render.jsonout import report_json
-
-    text = report_json(report)
-    written = []
-    if out is not None:
-        from ..outputs import write_report_dir
+    def figures() -> dict[str, Any]:
         from ..render.figures import adapt_metrics_figure, shift_figure
 
-        figures: dict[str, Any] = {}
+        figs: dict[str, Any] = {}
         if report.layers:
-            figures["domain_shift"] = shift_figure(report.layers)
+            figs["domain_shift"] = shift_figure(report.layers)
         if report.extra.get("metrics"):
-            figures["adapt_metrics"] = adapt_metrics_figure(report.extra["metrics"])
-        written = write_report_dir(out, text, figures)
-    if ui.json:
-        ui.out.file.write(text)
-        ui.out.file.flush()
-    else:
+            figs["adapt_metrics"] = adapt_metrics_figure(report.extra["metrics"])
+        return figs
+
+    def table() -> Any:
         from ..render.tables import adapt_report
 
-        ui.out.print(adapt_report(report))
-    if written:
-        ui.info(f"wrote {', '.join(str(p) for p in written)}")
+        return adapt_report(report)
+
+    emit_report(ui, report, out, table, figures)

@@ -12,18 +12,18 @@ from ..errors import UsageError
 from ..records import Report
 from . import options as o
 from .app import app
-from .inputs import DataFlags, build_model_for, open_checkpoint, open_data, require_batchnorm
+from .inputs import DataFlags, prepare_run
 from .runtime import (
     Ui,
     begin_output,
     check_fail_on,
+    emit_report,
     exit_code_for,
     finish,
     merged,
     progress_bar,
     project_config,
     require_checkpoint,
-    resolve_device,
 )
 
 HELP = (
@@ -113,62 +113,36 @@ def run_ghost(
     if data_spec is None:
         raise UsageError("ghost needs --data (batches to split into ghost batches)",
                          "pass --data SPEC")  # fmt: skip
-    dev = resolve_device(device)
-
-    import torch
-
-    from ..data import default_call
     from ..ghost import ghost_analysis
 
-    torch.manual_seed(flags.seed)
-    ckpt = open_checkpoint(path, key, trust, config)
-    net, prefix, spec = build_model_for(ckpt, model, model_kwargs, config)
-    if net is None:
-        raise UsageError(
-            "ghost runs the model: it needs --model pkg.module:factory or file.py:factory",
-            "pass --model (or set model in bnscope.toml)",
-        )
-    require_batchnorm(net, "ghost")
-    source = open_data(data_spec, flags, config, "--data", shuffle=True, ui=ui)
-    call = default_call(merged(flags.input_key, config, "input_key"))
-    ui.info(f"ghost-size analysis on {source.description} ({dev}), sizes {sizes}")
+    run = prepare_run(
+        "ghost", config, path, key=key, trust=trust, model=model, model_kwargs=model_kwargs,
+        data_spec=data_spec, flags=flags, device=device, ui=ui,
+    )  # fmt: skip
+    source = run.source
+    ui.info(f"ghost-size analysis on {source.description} ({run.device}), sizes {sizes}")
     total = None if batches is None else 2 * batches
     with progress_bar(ui, "analysing", total) as progress:
         result = ghost_analysis(
-            net, source, sizes, batches, call=call, device=dev, progress=progress
-        )
-    extra: dict[str, Any] = {
-        "format": ckpt.format,
-        "key": ckpt.key,
-        "prefix": prefix,
-        "model": spec,
-        "project_file": str(config.path) if config.path else None,
-        "data": source.description,
-        **result.extra,
-    }
+            run.model, source, sizes, batches, call=run.call, device=run.device,
+            progress=progress,
+        )  # fmt: skip
+    extra: dict[str, Any] = {**run.base_extra(config), **result.extra}
     return Report("ghost", str(path), result.layers, result.findings, extra, result.arrays)
 
 
 def render(ui: Ui, report: Report, out: str | None) -> None:
-    from ..render.jsonout import report_json
-
-    text = report_json(report)
-    written = []
-    if out is not None:
-        from ..outputs import write_report_dir
+    def figures() -> dict[str, Any]:
         from ..render.figures import ghost_noise_figure, nbs_curve_figure
 
-        figures = {
+        return {
             "ghost_noise": ghost_noise_figure(report.layers),
             "nbs_curve": nbs_curve_figure(report.extra["sizes"], report.extra["population"]),
         }
-        written = write_report_dir(out, text, figures)
-    if ui.json:
-        ui.out.file.write(text)
-        ui.out.file.flush()
-    else:
+
+    def table() -> Any:
         from ..render.ghost import ghost_report
 
-        ui.out.print(ghost_report(report))
-    if written:
-        ui.info(f"wrote {', '.join(str(p) for p in written)}")
+        return ghost_report(report)
+
+    emit_report(ui, report, out, table, figures)

@@ -160,7 +160,7 @@ class Run:
     evaluation: DataSource | None
     call: Any
     device: str
-    out_path: Path
+    out_path: Path | None
 
     def base_extra(self, config: ProjectConfig) -> dict[str, Any]:
         """The report keys every model-running command shares."""
@@ -184,17 +184,19 @@ def prepare_run(
     model: str | None,
     model_kwargs: str | None,
     data_spec: str,
-    eval_spec: str | None,
+    eval_spec: str | None = None,
     flags: DataFlags,
     device: str | None,
-    output: str | None,
-    force: bool,
-    tag: str,
+    output: str | None = None,
+    force: bool = False,
+    tag: str | None = None,
     ui: Ui | None = None,
-) -> Run:
-    """Check the output path first (nothing runs if it would be refused), then load the
-    checkpoint into the model and open the data. Collection data and evaluation data are
-    shuffled (seeded): batch statistics need i.i.d. batches.
+    require_model: bool = True,
+) -> Run | None:
+    """Check the output path first when the command writes a checkpoint (``tag``: nothing
+    runs if it would be refused), then load the checkpoint into the model and open the data.
+    Collection data and evaluation data are shuffled (seeded): batch statistics need i.i.d.
+    batches. Without model code: an error, or None when ``require_model`` is False.
 
     Under ``torchrun`` the collection data is sharded across ranks; evaluation data is not
     (every rank evaluates all of it, so every rank computes the same metrics)."""
@@ -203,9 +205,11 @@ def prepare_run(
     from .runtime import resolve_device
 
     dev = resolve_device(device)
-    out_path = Path(output) if output else default_output_path(path, tag)
-    if path.exists():
-        check_output(path, out_path, force=force)
+    out_path = None
+    if tag is not None:
+        out_path = Path(output) if output else default_output_path(path, tag)
+        if path.exists():
+            check_output(path, out_path, force=force)
 
     import torch
 
@@ -213,6 +217,8 @@ def prepare_run(
     ckpt = open_checkpoint(path, key, trust, config)
     net, prefix, spec = build_model_for(ckpt, model, model_kwargs, config)
     if net is None:
+        if not require_model:
+            return None
         raise UsageError(
             f"{command} runs the model: it needs --model pkg.module:factory or file.py:factory",
             "pass --model (or set model in bnscope.toml)",

@@ -13,11 +13,12 @@ from ..errors import UsageError
 from ..records import Report
 from . import options as o
 from .app import app
-from .inputs import DataFlags, build_model_for, open_checkpoint, open_data
+from .inputs import DataFlags, build_model_for, open_checkpoint, prepare_run
 from .runtime import (
     Ui,
     begin_output,
     check_fail_on,
+    emit_report,
     exit_code_for,
     finish,
     merged,
@@ -134,33 +135,22 @@ def run_dynamic(
     device: str | None,
 ) -> Report:
     """Load, then the dynamic report; without model code, the static report instead."""
-    dev = resolve_device(device)
-
-    import torch
-
-    from ..data import default_call
     from ..dynamic import inspect
 
-    torch.manual_seed(flags.seed)
-    ckpt = open_checkpoint(path, key, trust, config)
-    net, prefix, spec = build_model_for(ckpt, model, model_kwargs, config)
-    if net is None:
+    run = prepare_run(
+        "inspect", config, path, key=key, trust=trust, model=model, model_kwargs=model_kwargs,
+        data_spec=data_spec, flags=flags, device=device, ui=ui, require_model=False,
+    )  # fmt: skip
+    if run is None:
         return static_report_for(path, key, trust, model, model_kwargs, config)
-    source = open_data(data_spec, flags, config, "--data", shuffle=True, ui=ui)
-    call = default_call(merged(flags.input_key, config, "input_key"))
-    ui.info(f"dynamic inspection on {source.description} ({dev})")
+    source = run.source
+    ui.info(f"dynamic inspection on {source.description} ({run.device})")
     total = None if batches is None else 2 * batches
     with progress_bar(ui, "inspecting", total) as progress:
-        result = inspect(net, source, batches, call=call, device=dev, progress=progress)
-    extra: dict[str, Any] = {
-        "format": ckpt.format,
-        "key": ckpt.key,
-        "prefix": prefix,
-        "model": spec,
-        "project_file": str(config.path) if config.path else None,
-        "data": source.description,
-        **result.extra,
-    }
+        result = inspect(
+            run.model, source, batches, call=run.call, device=run.device, progress=progress
+        )
+    extra: dict[str, Any] = {**run.base_extra(config), **result.extra}
     return Report("inspect", str(path), result.layers, result.findings, extra, result.arrays)
 
 
@@ -200,31 +190,25 @@ def _recompute_fix(path: str, spec: str | None) -> str:
 
 
 def render_static(ui: Ui, report: Any, out: str | None) -> None:
-    from ..render.jsonout import report_json
-
-    text = report_json(report)
-    written = []
-    if out is not None:
-        from ..outputs import write_report_dir
+    def figures() -> dict[str, Any]:
         from ..render.figures import static_ranges_figure
-        from ..static import DEFAULT_EPS, TINY_GAIN, TINY_VAR_FACTOR
+        from ..static import TINY_GAIN, TINY_VAR_FACTOR
 
-        figures = {}
-        if report.layers:
-            eps = report.layers[0].eps if report.layers else DEFAULT_EPS
-            figures["running_stats"] = static_ranges_figure(
+        if not report.layers:
+            return {}
+        eps = report.layers[0].eps
+        return {
+            "running_stats": static_ranges_figure(
                 report.layers, tiny_var=TINY_VAR_FACTOR * eps, tiny_gain=TINY_GAIN
             )
-        written = write_report_dir(out, text, figures)
-    if ui.json:
-        ui.out.file.write(text)
-        ui.out.file.flush()
-    else:
+        }
+
+    def table() -> Any:
         from ..render.tables import static_report
 
-        ui.out.print(static_report(report))
-    if written:
-        ui.info(f"wrote {', '.join(str(p) for p in written)}")
+        return static_report(report)
+
+    emit_report(ui, report, out, table, figures)
 
 
 def dynamic_figures(report: Report) -> dict[str, tuple[str, Any]]:
@@ -259,26 +243,22 @@ def dynamic_figures(report: Report) -> dict[str, tuple[str, Any]]:
 
 
 def render_dynamic(ui: Ui, report: Report, out: str | None) -> None:
-    from ..render.jsonout import report_json
+    captions: dict[str, str] = {}
 
-    text = report_json(report)
-    written = []
-    if out is not None:
-        from ..outputs import write_report_dir
+    def figures() -> dict[str, Any]:
+        made = dynamic_figures(report)
+        captions.update({name: caption for name, (caption, _) in made.items()})
+        return {name: fig for name, (_, fig) in made.items()}
+
+    def texts(figs: dict[str, Any]) -> dict[str, str]:
         from ..render.html import figure_png, inspect_html
 
-        figures = dynamic_figures(report)
-        pngs = {name: (caption, figure_png(fig)) for name, (caption, fig) in figures.items()}
-        html = inspect_html(report, pngs)
-        written = write_report_dir(
-            out, text, {name: fig for name, (_, fig) in figures.items()}, {"report.html": html}
-        )
-    if ui.json:
-        ui.out.file.write(text)
-        ui.out.file.flush()
-    else:
+        pngs = {name: (captions[name], figure_png(fig)) for name, fig in figs.items()}
+        return {"report.html": inspect_html(report, pngs)}
+
+    def table() -> Any:
         from ..render.inspect import inspect_report
 
-        ui.out.print(inspect_report(report))
-    if written:
-        ui.info(f"wrote {', '.join(str(p) for p in written)}")
+        return inspect_report(report)
+
+    emit_report(ui, report, out, table, figures, texts)

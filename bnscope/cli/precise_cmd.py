@@ -16,6 +16,7 @@ from .runtime import (
     Ui,
     begin_output,
     check_fail_on,
+    emit_report,
     exit_code_for,
     finish,
     is_main_process,
@@ -150,22 +151,14 @@ def run_precise(
 
 
 def render(ui: Ui, report: Any, out: str | None) -> None:
-    from ..render.jsonout import report_json
-
-    text = report_json(report)
-    written = []
-    if out is not None:
-        from ..outputs import write_report_dir
+    def figures() -> dict[str, Any]:
         from ..render.figures import change_figure
 
-        figures = {"precise_change": change_figure(report.layers)} if report.layers else {}
-        written = write_report_dir(out, text, figures)
-    if ui.json:
-        ui.out.file.write(text)
-        ui.out.file.flush()
-    else:
+        return {"precise_change": change_figure(report.layers)} if report.layers else {}
+
+    def table() -> Any:
         from ..render.tables import precise_report
 
-        ui.out.print(precise_report(report))
-    if written:
-        ui.info(f"wrote {', '.join(str(p) for p in written)}")
+        return precise_report(report)
+
+    emit_report(ui, report, out, table, figures)

@@ -314,6 +314,39 @@ class DistributedSession:
         return outcome.code if outcome.failed and outcome.code else 2
 
 
+def emit_report(
+    ui: Ui,
+    report: Report,
+    out: str | None,
+    renderable: Any,
+    figures: Any = None,
+    texts: Any = None,
+) -> None:
+    """The one way a command shows its result: with ``--out`` first ``report.json``, the
+    figures (``figures()`` -> name -> Figure) and extra files (``texts(figures)`` -> file
+    name -> text) into the folder; then stdout gets exactly one JSON document with ``--json``,
+    else ``renderable()`` (a rich renderable); the files written are listed on stderr for a
+    person at a terminal. The callables keep matplotlib and the renderers unimported until
+    needed."""
+    from ..render.jsonout import report_json
+
+    text = report_json(report)
+    written = []
+    if out is not None:
+        from ..outputs import write_report_dir
+
+        figs = figures() if figures is not None else {}
+        extra = texts(figs) if texts is not None else None
+        written = write_report_dir(out, text, figs, extra)
+    if ui.json:
+        ui.out.file.write(text)
+        ui.out.file.flush()
+    else:
+        ui.out.print(renderable())
+    if written:
+        ui.info(f"wrote {', '.join(str(p) for p in written)}")
+
+
 def check_fail_on(level: str | None) -> str | None:
     if level is None:
         return None
