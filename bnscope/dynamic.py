@@ -41,7 +41,15 @@ from .capture import is_batchnorm
 from .collect import Call, Progress, check_batches, collect, default_call, on_device
 from .data import move_to, split_batch
 from .errors import DataError
-from .evaluate import Metrics, Tally, agreement_and_kl, batch_kind, eval_mode, logits_of
+from .evaluate import (
+    Metrics,
+    Tally,
+    agreement_and_kl,
+    batch_kind,
+    eval_mode,
+    forward_errors,
+    logits_of,
+)
 from .precise import layer_records, population_stats, usage_findings
 from .records import Finding, InspectLayer, Report
 from .static import static_inspect
@@ -214,24 +222,14 @@ def inspect(
                     break
                 batch = move_to(batch, dev)
                 _, labels = split_batch(batch)
-                try:
+                with forward_errors(
+                    f"the model failed on batch {done} of the comparison pass",
+                    "check that --data fits the model; batches need 2+ samples",
+                ):
                     ref = logits_of(call(model, batch))
                     pre = logits_of(call(twin, batch))
-                    with _batch_stats(bn_twin):
-                        active[0] = True
+                    with _batch_stats(bn_twin, active):
                         bat = logits_of(call(twin, batch))
-                        active[0] = False
-                except DataError:
-                    raise
-                except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-                    msg = " ".join(str(exc).split())[:300]
-                    raise DataError(
-                        f"the model failed on batch {done} of the comparison pass: "
-                        f"{type(exc).__name__}: {msg}",
-                        "check that --data fits the model; batches need 2+ samples",
-                    ) from exc
-                finally:
-                    active[0] = False
                 n, is_cls, ok_labels = batch_kind(ref, labels)
                 samples += n
                 classes = classes and is_cls
@@ -311,13 +309,16 @@ def _reduce_pass(
 
 
 @contextlib.contextmanager
-def _batch_stats(layers: list[_BatchNorm]) -> Iterator[None]:
-    """BN layers normalize with batch statistics (training flag) for the block."""
+def _batch_stats(layers: list[_BatchNorm], recording: list[bool]) -> Iterator[None]:
+    """BN layers normalize with batch statistics (training flag) and the spread hooks record,
+    for the block only."""
     try:
         for m in layers:
             m.training = True
+        recording[0] = True
         yield
     finally:
+        recording[0] = False
         for m in layers:
             m.training = False
 

@@ -105,6 +105,19 @@ def logits_of(out: Any) -> torch.Tensor:
     )
 
 
+@contextlib.contextmanager
+def forward_errors(where: str, fix: str) -> Iterator[None]:
+    """A model call that fails on a batch (shape, dtype, index errors) becomes one DataError
+    line: ``where: ExceptionType: first 300 characters``, with ``fix``."""
+    try:
+        yield
+    except DataError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        msg = " ".join(str(exc).split())[:300]
+        raise DataError(f"{where}: {type(exc).__name__}: {msg}", fix) from exc
+
+
 def batch_kind(ref: torch.Tensor, labels: Any) -> tuple[int, bool, bool]:
     """For one batch's reference output: (samples, whether outputs are [N, K] class scores,
     whether ``labels`` are usable integer class labels for them)."""
@@ -220,17 +233,12 @@ def evaluate_models(
             _, labels = split_batch(batch)
             outs = {}
             for k in names:
-                try:
+                with forward_errors(
+                    f"evaluation failed on batch {done}",
+                    "check that --eval-data fits the model (channels, image size, "
+                    "--input-key, a last batch of 1 with batch statistics)",
+                ):
                     outs[k] = logits_of(call(models[k], batch))
-                except DataError:
-                    raise
-                except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-                    msg = " ".join(str(exc).split())[:300]
-                    raise DataError(
-                        f"evaluation failed on batch {done}: {type(exc).__name__}: {msg}",
-                        "check that --eval-data fits the model (channels, image size, "
-                        "--input-key, a last batch of 1 with batch statistics)",
-                    ) from exc
             ref = outs[first]
             ref2 += float(ref.double().pow(2).sum())
             n, is_cls, ok_labels = batch_kind(ref, labels)

@@ -51,7 +51,7 @@ from .capture import restored
 from .collect import Call, Progress, check_batches, collect, default_call, on_device
 from .data import move_to, split_batch
 from .errors import DataError, UsageError
-from .evaluate import Metrics, Tally, agreement_and_kl, batch_kind, logits_of
+from .evaluate import Metrics, Tally, agreement_and_kl, batch_kind, forward_errors, logits_of
 from .nn import ghost_chunk_sizes
 from .precise import population_stats
 from .records import Finding, GhostLayer, GhostLayerSize, GhostSize, Report
@@ -378,21 +378,15 @@ def ghost_analysis(
                 break
             batch = move_to(batch, dev)
             _, labels = split_batch(batch)
-            try:
+            with forward_errors(
+                f"the model failed on batch {done} of the ghost pass",
+                "check that --data fits the model; batches need 2+ samples",
+            ):
                 ref = logits_of(call(model, batch))
                 outs = {}
                 for g in run:
                     with ghost_forwards(targets, g, probes[g]):
                         outs[g] = logits_of(call(model, batch))
-            except DataError:
-                raise
-            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-                msg = " ".join(str(exc).split())[:300]
-                raise DataError(
-                    f"the model failed on batch {done} of the ghost pass: "
-                    f"{type(exc).__name__}: {msg}",
-                    "check that --data fits the model; batches need 2+ samples",
-                ) from exc
             n, is_cls, ok_labels = batch_kind(ref, labels)
             samples += n
             classes = classes and is_cls
