@@ -109,9 +109,11 @@ app = typer.Typer(
     name=PROG,
     cls=BnscopeGroup,
     help="Diagnose and fix BatchNorm statistics in PyTorch checkpoints.\n\n"
-    "inspect: static report from a checkpoint alone. precise: exact population statistics "
-    "(Precise BN). adapt: statistics for a new domain (Adaptive BN). ghost: how the model depends "
-    "on the normalization batch size. demo: all of it on built-in data.",
+    "inspect: what is wrong with the BN statistics (from the checkpoint alone, or with the "
+    "model and its training data: stale EMA, train/test gap). precise: exact population "
+    "statistics (Precise BN). adapt: statistics for a new domain (Adaptive BN). ghost: how the "
+    "model depends on the normalization batch size. corrupt: a corrupted copy of an image "
+    "folder. demo: all of it on built-in data.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
