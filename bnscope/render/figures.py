@@ -208,6 +208,9 @@ def ghost_noise_figure(layers: Sequence, fig: Figure | None = None) -> Figure:
             ax.plot(g, y, "k--", lw=1.5, label=f"i.i.d. expectation ({mid.name})")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        if analysed:
+            ticks = [s.size for s in analysed[0].sizes]
+            ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("ghost size g (samples per normalization batch)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
@@ -243,13 +246,13 @@ def nbs_curve_figure(rows: Sequence[dict], population: dict, fig: Figure | None 
     ax.set_xticklabels([str(v) for v in g])
     ax.set_xlabel("normalization batch size g")
     ax.grid(True, alpha=0.3)
+    handles = list(ax.lines)
     kl = [_finite(r["kl"]) for r in ok]
     if any(math.isfinite(v) for v in kl):
         ax2 = ax.twinx()
-        ax2.plot(g, kl, "s:", color="C3", label="KL(pop || g)")
+        handles += ax2.plot(g, kl, "s:", color="C3", label="KL(p_pop || p_g)")
         ax2.set_ylabel("KL(p_pop || p_g)", color="C3")
-        ax2.legend(loc="lower left", fontsize=7)
-    ax.legend(loc="lower right", fontsize=7)
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=7)
     ax.set_title("Model outputs vs normalization batch size")
     return fig
 
