@@ -52,7 +52,7 @@ from .collect import Call, Progress, check_batches, collect, default_call, on_de
 from .data import move_to, split_batch
 from .errors import DataError, UsageError
 from .evaluate import Metrics, Tally, agreement_and_kl, batch_kind, forward_errors, logits_of
-from .nn import ghost_chunk_sizes
+from .nn import ChunkStats, ghost_chunk_sizes, normalize_chunks
 from .precise import population_stats
 from .records import Finding, GhostLayer, GhostLayerSize, GhostSize, Report
 
@@ -95,52 +95,6 @@ def parse_sizes(sizes: Iterable[int] | str) -> list[int]:
             example,
         )
     return sorted(set(values))
-
-
-@dataclass(frozen=True)
-class ChunkStats:
-    """Statistics of one ghost-normalized call: per chunk (``mean``/``var``, [K, C], biased)
-    and per sample (``sample_mean``/``sample_var`` over the spatial positions, [N, C])."""
-
-    mean: torch.Tensor
-    var: torch.Tensor
-    sample_mean: torch.Tensor
-    sample_var: torch.Tensor
-
-
-def normalize_chunks(
-    x: torch.Tensor,
-    sizes: list[int],
-    eps: float,
-    weight: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, ChunkStats]:
-    """Normalize each chunk of ``x`` ([N, C, ...]) with its own mean and biased variance, then
-    apply the affine transform when ``weight``/``bias`` are given.
-
-    Per-sample moments over the spatial positions come first (one contiguous reduction); a
-    chunk's moments follow exactly from them (law of total variance: var_k = mean_i(v_i +
-    (m_i - mu_k)^2), every sample having the same number of positions), and the output is one
-    fused scale-and-shift, so a ghost forward costs about what BatchNorm's own does."""
-    work = x if x.dtype in (torch.float32, F64) else x.float()
-    n, c = work.shape[0], work.shape[1]
-    flat = work.reshape(n, c, -1)
-    v_i, m_i = torch.var_mean(flat, dim=2, correction=0)
-    counts = torch.tensor(sizes, device=work.device)
-    owner = torch.repeat_interleave(torch.arange(len(sizes), device=work.device), counts)
-    per = counts.to(work.dtype)[:, None]
-    mean_k = torch.zeros(len(sizes), c, dtype=work.dtype, device=work.device)
-    mean_k.index_add_(0, owner, m_i).div_(per)
-    dev = m_i - mean_k[owner]
-    var_k = torch.zeros_like(mean_k).index_add_(0, owner, v_i + dev * dev).div_(per)
-    scale = torch.rsqrt(var_k + eps)
-    if weight is not None:
-        scale = scale * weight.to(work.dtype)
-    shift = -mean_k * scale
-    if bias is not None:
-        shift = shift + bias.to(work.dtype)
-    y = torch.addcmul(shift[owner].unsqueeze(2), flat, scale[owner].unsqueeze(2))
-    return y.reshape(x.shape).to(x.dtype), ChunkStats(mean_k, var_k, m_i, v_i)
 
 
 class _NoiseProbe:

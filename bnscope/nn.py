@@ -30,6 +30,9 @@ Design decisions (where the usual descriptions leave room):
   :class:`GhostBatchNorm2d` and :class:`GhostBatchNorm3d` check dims like the BatchNorm class
   of the same name; :func:`convert_to_ghost` uses them for ``BatchNorm{1,2,3}d``.
 * **Float16/bfloat16** ghost statistics are computed in float32 and the output cast back.
+* **One chunk normalization.** :func:`normalize_chunks` (per-sample moments, chunk moments
+  from them by the law of total variance, one fused scale-and-shift; differentiable) is what
+  the module's training forward and :func:`bnscope.ghost_analysis` both run.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +56,8 @@ __all__ = [
     "convert_to_ghost",
     "revert_ghost",
     "ghost_chunk_sizes",
+    "normalize_chunks",
+    "ChunkStats",
 ]
 
 # Attribute (outside the state dict and module tree) holding the module that convert_to_ghost
@@ -101,6 +107,52 @@ def ghost_chunk_sizes(batch: int, ghost_size: int, values_per_sample: int = 1) -
         raise ValueError("batch and values_per_sample must be non-negative")
     full, tail = _split(batch, g, values_per_sample)
     return [g] * full + ([tail] if tail else [])
+
+
+@dataclass(frozen=True)
+class ChunkStats:
+    """Statistics of one ghost-normalized call: per chunk (``mean``/``var``, [K, C], biased)
+    and per sample (``sample_mean``/``sample_var`` over the spatial positions, [N, C])."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    sample_mean: torch.Tensor
+    sample_var: torch.Tensor
+
+
+def normalize_chunks(
+    x: torch.Tensor,
+    sizes: list[int],
+    eps: float,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ChunkStats]:
+    """Normalize each chunk of ``x`` ([N, C, ...]) with its own mean and biased variance, then
+    apply the affine transform when ``weight``/``bias`` are given.
+
+    Per-sample moments over the spatial positions come first (one contiguous reduction); a
+    chunk's moments follow exactly from them (law of total variance: var_k = mean_i(v_i +
+    (m_i - mu_k)^2), every sample having the same number of positions), and the output is one
+    fused scale-and-shift, so a ghost forward costs about what BatchNorm's own does."""
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    n, c = work.shape[0], work.shape[1]
+    flat = work.reshape(n, c, -1)
+    v_i, m_i = torch.var_mean(flat, dim=2, correction=0)
+    counts = torch.tensor(sizes, device=work.device)
+    owner = torch.repeat_interleave(torch.arange(len(sizes), device=work.device), counts)
+    per = counts.to(work.dtype)[:, None]
+    mean_k = torch.zeros(len(sizes), c, dtype=work.dtype, device=work.device)
+    mean_k.index_add_(0, owner, m_i).div_(per)
+    dev = m_i - mean_k[owner]
+    var_k = torch.zeros_like(mean_k).index_add_(0, owner, v_i + dev * dev).div_(per)
+    scale = torch.rsqrt(var_k + eps)
+    if weight is not None:
+        scale = scale * weight.to(work.dtype)
+    shift = -mean_k * scale
+    if bias is not None:
+        shift = shift + bias.to(work.dtype)
+    y = torch.addcmul(shift[owner].unsqueeze(2), flat, scale[owner].unsqueeze(2))
+    return y.reshape(x.shape).to(x.dtype), ChunkStats(mean_k, var_k, m_i, v_i)
 
 
 class GhostBatchNorm(_BatchNorm):
@@ -196,27 +248,9 @@ class GhostBatchNorm(_BatchNorm):
             )
 
     def _ghost_normalize(self, input: Tensor, full: int, tail: int) -> Tensor:
-        g = self.ghost_size
-        x = input
-        if x.dtype in (torch.float16, torch.bfloat16):
-            x = x.float()
-        b, c = x.shape[0], x.shape[1]
-        x = x.reshape(b, c, -1)
-        parts = []
-        if full:  # all full chunks at once: [full, g, C, values]
-            head = x[: full * g].reshape(full, g, c, x.shape[2])
-            var, mean = torch.var_mean(head, dim=(1, 3), correction=0, keepdim=True)
-            parts.append(((head - mean) * torch.rsqrt(var + self.eps)).reshape(full * g, c, -1))
-        if tail:
-            rest = x[full * g :]
-            var, mean = torch.var_mean(rest, dim=(0, 2), correction=0, keepdim=True)
-            parts.append((rest - mean) * torch.rsqrt(var + self.eps))
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        if self.weight is not None:
-            out = out * self.weight.view(1, c, 1)
-        if self.bias is not None:
-            out = out + self.bias.view(1, c, 1)
-        return out.reshape(input.shape).to(input.dtype)
+        sizes = [self.ghost_size] * full + ([tail] if tail else [])
+        out, _ = normalize_chunks(input, sizes, self.eps, self.weight, self.bias)
+        return out
 
 
 class GhostBatchNorm1d(GhostBatchNorm):
