@@ -69,20 +69,7 @@ def _shift_records(
         if name not in target:
             records.append(
                 AdaptLayer(
-                    name,
-                    mod.num_features,
-                    "not-called",
-                    "never ran on the target data; kept",
-                    0,
-                    0,
-                    0,
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
+                    name, mod.num_features, "not-called", "never ran on the target data; kept"
                 )
             )
             continue
@@ -121,24 +108,7 @@ def _shift_records(
             )
         )
     for sk in collection.skipped:
-        records.append(
-            AdaptLayer(
-                sk.name,
-                sk.num_features,
-                "skipped",
-                sk.reason,
-                0,
-                0,
-                0,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-            )
-        )
+        records.append(AdaptLayer(sk.name, sk.num_features, "skipped", sk.reason))
     return collection.in_module_order(records), arrays
 
 

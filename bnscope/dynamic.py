@@ -178,7 +178,7 @@ def inspect(
         process_group=process_group,
     )  # fmt: skip
     pop = population_stats(collection)
-    precise_records, _ = layer_records(collection, pop)
+    precise_records, precise_arrays = layer_records(collection, pop)
 
     twin = copy.deepcopy(model)  # population statistics + batch statistics live here
     twin_layers = dict(twin.named_modules())
@@ -262,7 +262,7 @@ def inspect(
         "agreement": {k: (agree[k] / samples if classes and samples else None) for k in agree},
         "kl": {k: (kl[k] / samples if classes and samples else None) for k in kl},
     }
-    layers, arrays = _layer_records(collection, precise_records, pop, spreads)
+    layers, arrays = _layer_records(collection, precise_records, precise_arrays, spreads)
     findings = _findings(layers, static, precise_records, consistency, metrics)
     verdict, verdict_text = _verdict(layers, consistency, metrics)
     extra = {
@@ -326,95 +326,68 @@ def _batch_stats(layers: list[_BatchNorm], recording: list[bool]) -> Iterator[No
 def _layer_records(
     collection: Any,
     precise_records: list[Any],
-    pop: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    precise_arrays: dict[str, dict[str, Any]],
     spreads: dict[str, _Spread],
 ) -> tuple[list[InspectLayer], dict[str, dict[str, Any]]]:
+    """Inspect records in module order from the Precise BN records (running vs population
+    statistics and d_mu/d_var come from there) and the batch-statistics spreads."""
     records: list[InspectLayer] = []
     arrays: dict[str, dict[str, Any]] = {}
-    by_name = {r.name: r for r in precise_records}
-    for name, st in collection.layers.items():
-        mod = st.module
-        momentum = mod.momentum
-        if name not in pop:
-            records.append(_empty(name, mod, "not-called", "never ran on the data"))
+    for rec in precise_records:
+        name = rec.name
+        if rec.status == "skipped":
+            records.append(InspectLayer(name, rec.num_features, "skipped", rec.reason))
             continue
-        mean_p, var_p = (t.cpu() for t in pop[name])
-        mean_r = mod.running_mean.detach().cpu().to(F64)
-        var_r = mod.running_var.detach().cpu().to(F64)
+        mod = collection.layers[name].module
+        if rec.status != "updated":
+            records.append(
+                InspectLayer(name, rec.num_features, rec.status, rec.reason, mod.momentum)
+            )
+            continue
+        pa = precise_arrays[name]
+        mean_r, var_r, mean_p, var_p = pa["old_mean"], pa["old_var"], pa["new_mean"], pa["new_var"]
+        d_mu, d_var = pa["d_mu"], pa["d_var"]
         sigma2 = var_p + mod.eps
-        d_mu = (mean_r - mean_p).abs() / sigma2.sqrt()
-        d_var = torch.log((var_r + mod.eps) / sigma2).abs()
         sp = spreads[name]
         factor = _ema_factor(mod)
         calls = sp.means.count
         var_mu_b = sp.means.population_var if calls else torch.zeros_like(mean_p)
         mean_uvar = sp.uvars.population_mean if calls else var_p
         var_uvar = sp.uvars.population_var if calls else torch.zeros_like(var_p)
-        z_mu = z_var = None
-        noise_mu = None
+        z_mu = z_var = noise_mu = spread_mu = spread_var = None
         if factor is not None and calls >= 2:
             z_mu = _z_rms(mean_r - mean_p, factor * var_mu_b, sigma2)
             z_var = _z_rms(var_r - mean_uvar, factor * var_uvar, sigma2**2)
             noise_mu = _median((factor * var_mu_b).sqrt() / sigma2.sqrt())
-        spread_mu = _median(var_mu_b.sqrt() / sigma2.sqrt()) if calls >= 2 else None
-        spread_var = _median(var_uvar.sqrt() / mean_uvar.clamp_min(1e-30)) if calls >= 2 else None
-        material = max(_median(d_mu), _median(d_var)) > MATERIAL_GAP
+        if calls >= 2:
+            spread_mu = _median(var_mu_b.sqrt() / sigma2.sqrt())
+            spread_var = _median(var_uvar.sqrt() / mean_uvar.clamp_min(1e-30))
         zs = [z for z in (z_mu, z_var) if z is not None]
-        if not material:
+        if max(rec.d_mu_median, rec.d_var_median) <= MATERIAL_GAP:
             status = "ok"
-        elif zs and max(zs) > STALE_Z:
-            status = "stale"
-        elif zs:
-            status = "noisy"
-        else:
+        elif not zs:
             status = "unknown"
-        rec = by_name[name]
+        else:
+            status = "stale" if max(zs) > STALE_Z else "noisy"
         records.append(
             InspectLayer(
-                name=name,
-                num_features=mod.num_features,
-                status=status,
-                reason=None,
-                momentum=momentum,
-                calls_per_forward=rec.calls_per_forward,
-                batch_calls=calls,
-                d_mu_max=float(d_mu.max()),
-                d_mu_median=_median(d_mu),
-                d_var_max=float(d_var.max()),
-                d_var_median=_median(d_var),
-                z_mu=z_mu,
-                z_var=z_var,
-                ema_noise_mu=noise_mu,
-                batch_spread_mu=spread_mu,
-                batch_spread_var=spread_var,
+                name, rec.num_features, status, None, mod.momentum, rec.calls_per_forward, calls,
+                rec.d_mu_max, rec.d_mu_median, rec.d_var_max, rec.d_var_median,
+                z_mu, z_var, noise_mu, spread_mu, spread_var,
             )
-        )
-        z_channel = (mean_r - mean_p) / (factor * var_mu_b).clamp_min(1e-30).sqrt() if (
-            factor is not None
-        ) else d_mu  # fmt: skip
+        )  # fmt: skip
         worst = torch.argsort(d_mu, descending=True)[:TRACE_CHANNELS]
         trace = torch.stack(sp.trace) if sp.trace else torch.zeros(0, mod.num_features)
         arrays[name] = {
             "d_mu": d_mu,
             "d_var": d_var,
-            "z_mu": z_channel,
             "channels": worst,
             "batch_means": trace[:, worst],
             "running_mean": mean_r[worst],
             "population_mean": mean_p[worst],
             "population_sigma": sigma2[worst].sqrt(),
         }
-    for sk in collection.skipped:
-        records.append(
-            InspectLayer(sk.name, sk.num_features, "skipped", sk.reason, None, 0, 0,
-                         None, None, None, None, None, None, None, None, None)
-        )  # fmt: skip
-    return collection.in_module_order(records), arrays
-
-
-def _empty(name: str, mod: _BatchNorm, status: str, reason: str) -> InspectLayer:
-    return InspectLayer(name, mod.num_features, status, reason, mod.momentum, 0, 0,
-                        None, None, None, None, None, None, None, None, None)  # fmt: skip
+    return records, arrays
 
 
 def _pct(x: float | None) -> str:

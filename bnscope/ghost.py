@@ -446,16 +446,14 @@ def _report(
             layers.append(
                 GhostLayer(
                     name, st.module.num_features, "analysed", None, st.max_calls_per_forward, per
-                )  # fmt: skip
+                )
             )
         else:
             layers.append(
-                GhostLayer(
-                    name, st.module.num_features, "not-called", "never ran on the data", 0, ()
-                )  # fmt: skip
+                GhostLayer(name, st.module.num_features, "not-called", "never ran on the data")
             )
     for sk in collection.skipped:
-        layers.append(GhostLayer(sk.name, sk.num_features, "skipped", sk.reason, 0, ()))
+        layers.append(GhostLayer(sk.name, sk.num_features, "skipped", sk.reason))
     layers = collection.in_module_order(layers)
 
     population = ref_tally.metrics(samples, labelled)

@@ -65,26 +65,11 @@ def layer_records(
             )
         else:
             rec = PreciseLayer(
-                name,
-                mod.num_features,
-                "not-called",
-                "never ran on the data; statistics kept",
-                0,
-                0,
-                0,
-                0,
-                None,
-                None,
-                None,
-                None,
+                name, mod.num_features, "not-called", "never ran on the data; statistics kept"
             )
         records.append(rec)
     for sk in collection.skipped:
-        records.append(
-            PreciseLayer(
-                sk.name, sk.num_features, "skipped", sk.reason, 0, 0, 0, 0, None, None, None, None
-            )
-        )
+        records.append(PreciseLayer(sk.name, sk.num_features, "skipped", sk.reason))
     return collection.in_module_order(records), arrays
 
 

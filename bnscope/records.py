@@ -52,8 +52,15 @@ def _clean(value: Any) -> Any:
     return value
 
 
+class Record:
+    """A result record: ``to_dict()`` is its JSON form (non-finite floats spelled out)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean(asdict(self))  # type: ignore[call-overload]
+
+
 @dataclass(frozen=True)
-class Finding:
+class Finding(Record):
     """One problem found, with a stable ``code`` (see :data:`FINDING_CODES`) and its fix."""
 
     code: str
@@ -68,12 +75,9 @@ class Finding:
         if self.severity not in SEVERITIES:
             raise ValueError(f"unknown severity {self.severity!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return _clean(asdict(self))
-
 
 @dataclass(frozen=True)
-class StaticLayer:
+class StaticLayer(Record):
     """Per-layer figures read from BN buffers alone (no forward pass).
 
     ``ema_init_weight`` is (1-m)^num_batches_tracked: the weight the EMA
@@ -101,9 +105,6 @@ class StaticLayer:
     tiny_var_channels: int
     nonfinite_values: int
     negative_var_channels: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return _clean(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ class Report:
 
 
 @dataclass(frozen=True)
-class PreciseLayer:
+class PreciseLayer(Record):
     """Per-layer result of Precise BN / Adaptive BN: how far the new statistics moved.
 
     ``d_mu`` = |mu_old - mu_new| / sqrt(var_new + eps) and ``d_var`` =
@@ -160,21 +161,18 @@ class PreciseLayer:
     num_features: int
     status: str
     reason: str | None
-    calls: int
-    calls_per_forward: int
-    samples: int
-    elements: int
-    d_mu_max: float | None
-    d_mu_median: float | None
-    d_var_max: float | None
-    d_var_median: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return _clean(asdict(self))
+    calls: int = 0
+    calls_per_forward: int = 0
+    samples: int = 0
+    elements: int = 0
+    d_mu_max: float | None = None
+    d_mu_median: float | None = None
+    d_var_max: float | None = None
+    d_var_median: float | None = None
 
 
 @dataclass(frozen=True)
-class AdaptLayer:
+class AdaptLayer(Record):
     """Per-layer result of Adaptive BN: how the target domain differs from the source.
 
     Between the source statistics (the checkpoint's running statistics) and the pooled target
@@ -188,23 +186,20 @@ class AdaptLayer:
     num_features: int
     status: str
     reason: str | None
-    calls: int
-    calls_per_forward: int
-    samples: int
-    weight_source: float | None
-    d_mu_max: float | None
-    d_mu_median: float | None
-    d_var_max: float | None
-    d_var_median: float | None
-    kl_max: float | None
-    kl_median: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return _clean(asdict(self))
+    calls: int = 0
+    calls_per_forward: int = 0
+    samples: int = 0
+    weight_source: float | None = None
+    d_mu_max: float | None = None
+    d_mu_median: float | None = None
+    d_var_max: float | None = None
+    d_var_median: float | None = None
+    kl_max: float | None = None
+    kl_median: float | None = None
 
 
 @dataclass(frozen=True)
-class InspectLayer:
+class InspectLayer(Record):
     """Per-layer result of dynamic inspection (see :mod:`bnscope.dynamic`).
 
     ``d_mu``/``d_var`` (max and median over channels) compare the running statistics with the
@@ -221,25 +216,22 @@ class InspectLayer:
     num_features: int
     status: str
     reason: str | None
-    momentum: float | None
-    calls_per_forward: int
-    batch_calls: int
-    d_mu_max: float | None
-    d_mu_median: float | None
-    d_var_max: float | None
-    d_var_median: float | None
-    z_mu: float | None
-    z_var: float | None
-    ema_noise_mu: float | None
-    batch_spread_mu: float | None
-    batch_spread_var: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return _clean(asdict(self))
+    momentum: float | None = None
+    calls_per_forward: int = 0
+    batch_calls: int = 0
+    d_mu_max: float | None = None
+    d_mu_median: float | None = None
+    d_var_max: float | None = None
+    d_var_median: float | None = None
+    z_mu: float | None = None
+    z_var: float | None = None
+    ema_noise_mu: float | None = None
+    batch_spread_mu: float | None = None
+    batch_spread_var: float | None = None
 
 
 @dataclass(frozen=True)
-class GhostLayerSize:
+class GhostLayerSize(Record):
     """One BN layer at one ghost size g: how far chunk statistics fall from the population's.
 
     Over every chunk k and channel c: ``noise_mu`` is the mean of |mu_k - mu_pop| / sigma_pop and
@@ -258,12 +250,9 @@ class GhostLayerSize:
     iid_var: float | None
     effective_size: float | None
 
-    def to_dict(self) -> dict[str, Any]:
-        return _clean(asdict(self))
-
 
 @dataclass(frozen=True)
-class GhostLayer:
+class GhostLayer(Record):
     """Per-layer result of the ghost-size analysis: one :class:`GhostLayerSize` per size run.
 
     ``status`` is ``analysed``, ``not-called`` or ``skipped`` (``reason`` says why)."""
@@ -272,15 +261,12 @@ class GhostLayer:
     num_features: int
     status: str
     reason: str | None
-    calls_per_forward: int
-    sizes: tuple[GhostLayerSize, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return _clean(asdict(self))
+    calls_per_forward: int = 0
+    sizes: tuple[GhostLayerSize, ...] = ()
 
 
 @dataclass(frozen=True)
-class GhostSize:
+class GhostSize(Record):
     """The model at one ghost size g: outputs with batch statistics of chunks of g against
     outputs with population statistics on the same inputs.
 
@@ -306,9 +292,6 @@ class GhostSize:
     noise_mu: float | None
     noise_var: float | None
     effective_ratio: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return _clean(asdict(self))
 
 
 def field_names(record_type: type) -> list[str]:
