@@ -39,7 +39,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .capture import is_batchnorm
 from .collect import Call, Progress, check_batches, collect, default_call, on_device
-from .data import move_to, split_batch
 from .errors import DataError
 from .evaluate import (
     Metrics,
@@ -48,10 +47,12 @@ from .evaluate import (
     batch_kind,
     eval_mode,
     forward_errors,
+    labelled_batches,
     logits_of,
 )
 from .precise import layer_records, population_stats, usage_findings
 from .records import Finding, InspectLayer, Report
+from .render.text import pct
 from .static import static_inspect
 from .stats import MomentAccumulator
 
@@ -217,11 +218,7 @@ def inspect(
         for m in twin.modules():
             m.training = False
         with _spread_hooks(targets, spreads, active), torch.no_grad():
-            for batch in data:
-                if batches is not None and done >= batches:
-                    break
-                batch = move_to(batch, dev)
-                _, labels = split_batch(batch)
+            for batch, labels in labelled_batches(data, batches, dev):
                 with forward_errors(
                     f"the model failed on batch {done} of the comparison pass",
                     "check that --data fits the model; batches need 2+ samples",
@@ -390,10 +387,6 @@ def _layer_records(
     return records, arrays
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
 def _gap(consistency: dict[str, Any], metrics: dict[str, Metrics]) -> str | None:
     """``"worse"`` when outputs with running statistics disagree with batch-statistics outputs
     and (with labels) are not better; ``"better"`` when eval mode is clearly the better one
@@ -415,11 +408,11 @@ def _precise_fix(metrics: dict[str, Metrics], consistency: dict[str, Any]) -> st
     acc_r, acc_p = metrics["running"].accuracy, metrics["precise"].accuracy
     if acc_r is not None and acc_p is not None:
         return (
-            f"bnscope precise CKPT --data TRAIN_DATA would change accuracy from {_pct(acc_r)} "
-            f"to {_pct(acc_p)} on this data"
+            f"bnscope precise CKPT --data TRAIN_DATA would change accuracy from {pct(acc_r)} "
+            f"to {pct(acc_p)} on this data"
         )
     agree = consistency["agreement"]["precise"]
-    tail = f" (it would change {_pct(1 - agree)} of the predictions on this data)" if agree else ""
+    tail = f" (it would change {pct(1 - agree)} of the predictions on this data)" if agree else ""
     return f"bnscope precise CKPT --data TRAIN_DATA recomputes exact statistics{tail}"
 
 
@@ -471,9 +464,9 @@ def _findings(
         agree = consistency["agreement"]["batch"]
         if m["running"].accuracy is not None:
             what = (
-                f"accuracy with batch statistics {_pct(m['batch'].accuracy)}, with running "
-                f"statistics {_pct(m['running'].accuracy)}, with precise statistics "
-                f"{_pct(m['precise'].accuracy)}; "
+                f"accuracy with batch statistics {pct(m['batch'].accuracy)}, with running "
+                f"statistics {pct(m['running'].accuracy)}, with precise statistics "
+                f"{pct(m['precise'].accuracy)}; "
             )
         else:
             what = ""
@@ -507,7 +500,7 @@ def _findings(
                 severity,
                 None,
                 f"outputs with batch statistics and with running statistics disagree ({what}"
-                f"top-1 agreement {_pct(agree)}): {cause}",
+                f"top-1 agreement {pct(agree)}): {cause}",
                 gap_fix,
             )
         )
@@ -522,12 +515,12 @@ def _verdict(
     analysed = [layer for layer in layers if layer.status not in ("not-called", "skipped")]
     acc = {k: v.accuracy for k, v in metrics.items()}
     accs = (
-        f" Accuracy on this data: running statistics {_pct(acc['running'])}, precise "
-        f"statistics {_pct(acc['precise'])}, batch statistics {_pct(acc['batch'])}."
+        f" Accuracy on this data: running statistics {pct(acc['running'])}, precise "
+        f"statistics {pct(acc['precise'])}, batch statistics {pct(acc['batch'])}."
         if acc["running"] is not None
         else f" Top-1 agreement of running-statistics outputs with batch statistics "
-        f"{_pct(consistency['agreement']['batch'])}, with precise statistics "
-        f"{_pct(consistency['agreement']['precise'])}."
+        f"{pct(consistency['agreement']['batch'])}, with precise statistics "
+        f"{pct(consistency['agreement']['precise'])}."
     )
     if stale:
         names = ", ".join(stale[:4]) + (", ..." if len(stale) > 4 else "")

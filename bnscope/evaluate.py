@@ -7,6 +7,7 @@ Used to show what a statistics change does: the same inputs through the model be
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -118,6 +119,16 @@ def forward_errors(where: str, fix: str) -> Iterator[None]:
         raise DataError(f"{where}: {type(exc).__name__}: {msg}", fix) from exc
 
 
+def labelled_batches(
+    data: Iterable[Any], batches: int | None, device: torch.device | str
+) -> Iterator[tuple[Any, Any]]:
+    """The first ``batches`` batches of ``data`` (all when None) on ``device``, each with its
+    labels (None without)."""
+    for batch in itertools.islice(data, batches):
+        batch = move_to(batch, device)
+        yield batch, split_batch(batch)[1]
+
+
 def batch_kind(ref: torch.Tensor, labels: Any) -> tuple[int, bool, bool]:
     """For one batch's reference output: (samples, whether outputs are [N, K] class scores,
     whether ``labels`` are usable integer class labels for them)."""
@@ -226,11 +237,7 @@ def evaluate_models(
             if modes.get(k) == "batch":
                 stack.enter_context(batch_stats_mode(m))
         stack.enter_context(torch.no_grad())
-        for batch in data:
-            if batches is not None and done >= batches:
-                break
-            batch = move_to(batch, dev)
-            _, labels = split_batch(batch)
+        for batch, labels in labelled_batches(data, batches, dev):
             outs = {}
             for k in names:
                 with forward_errors(

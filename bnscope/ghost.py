@@ -49,12 +49,21 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .capture import restored
 from .collect import Call, Progress, check_batches, collect, default_call, on_device
-from .data import move_to, split_batch
+from .data import split_batch
 from .errors import DataError, UsageError
-from .evaluate import Metrics, Tally, agreement_and_kl, batch_kind, forward_errors, logits_of
+from .evaluate import (
+    Metrics,
+    Tally,
+    agreement_and_kl,
+    batch_kind,
+    forward_errors,
+    labelled_batches,
+    logits_of,
+)
 from .nn import ChunkStats, ghost_chunk_sizes, normalize_chunks
 from .precise import population_stats
 from .records import Finding, GhostLayer, GhostLayerSize, GhostSize, Report
+from .render.text import pct
 
 #: the smallest ghost size: one sample has no batch statistics worth the name
 MIN_SIZE = 2
@@ -327,11 +336,7 @@ def ghost_analysis(
                 probe.counts = probe.counts.to(dev)
                 probe.mu, probe.sigma2 = probe.mu.to(dev), probe.sigma2.to(dev)
                 probe.log_sigma2 = probe.log_sigma2.to(dev)
-        for batch in data:
-            if batches is not None and done >= batches:
-                break
-            batch = move_to(batch, dev)
-            _, labels = split_batch(batch)
+        for batch, labels in labelled_batches(data, batches, dev):
             with forward_errors(
                 f"the model failed on batch {done} of the ghost pass",
                 "check that --data fits the model; batches need 2+ samples",
@@ -531,10 +536,6 @@ def too_noisy(row: GhostSize, population: Metrics) -> bool:
     return row.agreement is not None and row.agreement < SMALL_NBS_AGREEMENT
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
 def _findings(
     layers: list[GhostLayer], rows: list[GhostSize], population: Metrics, batch_size: int
 ) -> list[Finding]:
@@ -549,13 +550,13 @@ def _findings(
         worst_layer = _noisiest_layer(layers, worst_g)
         if row.accuracy is not None and population.accuracy is not None:
             what = (
-                f"accuracy {_pct(row.accuracy)} with batch statistics of {worst_g} samples vs "
-                f"{_pct(population.accuracy)} with population statistics"
+                f"accuracy {pct(row.accuracy)} with batch statistics of {worst_g} samples vs "
+                f"{pct(population.accuracy)} with population statistics"
             )
         else:
             what = (
                 f"outputs with batch statistics of {worst_g} samples agree with population "
-                f"statistics on {_pct(row.agreement)}"
+                f"statistics on {pct(row.agreement)}"
             )
         severity = "warning" if worst_g >= batch_size else "info"
         where = " (the data's batch size)" if worst_g >= batch_size else ""

@@ -12,14 +12,10 @@ from rich.text import Text
 
 from ..records import GhostLayer, Report
 from .tables import findings_table, header
-from .text import num, percent
+from .text import num, pct, percent
 
 #: how many layers the "noisiest layers" table lists
 WORST_LAYERS = 5
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
 def sizes_table(rows: Sequence[dict[str, Any]], population: dict[str, Any]) -> Group:
@@ -40,7 +36,7 @@ def sizes_table(rows: Sequence[dict[str, Any]], population: dict[str, Any]) -> G
     notes: list[str] = ["pop = population statistics (eval mode), the reference"]
     table.add_row(
         "pop", "-", "-", "0", "0", "-", "100.0%", "0",
-        _pct(population.get("accuracy")), num(population.get("loss"), 4),
+        pct(population.get("accuracy")), num(population.get("loss"), 4),
     )  # fmt: skip
     for row in rows:
         if row["status"] != "ok":
@@ -61,9 +57,9 @@ def sizes_table(rows: Sequence[dict[str, Any]], population: dict[str, Any]) -> G
             num(row["noise_mu"]),
             num(row["noise_var"]),
             num(row["effective_ratio"], 2),
-            _pct(row["agreement"]),
+            pct(row["agreement"]),
             num(row["kl"]),
-            _pct(row["accuracy"]),
+            pct(row["accuracy"]),
             num(row["loss"], 4),
         )
     return Group(table, Text("\n".join(notes), style="dim"))

@@ -9,7 +9,7 @@ from html import escape
 from typing import Any
 
 from ..records import Report
-from .text import num
+from .text import num, pct
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -47,10 +47,6 @@ def _table(head: list[str], rows: list[list[Any]], left: int = 1) -> str:
     return "".join(out)
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
 def inspect_html(report: Report, figures: dict[str, tuple[str, bytes]]) -> str:
     """The dynamic ``inspect`` report as one HTML page. ``figures`` maps a name to
     (caption, PNG bytes)."""
@@ -79,12 +75,12 @@ def inspect_html(report: Report, figures: dict[str, tuple[str, bytes]]) -> str:
     c = extra["consistency"]
     rows = []
     if c.get("has_labels"):
-        rows.append(["accuracy", *[_pct(c["metrics"][k]["accuracy"]) for k in
+        rows.append(["accuracy", *[pct(c["metrics"][k]["accuracy"]) for k in
                                    ("running", "precise", "batch")]])  # fmt: skip
         rows.append(["loss", *[num(c["metrics"][k]["loss"], 4) for k in
                                ("running", "precise", "batch")]])  # fmt: skip
-    rows.append(["top-1 agreement with eval", "100.0%", _pct(c["agreement"]["precise"]),
-                 _pct(c["agreement"]["batch"])])  # fmt: skip
+    rows.append(["top-1 agreement with eval", "100.0%", pct(c["agreement"]["precise"]),
+                 pct(c["agreement"]["batch"])])  # fmt: skip
     rows.append(["KL(eval || variant)", "0", num(c["kl"]["precise"]), num(c["kl"]["batch"])])
     parts.append("<h2>Train/test consistency</h2>")
     parts.append(

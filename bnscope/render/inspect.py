@@ -12,7 +12,7 @@ from rich.text import Text
 
 from ..records import InspectLayer, Report
 from .tables import findings_table, header, summary_line
-from .text import num
+from .text import num, pct
 
 #: rows of the worst-layers table
 WORST_LAYERS = 10
@@ -27,10 +27,6 @@ VARIANTS = (
 )
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
 def consistency_table(consistency: dict[str, Any]) -> Table:
     """Running vs precise vs batch statistics on the same inputs."""
     table = Table(title="Train/test consistency on the same batches", title_justify="left")
@@ -39,12 +35,12 @@ def consistency_table(consistency: dict[str, Any]) -> Table:
         table.add_column(label, justify="right")
     per = consistency["metrics"]
     if consistency.get("has_labels"):
-        table.add_row("accuracy", *[_pct(per[k]["accuracy"]) for k, _ in VARIANTS])
+        table.add_row("accuracy", *[pct(per[k]["accuracy"]) for k, _ in VARIANTS])
         table.add_row("loss", *[num(per[k]["loss"], 4) for k, _ in VARIANTS])
     agree = consistency["agreement"]
     kl = consistency["kl"]
-    table.add_row("top-1 agreement with eval", "100.0%", _pct(agree["precise"]),
-                  _pct(agree["batch"]))  # fmt: skip
+    table.add_row("top-1 agreement with eval", "100.0%", pct(agree["precise"]),
+                  pct(agree["batch"]))  # fmt: skip
     table.add_row("KL(eval || variant)", "0", num(kl["precise"]), num(kl["batch"]))
     table.add_row("samples", *[str(per[k]["samples"]) for k, _ in VARIANTS])
     return table

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..records import Finding, Report, StaticLayer, severity_rank
-from .text import num, percent, span
+from .text import num, pct, percent, span
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
@@ -163,10 +163,6 @@ def precise_table(layers: Sequence[Any], title: str = "Statistics change per lay
     return table
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.2f}%"
-
-
 def metrics_table(metrics: dict[str, Any], before: str = "before", after: str = "after") -> Group:
     """Evaluation before vs after (accuracy and loss with labels; agreement and KL always)."""
     table = Table()
@@ -175,10 +171,10 @@ def metrics_table(metrics: dict[str, Any], before: str = "before", after: str = 
     table.add_column(after, justify="right")
     a, b = metrics["a"], metrics["b"]
     if metrics.get("has_labels"):
-        table.add_row("accuracy", _pct(a["accuracy"]), _pct(b["accuracy"]))
+        table.add_row("accuracy", pct(a["accuracy"], 2), pct(b["accuracy"], 2))
         table.add_row("loss", num(a["loss"], 4), num(b["loss"], 4))
     if metrics.get("agreement") is not None:
-        table.add_row(f"top-1 agreement with {before}", "100.00%", _pct(metrics["agreement"]))
+        table.add_row(f"top-1 agreement with {before}", "100.00%", pct(metrics["agreement"], 2))
         table.add_row(f"KL({before} || {after})", "0", num(metrics["kl"]))
     table.add_row("relative output change", "0", num(metrics["rel_diff"]))
     table.add_row("samples", str(a["samples"]), str(b["samples"]))
@@ -251,12 +247,12 @@ def adapt_metrics_table(metrics: dict[str, Any]) -> Group:
         table.add_column(label, justify="right")
     per = metrics["metrics"]
     if metrics.get("has_labels"):
-        table.add_row("accuracy", *[_pct(per[k]["accuracy"]) for k, _ in ADAPT_VARIANTS])
+        table.add_row("accuracy", *[pct(per[k]["accuracy"], 2) for k, _ in ADAPT_VARIANTS])
         table.add_row("loss", *[num(per[k]["loss"], 4) for k, _ in ADAPT_VARIANTS])
     if metrics["agreement"].get("source") is not None:
         table.add_row(
             "top-1 agreement with source",
-            *[_pct(metrics["agreement"][k]) for k, _ in ADAPT_VARIANTS],
+            *[pct(metrics["agreement"][k], 2) for k, _ in ADAPT_VARIANTS],
         )
         table.add_row("KL(source || variant)", *[num(metrics["kl"][k]) for k, _ in ADAPT_VARIANTS])
     table.add_row(

@@ -36,3 +36,9 @@ def percent(x: float | None) -> str:
     if x < 0.001:
         return "<0.1%"
     return f"{100 * x:.1f}%"
+
+
+def pct(x: float | None, digits: int = 1) -> str:
+    """A fraction as a percentage with fixed decimals ('96.5%'), 'n/a' for None (accuracy,
+    agreement: unlike :func:`percent`, small values are not folded into '<0.1%')."""
+    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
