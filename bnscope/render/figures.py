@@ -26,6 +26,28 @@ def _log_floor(values: Sequence[float]) -> float:
     return min(positive) / 10 if positive else 1e-6
 
 
+def _max_median(ax, layers: Sequence, x: list[int], stem: str, label: str) -> None:
+    """Max and median over channels of ``<stem>_max``/``<stem>_median`` at layer positions
+    ``x`` (log scale when positive), with the axis label and grid."""
+    mx = [_finite(getattr(layers[i], f"{stem}_max")) for i in x]
+    md = [_finite(getattr(layers[i], f"{stem}_median")) for i in x]
+    ax.plot(x, mx, "o-", color="C3", label="max over channels")
+    ax.plot(x, md, "s--", color="C0", label="median over channels")
+    if any(v > 0 for v in mx + md):
+        ax.set_yscale("log")
+    ax.set_ylabel(label, fontsize=8)
+    ax.grid(True, alpha=0.3)
+
+
+def _layer_axis(ax, layers: Sequence, xlabel: str = "BN layer (module order)") -> None:
+    """Layer names (module order) along the x axis."""
+    n = len(layers)
+    ax.set_xlim(-0.6, max(n - 0.4, 0.6))
+    ax.set_xticks(list(range(n)))
+    ax.set_xticklabels([r.name for r in layers], rotation=60, ha="right", fontsize=7)
+    ax.set_xlabel(xlabel)
+
+
 def static_ranges_figure(
     layers: Sequence[StaticLayer],
     fig: Figure | None = None,
@@ -83,10 +105,7 @@ def static_ranges_figure(
                 ax.axvspan(i - 0.4, i + 0.4, color="C3", alpha=0.12)
     axes[0].legend(loc="best", fontsize=7)
     axes[1].legend(loc="best", fontsize=7)
-    axes[-1].set_xlim(-0.6, max(n - 0.4, 0.6))
-    axes[-1].set_xticks(x)
-    axes[-1].set_xticklabels([r.name for r in layers], rotation=60, ha="right", fontsize=7)
-    axes[-1].set_xlabel("BN layer (module order); shaded: tiny or non-finite values")
+    _layer_axis(axes[-1], layers, "BN layer (module order); shaded: tiny or non-finite values")
     fig.suptitle("Running statistics by depth")
     return fig
 
@@ -104,19 +123,9 @@ def change_figure(layers: Sequence, fig: Figure | None = None, title: str | None
         (ax_mu, "d_mu", "d_mu = |Δμ| / σ"),
         (ax_var, "d_var", "d_var = |log var ratio|"),
     ):
-        mx = [getattr(layers[i], f"{stem}_max") for i in x]
-        md = [getattr(layers[i], f"{stem}_median") for i in x]
-        ax.plot(x, mx, "o-", color="C3", label="max over channels")
-        ax.plot(x, md, "s--", color="C0", label="median over channels")
-        if any(v > 0 for v in mx + md):
-            ax.set_yscale("log")
-        ax.set_ylabel(label)
-        ax.grid(True, alpha=0.3)
+        _max_median(ax, layers, x, stem, label)
         ax.legend(loc="best", fontsize=7)
-    ax_var.set_xlim(-0.6, max(n - 0.4, 0.6))
-    ax_var.set_xticks(list(range(n)))
-    ax_var.set_xticklabels([r.name for r in layers], rotation=60, ha="right", fontsize=7)
-    ax_var.set_xlabel("BN layer (module order)")
+    _layer_axis(ax_var, layers)
     fig.suptitle(title or "Change of BN statistics by depth (old running vs new)")
     return fig
 
@@ -136,19 +145,9 @@ def shift_figure(layers: Sequence, fig: Figure | None = None) -> Figure:
         ("d_var", "d_var = |log var ratio|"),
     )
     for ax, (stem, label) in zip(axes, rows, strict=True):
-        mx = [getattr(layers[i], f"{stem}_max") for i in x]
-        md = [getattr(layers[i], f"{stem}_median") for i in x]
-        ax.plot(x, mx, "o-", color="C3", label="max over channels")
-        ax.plot(x, md, "s--", color="C0", label="median over channels")
-        if any(v > 0 for v in mx + md):
-            ax.set_yscale("log")
-        ax.set_ylabel(label)
-        ax.grid(True, alpha=0.3)
+        _max_median(ax, layers, x, stem, label)
     axes[0].legend(loc="best", fontsize=7)
-    axes[-1].set_xlim(-0.6, max(n - 0.4, 0.6))
-    axes[-1].set_xticks(list(range(n)))
-    axes[-1].set_xticklabels([r.name for r in layers], rotation=60, ha="right", fontsize=7)
-    axes[-1].set_xlabel("BN layer (module order)")
+    _layer_axis(axes[-1], layers)
     fig.suptitle("Domain shift by depth: source vs target statistics")
     return fig
 
@@ -267,16 +266,8 @@ def staleness_figure(layers: Sequence, stale_z: float = 3.0, fig: Figure | None 
     fig = fig or Figure(figsize=(max(6.0, 0.35 * n + 3), 7.5), layout="constrained")
     axes = fig.subplots(3, 1, sharex=True)
     x = [i for i, r in enumerate(layers) if r.d_mu_median is not None]
-    for ax, stem, label in ((axes[0], "d_mu", "d_mu = |μ_EMA − μ_pop| / σ"),
-                            (axes[1], "d_var", "d_var = |log var_EMA / var_pop|")):  # fmt: skip
-        mx = [_finite(getattr(layers[i], f"{stem}_max")) for i in x]
-        md = [_finite(getattr(layers[i], f"{stem}_median")) for i in x]
-        ax.plot(x, mx, "o-", color="C3", label="max over channels")
-        ax.plot(x, md, "s--", color="C0", label="median over channels")
-        if any(v > 0 for v in mx + md):
-            ax.set_yscale("log")
-        ax.set_ylabel(label, fontsize=8)
-        ax.grid(True, alpha=0.3)
+    _max_median(axes[0], layers, x, "d_mu", "d_mu = |μ_EMA − μ_pop| / σ")
+    _max_median(axes[1], layers, x, "d_var", "d_var = |log var_EMA / var_pop|")
     zx = [i for i in x if layers[i].z_mu is not None]
     axes[2].plot(zx, [_finite(layers[i].z_mu) for i in zx], "o-", color="C1", label="z (mean)")
     zv = [i for i in x if layers[i].z_var is not None]
@@ -294,10 +285,7 @@ def staleness_figure(layers: Sequence, stale_z: float = 3.0, fig: Figure | None 
                 ax.axvspan(i - 0.4, i + 0.4, color="C3", alpha=0.08)
     axes[0].legend(loc="best", fontsize=7)
     axes[2].legend(loc="best", fontsize=7)
-    axes[-1].set_xlim(-0.6, max(n - 0.4, 0.6))
-    axes[-1].set_xticks(list(range(n)))
-    axes[-1].set_xticklabels([r.name for r in layers], rotation=60, ha="right", fontsize=7)
-    axes[-1].set_xlabel("BN layer (module order)")
+    _layer_axis(axes[-1], layers)
     fig.suptitle("Running statistics vs this model's population statistics, by depth")
     return fig
 

@@ -130,37 +130,42 @@ def _change_key(rec: Any) -> float:
     return max(vals) if vals else -1.0
 
 
+def ranked_layers_table(
+    layers: Sequence[Any],
+    title: str,
+    columns: Sequence[tuple[str, Any]],
+    key: Any,
+) -> Table:
+    """Per-layer table sorted by ``key(record)``, largest first (``#`` is the module order):
+    ``#``, layer, C, then ``columns`` (header, record -> cell text), then the status (or the
+    reason a layer was not updated)."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("#", justify="right", style="dim")
+    table.add_column("layer", overflow="fold")
+    table.add_column("C", justify="right")
+    for head, _ in columns:
+        table.add_column(head, justify="right")
+    table.add_column("status")
+    for i, rec in sorted(enumerate(layers), key=lambda item: -key(item[1])):
+        status = rec.status if rec.reason is None or rec.status == "updated" else rec.reason
+        cells = [cell(rec) for _, cell in columns]
+        table.add_row(str(i), rec.name, str(rec.num_features), *cells, status)
+    return table
+
+
 def precise_table(layers: Sequence[Any], title: str = "Statistics change per layer") -> Table:
     """Per-layer change of the statistics, largest change first (``#`` is the module order).
 
     d_mu = |mu_old - mu_new| / sqrt(var_new + eps); d_var = |log((var_old+eps)/(var_new+eps))|.
     """
-    table = Table(title=title, title_justify="left")
-    table.add_column("#", justify="right", style="dim")
-    table.add_column("layer", overflow="fold")
-    table.add_column("C", justify="right")
-    table.add_column("calls/fwd", justify="right")
-    table.add_column("d_mu max", justify="right")
-    table.add_column("d_mu med", justify="right")
-    table.add_column("d_var max", justify="right")
-    table.add_column("d_var med", justify="right")
-    table.add_column("status")
-    indexed = list(enumerate(layers))
-    indexed.sort(key=lambda item: -_change_key(item[1]))
-    for i, rec in indexed:
-        status = rec.status if rec.reason is None or rec.status == "updated" else rec.reason
-        table.add_row(
-            str(i),
-            rec.name,
-            str(rec.num_features),
-            str(rec.calls_per_forward) if rec.calls_per_forward else "-",
-            num(rec.d_mu_max),
-            num(rec.d_mu_median),
-            num(rec.d_var_max),
-            num(rec.d_var_median),
-            status,
-        )
-    return table
+    columns = (
+        ("calls/fwd", lambda r: str(r.calls_per_forward) if r.calls_per_forward else "-"),
+        ("d_mu max", lambda r: num(r.d_mu_max)),
+        ("d_mu med", lambda r: num(r.d_mu_median)),
+        ("d_var max", lambda r: num(r.d_var_max)),
+        ("d_var med", lambda r: num(r.d_var_median)),
+    )
+    return ranked_layers_table(layers, title, columns, _change_key)
 
 
 def metrics_table(metrics: dict[str, Any], before: str = "before", after: str = "after") -> Group:
@@ -182,54 +187,44 @@ def metrics_table(metrics: dict[str, Any], before: str = "before", after: str = 
     return Group(title, table)
 
 
+def _rewrite_report(report: Report, table: Any, metrics: Any, line: str) -> Group:
+    """Header, the layer table, findings, the evaluation (when there was one) and a closing
+    line naming the written checkpoint: the shape of ``precise`` and ``adapt`` output."""
+    parts: list[Any] = [header(report), table]
+    if report.findings:
+        parts.append(findings_table(report.findings))
+    if metrics is not None:
+        parts.append(metrics)
+    if report.extra.get("output"):
+        line += f" Wrote {report.extra['output']}."
+    parts.append(Text(line, style="green"))
+    return Group(*parts)
+
+
 def precise_report(report: Report) -> Group:
     """The whole ``precise`` output: header, change table, findings, evaluation, verdict."""
     extra = report.extra
-    parts: list[Any] = [header(report), precise_table(report.layers)]
-    if report.findings:
-        parts.append(findings_table(report.findings))
-    if extra.get("metrics"):
-        parts.append(metrics_table(extra["metrics"]))
     updated = sum(1 for r in report.layers if r.status == "updated")
     line = (
         f"Precise BN: {updated} of {len(report.layers)} BN layers recomputed from "
         f"{extra.get('batches')} batches ({extra.get('samples')} samples)."
     )
-    if extra.get("output"):
-        line += f" Wrote {extra['output']}."
-    parts.append(Text(line, style="green"))
-    return Group(*parts)
+    metrics = metrics_table(extra["metrics"]) if extra.get("metrics") else None
+    return _rewrite_report(report, precise_table(report.layers), metrics, line)
 
 
 def shift_table(layers: Sequence[Any], title: str = "Domain shift per layer") -> Table:
     """Source vs target statistics per layer, largest shift (median symmetric KL) first."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("#", justify="right", style="dim")
-    table.add_column("layer", overflow="fold")
-    table.add_column("C", justify="right")
-    table.add_column("KL med", justify="right")
-    table.add_column("KL max", justify="right")
-    table.add_column("d_mu med", justify="right")
-    table.add_column("d_var med", justify="right")
-    table.add_column("λ source", justify="right")
-    table.add_column("status")
-    indexed = sorted(
-        enumerate(layers), key=lambda e: -(e[1].kl_median if e[1].kl_median is not None else -1)
+    columns = (
+        ("KL med", lambda r: num(r.kl_median)),
+        ("KL max", lambda r: num(r.kl_max)),
+        ("d_mu med", lambda r: num(r.d_mu_median)),
+        ("d_var med", lambda r: num(r.d_var_median)),
+        ("λ source", lambda r: num(r.weight_source)),
     )
-    for i, rec in indexed:
-        status = rec.status if rec.reason is None or rec.status == "updated" else rec.reason
-        table.add_row(
-            str(i),
-            rec.name,
-            str(rec.num_features),
-            num(rec.kl_median),
-            num(rec.kl_max),
-            num(rec.d_mu_median),
-            num(rec.d_var_median),
-            num(rec.weight_source),
-            status,
-        )
-    return table
+    return ranked_layers_table(
+        layers, title, columns, lambda r: r.kl_median if r.kl_median is not None else -1.0
+    )
 
 
 ADAPT_VARIANTS = (
@@ -269,18 +264,11 @@ def adapt_metrics_table(metrics: dict[str, Any]) -> Group:
 def adapt_report(report: Report) -> Group:
     """The whole ``adapt`` output."""
     extra = report.extra
-    parts: list[Any] = [header(report), shift_table(report.layers)]
-    if report.findings:
-        parts.append(findings_table(report.findings))
-    if extra.get("metrics"):
-        parts.append(adapt_metrics_table(extra["metrics"]))
     updated = sum(1 for r in report.layers if r.status == "updated")
     line = (
         f"Adaptive BN: {updated} of {len(report.layers)} BN layers re-estimated on "
         f"{extra.get('batches')} target batches ({extra.get('samples')} samples, prior "
         f"{extra.get('prior', 0):g})."
     )
-    if extra.get("output"):
-        line += f" Wrote {extra['output']}."
-    parts.append(Text(line, style="green"))
-    return Group(*parts)
+    metrics = adapt_metrics_table(extra["metrics"]) if extra.get("metrics") else None
+    return _rewrite_report(report, shift_table(report.layers), metrics, line)
