@@ -13,7 +13,7 @@ from ..errors import UsageError
 from ..records import Report
 from . import options as o
 from .app import app
-from .inputs import DataFlags, bn_updates, prepare_run
+from .inputs import DataFlags, ModelFlags, bn_updates, prepare_run
 from .runtime import (
     Ui,
     begin_output,
@@ -86,8 +86,8 @@ def adapt_command(
     path = require_checkpoint(checkpoint, config)
     flags = DataFlags(batch_size, workers, input_key, image_size, resize, channels, mean, std, seed)
     report = run_adapt(
-        ui, config, path, key=key, trust=trust_checkpoint, model=model,
-        model_kwargs=model_kwargs, data=data, eval_data=eval_data, prior=prior, flags=flags,
+        ui, config, path, source=ModelFlags(key, trust_checkpoint, model, model_kwargs),
+        data=data, eval_data=eval_data, prior=prior, flags=flags,
         batches=batches, device=device, output=output, force=force,
     )  # fmt: skip
     if is_main_process():
@@ -100,10 +100,7 @@ def run_adapt(
     config: ProjectConfig,
     path: Path,
     *,
-    key: str | None,
-    trust: bool,
-    model: str | None,
-    model_kwargs: str | None,
+    source: ModelFlags,
     data: str | None,
     eval_data: str | None,
     prior: float,
@@ -120,7 +117,7 @@ def run_adapt(
     if prior < 0:
         raise UsageError(f"--prior must be >= 0, got {prior}", "e.g. --prior 16")
     run = prepare_run(
-        "adapt", config, path, key=key, trust=trust, model=model, model_kwargs=model_kwargs,
+        "adapt", config, path, source=source,
         data_spec=data, eval_spec=eval_data, flags=flags, device=device, output=output,
         force=force, tag="adapted", ui=ui,
     )  # fmt: skip

@@ -12,7 +12,7 @@ import typer
 from ..config import load_project_config
 from . import options as o
 from .app import app
-from .inputs import DataFlags
+from .inputs import DataFlags, ModelFlags
 from .runtime import Ui
 
 HELP = (
@@ -64,34 +64,29 @@ def demo_command(
     from .inspect_cmd import render_dynamic, run_dynamic
     from .precise_cmd import render, run_precise
 
+    # every run takes the model from bnscope.toml, all of the data, the demo's seed and device
+    common: dict[str, Any] = {
+        "source": ModelFlags(),
+        "flags": DataFlags(seed=seed),
+        "batches": None,
+        "device": device,
+    }
     say("bnscope inspect ckpt.pt (model and data/train from bnscope.toml)")
     inspected = run_dynamic(
         ui,
         config,
         built.checkpoint,
-        key=None,
-        trust=False,
-        model=None,
-        model_kwargs=None,
         data_spec=str(built.folder / "data" / "train"),
-        flags=DataFlags(seed=seed),
-        batches=None,
-        device=device,
+        **common,
     )
     say("bnscope precise ckpt.pt (statistics on data/train, evaluated on data/val)")
     precise = run_precise(
         ui,
         config,
         built.checkpoint,
-        key=None,
-        trust=False,
-        model=None,
-        model_kwargs=None,
         data=None,
         eval_data=None,
-        flags=DataFlags(seed=seed),
-        batches=None,
-        device=device,
+        **common,
         output=None,
         force=True,
     )
@@ -107,16 +102,10 @@ def demo_command(
         ui,
         config,
         built.folder / "ckpt.precise.pt",
-        key=None,
-        trust=False,
-        model=None,
-        model_kwargs=None,
         data=str(corrupted["train"]),
         eval_data=str(corrupted["val"]),
         prior=0.0,
-        flags=DataFlags(seed=seed),
-        batches=None,
-        device=device,
+        **common,
         output=None,
         force=True,
     )
@@ -130,15 +119,9 @@ def demo_command(
         ui,
         config,
         built.folder / "ckpt.precise.pt",
-        key=None,
-        trust=False,
-        model=None,
-        model_kwargs=None,
         data=str(built.folder / "data" / "val"),
-        flags=DataFlags(seed=seed),
         sizes=list(DEMO_GHOST_SIZES),
-        batches=None,
-        device=device,
+        **common,
     )
     if json_:
         doc: dict[str, Any] = {

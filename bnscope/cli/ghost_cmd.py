@@ -12,7 +12,7 @@ from ..errors import UsageError
 from ..records import Report
 from . import options as o
 from .app import app
-from .inputs import DataFlags, prepare_run
+from .inputs import DataFlags, ModelFlags, prepare_run
 from .runtime import (
     Ui,
     begin_output,
@@ -84,8 +84,8 @@ def ghost_command(
     path = require_checkpoint(checkpoint, config)
     flags = DataFlags(batch_size, workers, input_key, image_size, resize, channels, mean, std, seed)
     report = run_ghost(
-        ui, config, path, key=key, trust=trust_checkpoint, model=model,
-        model_kwargs=model_kwargs, data=data, flags=flags, sizes=wanted, batches=batches,
+        ui, config, path, source=ModelFlags(key, trust_checkpoint, model, model_kwargs),
+        data=data, flags=flags, sizes=wanted, batches=batches,
         device=device,
     )  # fmt: skip
     if begin_output():  # under torchrun: rank 0, once every rank is done
@@ -98,10 +98,7 @@ def run_ghost(
     config: ProjectConfig,
     path: Path,
     *,
-    key: str | None,
-    trust: bool,
-    model: str | None,
-    model_kwargs: str | None,
+    source: ModelFlags,
     data: str | None,
     flags: DataFlags,
     sizes: list[int],
@@ -116,7 +113,7 @@ def run_ghost(
     from ..ghost import ghost_analysis
 
     run = prepare_run(
-        "ghost", config, path, key=key, trust=trust, model=model, model_kwargs=model_kwargs,
+        "ghost", config, path, source=source,
         data_spec=data_spec, flags=flags, device=device, ui=ui,
     )  # fmt: skip
     source = run.source

@@ -33,6 +33,17 @@ class DataFlags:
     seed: int = 0
 
 
+@dataclass
+class ModelFlags:
+    """Where the checkpoint's model comes from: the wrapper ``key``, ``--trust-checkpoint``,
+    the ``--model`` spec and its ``--model-kwargs`` (before merging with the project file)."""
+
+    key: str | None = None
+    trust: bool = False
+    model: str | None = None
+    model_kwargs: str | None = None
+
+
 def open_checkpoint(path: Path, key: str | None, trust: bool, config: ProjectConfig) -> Checkpoint:
     from ..checkpoint import load_checkpoint
 
@@ -179,10 +190,7 @@ def prepare_run(
     config: ProjectConfig,
     path: Path,
     *,
-    key: str | None,
-    trust: bool,
-    model: str | None,
-    model_kwargs: str | None,
+    source: ModelFlags,
     data_spec: str,
     eval_spec: str | None = None,
     flags: DataFlags,
@@ -214,8 +222,8 @@ def prepare_run(
     import torch
 
     torch.manual_seed(flags.seed)
-    ckpt = open_checkpoint(path, key, trust, config)
-    net, prefix, spec = build_model_for(ckpt, model, model_kwargs, config)
+    ckpt = open_checkpoint(path, source.key, source.trust, config)
+    net, prefix, spec = build_model_for(ckpt, source.model, source.model_kwargs, config)
     if net is None:
         if not require_model:
             return None

@@ -13,7 +13,7 @@ from ..errors import UsageError
 from ..records import Report
 from . import options as o
 from .app import app
-from .inputs import DataFlags, build_model_for, open_checkpoint, prepare_run
+from .inputs import DataFlags, ModelFlags, build_model_for, open_checkpoint, prepare_run
 from .runtime import (
     Ui,
     begin_output,
@@ -90,33 +90,31 @@ def inspect_command(
             "inspect compares statistics on --data (the training data); it takes no --eval-data",
             "use --data, or bnscope precise --eval-data to evaluate before/after",
         )
+    source = ModelFlags(key, trust_checkpoint, model, model_kwargs)
     data_spec = None if static else merged(data, config, "data")
-    if data_spec is None:
-        report = static_report_for(path, key, trust_checkpoint, model, model_kwargs, config)
-        if begin_output():
-            render_static(ui, report, out)
+    report = None
+    if data_spec is not None:
+        flags = DataFlags(
+            batch_size, workers, input_key, image_size, resize, channels, mean, std, seed
+        )
+        report = run_dynamic(
+            ui, config, path, source=source, data_spec=data_spec, flags=flags, batches=batches,
+            device=device,
+        )  # fmt: skip
+    if report is not None:
+        if begin_output():  # under torchrun: rank 0, once every rank is done
+            render_dynamic(ui, report, out)
         finish(exit_code_for(report, level))
         return
-    flags = DataFlags(batch_size, workers, input_key, image_size, resize, channels, mean, std, seed)
-    report = run_dynamic(
-        ui, config, path, key=key, trust=trust_checkpoint, model=model,
-        model_kwargs=model_kwargs, data_spec=data_spec, flags=flags, batches=batches,
-        device=device,
-    )  # fmt: skip
-    if report.command == "inspect" and "verdict" not in report.extra:
-        # no model code: the static report is produced; asking for --data was a mistake
-        if begin_output():
-            render_static(ui, report, out)
-        if data is not None:
-            raise UsageError(
-                "--data needs --model for a state-dict checkpoint: the dynamic report runs "
-                "the model; the static report above comes from the buffers alone",
-                "pass --model pkg.module:factory or file.py:factory (or drop --data)",
-            )
-        finish(exit_code_for(report, level))
-        return
-    if begin_output():  # under torchrun: rank 0, once every rank is done
-        render_dynamic(ui, report, out)
+    report = static_report_for(path, source, config)
+    if begin_output():
+        render_static(ui, report, out)
+    if data is not None and not static:  # no model code for the dynamic report asked for
+        raise UsageError(
+            "--data needs --model for a state-dict checkpoint: the dynamic report runs "
+            "the model; the static report above comes from the buffers alone",
+            "pass --model pkg.module:factory or file.py:factory (or drop --data)",
+        )
     finish(exit_code_for(report, level))
 
 
@@ -125,24 +123,22 @@ def run_dynamic(
     config: ProjectConfig,
     path: Path,
     *,
-    key: str | None,
-    trust: bool,
-    model: str | None,
-    model_kwargs: str | None,
+    source: ModelFlags,
     data_spec: str,
     flags: DataFlags,
     batches: int | None,
     device: str | None,
-) -> Report:
-    """Load, then the dynamic report; without model code, the static report instead."""
+) -> Report | None:
+    """Load, then the dynamic report; None without model code (the caller falls back to the
+    static report)."""
     from ..dynamic import inspect
 
     run = prepare_run(
-        "inspect", config, path, key=key, trust=trust, model=model, model_kwargs=model_kwargs,
+        "inspect", config, path, source=source,
         data_spec=data_spec, flags=flags, device=device, ui=ui, require_model=False,
     )  # fmt: skip
     if run is None:
-        return static_report_for(path, key, trust, model, model_kwargs, config)
+        return None
     source = run.source
     ui.info(f"dynamic inspection on {source.description} ({run.device})")
     total = None if batches is None else 2 * batches
@@ -154,20 +150,13 @@ def run_dynamic(
     return Report("inspect", str(path), result.layers, result.findings, extra, result.arrays)
 
 
-def static_report_for(
-    path: Path,
-    key: str | None,
-    trust: bool,
-    model: str | None,
-    model_kwargs: str | None,
-    config: ProjectConfig,
-) -> Report:
+def static_report_for(path: Path, source: ModelFlags, config: ProjectConfig) -> Report:
     """Load the checkpoint (and the model when given) and build the static report."""
     from ..checkpoint import common_prefix, strip_prefix
     from ..static import static_inspect
 
-    ckpt = open_checkpoint(path, key, trust, config)
-    net, prefix, spec = build_model_for(ckpt, model, model_kwargs, config)
+    ckpt = open_checkpoint(path, source.key, source.trust, config)
+    net, prefix, spec = build_model_for(ckpt, source.model, source.model_kwargs, config)
     extra: dict[str, Any] = {
         "format": ckpt.format,
         "key": ckpt.key,

@@ -11,7 +11,7 @@ from ..errors import UsageError
 from ..records import Report
 from . import options as o
 from .app import app
-from .inputs import DataFlags, bn_updates, prepare_run
+from .inputs import DataFlags, ModelFlags, bn_updates, prepare_run
 from .runtime import (
     Ui,
     begin_output,
@@ -78,10 +78,7 @@ def precise_command(
         ui,
         config,
         path,
-        key=key,
-        trust=trust_checkpoint,
-        model=model,
-        model_kwargs=model_kwargs,
+        source=ModelFlags(key, trust_checkpoint, model, model_kwargs),
         data=data,
         eval_data=eval_data,
         flags=flags,
@@ -100,10 +97,7 @@ def run_precise(
     config: ProjectConfig,
     path: Path,
     *,
-    key: str | None,
-    trust: bool,
-    model: str | None,
-    model_kwargs: str | None,
+    source: ModelFlags,
     data: str | None,
     eval_data: str | None,
     flags: DataFlags,
@@ -117,7 +111,7 @@ def run_precise(
     if data_spec is None:
         raise UsageError("precise needs --data (the training data)", "pass --data SPEC")
     run = prepare_run(
-        "precise", config, path, key=key, trust=trust, model=model, model_kwargs=model_kwargs,
+        "precise", config, path, source=source,
         data_spec=data_spec, eval_spec=merged(eval_data, config, "eval_data"), flags=flags,
         device=device, output=output, force=force, tag="precise", ui=ui,
     )  # fmt: skip
