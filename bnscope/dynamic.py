@@ -81,9 +81,16 @@ class _Spread:
     trace: list[torch.Tensor] = field(default_factory=list)
 
     def add(self, x: torch.Tensor) -> None:
-        dims = [d for d in range(x.ndim) if d != 1]
-        n = x.numel() // max(x.shape[1], 1)
-        var, mean = torch.var_mean(x.detach().to(F64), dim=dims, correction=0)
+        """One call's batch mean and biased variance per channel, from per-sample moments over
+        the spatial positions (one contiguous reduction) combined in float64 by the law of
+        total variance."""
+        flat = x.detach().reshape(x.shape[0], x.shape[1], -1)
+        if flat.dtype not in (torch.float32, F64):
+            flat = flat.float()
+        v_i, m_i = (t.to(F64) for t in torch.var_mean(flat, dim=2, correction=0))
+        mean = m_i.mean(0)
+        var = (v_i + (m_i - mean) ** 2).mean(0)
+        n = flat.shape[0] * flat.shape[2]
         unbiased = var * (n / (n - 1)) if n > 1 else var
         zero = torch.zeros_like(mean)
         self.means.update(mean, zero, 1)

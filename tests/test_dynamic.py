@@ -206,3 +206,26 @@ def test_public_api_name():
     import bnscope.dynamic  # noqa: F401 - importing the module must not shadow the function
 
     assert bnscope.inspect is inspect and bnscope.ghost_analysis.__module__ == "bnscope.ghost"
+
+
+def test_batch_spread_and_ema_noise_match_a_direct_computation():
+    """BN on the input itself: the spread of batch means and the EMA noise are what the data
+    says (population variance of the per-batch channel means, in units of sigma_pop)."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3, momentum=0.2)
+    model = nn.Sequential(bn, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4))
+    data = [torch.randn(16, 3, 5, 5) * torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1) + 1
+            for _ in range(12)]  # fmt: skip
+    rep = inspect(model, data)
+    x = torch.cat(data).double()
+    var_pop = x.var((0, 2, 3), unbiased=False)
+    batch_means = torch.stack([b.double().mean((0, 2, 3)) for b in data])
+    var_mu_b = batch_means.var(0, unbiased=False)
+    sigma = (var_pop + bn.eps).sqrt()
+    layer = rep.layers[0]
+    assert layer.batch_calls == 12
+    assert layer.batch_spread_mu == pytest.approx(
+        float((var_mu_b.sqrt() / sigma).median()), rel=1e-6
+    )
+    noise = (0.2 / (2 - 0.2) * var_mu_b).sqrt() / sigma
+    assert layer.ema_noise_mu == pytest.approx(float(noise.median()), rel=1e-6)
