@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import sync
 from .collect import Call, Collection, Progress, collect
 from .errors import UsageError
 from .precise import population_stats, usage_findings, write_stats
@@ -62,17 +63,13 @@ def _shift_records(
     target: dict[str, tuple[torch.Tensor, torch.Tensor]],
     weights: dict[str, float],
 ) -> tuple[list[AdaptLayer], dict[str, dict[str, Any]]]:
-    records: list[AdaptLayer] = []
-    arrays: dict[str, dict[str, Any]] = {}
-    for name, st in collection.layers.items():
-        mod = st.module
-        if name not in target:
-            records.append(
-                AdaptLayer(
-                    name, mod.num_features, "not-called", "never ran on the target data; kept"
-                )
-            )
-            continue
+    """Per-layer shift records (module order) and the tensors behind them, computed on the
+    buffers' device and read back in one transfer."""
+    keys = ("source_mean", "source_var", "target_mean", "target_var", "d_mu", "d_var", "kl")
+    names = [name for name in collection.layers if name in target]
+    parts: list[torch.Tensor] = []
+    for name in names:
+        mod = collection.layers[name].module
         mu_t, var_t = target[name]
         mu_s = mod.running_mean.detach().to(torch.float64)
         var_s = mod.running_var.detach().to(torch.float64)
@@ -80,33 +77,32 @@ def _shift_records(
         d_mu = normalized_mean_shift(mu_s, mu_t, var_t, eps)
         d_var = log_var_ratio(var_s, var_t, eps)
         kl = symmetric_kl(mu_s, var_s + eps, mu_t, var_t + eps)
-        arrays[name] = {
-            "source_mean": mu_s.cpu(),
-            "source_var": var_s.cpu(),
-            "target_mean": mu_t.cpu(),
-            "target_var": var_t.cpu(),
-            "d_mu": d_mu.cpu(),
-            "d_var": d_var.cpu(),
-            "kl": kl.cpu(),
-        }
+        summary = torch.stack(
+            [d_mu.max(), d_mu.median(), d_var.max(), d_var.median(), kl.max(), kl.median()]
+        )
+        parts += [mu_s, var_s, mu_t, var_t, d_mu, d_var, kl, summary]
+    host = iter(sync.fetch(parts))
+    arrays: dict[str, dict[str, Any]] = {}
+    summaries: dict[str, list[float]] = {}
+    for name in names:
+        arrays[name] = {key: next(host) for key in keys}
+        summaries[name] = next(host).tolist()
+    records: list[AdaptLayer] = []
+    for name, st in collection.layers.items():
+        mod = st.module
+        if name not in summaries:
+            records.append(
+                AdaptLayer(
+                    name, mod.num_features, "not-called", "never ran on the target data; kept"
+                )
+            )
+            continue
         records.append(
             AdaptLayer(
-                name,
-                mod.num_features,
-                "updated",
-                None,
-                st.calls,
-                st.max_calls_per_forward,
-                st.samples,
-                weights[name],
-                float(d_mu.max()),
-                float(d_mu.median()),
-                float(d_var.max()),
-                float(d_var.median()),
-                float(kl.max()),
-                float(kl.median()),
+                name, mod.num_features, "updated", None, st.calls, st.max_calls_per_forward,
+                st.samples, weights[name], *summaries[name],
             )
-        )
+        )  # fmt: skip
     for sk in collection.skipped:
         records.append(AdaptLayer(sk.name, sk.num_features, "skipped", sk.reason))
     return collection.in_module_order(records), arrays
@@ -144,6 +140,8 @@ def adapt_bn(
     only_training: bool = False,
     shift_threshold: float = SHIFT_KL,
     process_group: Any = None,
+    amp: str | torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> Report:
     """Re-estimate every BN layer's statistics on ``target_data`` and write them in place.
 
@@ -169,6 +167,8 @@ def adapt_bn(
         progress=progress,
         only_training=only_training,
         process_group=process_group,
+        amp=amp,
+        channels_last=channels_last,
     )
     target = population_stats(collection)
     mixed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -3,18 +3,30 @@
 :class:`BNCapture` collects, for every BatchNorm layer, the statistics of every call's input
 while the forward runs with batch statistics (as in training), with no parameter change and no
 EMA update kept. On exit (normal, exception or KeyboardInterrupt) each module gets back its own
-``training`` flag, every BN layer its momentum, running buffers and ``num_batches_tracked``, and
-every hook added here is removed.
+``training`` flag, every BN layer its momentum and its very buffer tensors (which collection
+never writes), and every hook added here is removed.
 
-How batch statistics are read. For layers whose forward is PyTorch's own (``BatchNorm1d/2d/3d``,
-``SyncBatchNorm`` without a process group, initialized ``LazyBatchNorm``), momentum is set to 1
-during collection, so right after each call ``running_mean`` holds the call's batch mean and
-``running_var`` its unbiased batch variance n/(n-1) var_B; a forward hook reads both and merges
-them in float64 (:mod:`bnscope.stats`). This costs no extra pass over the activations. Other
-``_BatchNorm`` subclasses (custom forwards) get a pre-hook that computes float64 moments of the
-input itself, and so do a native layer whose channels have |mean|/std above
-:data:`ILL_CONDITIONED` (there the float32 batch mean would lose digits) and a layer whose
-buffers are float16/bfloat16.
+How batch statistics are read, without slowing the forward down. For layers whose forward is
+PyTorch's own (``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` run locally, initialized
+``LazyBatchNorm``) with float32/float64 buffers, momentum is 1 during collection, so the BN
+kernel itself writes each call's batch mean and unbiased batch variance n/(n-1) var_B into the
+running buffers. A pre-hook points those buffers at the next row of a preallocated block
+(:class:`_Block`, :data:`ROWS` rows per layer): per call that is two dictionary assignments and
+no tensor operation at all. When a block is full (checked between forwards) its rows are merged
+into the layer's float64 accumulator in bulk (:meth:`bnscope.stats.MomentAccumulator.add_rows`,
+exact: law of total variance, then Chan et al.'s merge), together with device-side checks for
+non-finite rows and for ill-conditioned channels. Nothing is read back to the host inside the
+loop: the flags are read once after a layer's first forward, at most every
+:data:`CHECK_SECONDS` after that, and at the end (:mod:`bnscope.sync`).
+
+The exact float64 path. Other ``_BatchNorm`` subclasses (custom forwards, whose buffer updates
+bnscope cannot vouch for), layers with float16/bfloat16 buffers (a batch mean rounded to half
+precision is useless), and native layers whose channels have |mean|/std above
+:data:`ILL_CONDITIONED` (the float32 batch mean would lose digits) get float64 moments of their
+input computed in the pre-hook, written to float64 rows and merged the same way. Ill
+conditioning is detected on a layer's first forward; that forward is then run again with only
+those layers recording (see :meth:`BNCapture.end_forward`), so their statistics are exact from
+the first batch on.
 
 ``SyncBatchNorm`` runs as a plain BatchNorm during collection (also under a process group, and
 on CPU): each rank normalizes with its own batch statistics and the ranks pool float64
@@ -25,7 +37,9 @@ every batch. The module keeps its class.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import time
+from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,13 +47,24 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import sync
 from .distributed import local_batchnorm
 from .stats import MomentAccumulator
 
 #: |mean|/std above which a layer's batch moments are computed in float64 from its input.
 ILL_CONDITIONED = 100.0
+#: rows (calls) per layer block before the block is merged into the float64 accumulator
+ROWS = 32
+#: after a layer's first forward, error flags are read at most this often (seconds)
+CHECK_SECONDS = 5.0
 
+F64 = torch.float64
 _NATIVE_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
+_NO_ROW = 2**62
+
+#: called with (layer name, float64 batch means [r, C], float64 biased batch variances [r, C],
+#: elements per channel n) for every block of rows, before it is merged
+RowObserver = Callable[[str, torch.Tensor, torch.Tensor, int], None]
 
 
 def is_batchnorm(module: nn.Module) -> bool:
@@ -54,7 +79,61 @@ def _native(module: nn.Module) -> bool:
     if type(module).forward not in _NATIVE_FORWARDS:
         return False
     buf = getattr(module, "running_mean", None)
-    return buf is None or buf.dtype in (torch.float32, torch.float64)
+    return buf is None or buf.dtype in (torch.float32, F64)
+
+
+class _Block:
+    """Preallocated rows for one layer's per-call batch moments, for calls with ``n``
+    elements per channel. ``native`` rows hold what the BN kernel writes with momentum 1
+    (batch mean, unbiased batch variance, in the buffer dtype); the other rows hold float64
+    mean and biased variance computed from the input."""
+
+    def __init__(
+        self, channels: int, n: int, dtype: torch.dtype, device: torch.device, native: bool
+    ) -> None:
+        self.n = n
+        self.native = native
+        self.dtype = dtype
+        self.device = device
+        self.channels = channels
+        self.used = 0
+        self.batches = array("q")  # batch index of each used row
+        self._allocate(ROWS)
+
+    def _allocate(self, rows: int) -> None:
+        self.mean = torch.zeros(rows, self.channels, dtype=self.dtype, device=self.device)
+        self.var = torch.zeros(rows, self.channels, dtype=self.dtype, device=self.device)
+        self.mean_rows = self.mean.unbind(0)
+        self.var_rows = self.var.unbind(0)
+
+    def take(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next free (mean, var) row pair; the block grows when one forward calls the
+        layer more often than it has rows (flushes only happen between forwards)."""
+        if self.used == len(self.mean_rows):
+            old_mean, old_var = self.mean, self.var
+            self._allocate(2 * self.used)
+            self.mean[: self.used].copy_(old_mean)
+            self.var[: self.used].copy_(old_var)
+        i = self.used
+        self.used += 1
+        self.batches.append(batch)
+        return self.mean_rows[i], self.var_rows[i]
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """float64 (means, biased variances) of the used rows, [r, C] each."""
+        r = self.used
+        if not self.native:
+            return self.mean[:r], self.var[:r]
+        means = self.mean[:r].to(F64)
+        variances = self.var[:r].to(F64).mul_((self.n - 1) / self.n)
+        return means, variances
+
+    def reset(self) -> None:
+        self.used = 0
+        self.batches = array("q")
+        if self.native:  # momentum 1 computes 0 * old + batch: old values must be finite
+            self.mean.zero_()
+            self.var.zero_()
 
 
 @dataclass
@@ -68,8 +147,15 @@ class LayerStats:
     samples: int = 0
     max_calls_per_forward: int = 0
     calls_this_forward: int = 0
-    last_mean: torch.Tensor | None = None
+    samples_this_forward: int = 0
     exact_path: bool = False
+    # engine state (device tensors are read only at check points)
+    blocks: dict[tuple[int, bool], _Block] = field(default_factory=dict)
+    row_batches: array = field(default_factory=lambda: array("q"))
+    first_bad: torch.Tensor | None = None  # smallest row id with a non-finite value
+    ill: torch.Tensor | None = None  # a native row had |mean|/std > ILL_CONDITIONED
+    first_call: int = -1  # order of the layer's first call among all layers
+    checked: bool = False  # the first-forward check was done
 
     @property
     def called(self) -> bool:
@@ -89,15 +175,19 @@ class SkippedLayer:
 class _Saved:
     training: dict[nn.Module, bool] = field(default_factory=dict)
     momentum: dict[nn.Module, float | None] = field(default_factory=dict)
-    buffers: dict[nn.Module, dict[str, torch.Tensor]] = field(default_factory=dict)
+    buffers: dict[nn.Module, dict[str, torch.Tensor | None]] = field(default_factory=dict)
 
 
 class NonFiniteInput(RuntimeError):
-    """A BN layer received NaN or Inf (raised from the hook; carries the layer name)."""
+    """A BN layer received NaN or Inf (carries the layer name and, when known, the batch)."""
 
-    def __init__(self, layer: str) -> None:
+    def __init__(self, layer: str, batch: int | None = None) -> None:
         super().__init__(f"NaN or Inf reached BN layer {layer}")
         self.layer = layer
+        self.batch = batch
+
+
+_STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 class BNCapture:
@@ -105,12 +195,21 @@ class BNCapture:
 
     ``only_training=True`` leaves layers that are in eval mode (frozen) untouched and skipped.
     Layers with ``track_running_stats=False`` are always skipped (they have no statistics).
-    Use :meth:`forward` around each model call to count calls per forward.
+    Around each model call use :meth:`forward`, then :meth:`end_forward` (which says whether the
+    call must be repeated for layers found ill-conditioned); :meth:`finish` merges what is left
+    and checks the last flags. ``observer`` sees every block of rows (see :data:`RowObserver`).
     """
 
-    def __init__(self, model: nn.Module, *, only_training: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        only_training: bool = False,
+        observer: RowObserver | None = None,
+    ) -> None:
         self.model = model
         self.only_training = only_training
+        self.observer = observer
         self.layers: dict[str, LayerStats] = {}
         self.skipped: list[SkippedLayer] = []
         #: every BN layer's name (collected or skipped) in module order
@@ -119,6 +218,12 @@ class BNCapture:
         self._handles: list[Any] = []
         self._stack = contextlib.ExitStack()
         self._active = False
+        self._batch = 0
+        self._calls_seen = 0
+        self._only: set[str] | None = None
+        self._scratch: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._last_check = 0.0
+        self._arange: dict[torch.device, torch.Tensor] = {}
 
     # -- setup / teardown ---------------------------------------------------------------
     def __enter__(self) -> BNCapture:
@@ -159,22 +264,29 @@ class BNCapture:
         self._stack.enter_context(local_batchnorm(self.model))
         for label, module in targets:
             self._saved.momentum[module] = module.momentum
-            self._saved.buffers[module] = {
-                n: b.detach().clone() for n, b in module.named_buffers(recurse=False)
-            }
+            self._saved.buffers[module] = {n: module._buffers.get(n) for n in _STAT_BUFFERS}
             device = module.running_mean.device
             stats = LayerStats(label, module, MomentAccumulator(module.num_features, device))
             self.layers[label] = stats
             module.training = True
-            if _native(module):
-                module.momentum = 1.0
-                with torch.no_grad():  # 0 * NaN would survive momentum 1
-                    module.running_mean.zero_()
-                    module.running_var.fill_(1.0)
-                self._handles.append(module.register_forward_hook(self._post_hook(stats)))
-            else:
-                stats.exact_path = True
-                self._handles.append(module.register_forward_pre_hook(self._pre_hook(stats)))
+            native = _native(module)
+            stats.exact_path = not native
+            # the module's own buffers are never written: scratch copies take the updates
+            with torch.no_grad():
+                scratch_mean = module.running_mean.detach().clone()
+                scratch_var = module.running_var.detach().clone()
+                if native:  # momentum 1 computes 0 * old + batch: old values must be finite
+                    scratch_mean.zero_()
+                    scratch_var.fill_(1.0)
+            self._scratch[module] = (scratch_mean, scratch_var)
+            module._buffers["running_mean"] = scratch_mean
+            module._buffers["running_var"] = scratch_var
+            if module._buffers.get("num_batches_tracked") is not None:
+                module._buffers["num_batches_tracked"] = module.num_batches_tracked.clone()
+            # native: the kernel writes each call's moments; custom forwards: keep the EMA still
+            module.momentum = 1.0 if native else 0.0
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook(stats)))
+        self._last_check = time.monotonic()
 
     def _restore(self) -> None:
         errors: list[BaseException] = []
@@ -191,80 +303,204 @@ class BNCapture:
         for module, momentum in self._saved.momentum.items():
             module.momentum = momentum
         for module, buffers in self._saved.buffers.items():
-            with torch.no_grad():
-                for name, value in buffers.items():
-                    getattr(module, name).copy_(value)
+            for name, value in buffers.items():
+                if name in module._buffers:
+                    module._buffers[name] = value
         for module, flag in self._saved.training.items():
             module.training = flag
         self._saved = _Saved()
+        self._scratch.clear()
         if errors:  # pragma: no cover
             raise errors[0]
 
-    # -- hooks ----------------------------------------------------------------------------
-    @staticmethod
-    def _count(stats: LayerStats, x: torch.Tensor) -> int:
-        n = x.numel() // max(stats.module.num_features, 1)
-        stats.calls += 1
-        stats.calls_this_forward += 1
-        stats.samples += int(x.shape[0]) if x.ndim > 1 else 1
-        return n
-
-    @staticmethod
-    def _ill_conditioned(stats: LayerStats, module: _BatchNorm) -> bool:
-        """True when a channel's |mean|/std exceeds ILL_CONDITIONED: the float32 batch mean
-        that BN stores would then cost precision, so the layer switches to float64 moments of
-        its input. Checked on every call on CPU, on the first call elsewhere (a device sync)."""
-        if stats.calls > 1 and module.running_mean.device.type != "cpu":
-            return False
-        ratio = module.running_mean.abs() / module.running_var.clamp_min(1e-30).sqrt()
-        return bool((ratio > ILL_CONDITIONED).any())
-
-    def _post_hook(self, stats: LayerStats) -> Any:
-        def hook(module: _BatchNorm, args: tuple[Any, ...], output: Any) -> None:
-            x = args[0]
-            n = self._count(stats, x)
-            if stats.exact_path or self._ill_conditioned(stats, module):
-                stats.exact_path = True
-                stats.acc.update_tensor(x, [d for d in range(x.ndim) if d != 1])
-                stats.last_mean = stats.acc.mean
-                return
-            mean_b = module.running_mean
-            var_b = module.running_var.to(torch.float64) * ((n - 1) / n)
-            stats.last_mean = mean_b
-            stats.acc.update(mean_b, var_b, n)
-
-        return hook
-
+    # -- the per-call hook ----------------------------------------------------------------
     def _pre_hook(self, stats: LayerStats) -> Any:
+        scratch = self._scratch[stats.module]
+
         def hook(module: _BatchNorm, args: tuple[Any, ...]) -> None:
+            buffers = module._buffers
+            if self._only is not None and stats.name not in self._only:
+                buffers["running_mean"], buffers["running_var"] = scratch
+                return
             x = args[0]
-            self._count(stats, x)
+            channels = x.shape[1] if x.ndim > 1 else x.numel()
+            n = x.numel() // max(channels, 1)
+            if stats.calls == 0:
+                stats.first_call = self._calls_seen
+            self._calls_seen += 1
+            stats.calls += 1
+            stats.calls_this_forward += 1
+            batch_rows = int(x.shape[0]) if x.ndim > 1 else 1
+            stats.samples += batch_rows
+            stats.samples_this_forward += batch_rows
+            if n == 0:
+                return
+            if not stats.exact_path:
+                block = stats.blocks.get((n, True))
+                if block is None:
+                    block = stats.blocks[(n, True)] = _Block(
+                        channels, n, scratch[0].dtype, scratch[0].device, True
+                    )
+                buffers["running_mean"], buffers["running_var"] = block.take(self._batch)
+                return
+            buffers["running_mean"], buffers["running_var"] = scratch
+            block = stats.blocks.get((n, False))
+            if block is None:
+                block = stats.blocks[(n, False)] = _Block(channels, n, F64, x.device, False)
+            mean_row, var_row = block.take(self._batch)
             dims = [d for d in range(x.ndim) if d != 1]
-            stats.acc.update_tensor(x, dims)
-            stats.last_mean = stats.acc.mean
+            var, mean = torch.var_mean(x.detach().to(F64), dim=dims, correction=0)
+            mean_row.copy_(mean)
+            var_row.copy_(var)
 
         return hook
 
-    # -- per forward ------------------------------------------------------------------------
+    # -- per forward ----------------------------------------------------------------------
     @contextlib.contextmanager
-    def forward(self) -> Iterator[None]:
-        """Wrap one model call: counts calls per forward and checks the batch was finite."""
+    def forward(self, batch: int = 0) -> Iterator[None]:
+        """Wrap one model call on batch number ``batch``: counts calls per forward. Call
+        :meth:`end_forward` after it."""
+        self._batch = batch
         for stats in self.layers.values():
             stats.calls_this_forward = 0
-            stats.last_mean = None
+            stats.samples_this_forward = 0
         yield
-        means = []
         for stats in self.layers.values():
             stats.max_calls_per_forward = max(stats.max_calls_per_forward, stats.calls_this_forward)
-            if stats.last_mean is not None:
-                means.append(stats)
-        if means:
-            finite = torch.stack(
-                [torch.isfinite(s.acc.mean).all() & torch.isfinite(s.acc.m2).all() for s in means]
+
+    @contextlib.contextmanager
+    def only(self, names: set[str]) -> Iterator[None]:
+        """Within the block only the named layers record (a repeated forward)."""
+        self._only = set(names)
+        try:
+            yield
+        finally:
+            self._only = None
+
+    def end_forward(self) -> set[str]:
+        """Bookkeeping after a forward: merges full blocks; on a layer's first forward reads its
+        flags (non-finite values raise :class:`NonFiniteInput`; ill-conditioned native layers
+        switch to the exact path and are returned: repeat the forward under :meth:`only` with
+        them, then call this again); every :data:`CHECK_SECONDS` reads the error flags."""
+        fresh = [s for s in self.layers.values() if s.calls and not s.checked]
+        rerun: set[str] = set()
+        if fresh:
+            rerun = self._first_check(fresh)
+        for stats in self.layers.values():
+            for block in stats.blocks.values():
+                if block.used and block.used + stats.max_calls_per_forward > len(block.mean_rows):
+                    self._flush(stats, block)
+        if time.monotonic() - self._last_check >= CHECK_SECONDS:
+            self.check()
+        return rerun
+
+    def finish(self) -> None:
+        """Merge every remaining row and read the final flags (raises
+        :class:`NonFiniteInput` naming the first layer and batch with NaN/Inf)."""
+        fresh = [s for s in self.layers.values() if s.calls and not s.checked]
+        if fresh:
+            self._first_check(fresh, rerun=False)
+        for stats in self.layers.values():
+            for block in stats.blocks.values():
+                self._flush(stats, block)
+        self.check(final=True)
+
+    def _first_check(self, fresh: list[LayerStats], rerun: bool = True) -> set[str]:
+        flags = []
+        for stats in fresh:
+            bad = torch.zeros((), dtype=torch.bool, device=stats.acc.mean.device)
+            ill = torch.zeros_like(bad)
+            for block in stats.blocks.values():
+                if not block.used:
+                    continue
+                means, variances = block.mean[: block.used], block.var[: block.used]
+                bad = bad | ~torch.isfinite(means.sum() + variances.sum())
+                if block.native:
+                    ill = ill | _ill_conditioned(means, variances)
+            flags.append(torch.stack([bad, ill]))
+        values = sync.fetch([torch.stack(flags).to(torch.float64)])[0].tolist()
+        switch: set[str] = set()
+        broken: list[LayerStats] = []
+        for stats, (bad, ill) in zip(fresh, values, strict=True):
+            stats.checked = True
+            if bad:
+                broken.append(stats)
+            elif ill and rerun:
+                switch.add(stats.name)
+        if broken:
+            first = min(broken, key=lambda s: s.first_call)
+            raise NonFiniteInput(first.name, self._batch)
+        for name in switch:
+            stats = self.layers[name]
+            stats.exact_path = True
+            stats.blocks.clear()  # every row was from this forward: it is repeated
+            stats.calls -= stats.calls_this_forward
+            stats.samples -= stats.samples_this_forward
+            stats.calls_this_forward = stats.samples_this_forward = 0
+            stats.checked = False
+        return switch
+
+    def _device_arange(self, device: torch.device, rows: int) -> torch.Tensor:
+        ar = self._arange.get(device)
+        if ar is None or ar.numel() < rows:
+            ar = self._arange[device] = torch.arange(max(rows, ROWS), device=device)
+        return ar[:rows]
+
+    def _flush(self, stats: LayerStats, block: _Block) -> None:
+        if not block.used:
+            return
+        means, variances = block.moments()
+        if self.observer is not None:
+            self.observer(stats.name, means, variances, block.n)
+        base = len(stats.row_batches)
+        rows_bad = ~torch.isfinite(means.sum(1) + variances.sum(1))
+        ids = self._device_arange(means.device, block.used) + base
+        candidate = torch.where(rows_bad, ids, _NO_ROW).amin()
+        stats.first_bad = (
+            candidate if stats.first_bad is None else torch.minimum(stats.first_bad, candidate)
+        )
+        if block.native:
+            ill = _ill_conditioned(block.mean[: block.used], block.var[: block.used])
+            stats.ill = ill if stats.ill is None else stats.ill | ill
+        stats.row_batches.extend(block.batches)
+        stats.acc.add_rows(means, variances, block.n)
+        block.reset()
+
+    def check(self, final: bool = False) -> None:
+        """Read every layer's error flags (one transfer): NaN/Inf raises
+        :class:`NonFiniteInput` naming the earliest batch (and the first layer called in it);
+        a native layer that became ill-conditioned takes the exact path from now on."""
+        self._last_check = time.monotonic()
+        watched = [s for s in self.layers.values() if s.first_bad is not None]
+        if not watched:
+            return
+        rows = [s.first_bad.to(torch.float64) for s in watched]
+        ills = [
+            (s.ill if s.ill is not None else torch.zeros((), dtype=torch.bool)).to(
+                device=s.first_bad.device, dtype=torch.float64
             )
-            if not bool(finite.all()):
-                first = next(s for s, ok in zip(means, finite.tolist(), strict=True) if not ok)
-                raise NonFiniteInput(first.name)
+            for s in watched
+        ]
+        values = sync.fetch_values(rows + ills)
+        bad_rows, ill_flags = values[: len(watched)], values[len(watched) :]
+        broken = []
+        for stats, row in zip(watched, bad_rows, strict=True):
+            if row < _NO_ROW:
+                broken.append((stats.row_batches[int(row)], stats.first_call, stats))
+        if broken:
+            batch, _, stats = min(broken, key=lambda b: (b[0], b[1]))
+            raise NonFiniteInput(stats.name, batch)
+        if not final:
+            for stats, ill in zip(watched, ill_flags, strict=True):
+                if ill and not stats.exact_path:
+                    for block in stats.blocks.values():
+                        self._flush(stats, block)
+                    stats.exact_path = True
+
+
+def _ill_conditioned(means: torch.Tensor, unbiased: torch.Tensor) -> torch.Tensor:
+    """A device bool: some channel of some row has |mean| / std > ILL_CONDITIONED."""
+    return (means.abs() > unbiased.clamp_min(1e-30).sqrt() * ILL_CONDITIONED).any()
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ statistics are all-reduced once at the end (:mod:`bnscope.distributed`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,12 +17,25 @@ import torch
 from torch import nn
 
 from . import distributed
-from .capture import BNCapture, LayerStats, NonFiniteInput, SkippedLayer
-from .data import move_to, split_batch
+from .capture import BNCapture, LayerStats, NonFiniteInput, RowObserver, SkippedLayer
+from .data import split_batch
 from .errors import DataError, UsageError
+from .runner import Call, Runner, default_call, make_runner, model_device, placed
 
-Call = Callable[[nn.Module, Any], Any]
 Progress = Callable[[int, "int | None"], None]
+#: ``on_output(batch_index, batch, output)``: a batch's output of the collection forward
+OutputHook = Callable[[int, Any, Any], None]
+
+__all__ = [
+    "Call",
+    "Collection",
+    "OutputHook",
+    "Progress",
+    "check_batches",
+    "collect",
+    "default_call",
+    "model_device",
+]
 
 
 @dataclass
@@ -45,55 +58,19 @@ class Collection:
         return sorted(records, key=lambda r: rank.get(r.name, len(rank)))
 
 
-def default_call(model: nn.Module, batch: Any) -> Any:
-    """``model(inputs)`` where inputs are the batch's first item (or the tensor itself)."""
-    inputs, _ = split_batch(batch)
-    return model(inputs)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def on_device(model: nn.Module, device: torch.device | str | None) -> Iterator[torch.device]:
-    """Move the model to ``device`` for the block and back afterwards (also on error)."""
-    original = model_device(model)
-    target = torch.device(device) if device is not None else original
-    if target == original:
-        yield original
-        return
-    model.to(target)
-    try:
-        yield target
-    finally:
-        model.to(original)
-
-
-class _Tracker:
-    """Pre-hooks on every module that remember which one ran last (to name a failing layer)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.current = "(model)"
-        self.handles = []
-        for name, module in model.named_modules():
+def _failing_module(exc: BaseException, names: dict[int, str]) -> str:
+    """The innermost module of the model on the exception's traceback, as "name (Class)":
+    found from the frames' ``self`` after the fact, so the happy path costs nothing."""
+    where = "(model)"
+    tb = exc.__traceback__
+    while tb is not None:
+        obj = tb.tb_frame.f_locals.get("self")
+        if isinstance(obj, nn.Module):
+            name = names.get(id(obj))
             if name:
-                self.handles.append(module.register_forward_pre_hook(self._hook(name)))
-
-    def _hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any) -> None:
-            self.current = f"{name} ({type(module).__name__})"
-
-        return hook
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
+                where = f"{name} ({type(obj).__name__})"
+        tb = tb.tb_next
+    return where
 
 
 def _shape_of(batch: Any) -> str:
@@ -126,11 +103,20 @@ def collect(
     progress: Progress | None = None,
     only_training: bool = False,
     process_group: Any = None,
+    amp: str | torch.dtype | None = None,
+    channels_last: bool = False,
+    observer: RowObserver | None = None,
+    on_output: OutputHook | None = None,
 ) -> Collection:
     """Run ``model`` over the data in collection mode and return the pooled statistics.
 
     The model's state is restored afterwards (see :class:`~bnscope.capture.BNCapture`);
     ``batches=None`` uses all of the data. Data that runs out before ``batches`` is an error.
+    ``device`` (default: where the model is), ``amp`` (``"bf16"``/``"fp16"``: every forward
+    under autocast; the statistics are those of the tensors that reach the BN layers) and
+    ``channels_last`` say how the model runs (:mod:`bnscope.runner`). ``observer`` sees the
+    per-call batch moments (:data:`~bnscope.capture.RowObserver`); ``on_output(index, batch,
+    output)`` sees each batch's output of the collection forward (BN with batch statistics).
 
     Under ``torch.distributed`` (``process_group=None`` uses the default group when it is
     initialized; :data:`bnscope.distributed.LOCAL` turns communication off) ``data`` is this
@@ -142,17 +128,16 @@ def collect(
     whose share is empty is fine when ``batches`` is None. Every rank must call this the same
     number of times, with the same model.
     """
+    runner = make_runner(model, call, device, amp, channels_last)
     group = distributed.resolve_group(process_group)
+    options = dict(
+        batches=batches, runner=runner, progress=progress, only_training=only_training,
+        observer=observer, on_output=on_output,
+    )  # fmt: skip
     if group is None:
-        return _collect_local(
-            model, data, batches=batches, call=call, device=device, progress=progress,
-            only_training=only_training, allow_empty=False,
-        )  # fmt: skip
+        return _collect_local(model, data, allow_empty=False, **options)
     try:
-        collection = _collect_local(
-            model, data, batches=batches, call=call, device=device, progress=progress,
-            only_training=only_training, allow_empty=batches is None,
-        )  # fmt: skip
+        collection = _collect_local(model, data, allow_empty=batches is None, **options)
     except Exception as exc:
         distributed.announce_failure(exc, group)
         raise
@@ -185,7 +170,6 @@ def _reduce(collection: Collection, group: Any) -> None:
         st.samples = counts[n + i]
         st.max_calls_per_forward = peaks[i]
         st.calls_this_forward = 0
-        st.last_mean = None
     collection.batches = counts[2 * n]
     collection.samples = counts[2 * n + 1]
     collection.world_size = distributed.get_world_size(group)
@@ -196,19 +180,22 @@ def _collect_local(
     data: Iterable[Any],
     *,
     batches: int | None,
-    call: Call | None,
-    device: torch.device | str | None,
+    runner: Runner,
     progress: Progress | None,
     only_training: bool,
     allow_empty: bool,
+    observer: RowObserver | None,
+    on_output: OutputHook | None,
 ) -> Collection:
     """One process's collection (no communication)."""
     check_batches(batches)
-    call = call or default_call
     done = 0
     samples = 0
-    with on_device(model, device) as dev, BNCapture(model, only_training=only_training) as cap:
-        tracker = _Tracker(model)
+    names = {id(m): n for n, m in model.named_modules() if n}
+    with (
+        placed(model, runner),
+        BNCapture(model, only_training=only_training, observer=observer) as cap,
+    ):
         iterator = iter(data)
         try:
             with torch.no_grad():
@@ -217,24 +204,31 @@ def _collect_local(
                         batch = next(iterator)
                     except StopIteration:
                         break
-                    batch = move_to(batch, dev)
-                    tracker.current = "(model)"
+                    batch = runner.prepare(batch)
                     try:
-                        with cap.forward():
-                            call(model, batch)
+                        with cap.forward(done):
+                            out = runner(model, batch)
+                        again = cap.end_forward()
+                        if again:  # layers found ill-conditioned: exact path, same batch
+                            with cap.only(again), cap.forward(done):
+                                runner(model, batch)
+                            cap.end_forward()
                     except NonFiniteInput as exc:
-                        raise DataError(
-                            f"NaN or Inf reached BN layer {exc.layer} in batch {done}",
-                            "check the data and the checkpoint (bnscope inspect CKPT)",
-                        ) from exc
+                        raise _non_finite(exc) from exc
                     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-                        raise _forward_error(exc, done, tracker.current, batch) from exc
+                        where = _failing_module(exc, names)
+                        raise _forward_error(exc, done, where, batch) from exc
+                    if on_output is not None:
+                        on_output(done, batch, out)
                     done += 1
                     samples += _batch_len(batch)
                     if progress is not None:
                         progress(done, batches)
+                try:
+                    cap.finish()
+                except NonFiniteInput as exc:
+                    raise _non_finite(exc) from exc
         finally:
-            tracker.remove()
             shutdown = getattr(iterator, "_shutdown_workers", None)
             if callable(shutdown) and (batches is not None and done >= batches):
                 with contextlib.suppress(Exception):
@@ -248,6 +242,14 @@ def _collect_local(
                 "the data",
             )
         return Collection(dict(cap.layers), list(cap.skipped), done, samples, list(cap.order))
+
+
+def _non_finite(exc: NonFiniteInput) -> DataError:
+    where = f" in batch {exc.batch}" if exc.batch is not None else ""
+    return DataError(
+        f"NaN or Inf reached BN layer {exc.layer}{where}",
+        "check the data and the checkpoint (bnscope inspect CKPT)",
+    )
 
 
 def _batch_len(batch: Any) -> int:

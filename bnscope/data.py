@@ -863,16 +863,24 @@ def split_batch(batch: Any, input_key: str | None = None) -> tuple[Any, torch.Te
     )
 
 
-def move_to(obj: Any, device: torch.device) -> Any:
-    """``obj`` with every tensor inside tuples, lists and dicts moved to ``device``."""
+def move_to(obj: Any, device: torch.device | str, *, channels_last: bool = False) -> Any:
+    """``obj`` with every tensor inside tuples, lists and dicts moved to ``device`` (copies to
+    a GPU are queued without waiting); with ``channels_last``, 4-D and 5-D floating tensors
+    also take the channels-last memory format."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        fmt = None
+        if channels_last and obj.is_floating_point():
+            fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(obj.dim())
+        non_blocking = obj.device.type == "cpu" and torch.device(device).type == "cuda"
+        if fmt is None:
+            return obj.to(device, non_blocking=non_blocking)
+        return obj.to(device, non_blocking=non_blocking, memory_format=fmt)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(move_to(v, device) for v in obj))
+        return type(obj)(*(move_to(v, device, channels_last=channels_last) for v in obj))
     if isinstance(obj, (tuple, list)):
-        return type(obj)(move_to(v, device) for v in obj)
+        return type(obj)(move_to(v, device, channels_last=channels_last) for v in obj)
     if isinstance(obj, Mapping):
-        items = {k: move_to(v, device) for k, v in obj.items()}
+        items = {k: move_to(v, device, channels_last=channels_last) for k, v in obj.items()}
         try:
             return type(obj)(items)
         except Exception:

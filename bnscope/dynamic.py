@@ -27,8 +27,6 @@ model passed in is left exactly as it was.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,22 +35,26 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .capture import is_batchnorm
-from .collect import Call, Progress, check_batches, collect, default_call, on_device
+from . import sync
+from .collect import Call, Progress, check_batches, collect
+from .data import split_batch
 from .errors import DataError
 from .evaluate import (
     Metrics,
-    Tally,
-    agreement_and_kl,
+    Scores,
     batch_kind,
+    batch_stats_mode,
     eval_mode,
     forward_errors,
     labelled_batches,
     logits_of,
+    read_scores,
+    using_statistics,
 )
 from .precise import layer_records, population_stats, usage_findings
 from .records import Finding, InspectLayer, Report
 from .render.text import pct
+from .runner import make_runner, placed
 from .static import static_inspect
 from .stats import MomentAccumulator
 
@@ -70,53 +72,120 @@ TRAIN_TEST_ACCURACY = 0.02
 TRACE_BATCHES = 256
 #: channels per layer whose batch means are kept (the most stale ones, chosen afterwards)
 TRACE_CHANNELS = 4
+#: bytes of collection-forward outputs kept for pairing with the second pass (per process)
+PAIR_BUDGET = 1 << 30
 
 
 @dataclass
 class _Spread:
-    """Spread of per-call batch statistics of one layer (float64), plus a short trace."""
+    """Spread of per-call batch statistics of one layer (float64, on the layer's device), plus
+    the first :data:`TRACE_BATCHES` batch means for the figure. Fed by the collection pass:
+    the rows the engine records are the batch means and variances of each call."""
 
     means: MomentAccumulator
     uvars: MomentAccumulator
     trace: list[torch.Tensor] = field(default_factory=list)
+    traced: int = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        """One call's batch mean and biased variance per channel, from per-sample moments over
-        the spatial positions (one contiguous reduction) combined in float64 by the law of
-        total variance."""
-        flat = x.detach().reshape(x.shape[0], x.shape[1], -1)
-        if flat.dtype not in (torch.float32, F64):
-            flat = flat.float()
-        v_i, m_i = (t.to(F64) for t in torch.var_mean(flat, dim=2, correction=0))
-        mean = m_i.mean(0)
-        var = (v_i + (m_i - mean) ** 2).mean(0)
-        n = flat.shape[0] * flat.shape[2]
-        unbiased = var * (n / (n - 1)) if n > 1 else var
-        zero = torch.zeros_like(mean)
-        self.means.update(mean, zero, 1)
-        self.uvars.update(unbiased, zero, 1)
-        if len(self.trace) < TRACE_BATCHES:
-            self.trace.append(mean.float().cpu())
+    def add_rows(self, means: torch.Tensor, variances: torch.Tensor, n: int) -> None:
+        """Rows of batch means and biased variances ([r, C], float64): their spread across
+        calls, each call one observation (the unbiased variance n/(n-1) var_B for the
+        variances)."""
+        unbiased = variances * (n / (n - 1)) if n > 1 else variances
+        zero = torch.zeros_like(means)
+        self.means.add_rows(means, zero, 1)
+        self.uvars.add_rows(unbiased, zero, 1)
+        if self.traced < TRACE_BATCHES:
+            keep = means[: TRACE_BATCHES - self.traced].float().clone()
+            self.trace.append(keep)
+            self.traced += keep.shape[0]
 
 
-@contextlib.contextmanager
-def _spread_hooks(layers: dict[str, _BatchNorm], spreads: dict[str, _Spread], active: list[bool]):
-    handles = []
+class _Pairing:
+    """The outputs of the collection forward (BN with batch statistics, everything else in
+    eval mode: exactly the "batch statistics" variant) kept for the second pass, so that pass
+    needs only the running- and population-statistics forwards. Each kept batch carries a
+    fingerprint of its inputs (per-sample float64 sums); the second pass pairs batch i with
+    kept output i only while the fingerprints agree: the first pair is checked at once (a data
+    order that is not repeated turns pairing off), the others on the device, read at the end
+    (a mismatch there makes :func:`inspect` recompute the comparison in a third pass).
+    Outputs are kept up to :data:`PAIR_BUDGET` bytes; later batches get their own forward."""
 
-    def make(name: str):
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if active[0]:
-                spreads[name].add(args[0])
+    def __init__(self) -> None:
+        self.outputs: list[torch.Tensor] = []
+        self.prints: list[torch.Tensor] = []
+        self.bytes = 0
+        self.full = False
+        self.enabled = True
+        self.matches: list[torch.Tensor] = []
+        self.host_mismatch = False
 
-        return hook
+    def keep(self, index: int, batch: Any, logits: torch.Tensor) -> None:
+        if self.full or index != len(self.outputs):
+            self.full = True
+            return
+        size = logits.numel() * logits.element_size()
+        if self.bytes + size > PAIR_BUDGET:
+            self.full = True
+            return
+        self.bytes += size
+        self.outputs.append(logits.detach())
+        self.prints.append(_fingerprint(batch))
 
-    try:
-        for name, module in layers.items():
-            handles.append(module.register_forward_pre_hook(make(name)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    def stored(self, index: int, batch: Any) -> torch.Tensor | None:
+        """The kept batch-statistics output for the second pass's batch ``index``, or None
+        (not kept, or pairing is off)."""
+        if not self.enabled or index >= len(self.outputs):
+            return None
+        now = _fingerprint(batch)
+        then = self.prints[index]
+        if now.shape != then.shape:
+            if index == 0:
+                self.enabled = False
+                return None
+            self.host_mismatch = True
+            return self.outputs[index]
+        same = (now == then).all()
+        if index == 0:  # the one read that decides whether pairing is on
+            if not sync.fetch_values([same])[0]:
+                self.enabled = False
+                return None
+        else:
+            self.matches.append(same)
+        return self.outputs[index]
+
+    def all_matched(self) -> bool:
+        """Whether every paired batch had the same inputs (one read)."""
+        if self.host_mismatch:
+            return False
+        if not self.matches:
+            return True
+        flags = sync.fetch([torch.stack(self.matches)])[0]
+        return bool(flags.all())
+
+
+def _fingerprint(batch: Any) -> torch.Tensor:
+    """Per-sample float64 sums of every tensor in the batch (inputs and labels), one vector."""
+    parts = []
+    for t in _tensors(batch):
+        if t.ndim == 0:
+            parts.append(t.detach().reshape(1).to(F64))
+        else:
+            parts.append(t.detach().reshape(t.shape[0], -1).sum(1, dtype=F64))
+    if not parts:
+        return torch.zeros(0, dtype=F64)
+    return torch.cat([p.to(parts[0].device) for p in parts])
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            yield from _tensors(v)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
 
 
 def _z_rms(gap: torch.Tensor, noise_var: torch.Tensor, scale: torch.Tensor) -> float | None:
@@ -129,10 +198,32 @@ def _z_rms(gap: torch.Tensor, noise_var: torch.Tensor, scale: torch.Tensor) -> f
     return float(z2.mean().sqrt())
 
 
-def _ema_factor(module: _BatchNorm) -> float | None:
-    """m / (2 - m) for an EMA with momentum m; 1/T for a cumulative average over T batches."""
+def _spread_arrays(collection: Any, spreads: dict[str, _Spread]) -> dict[str, dict[str, Any]]:
+    """Every layer's spread figures, trace and ``num_batches_tracked`` on the host, read in
+    one transfer."""
+    keys = ("var_mu_b", "mean_uvar", "var_uvar", "trace", "tracked")
+    parts: list[torch.Tensor] = []
+    names = [name for name, sp in spreads.items() if sp.means.count]
+    for name in names:
+        sp = spreads[name]
+        mod = collection.layers[name].module
+        tracked = mod.num_batches_tracked
+        parts += [
+            sp.means.population_var,
+            sp.uvars.population_mean,
+            sp.uvars.population_var,
+            torch.cat(sp.trace) if sp.trace else sp.means.mean.new_zeros(0, mod.num_features),
+            (tracked if tracked is not None else torch.zeros((), dtype=torch.long)).reshape(1),
+        ]
+    host = iter(sync.fetch(parts))
+    return {name: {key: next(host) for key in keys} for name in names}
+
+
+def _ema_factor(module: _BatchNorm, tracked: torch.Tensor | None) -> float | None:
+    """m / (2 - m) for an EMA with momentum m; 1/T for a cumulative average over T batches
+    (``tracked``: the layer's ``num_batches_tracked`` on the host)."""
     if module.momentum is None:
-        t = int(module.num_batches_tracked) if module.num_batches_tracked is not None else 0
+        t = int(tracked[0]) if tracked is not None and module.num_batches_tracked is not None else 0
         return 1.0 / t if t > 0 else None
     m = float(module.momentum)
     return m / (2 - m) if 0 < m <= 1 else None
@@ -151,6 +242,8 @@ def inspect(
     device: torch.device | str | None = None,
     progress: Progress | None = None,
     process_group: Any = None,
+    amp: str | torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> Report:
     """Dynamic report: EMA staleness, batch-statistics spread, train/test inconsistency, usage.
 
@@ -160,7 +253,12 @@ def inspect(
     ``train-test-gap``, ``small-nbs`` for noisy EMAs, ``not-called``, ``reused`` and the static
     ones: ``ema-warmup``, ``never-updated``, ``tiny-variance``, ``dead-channel``,
     ``non-finite``), and ``extra["consistency"]`` with metrics for running, batch and precise
-    statistics.
+    statistics. ``device``, ``amp`` and ``channels_last`` as in :func:`bnscope.precise_bn`.
+
+    Forwards per batch: 3 when the data comes back in the same order (the collection forward
+    is the batch-statistics forward; the second pass adds running and population statistics,
+    paired with it by a fingerprint of each batch), 4 otherwise. ``extra["forwards"]`` says
+    how many were run in all.
     """
     from . import distributed
 
@@ -173,7 +271,7 @@ def inspect(
             "dynamic inspection reads the data twice, but it is a one-shot iterator",
             "pass a re-iterable (a DataLoader or a list of batches), not a generator",
         )
-    call = call or default_call
+    runner = make_runner(model, call, device, amp, channels_last)
     total = None if batches is None else 2 * batches
 
     def first(done: int, _: int | None) -> None:
@@ -181,90 +279,139 @@ def inspect(
             progress(done, total)
 
     static = static_inspect(model)
-    collection = collect(
-        model, data, batches=batches, call=call, device=device, progress=first,
-        process_group=process_group,
-    )  # fmt: skip
-    pop = population_stats(collection)
-    precise_records, precise_arrays = layer_records(collection, pop)
+    spreads: dict[str, _Spread] = {}
 
-    twin = copy.deepcopy(model)  # population statistics + batch statistics live here
-    twin_layers = dict(twin.named_modules())
-    targets: dict[str, _BatchNorm] = {}
-    for name in pop:
-        module = twin_layers["" if name == "(root)" else name]
-        targets[name] = module
-    spreads = {
-        name: _Spread(
-            MomentAccumulator(m.num_features, "cpu"), MomentAccumulator(m.num_features, "cpu")
-        )
-        for name, m in targets.items()
-    }
-    with torch.no_grad():
-        for name, (mean, var) in pop.items():
-            m = targets[name]
-            m.running_mean.copy_(mean.to(m.running_mean.dtype))
-            m.running_var.copy_(var.to(m.running_var.dtype))
-    bn_twin = [m for m in twin.modules() if is_batchnorm(m)]
-    for m in bn_twin:
-        m.momentum = 0.0  # batch-statistics forwards must not move the twin's buffers
+    def observe(name: str, means: torch.Tensor, variances: torch.Tensor, n: int) -> None:
+        sp = spreads.get(name)
+        if sp is None:
+            c = means.shape[1]
+            sp = spreads[name] = _Spread(
+                MomentAccumulator(c, means.device), MomentAccumulator(c, means.device)
+            )
+        sp.add_rows(means, variances, n)
 
-    tallies = {k: Tally() for k in ("running", "batch", "precise")}
-    agree = {"batch": 0, "precise": 0}
-    kl = {"batch": 0.0, "precise": 0.0}
-    samples = done = 0
-    labelled = classes = True
-    active = [False]
-    with (
-        distributed.failures_announced(group),
-        on_device(model, device) as dev,
-        eval_mode(model),
-        distributed.local_batchnorm(twin),
-    ):
-        twin.to(dev)
-        for m in twin.modules():
-            m.training = False
-        with _spread_hooks(targets, spreads, active), torch.no_grad():
-            for batch, labels in labelled_batches(data, batches, dev):
+    pairing = _Pairing()
+    batch_scores = Scores()  # the batch-statistics outputs against the labels (first pass)
+    first_pass = {"labelled": True}
+
+    def keep_output(index: int, batch: Any, out: Any) -> None:
+        logits = logits_of(out)
+        labels = split_batch(batch)[1]
+        _, is_cls, ok_labels = batch_kind(logits, labels)
+        first_pass["labelled"] = first_pass["labelled"] and ok_labels
+        batch_scores.add(logits, labels=labels if ok_labels else None)
+        if is_cls:
+            pairing.keep(index, batch, logits)
+
+    forwards = 0
+    with placed(model, runner):
+        collection = collect(
+            model, data, batches=batches, call=runner.call, device=runner.device,
+            progress=first, process_group=process_group, amp=runner.amp,
+            channels_last=runner.channels_last, observer=observe, on_output=keep_output,
+        )  # fmt: skip
+        pop = population_stats(collection)
+        # every layer that ran (on any rank) has a spread, in module order: ranks pool them
+        # with one collective over the same list
+        spreads = {
+            name: spreads.get(name)
+            or _Spread(
+                MomentAccumulator(st.module.num_features, st.acc.mean.device),
+                MomentAccumulator(st.module.num_features, st.acc.mean.device),
+            )
+            for name, st in collection.layers.items()
+            if name in pop
+        }
+        precise_records, precise_arrays = layer_records(collection, pop)
+        precise_buffers = {
+            collection.layers[name].module: (
+                mean.to(collection.layers[name].module.running_mean.dtype),
+                var.to(collection.layers[name].module.running_var.dtype),
+            )
+            for name, (mean, var) in pop.items()
+        }
+        scores = {k: Scores() for k in ("running", "precise", "paired", "direct")}
+        samples = done = 0
+        labelled = classes = True
+        with (
+            distributed.failures_announced(group),
+            distributed.local_batchnorm(model),  # batch statistics of this rank's batch
+            eval_mode(model),
+            torch.no_grad(),
+        ):
+            for batch, labels in labelled_batches(data, batches, runner):
                 with forward_errors(
                     f"the model failed on batch {done} of the comparison pass",
                     "check that --data fits the model; batches need 2+ samples",
                 ):
-                    ref = logits_of(call(model, batch))
-                    pre = logits_of(call(twin, batch))
-                    with _batch_stats(bn_twin, active):
-                        bat = logits_of(call(twin, batch))
-                n, is_cls, ok_labels = batch_kind(ref, labels)
+                    ref = logits_of(runner(model, batch))
+                    with using_statistics(precise_buffers):
+                        pre = logits_of(runner(model, batch))
+                    forwards += 2
+                    n, is_cls, ok_labels = batch_kind(ref, labels)
+                    kept = pairing.stored(done, batch) if is_cls else None
+                    if kept is None:
+                        with batch_stats_mode(model):
+                            bat = logits_of(runner(model, batch))
+                        forwards += 1
+                        scores["direct"].add(bat, ref=ref)
+                    else:
+                        scores["paired"].add(kept, ref=ref)
                 samples += n
                 classes = classes and is_cls
                 labelled = labelled and ok_labels
-                for key, out in (("running", ref), ("batch", bat), ("precise", pre)):
-                    if ok_labels:
-                        tallies[key].add(out, labels)
-                    if key != "running" and is_cls:
-                        a, k = agreement_and_kl(ref, out)
-                        agree[key] += a
-                        kl[key] += k
+                use = labels if ok_labels else None
+                scores["running"].add(ref, labels=use)
+                scores["precise"].add(pre, labels=use, ref=ref)
                 done += 1
                 if progress is not None:
                     progress(collection.batches + done, total)
-    del twin
+            if pairing.outputs and not pairing.all_matched():
+                # the data came back in another order: compare in a third pass, on pairs
+                scores["paired"], scores["direct"] = Scores(), Scores()
+                for index, (batch, _) in enumerate(labelled_batches(data, batches, runner)):
+                    with forward_errors(
+                        f"the model failed on batch {index} of the comparison pass",
+                        "check that --data fits the model; batches need 2+ samples",
+                    ):
+                        ref = logits_of(runner(model, batch))
+                        with batch_stats_mode(model):
+                            bat = logits_of(runner(model, batch))
+                    forwards += 2
+                    scores["direct"].add(bat, ref=ref)
     if group is not None:
-        samples, labelled, classes = _reduce_pass(
-            group, spreads, tallies, agree, kl, samples, labelled, classes
+        samples, labelled, classes, forwards = _reduce_pass(
+            group, spreads, scores, batch_scores, samples, labelled, classes, forwards
         )
     if samples == 0:
         raise DataError(
             "the data yielded no batches on its second reading",
             "pass a re-iterable (a DataLoader or a list of batches), not a generator",
         )
-    metrics = {k: t.metrics(samples, labelled) for k, t in tallies.items()}
+    forwards += collection.batches  # the collection pass (already pooled over ranks)
+    read_scores([*scores.values(), batch_scores])
+    agree_batch = scores["paired"].value("agree") + scores["direct"].value("agree")
+    kl_batch = scores["paired"].value("kl") + scores["direct"].value("kl")
+    labelled = labelled and first_pass["labelled"]
+    metrics = {
+        "running": scores["running"].metrics(samples, labelled),
+        "batch": batch_scores.metrics(samples, labelled),
+        "precise": scores["precise"].metrics(samples, labelled),
+    }
+    ok = classes and samples
+
+    def per_sample(value: float) -> float | None:
+        return value / samples if ok else None
+
     consistency = {
         "samples": samples,
         "has_labels": labelled,
         "metrics": {k: v.to_dict() for k, v in metrics.items()},
-        "agreement": {k: (agree[k] / samples if classes and samples else None) for k in agree},
-        "kl": {k: (kl[k] / samples if classes and samples else None) for k in kl},
+        "agreement": {
+            "batch": per_sample(agree_batch),
+            "precise": per_sample(scores["precise"].value("agree")),
+        },
+        "kl": {"batch": per_sample(kl_batch), "precise": per_sample(scores["precise"].value("kl"))},
     }
     layers, arrays = _layer_records(collection, precise_records, precise_arrays, spreads)
     findings = _findings(layers, static, precise_records, consistency, metrics)
@@ -274,6 +421,7 @@ def inspect(
         "verdict_text": verdict_text,
         "batches": collection.batches,
         "samples": collection.samples,
+        "forwards": forwards,
         "consistency": consistency,
         "static_layers": [layer.to_dict() for layer in static.layers],
     }
@@ -283,48 +431,38 @@ def inspect(
 def _reduce_pass(
     group: Any,
     spreads: dict[str, _Spread],
-    tallies: dict[str, Tally],
-    agree: dict[str, int],
-    kl: dict[str, float],
+    scores: dict[str, Scores],
+    batch_scores: Scores,
     samples: int,
     labelled: bool,
     classes: bool,
-) -> tuple[int, bool, bool]:
-    """Pool the comparison pass over the ranks: batch-statistics spreads (exact moments) and
-    every tally, in place; returns the pooled (samples, labelled, classes)."""
+    forwards: int,
+) -> tuple[int, bool, bool, int]:
+    """Pool both passes over the ranks: batch-statistics spreads (exact moments) and every
+    score, in place; returns the pooled (samples, labelled, classes, forwards)."""
     from . import distributed
 
     accs = [a for sp in spreads.values() for a in (sp.means, sp.uvars)]
     distributed.all_reduce_moments(accs, group)
     empty = samples == 0
-    values = [samples, 0 if (labelled or empty) else 1, 0 if (classes or empty) else 1]
-    for key in ("running", "batch", "precise"):
-        values += [tallies[key].n, tallies[key].correct, tallies[key].loss]
-    values += [agree["batch"], agree["precise"], kl["batch"], kl["precise"]]
-    flat = distributed.all_reduce_sum(torch.tensor(values, dtype=F64), group).tolist()
-    i = 3
-    for key in ("running", "batch", "precise"):
-        t = tallies[key]
-        t.n, t.correct, t.loss = int(flat[i]), int(flat[i + 1]), flat[i + 2]
-        i += 3
-    agree["batch"], agree["precise"] = int(flat[i]), int(flat[i + 1])
-    kl["batch"], kl["precise"] = flat[i + 2], flat[i + 3]
-    return int(flat[0]), flat[1] == 0, flat[2] == 0
-
-
-@contextlib.contextmanager
-def _batch_stats(layers: list[_BatchNorm], recording: list[bool]) -> Iterator[None]:
-    """BN layers normalize with batch statistics (training flag) and the spread hooks record,
-    for the block only."""
-    try:
-        for m in layers:
-            m.training = True
-        recording[0] = True
-        yield
-    finally:
-        recording[0] = False
-        for m in layers:
-            m.training = False
+    every = [*scores.values(), batch_scores]
+    head = [samples, 0 if (labelled or empty) else 1, 0 if (classes or empty) else 1, forwards]
+    head += [s.labelled for s in every]
+    parts = [torch.tensor(head, dtype=F64)]
+    for s in every:
+        parts.append(
+            s.sums.detach().to("cpu", F64)
+            if s.sums is not None
+            else torch.zeros(len(Scores.FIELDS), dtype=F64)
+        )
+    flat = distributed.all_reduce_sum(torch.cat(parts), group)
+    n_head = len(head)
+    for i, s in enumerate(every):
+        s.labelled = int(flat[4 + i])
+        start = n_head + i * len(Scores.FIELDS)
+        s.sums = flat[start : start + len(Scores.FIELDS)].clone()
+        s.host = None
+    return int(flat[0]), bool(flat[1] == 0), bool(flat[2] == 0), int(flat[3])
 
 
 def _layer_records(
@@ -337,6 +475,7 @@ def _layer_records(
     statistics and d_mu/d_var come from there) and the batch-statistics spreads."""
     records: list[InspectLayer] = []
     arrays: dict[str, dict[str, Any]] = {}
+    host = _spread_arrays(collection, spreads)
     for rec in precise_records:
         name = rec.name
         if rec.status == "skipped":
@@ -352,12 +491,12 @@ def _layer_records(
         mean_r, var_r, mean_p, var_p = pa["old_mean"], pa["old_var"], pa["new_mean"], pa["new_var"]
         d_mu, d_var = pa["d_mu"], pa["d_var"]
         sigma2 = var_p + mod.eps
-        sp = spreads[name]
-        factor = _ema_factor(mod)
-        calls = sp.means.count
-        var_mu_b = sp.means.population_var if calls else torch.zeros_like(mean_p)
-        mean_uvar = sp.uvars.population_mean if calls else var_p
-        var_uvar = sp.uvars.population_var if calls else torch.zeros_like(var_p)
+        sp = host.get(name)
+        factor = _ema_factor(mod, sp["tracked"] if sp else None)
+        calls = spreads[name].means.count if name in spreads else 0
+        var_mu_b = sp["var_mu_b"] if calls else torch.zeros_like(mean_p)
+        mean_uvar = sp["mean_uvar"] if calls else var_p
+        var_uvar = sp["var_uvar"] if calls else torch.zeros_like(var_p)
         z_mu = z_var = noise_mu = spread_mu = spread_var = None
         if factor is not None and calls >= 2:
             z_mu = _z_rms(mean_r - mean_p, factor * var_mu_b, sigma2)
@@ -381,7 +520,7 @@ def _layer_records(
             )
         )  # fmt: skip
         worst = torch.argsort(d_mu, descending=True)[:TRACE_CHANNELS]
-        trace = torch.stack(sp.trace) if sp.trace else torch.zeros(0, mod.num_features)
+        trace = sp["trace"] if sp else torch.zeros(0, mod.num_features)
         arrays[name] = {
             "d_mu": d_mu,
             "d_var": d_var,

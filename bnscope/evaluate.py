@@ -17,9 +17,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .collect import check_batches, default_call, model_device
-from .data import move_to, split_batch
+from . import sync
+from .collect import check_batches
+from .data import split_batch
 from .errors import DataError
+from .runner import Runner, make_runner, placed
+
+F64 = torch.float64
 
 
 @contextlib.contextmanager
@@ -72,23 +76,72 @@ class Comparison:
         }
 
 
-class Tally:
-    """Running count of correct top-1 predictions and summed cross-entropy."""
+class Scores:
+    """What one variant's outputs scored so far, kept on the device (no host read per batch):
+    top-1 correct and summed cross-entropy against labels, top-1 agreement and summed
+    KL(softmax(ref) || softmax(out)) against a reference output, and the summed squared
+    difference from the reference (with the reference's own squared sum). ``labelled`` (host)
+    counts the labelled samples. :func:`read_scores` reads any number of them at once."""
+
+    FIELDS = ("correct", "loss", "agree", "kl", "diff2", "ref2")
 
     def __init__(self) -> None:
-        self.n = 0
-        self.correct = 0
-        self.loss = 0.0
+        self.labelled = 0
+        self.sums: torch.Tensor | None = None
+        self.host: dict[str, float] | None = None
 
-    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.n += labels.numel()
-        self.correct += int((logits.argmax(1) == labels).sum())
-        self.loss += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
+    def add(
+        self,
+        out: torch.Tensor,
+        *,
+        labels: torch.Tensor | None = None,
+        ref: torch.Tensor | None = None,
+    ) -> None:
+        """One batch: ``labels`` when they are usable class labels for ``out`` ([N, K]),
+        ``ref`` the reference output of the same inputs (agreement and KL for [N, K] scores)."""
+        zero = torch.zeros((), dtype=F64, device=out.device)
+        correct = loss = agree = kl = diff2 = ref2 = zero
+        if labels is not None:
+            self.labelled += labels.numel()
+            correct = (out.argmax(1) == labels).sum().to(F64)
+            loss = F.cross_entropy(out.float(), labels, reduction="sum").to(F64)
+        if ref is not None:
+            diff2 = (ref.double() - out.double()).square().sum()
+            ref2 = ref.double().square().sum()
+            if ref.ndim == 2 and ref.shape[1] > 1:
+                agree, kl = agreement_and_kl(ref, out)
+        part = torch.stack([correct, loss, agree, kl, diff2, ref2])
+        self.sums = part if self.sums is None else self.sums.add_(part)
+        self.host = None
+
+    def value(self, key: str) -> float:
+        """A sum, after :func:`read_scores` (0 when nothing was added)."""
+        if self.host is None:
+            read_scores([self])
+        assert self.host is not None
+        return self.host[key]
 
     def metrics(self, samples: int, ok: bool) -> Metrics:
-        if not ok or self.n == 0:
+        if not ok or self.labelled == 0:
             return Metrics(samples, None, None)
-        return Metrics(samples, self.correct / self.n, self.loss / self.n)
+        return Metrics(
+            samples, self.value("correct") / self.labelled, self.value("loss") / self.labelled
+        )
+
+
+def read_scores(scores: Iterable[Scores]) -> None:
+    """Read the sums of every :class:`Scores` in one transfer."""
+    todo = [s for s in scores if s.sums is not None]
+    if not todo:
+        for s in scores:
+            s.host = dict.fromkeys(Scores.FIELDS, 0.0)
+        return
+    host = sync.fetch([s.sums for s in todo])
+    for s, values in zip(todo, host, strict=True):
+        s.host = dict(zip(Scores.FIELDS, values.tolist(), strict=True))
+    for s in scores:
+        if s.sums is None:
+            s.host = dict.fromkeys(Scores.FIELDS, 0.0)
 
 
 def logits_of(out: Any) -> torch.Tensor:
@@ -120,12 +173,12 @@ def forward_errors(where: str, fix: str) -> Iterator[None]:
 
 
 def labelled_batches(
-    data: Iterable[Any], batches: int | None, device: torch.device | str
+    data: Iterable[Any], batches: int | None, runner: Runner
 ) -> Iterator[tuple[Any, Any]]:
-    """The first ``batches`` batches of ``data`` (all when None) on ``device``, each with its
-    labels (None without)."""
+    """The first ``batches`` batches of ``data`` (all when None) prepared by ``runner`` (on its
+    device and memory format), each with its labels (None without)."""
     for batch in itertools.islice(data, batches):
-        batch = move_to(batch, device)
+        batch = runner.prepare(batch)
         yield batch, split_batch(batch)[1]
 
 
@@ -144,39 +197,60 @@ def batch_kind(ref: torch.Tensor, labels: Any) -> tuple[int, bool, bool]:
     return n, is_cls, ok_labels
 
 
-def agreement_and_kl(ref: torch.Tensor, out: torch.Tensor) -> tuple[int, float]:
-    """For [N, K] class scores: the number of equal top-1 predictions and the summed
-    KL(softmax(ref) || softmax(out)) over the N samples (float64)."""
+def agreement_and_kl(ref: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For [N, K] class scores, as float64 device scalars: the number of equal top-1
+    predictions and the summed KL(softmax(ref) || softmax(out)) over the N samples."""
     log_ref = F.log_softmax(ref.double(), 1)
     log_out = F.log_softmax(out.double(), 1)
-    agree = int((ref.argmax(1) == out.argmax(1)).sum())
-    return agree, float((log_ref.exp() * (log_ref - log_out)).sum())
+    agree = (ref.argmax(1) == out.argmax(1)).sum().to(F64)
+    return agree, (log_ref.exp() * (log_ref - log_out)).sum()
 
 
 @contextlib.contextmanager
-def batch_stats_mode(model: nn.Module) -> Iterator[None]:
+def batch_stats_mode(*models: nn.Module) -> Iterator[None]:
     """Every module in eval mode except BN layers, which normalize with the statistics of each
     test batch ("test-time batch statistics", the norm baseline of Schneider et al. 2020 and
-    TENT). Running statistics, ``num_batches_tracked`` and every mode are restored on exit."""
+    TENT). The BN layers' buffers are swapped for copies for the block, so their own tensors
+    are never written; every buffer and mode is as before on exit."""
     from .capture import is_batchnorm
 
-    flags = {m: m.training for m in model.modules()}
-    saved = {
-        m: {n: b.detach().clone() for n, b in m.named_buffers(recurse=False)}
-        for m in model.modules()
-        if is_batchnorm(m)
-    }
+    flags = {m: m.training for model in models for m in model.modules()}
+    swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
     try:
         for m in flags:
-            m.training = m in saved
+            bn = is_batchnorm(m)
+            m.training = bn
+            if bn:
+                for name, b in list(m._buffers.items()):
+                    if b is not None:
+                        swapped.append((m, name, b))
+                        m._buffers[name] = b.detach().clone()
         yield
     finally:
-        with torch.no_grad():
-            for m, buffers in saved.items():
-                for n, value in buffers.items():
-                    getattr(m, n).copy_(value)
+        for m, name, b in swapped:
+            m._buffers[name] = b
         for m, flag in flags.items():
             m.training = flag
+
+
+@contextlib.contextmanager
+def using_statistics(
+    layers: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]],
+) -> Iterator[None]:
+    """The given BN layers' running_mean/running_var slots hold the given tensors for the
+    block (in eval mode they normalize with them); their own tensors are put back on exit,
+    untouched. Cheaper than a copy of the model or of its buffers."""
+    saved = []
+    try:
+        for module, (mean, var) in layers.items():
+            saved.append((module, module._buffers["running_mean"], module._buffers["running_var"]))
+            module._buffers["running_mean"] = mean
+            module._buffers["running_var"] = var
+        yield
+    finally:
+        for module, mean, var in saved:
+            module._buffers["running_mean"] = mean
+            module._buffers["running_var"] = var
 
 
 @dataclass(frozen=True)
@@ -208,36 +282,41 @@ def evaluate_models(
     batches: int | None = None,
     call: Callable[[nn.Module, Any], Any] | None = None,
     device: torch.device | str | None = None,
+    amp: str | torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> Evaluation:
     """Run every model on the same batches, each in its mode: ``"eval"`` (running statistics,
     the default) or ``"batch"`` (BN with test-batch statistics, see :func:`batch_stats_mode`).
 
     With integer labels and [N, K] outputs: accuracy and cross-entropy of each. Against the
     first model: top-1 agreement and mean KL(softmax first || softmax other) for [N, K] outputs,
-    and ||out_first - out_other|| / ||out_first|| for any tensor output.
+    and ||out_first - out_other|| / ||out_first|| for any tensor output. ``device`` (default:
+    the first model's), ``amp`` and ``channels_last`` as in :func:`bnscope.precise_bn`; the
+    models are put there for the run and left as they were. Sums stay on the device and are
+    read once, at the end.
     """
     check_batches(batches)
     if not models:
         raise ValueError("no models to evaluate")
-    call = call or default_call
     modes = modes or {}
     names = list(models)
     first = names[0]
-    dev = torch.device(device) if device is not None else model_device(models[first])
-    tallies = {k: Tally() for k in names}
-    agree = {k: 0 for k in names}
-    kl_sum = {k: 0.0 for k in names}
-    diff2 = {k: 0.0 for k in names}
-    ref2 = 0.0
+    runner = make_runner(models[first], call, device, amp, channels_last)
+    scores = {k: Scores() for k in names}
     classes = labelled = True
     samples = done = 0
     with contextlib.ExitStack() as stack:
+        seen: set[int] = set()
+        for m in models.values():
+            if id(m) not in seen:
+                seen.add(id(m))
+                stack.enter_context(placed(m, runner))
         stack.enter_context(eval_mode(*[m for k, m in models.items() if modes.get(k) != "batch"]))
         for k, m in models.items():
             if modes.get(k) == "batch":
                 stack.enter_context(batch_stats_mode(m))
         stack.enter_context(torch.no_grad())
-        for batch, labels in labelled_batches(data, batches, dev):
+        for batch, labels in labelled_batches(data, batches, runner):
             outs = {}
             for k in names:
                 with forward_errors(
@@ -245,33 +324,31 @@ def evaluate_models(
                     "check that --eval-data fits the model (channels, image size, "
                     "--input-key, a last batch of 1 with batch statistics)",
                 ):
-                    outs[k] = logits_of(call(models[k], batch))
+                    outs[k] = logits_of(runner(models[k], batch))
             ref = outs[first]
-            ref2 += float(ref.double().pow(2).sum())
             n, is_cls, ok_labels = batch_kind(ref, labels)
             classes = classes and is_cls
             samples += n
             labelled = labelled and ok_labels
             for k in names:
-                out = outs[k]
-                diff2[k] += float((ref.double() - out.double()).pow(2).sum())
-                if is_cls:
-                    a, kl = agreement_and_kl(ref, out)
-                    agree[k] += a
-                    kl_sum[k] += kl
-                if ok_labels:
-                    tallies[k].add(out, labels)
+                scores[k].add(outs[k], labels=labels if ok_labels else None, ref=ref)
             done += 1
     if done == 0:
         raise DataError("the evaluation data yielded no batches", "check --eval-data")
+    read_scores(scores.values())
+
+    def rel(k: str) -> float:
+        diff2, ref2 = scores[k].value("diff2"), scores[k].value("ref2")
+        return math.sqrt(diff2 / ref2) if ref2 > 0 else math.sqrt(diff2)
+
     return Evaluation(
-        metrics={k: tallies[k].metrics(samples, labelled) for k in names},
+        metrics={k: scores[k].metrics(samples, labelled) for k in names},
         has_labels=labelled,
-        agreement={k: agree[k] / samples if classes and samples else None for k in names},
-        kl={k: kl_sum[k] / samples if classes and samples else None for k in names},
-        rel_diff={
-            k: math.sqrt(diff2[k] / ref2) if ref2 > 0 else math.sqrt(diff2[k]) for k in names
+        agreement={
+            k: scores[k].value("agree") / samples if classes and samples else None for k in names
         },
+        kl={k: scores[k].value("kl") / samples if classes and samples else None for k in names},
+        rel_diff={k: rel(k) for k in names},
     )
 
 
@@ -283,11 +360,14 @@ def compare_models(
     batches: int | None = None,
     call: Callable[[nn.Module, Any], Any] | None = None,
     device: torch.device | str | None = None,
+    amp: str | torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> Comparison:
     """Both models in eval mode on the same batches (see :func:`evaluate_models`)."""
     ev = evaluate_models(
-        {"a": model_a, "b": model_b}, data, batches=batches, call=call, device=device
-    )
+        {"a": model_a, "b": model_b}, data, batches=batches, call=call, device=device, amp=amp,
+        channels_last=channels_last,
+    )  # fmt: skip
     return Comparison(
         a=ev.metrics["a"],
         b=ev.metrics["b"],

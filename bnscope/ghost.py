@@ -40,30 +40,32 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .capture import restored
-from .collect import Call, Progress, check_batches, collect, default_call, on_device
+from . import sync
+from .collect import Call, Progress, check_batches, collect
 from .data import split_batch
 from .errors import DataError, UsageError
 from .evaluate import (
     Metrics,
-    Tally,
-    agreement_and_kl,
+    Scores,
     batch_kind,
+    eval_mode,
     forward_errors,
     labelled_batches,
     logits_of,
+    read_scores,
+    using_statistics,
 )
 from .nn import ChunkStats, ghost_chunk_sizes, normalize_chunks
 from .precise import population_stats
 from .records import Finding, GhostLayer, GhostLayerSize, GhostSize, Report
 from .render.text import pct
+from .runner import make_runner, placed
 
 #: the smallest ghost size: one sample has no batch statistics worth the name
 MIN_SIZE = 2
@@ -107,42 +109,45 @@ def parse_sizes(sizes: Iterable[int] | str) -> list[int]:
 
 
 class _NoiseProbe:
-    """Float64 sums for one layer at one ghost size (all tensors, so one all-reduce merges
-    ranks): chunk deviations from the population, per-sample moments, chunk-size counts."""
+    """Float64 sums for one layer at one ghost size, on the layer's device (one all-reduce
+    merges ranks): chunk deviations from the population and per-sample moments. Chunk-size
+    counts are host integers (the sizes are known on the host)."""
 
     def __init__(self, mean_pop: torch.Tensor, var_pop: torch.Tensor, eps: float, g: int) -> None:
         self.mu = mean_pop.to(F64)
         self.sigma2 = var_pop.to(F64) + eps
+        self.inv_sigma = self.sigma2.rsqrt()
         self.log_sigma2 = torch.log(self.sigma2)
         self.eps = eps
         c = self.mu.numel()
-        dev = self.mu.device
         # rows: |dmu|, dmu^2, dmu, |dlogvar|, sample d, d^2, q, q^2
-        self.sums = torch.zeros(8, c, dtype=F64, device=dev)
+        self.sums = torch.zeros(8, c, dtype=F64, device=self.mu.device)
         # counts[s] = chunks of s samples (s up to 2g, a merged remainder included); [0] samples
-        self.counts = torch.zeros(2 * g + 2, dtype=F64, device=dev)
+        self.counts = [0] * (2 * g + 2)
 
     def add(self, sizes: list[int], st: ChunkStats) -> None:
-        dm = (st.mean.to(F64) - self.mu) / self.sigma2.sqrt()
+        dm = (st.mean.to(F64) - self.mu) * self.inv_sigma
         dv = torch.log(st.var.to(F64) + self.eps) - self.log_sigma2
-        m_i, v_i = st.sample_mean.to(F64), st.sample_var.to(F64)
-        d = (m_i - self.mu) / self.sigma2.sqrt()
-        q = (v_i + (m_i - self.mu) ** 2) / self.sigma2
-        rows = (dm.abs(), dm * dm, dm, dv.abs(), d, d * d, q, q * q)
-        self.sums += torch.stack([r.sum(0) for r in rows])
+        d = (st.sample_mean.to(F64) - self.mu) * self.inv_sigma
+        q = st.sample_var.to(F64) / self.sigma2 + d * d
+        chunk = torch.stack([dm.abs(), dm * dm, dm, dv.abs()]).sum(1)
+        sample = torch.stack([d, d * d, q, q * q]).sum(1)
+        self.sums += torch.cat([chunk, sample])
+        last = len(self.counts) - 1
         for s in sizes:
-            self.counts[min(s, self.counts.numel() - 1)] += 1
-        self.counts[0] += m_i.shape[0]
+            self.counts[min(s, last)] += 1
+        self.counts[0] += st.sample_mean.shape[0]
 
-    def result(self, g: int) -> GhostLayerSize:
-        chunk_sizes = torch.arange(self.counts.numel(), dtype=F64, device=self.counts.device)
-        per_size = self.counts.clone()
+    def result(self, g: int, sums: torch.Tensor) -> GhostLayerSize:
+        """Figures from the sums (``sums``: this probe's, on the host)."""
+        chunk_sizes = torch.arange(len(self.counts), dtype=F64)
+        per_size = torch.tensor(self.counts, dtype=F64)
         per_size[0] = 0
         chunks = int(per_size.sum())
         samples = float(self.counts[0])
         if chunks == 0 or samples == 0:
             return GhostLayerSize(g, 0, None, None, None, None, None)
-        s = self.sums
+        s = sums
         cells = chunks * s.shape[1]
         noise_mu = float(s[0].sum() / cells)
         noise_var = float(s[3].sum() / cells)
@@ -221,13 +226,6 @@ def _ghost_forward(
     return forward
 
 
-@dataclass
-class _SizeTally:
-    tally: Tally
-    agree: int = 0
-    kl: float = 0.0
-
-
 def _batch_size(data: Iterable[Any], distributed_run: bool = False) -> int:
     """The first batch's size (0 for empty data under a process group: a rank may get an
     empty shard; the caller takes the largest over ranks)."""
@@ -267,23 +265,26 @@ def ghost_analysis(
     device: torch.device | str | None = None,
     progress: Progress | None = None,
     process_group: Any = None,
+    amp: str | torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> Report:
     """Normalization-batch-size analysis: chunk-statistics noise per layer and the model's
     outputs with batch statistics of chunks of each size g, against population statistics.
 
     ``data`` is read twice (so it must be re-iterable): once to collect population statistics
     (Precise BN engine), once to compare, per batch, the outputs with population statistics and
-    with batch statistics at every size. Sizes larger than the batch are reported as skipped.
-    The model is left exactly as it was (modes, buffers, forwards). Returns a ``ghost`` report:
-    :class:`~bnscope.records.GhostLayer` records in module order, findings ``small-nbs`` and
-    ``non-iid-batches``, and ``extra["sizes"]`` with one :class:`~bnscope.records.GhostSize`
-    dict per size.
+    with batch statistics at every size: k + 2 forwards per batch for k sizes. Sizes larger
+    than the batch are reported as skipped. The model is left exactly as it was (modes,
+    buffers, forwards). ``device``, ``amp`` and ``channels_last`` as in
+    :func:`bnscope.precise_bn`. Returns a ``ghost`` report: :class:`~bnscope.records.GhostLayer`
+    records in module order, findings ``small-nbs`` and ``non-iid-batches``, and
+    ``extra["sizes"]`` with one :class:`~bnscope.records.GhostSize` dict per size.
     """
     from . import distributed
 
     wanted = parse_sizes(sizes)
     check_batches(batches)
-    call = call or default_call
+    runner = make_runner(model, call, device, amp, channels_last)
     group = distributed.resolve_group(process_group)
     with distributed.failures_announced(group):
         local_size = _batch_size(data, group is not None)
@@ -303,66 +304,60 @@ def ghost_analysis(
         if progress is not None:
             progress(done, total)
 
-    collection = collect(
-        model, data, batches=batches, call=call, device=device, progress=first_pass,
-        process_group=process_group,
-    )  # fmt: skip
-    pop = population_stats(collection)
-    targets = {name: collection.layers[name].module for name in pop}
-    probes = {
-        g: {name: _NoiseProbe(mean, var, targets[name].eps, g) for name, (mean, var) in pop.items()}
-        for g in run
-    }
-    ref_tally = Tally()
-    tallies = {g: _SizeTally(Tally()) for g in run}
+    ref_scores = Scores()
+    scores = {g: Scores() for g in run}
     samples = 0
     labelled = classes = True
     done = 0
-    with (
-        distributed.failures_announced(group),
-        on_device(model, device) as dev,
-        restored(model),
-        torch.no_grad(),
-    ):
-        for module in model.modules():
-            module.training = False
-        for name, (mean, var) in pop.items():
-            module = targets[name]
-            module.running_mean.copy_(mean.to(module.running_mean.dtype))
-            module.running_var.copy_(var.to(module.running_var.dtype))
-        for probe_set in probes.values():
-            for probe in probe_set.values():
-                probe.sums = probe.sums.to(dev)
-                probe.counts = probe.counts.to(dev)
-                probe.mu, probe.sigma2 = probe.mu.to(dev), probe.sigma2.to(dev)
-                probe.log_sigma2 = probe.log_sigma2.to(dev)
-        for batch, labels in labelled_batches(data, batches, dev):
-            with forward_errors(
-                f"the model failed on batch {done} of the ghost pass",
-                "check that --data fits the model; batches need 2+ samples",
-            ):
-                ref = logits_of(call(model, batch))
-                outs = {}
-                for g in run:
-                    with ghost_forwards(targets, g, probes[g]):
-                        outs[g] = logits_of(call(model, batch))
-            n, is_cls, ok_labels = batch_kind(ref, labels)
-            samples += n
-            classes = classes and is_cls
-            labelled = labelled and ok_labels
-            if ok_labels:
-                ref_tally.add(ref, labels)
-            for g, out in outs.items():
-                st = tallies[g]
-                if is_cls:
-                    a, kl = agreement_and_kl(ref, out)
-                    st.agree += a
-                    st.kl += kl
-                if ok_labels:
-                    st.tally.add(out, labels)
-            done += 1
-            if progress is not None:
-                progress(collection.batches + done, total)
+    with placed(model, runner):
+        collection = collect(
+            model, data, batches=batches, call=runner.call, device=runner.device,
+            progress=first_pass, process_group=process_group, amp=runner.amp,
+            channels_last=runner.channels_last,
+        )  # fmt: skip
+        pop = population_stats(collection)
+        targets = {name: collection.layers[name].module for name in pop}
+        probes = {
+            g: {
+                name: _NoiseProbe(mean, var, targets[name].eps, g)
+                for name, (mean, var) in pop.items()
+            }
+            for g in run
+        }
+        population = {
+            targets[name]: (
+                mean.to(targets[name].running_mean.dtype),
+                var.to(targets[name].running_var.dtype),
+            )
+            for name, (mean, var) in pop.items()
+        }
+        with (
+            distributed.failures_announced(group),
+            eval_mode(model),
+            using_statistics(population),
+            torch.no_grad(),
+        ):
+            for batch, labels in labelled_batches(data, batches, runner):
+                with forward_errors(
+                    f"the model failed on batch {done} of the ghost pass",
+                    "check that --data fits the model; batches need 2+ samples",
+                ):
+                    ref = logits_of(runner(model, batch))
+                    outs = {}
+                    for g in run:
+                        with ghost_forwards(targets, g, probes[g]):
+                            outs[g] = logits_of(runner(model, batch))
+                n, is_cls, ok_labels = batch_kind(ref, labels)
+                samples += n
+                classes = classes and is_cls
+                labelled = labelled and ok_labels
+                use = labels if ok_labels else None
+                ref_scores.add(ref, labels=use)
+                for g, out in outs.items():
+                    scores[g].add(out, labels=use, ref=ref)
+                done += 1
+                if progress is not None:
+                    progress(collection.batches + done, total)
     if done == 0 and group is None:
         raise DataError(
             "the data yielded no batches on its second reading",
@@ -379,43 +374,61 @@ def ghost_analysis(
             "the data yielded no batches on its second reading",
             "pass a re-iterable (a DataLoader or a list of batches), not a generator",
         )
-    _reduce_all(probes, ref_tally, tallies, group)
-    return _report(collection, probes, run, wanted, batch_size, ref_tally, tallies, samples,
-                   labelled, classes, done)  # fmt: skip
+    _reduce_all(probes, ref_scores, scores, group)
+    read_scores([ref_scores, *scores.values()])
+    probe_sums = _probe_sums(probes)
+    return _report(collection, probes, probe_sums, run, wanted, batch_size, ref_scores, scores,
+                   samples, labelled, classes)  # fmt: skip
+
+
+def _probe_sums(probes: dict[int, dict[str, _NoiseProbe]]) -> dict[int, dict[str, torch.Tensor]]:
+    """Every probe's sums on the host, in one transfer."""
+    keys = [(g, name) for g, ps in probes.items() for name in ps]
+    host = sync.fetch([probes[g][name].sums for g, name in keys])
+    out: dict[int, dict[str, torch.Tensor]] = {g: {} for g in probes}
+    for (g, name), sums in zip(keys, host, strict=True):
+        out[g][name] = sums
+    return out
 
 
 def _reduce_all(
     probes: dict[int, dict[str, _NoiseProbe]],
-    ref_tally: Tally,
-    tallies: dict[int, _SizeTally],
+    ref_scores: Scores,
+    scores: dict[int, Scores],
     group: Any,
 ) -> None:
-    """Sum every rank's probes and tallies (one collective for all of them)."""
+    """Sum every rank's probes and scores (one collective for all of them)."""
     from . import distributed
 
     if group is None:
         return
-    tensors = [p.sums for ps in probes.values() for p in ps.values()]
-    tensors += [p.counts for ps in probes.values() for p in ps.values()]
-    scalars = [ref_tally.n, ref_tally.correct, ref_tally.loss]
-    for st in tallies.values():
-        scalars += [st.agree, st.kl, st.tally.n, st.tally.correct, st.tally.loss]
-    dev = tensors[0].device if tensors else torch.device("cpu")
-    flat = torch.cat([*(t.reshape(-1).to(F64) for t in tensors),
-                      torch.tensor(scalars, dtype=F64, device=dev)])  # fmt: skip
-    distributed.all_reduce_sum(flat, group)
+    every = [ref_scores, *scores.values()]
+    plist = [p for ps in probes.values() for p in ps.values()]
+    dev = plist[0].sums.device if plist else torch.device("cpu")
+    width = len(Scores.FIELDS)
+    parts = [p.sums.reshape(-1) for p in plist]
+    parts += [torch.tensor(p.counts, dtype=F64, device=dev) for p in plist]
+    parts += [
+        s.sums.to(dev) if s.sums is not None else torch.zeros(width, dtype=F64, device=dev)
+        for s in every
+    ]
+    parts.append(torch.tensor([s.labelled for s in every], dtype=F64, device=dev))
+    flat = distributed.all_reduce_sum(torch.cat(parts), group)
     offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].reshape(t.shape))
-        offset += t.numel()
-    values = flat[offset:].tolist()
-    ref_tally.n, ref_tally.correct, ref_tally.loss = int(values[0]), int(values[1]), values[2]
-    i = 3
-    for st in tallies.values():
-        st.agree, st.kl = int(values[i]), values[i + 1]
-        st.tally.n, st.tally.correct = int(values[i + 2]), int(values[i + 3])
-        st.tally.loss = values[i + 4]
-        i += 5
+    for p in plist:
+        p.sums = flat[offset : offset + p.sums.numel()].reshape(p.sums.shape).clone()
+        offset += p.sums.numel()
+    counts = flat[offset:].tolist()
+    i = 0
+    for p in plist:
+        p.counts = [int(round(v)) for v in counts[i : i + len(p.counts)]]
+        i += len(p.counts)
+    for s in every:
+        s.sums = flat[offset + i : offset + i + width].clone()
+        s.host = None
+        i += width
+    for s, n in zip(every, counts[i:], strict=True):
+        s.labelled = int(round(n))
 
 
 def _min(values: list[float]) -> float | None:
@@ -433,17 +446,20 @@ def _median(values: list[float]) -> float | None:
 def _report(
     collection: Any,
     probes: dict[int, dict[str, _NoiseProbe]],
+    probe_sums: dict[int, dict[str, torch.Tensor]],
     run: list[int],
     wanted: list[int],
     batch_size: int,
-    ref_tally: Tally,
-    tallies: dict[int, _SizeTally],
+    ref_scores: Scores,
+    scores: dict[int, Scores],
     samples: int,
     labelled: bool,
     classes: bool,
-    done: int,
 ) -> Report:
-    results = {g: {name: p.result(g) for name, p in ps.items()} for g, ps in probes.items()}
+    results = {
+        g: {name: p.result(g, probe_sums[g][name]) for name, p in ps.items()}
+        for g, ps in probes.items()
+    }
     layers: list[GhostLayer] = []
     for name, st in collection.layers.items():
         if name in probes[run[0]]:
@@ -461,22 +477,22 @@ def _report(
         layers.append(GhostLayer(sk.name, sk.num_features, "skipped", sk.reason))
     layers = collection.in_module_order(layers)
 
-    population = ref_tally.metrics(samples, labelled)
+    population = ref_scores.metrics(samples, labelled)
     size_rows: list[GhostSize] = []
     for g in wanted:
-        if g not in tallies:
+        if g not in scores:
             size_rows.append(
                 GhostSize(g, "skipped",
                           f"larger than the batch size ({batch_size}): a chunk cannot exceed "
                           "the batch", 0, 0, 0, None, None, None, None, None, None, None)
             )  # fmt: skip
             continue
-        st = tallies[g]
+        st = scores[g]
         per_layer = list(results[g].values())
         counts = next(iter(probes[g].values())).counts if probes[g] else None
         chunks = rem_chunks = rem_samples = 0
         if counts is not None:
-            for s, c in enumerate(counts.tolist()):
+            for s, c in enumerate(counts):
                 if s == 0 or c == 0:
                     continue
                 chunks += int(c)
@@ -486,13 +502,13 @@ def _report(
                 elif s > g:  # a single-sample remainder merged into the previous chunk
                     rem_chunks += int(c)
                     rem_samples += int(c) * (s - g)
-        metrics = st.tally.metrics(samples, labelled)
+        metrics = st.metrics(samples, labelled)
         note = _size_note(g, batch_size)
         size_rows.append(
             GhostSize(
                 g, "ok", note, chunks, rem_chunks, rem_samples,
-                st.agree / samples if classes and samples else None,
-                st.kl / samples if classes and samples else None,
+                st.value("agree") / samples if classes and samples else None,
+                st.value("kl") / samples if classes and samples else None,
                 metrics.accuracy, metrics.loss,
                 _median([r.noise_mu for r in per_layer]),
                 _median([r.noise_var for r in per_layer]),

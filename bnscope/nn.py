@@ -138,21 +138,44 @@ def normalize_chunks(
     n, c = work.shape[0], work.shape[1]
     flat = work.reshape(n, c, -1)
     v_i, m_i = torch.var_mean(flat, dim=2, correction=0)
-    counts = torch.tensor(sizes, device=work.device)
-    owner = torch.repeat_interleave(torch.arange(len(sizes), device=work.device), counts)
-    per = counts.to(work.dtype)[:, None]
-    mean_k = torch.zeros(len(sizes), c, dtype=work.dtype, device=work.device)
-    mean_k.index_add_(0, owner, m_i).div_(per)
-    dev = m_i - mean_k[owner]
-    var_k = torch.zeros_like(mean_k).index_add_(0, owner, v_i + dev * dev).div_(per)
-    scale = torch.rsqrt(var_k + eps)
-    if weight is not None:
-        scale = scale * weight.to(work.dtype)
-    shift = -mean_k * scale
-    if bias is not None:
-        shift = shift + bias.to(work.dtype)
-    y = torch.addcmul(shift[owner].unsqueeze(2), flat, scale[owner].unsqueeze(2))
+    means, variances, scales, shifts = [], [], [], []
+    start = 0
+    for size, count in _runs(sizes):  # chunks of equal size, as [count, size, C] views
+        stop = start + size * count
+        m = m_i[start:stop].view(count, size, c)
+        v = v_i[start:stop].view(count, size, c)
+        mean_k = m.mean(1)
+        dev = m - mean_k.unsqueeze(1)
+        var_k = (v + dev * dev).mean(1)
+        scale = torch.rsqrt(var_k + eps)
+        if weight is not None:
+            scale = scale * weight.to(work.dtype)
+        shift = -mean_k * scale
+        if bias is not None:
+            shift = shift + bias.to(work.dtype)
+        means.append(mean_k)
+        variances.append(var_k)
+        scales.append(scale.unsqueeze(1).expand(count, size, c).reshape(count * size, c))
+        shifts.append(shift.unsqueeze(1).expand(count, size, c).reshape(count * size, c))
+        start = stop
+    if len(means) == 1:
+        mean_k, var_k, scale, shift = means[0], variances[0], scales[0], shifts[0]
+    else:
+        mean_k, var_k = torch.cat(means), torch.cat(variances)
+        scale, shift = torch.cat(scales), torch.cat(shifts)
+    y = torch.addcmul(shift.unsqueeze(2), flat, scale.unsqueeze(2))
     return y.reshape(x.shape).to(x.dtype), ChunkStats(mean_k, var_k, m_i, v_i)
+
+
+def _runs(sizes: list[int]) -> list[tuple[int, int]]:
+    """``(size, count)`` for each run of equal consecutive chunk sizes."""
+    runs: list[tuple[int, int]] = []
+    for size in sizes:
+        if runs and runs[-1][0] == size:
+            runs[-1] = (size, runs[-1][1] + 1)
+        else:
+            runs.append((size, 1))
+    return runs
 
 
 class GhostBatchNorm(_BatchNorm):

@@ -16,53 +16,47 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import sync
 from .collect import Call, Collection, Progress, collect
 from .records import Finding, PreciseLayer, Report
 from .stats import log_var_ratio, normalized_mean_shift
 
-
-def _summary(t: torch.Tensor) -> tuple[float, float]:
-    return float(t.max()), float(t.median())
+ARRAY_KEYS = ("old_mean", "old_var", "new_mean", "new_var", "d_mu", "d_var")
 
 
 def layer_records(
     collection: Collection, new_stats: dict[str, tuple[torch.Tensor, torch.Tensor]]
 ) -> tuple[list[PreciseLayer], dict[str, dict[str, Any]]]:
-    """Per-layer change records (module order) and the old/new tensors behind them."""
+    """Per-layer change records (module order) and the old/new tensors behind them (CPU).
+
+    ``new_stats`` must be on the devices of the layers' buffers (:func:`population_stats`).
+    Everything is computed on that device and read back in one transfer."""
     records: list[PreciseLayer] = []
+    names = [name for name in collection.layers if name in new_stats]
+    parts: list[torch.Tensor] = []
+    for name in names:
+        mod = collection.layers[name].module
+        mean, var = new_stats[name]
+        old_mean = mod.running_mean.detach().to(torch.float64)
+        old_var = mod.running_var.detach().to(torch.float64)
+        d_mu = normalized_mean_shift(old_mean, mean, var, mod.eps)
+        d_var = log_var_ratio(old_var, var, mod.eps)
+        summary = torch.stack([d_mu.max(), d_mu.median(), d_var.max(), d_var.median()])
+        parts += [old_mean, old_var, mean, var, d_mu, d_var, summary]
+    host = iter(sync.fetch(parts))
     arrays: dict[str, dict[str, Any]] = {}
+    summaries: dict[str, list[float]] = {}
+    for name in names:
+        arrays[name] = {key: next(host) for key in ARRAY_KEYS}
+        summaries[name] = next(host).tolist()
     for name, st in collection.layers.items():
         mod = st.module
-        if name in new_stats:
-            mean, var = new_stats[name]
-            old_mean = mod.running_mean.detach().to(torch.float64)
-            old_var = mod.running_var.detach().to(torch.float64)
-            d_mu = normalized_mean_shift(old_mean, mean, var, mod.eps)
-            d_var = log_var_ratio(old_var, var, mod.eps)
-            arrays[name] = {
-                "old_mean": old_mean.cpu(),
-                "old_var": old_var.cpu(),
-                "new_mean": mean.cpu(),
-                "new_var": var.cpu(),
-                "d_mu": d_mu.cpu(),
-                "d_var": d_var.cpu(),
-            }
-            mu_max, mu_med = _summary(d_mu)
-            var_max, var_med = _summary(d_var)
+        if name in summaries:
+            mu_max, mu_med, var_max, var_med = summaries[name]
             rec = PreciseLayer(
-                name,
-                mod.num_features,
-                "updated",
-                None,
-                st.calls,
-                st.max_calls_per_forward,
-                st.samples,
-                st.acc.count,
-                mu_max,
-                mu_med,
-                var_max,
-                var_med,
-            )
+                name, mod.num_features, "updated", None, st.calls, st.max_calls_per_forward,
+                st.samples, st.acc.count, mu_max, mu_med, var_max, var_med,
+            )  # fmt: skip
         else:
             rec = PreciseLayer(
                 name, mod.num_features, "not-called", "never ran on the data; statistics kept"
@@ -102,23 +96,25 @@ def usage_findings(records: list[PreciseLayer], fix_not_called: str) -> list[Fin
 
 
 def population_stats(collection: Collection) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Float64 (mean, biased var) per layer that ran at least once."""
-    return {
-        name: (st.acc.population_mean, st.acc.population_var)
-        for name, st in collection.layers.items()
-        if st.called
-    }
+    """Float64 (mean, biased var) per layer that ran at least once, on the device of the
+    layer's buffers (one copy for all layers when the run used another device)."""
+    called = [(name, st) for name, st in collection.layers.items() if st.called]
+    tensors = [t for _, st in called for t in (st.acc.population_mean, st.acc.population_var)]
+    devices = [st.module.running_mean.device for _, st in called for _ in range(2)]
+    moved = sync.to_devices(tensors, devices)
+    return {name: (moved[2 * i], moved[2 * i + 1]) for i, (name, _) in enumerate(called)}
 
 
 def write_stats(
     model_layers: Collection, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]
 ) -> None:
-    """Copy new statistics into the BN buffers (cast to their dtype); nothing else changes."""
+    """Copy new statistics into the BN buffers (cast to their dtype and device); nothing else
+    changes."""
     with torch.no_grad():
         for name, (mean, var) in stats.items():
             mod = model_layers.layers[name].module
-            mod.running_mean.copy_(mean.to(mod.running_mean.dtype))
-            mod.running_var.copy_(var.to(mod.running_var.dtype))
+            mod.running_mean.copy_(mean)
+            mod.running_var.copy_(var)
 
 
 def precise_bn(
@@ -131,6 +127,8 @@ def precise_bn(
     progress: Progress | None = None,
     only_training: bool = False,
     process_group: Any = None,
+    amp: str | torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> Report:
     """Recompute every BN layer's running statistics exactly and write them in place.
 
@@ -156,6 +154,8 @@ def precise_bn(
         progress=progress,
         only_training=only_training,
         process_group=process_group,
+        amp=amp,
+        channels_last=channels_last,
     )
     stats = population_stats(collection)
     records, arrays = layer_records(collection, stats)

@@ -56,6 +56,36 @@ class MomentAccumulator:
         self.m2 = self.m2 + m2_b + delta * delta * (self.count * n / total)
         self.count = total
 
+    def add_moments(self, mean_b: torch.Tensor, m2_b: torch.Tensor, n: int) -> None:
+        """Merge ``n`` elements per channel given as their float64 mean and M2 (sum of squared
+        deviations from that mean), already on this accumulator's device (Chan et al. 1979):
+        four in-place device operations, no host read."""
+        if n <= 0:
+            return
+        if self.count == 0:
+            self.mean, self.m2, self.count = mean_b, m2_b, n
+            return
+        total = self.count + n
+        delta = mean_b - self.mean
+        self.mean.add_(delta, alpha=n / total)
+        self.m2.add_(m2_b).addcmul_(delta, delta, value=self.count * n / total)
+        self.count = total
+
+    def add_rows(self, means: torch.Tensor, variances: torch.Tensor, n: int) -> None:
+        """Merge ``r`` batches at once: ``means`` and biased ``variances`` are float64 [r, C]
+        (one row per batch of ``n`` elements per channel). The block's own moments come from
+        the law of total variance, M2 = n (sum_k var_k + sum_k (mean_k - mean)^2), then one
+        Chan merge; the result equals ``r`` calls of :meth:`update` up to float64 rounding."""
+        r = means.shape[0]
+        if r == 0 or n <= 0:
+            return
+        if means.shape[1] != self.num_features:
+            raise ValueError(f"expected {self.num_features} channels, got {means.shape[1]}")
+        block_mean = means.mean(0)
+        dev = means - block_mean
+        m2 = variances.sum(0).add_(dev.square().sum(0)).mul_(n)
+        self.add_moments(block_mean, m2, r * n)
+
     def update_tensor(self, x: torch.Tensor, dims: Sequence[int]) -> None:
         """Add every element of ``x`` reduced over ``dims`` (float64 two-pass per batch)."""
         xd = x.detach().to(F64)
