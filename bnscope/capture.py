@@ -37,6 +37,7 @@ every batch. The module keeps its class.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from array import array
 from collections.abc import Callable, Iterator
@@ -54,13 +55,12 @@ from .stats import MomentAccumulator
 #: |mean|/std above which a layer's batch moments are computed in float64 from its input.
 ILL_CONDITIONED = 100.0
 #: rows (calls) per layer block before the block is merged into the float64 accumulator
-ROWS = 32
+ROWS = 64
 #: after a layer's first forward, error flags are read at most this often (seconds)
 CHECK_SECONDS = 5.0
 
 F64 = torch.float64
 _NATIVE_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
-_NO_ROW = 2**62
 
 #: called with (layer name, float64 batch means [r, C], float64 biased batch variances [r, C],
 #: elements per channel n) for every block of rows, before it is merged
@@ -103,13 +103,17 @@ class _Block:
     def _allocate(self, rows: int) -> None:
         self.mean = torch.zeros(rows, self.channels, dtype=self.dtype, device=self.device)
         self.var = torch.zeros(rows, self.channels, dtype=self.dtype, device=self.device)
-        self.mean_rows = self.mean.unbind(0)
-        self.var_rows = self.var.unbind(0)
+        # every row's views made once here (one unbind): taking a row costs no tensor operation
+        self.row_views = list(zip(self.mean.unbind(0), self.var.unbind(0), strict=True))
+
+    @property
+    def capacity(self) -> int:
+        return len(self.row_views)
 
     def take(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The next free (mean, var) row pair; the block grows when one forward calls the
         layer more often than it has rows (flushes only happen between forwards)."""
-        if self.used == len(self.mean_rows):
+        if self.used == self.capacity:
             old_mean, old_var = self.mean, self.var
             self._allocate(2 * self.used)
             self.mean[: self.used].copy_(old_mean)
@@ -117,23 +121,27 @@ class _Block:
         i = self.used
         self.used += 1
         self.batches.append(batch)
-        return self.mean_rows[i], self.var_rows[i]
+        return self.row_views[i]
 
-    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """float64 (means, biased variances) of the used rows, [r, C] each."""
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The used rows as stored, [r, C] each."""
         r = self.used
+        if r == self.capacity:
+            return self.mean, self.var
+        return self.mean[:r], self.var[:r]
+
+    def moments(self, means: torch.Tensor, variances: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """float64 (means, biased variances) of rows as returned by :meth:`rows`."""
         if not self.native:
-            return self.mean[:r], self.var[:r]
-        means = self.mean[:r].to(F64)
-        variances = self.var[:r].to(F64).mul_((self.n - 1) / self.n)
-        return means, variances
+            return means, variances
+        return means.to(F64), variances.to(F64).mul_((self.n - 1) / self.n)
 
     def reset(self) -> None:
+        # Rows are not cleared: with momentum 1 the kernel writes 0 * old + batch, exact for
+        # finite old values; a non-finite row stops the run at the next check (the first bad
+        # row is still the earliest one).
         self.used = 0
         self.batches = array("q")
-        if self.native:  # momentum 1 computes 0 * old + batch: old values must be finite
-            self.mean.zero_()
-            self.var.zero_()
 
 
 @dataclass
@@ -151,9 +159,9 @@ class LayerStats:
     exact_path: bool = False
     # engine state (device tensors are read only at check points)
     blocks: dict[tuple[int, bool], _Block] = field(default_factory=dict)
-    row_batches: array = field(default_factory=lambda: array("q"))
-    first_bad: torch.Tensor | None = None  # smallest row id with a non-finite value
-    ill: torch.Tensor | None = None  # a native row had |mean|/std > ILL_CONDITIONED
+    #: merged blocks not yet checked: (per-row float64 sums, non-finite exactly when the row
+    #: is; ill-conditioned flag or None; batch index of each row)
+    pending: list[tuple[torch.Tensor, torch.Tensor | None, array]] = field(default_factory=list)
     first_call: int = -1  # order of the layer's first call among all layers
     checked: bool = False  # the first-forward check was done
 
@@ -223,7 +231,6 @@ class BNCapture:
         self._only: set[str] | None = None
         self._scratch: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         self._last_check = 0.0
-        self._arange: dict[torch.device, torch.Tensor] = {}
 
     # -- setup / teardown ---------------------------------------------------------------
     def __enter__(self) -> BNCapture:
@@ -388,7 +395,7 @@ class BNCapture:
             rerun = self._first_check(fresh)
         for stats in self.layers.values():
             for block in stats.blocks.values():
-                if block.used and block.used + stats.max_calls_per_forward > len(block.mean_rows):
+                if block.used and block.used + stats.max_calls_per_forward > block.capacity:
                     self._flush(stats, block)
         if time.monotonic() - self._last_check >= CHECK_SECONDS:
             self.check()
@@ -413,7 +420,7 @@ class BNCapture:
             for block in stats.blocks.values():
                 if not block.used:
                     continue
-                means, variances = block.mean[: block.used], block.var[: block.used]
+                means, variances = block.rows()
                 bad = bad | ~torch.isfinite(means.sum() + variances.sum())
                 if block.native:
                     ill = ill | _ill_conditioned(means, variances)
@@ -440,67 +447,69 @@ class BNCapture:
             stats.checked = False
         return switch
 
-    def _device_arange(self, device: torch.device, rows: int) -> torch.Tensor:
-        ar = self._arange.get(device)
-        if ar is None or ar.numel() < rows:
-            ar = self._arange[device] = torch.arange(max(rows, ROWS), device=device)
-        return ar[:rows]
-
     def _flush(self, stats: LayerStats, block: _Block) -> None:
+        """Merge a block's rows into the layer's float64 accumulator, keeping device flags
+        (finite rows, ill conditioning) for the next :meth:`check`: about 30 device operations
+        for up to :data:`ROWS` calls, none of them a host read."""
         if not block.used:
             return
-        means, variances = block.moments()
+        rows_mean, rows_var = block.rows()
+        ill = _ill_conditioned(rows_mean, rows_var) if block.native else None
+        means, variances = block.moments(rows_mean, rows_var)
+        row_sums = means.sum(1) + variances.sum(1)  # non-finite exactly when a row is
         if self.observer is not None:
             self.observer(stats.name, means, variances, block.n)
-        base = len(stats.row_batches)
-        rows_bad = ~torch.isfinite(means.sum(1) + variances.sum(1))
-        ids = self._device_arange(means.device, block.used) + base
-        candidate = torch.where(rows_bad, ids, _NO_ROW).amin()
-        stats.first_bad = (
-            candidate if stats.first_bad is None else torch.minimum(stats.first_bad, candidate)
-        )
-        if block.native:
-            ill = _ill_conditioned(block.mean[: block.used], block.var[: block.used])
-            stats.ill = ill if stats.ill is None else stats.ill | ill
-        stats.row_batches.extend(block.batches)
+        stats.pending.append((row_sums, ill, block.batches))
         stats.acc.add_rows(means, variances, block.n)
         block.reset()
 
     def check(self, final: bool = False) -> None:
-        """Read every layer's error flags (one transfer): NaN/Inf raises
+        """Read the flags of every merged block (one transfer): NaN/Inf raises
         :class:`NonFiniteInput` naming the earliest batch (and the first layer called in it);
         a native layer that became ill-conditioned takes the exact path from now on."""
         self._last_check = time.monotonic()
-        watched = [s for s in self.layers.values() if s.first_bad is not None]
+        watched = [s for s in self.layers.values() if s.pending]
         if not watched:
             return
-        rows = [s.first_bad.to(torch.float64) for s in watched]
-        ills = [
-            (s.ill if s.ill is not None else torch.zeros((), dtype=torch.bool)).to(
-                device=s.first_bad.device, dtype=torch.float64
-            )
-            for s in watched
-        ]
-        values = sync.fetch_values(rows + ills)
-        bad_rows, ill_flags = values[: len(watched)], values[len(watched) :]
+        tensors: list[torch.Tensor] = []
+        for stats in watched:
+            for row_sums, ill, _ in stats.pending:
+                tensors.append(row_sums)
+                if ill is not None:
+                    tensors.append(ill.reshape(1).to(row_sums.dtype))
+        host = iter(t.tolist() for t in sync.fetch(tensors))
         broken = []
-        for stats, row in zip(watched, bad_rows, strict=True):
-            if row < _NO_ROW:
-                broken.append((stats.row_batches[int(row)], stats.first_call, stats))
+        switch = []
+        for stats in watched:
+            bad_batch = None
+            became_ill = False
+            for _, ill, batches in stats.pending:
+                sums = next(host)
+                if ill is not None and next(host)[0]:
+                    became_ill = True
+                if bad_batch is None:
+                    bad = next((i for i, v in enumerate(sums) if not math.isfinite(v)), None)
+                    if bad is not None:
+                        bad_batch = batches[bad]
+            stats.pending.clear()
+            if bad_batch is not None:
+                broken.append((bad_batch, stats.first_call, stats))
+            elif became_ill and not stats.exact_path:
+                switch.append(stats)
         if broken:
             batch, _, stats = min(broken, key=lambda b: (b[0], b[1]))
             raise NonFiniteInput(stats.name, batch)
         if not final:
-            for stats, ill in zip(watched, ill_flags, strict=True):
-                if ill and not stats.exact_path:
-                    for block in stats.blocks.values():
-                        self._flush(stats, block)
-                    stats.exact_path = True
+            for stats in switch:
+                for block in stats.blocks.values():
+                    self._flush(stats, block)  # checked at the next check point
+                stats.exact_path = True
 
 
 def _ill_conditioned(means: torch.Tensor, unbiased: torch.Tensor) -> torch.Tensor:
-    """A device bool: some channel of some row has |mean| / std > ILL_CONDITIONED."""
-    return (means.abs() > unbiased.clamp_min(1e-30).sqrt() * ILL_CONDITIONED).any()
+    """A device bool: some channel of some row has |mean| / std > ILL_CONDITIONED (mean^2 >
+    ILL^2 var, so a zero variance under a non-zero mean counts too)."""
+    return (means.square() > unbiased * ILL_CONDITIONED**2).any()
 
 
 @contextlib.contextmanager

@@ -71,11 +71,14 @@ class MomentAccumulator:
         self.m2.add_(m2_b).addcmul_(delta, delta, value=self.count * n / total)
         self.count = total
 
-    def add_rows(self, means: torch.Tensor, variances: torch.Tensor, n: int) -> None:
-        """Merge ``r`` batches at once: ``means`` and biased ``variances`` are float64 [r, C]
-        (one row per batch of ``n`` elements per channel). The block's own moments come from
-        the law of total variance, M2 = n (sum_k var_k + sum_k (mean_k - mean)^2), then one
-        Chan merge; the result equals ``r`` calls of :meth:`update` up to float64 rounding."""
+    def add_rows(
+        self, means: torch.Tensor, variances: torch.Tensor, n: int, var_scale: float = 1.0
+    ) -> None:
+        """Merge ``r`` batches at once: ``means`` and biased variances ``var_scale *
+        variances`` are float64 [r, C] (one row per batch of ``n`` elements per channel). The
+        block's own moments come from the law of total variance, M2 = n (sum_k var_k + sum_k
+        (mean_k - mean)^2), then one Chan merge; the result equals ``r`` calls of
+        :meth:`update` up to float64 rounding."""
         r = means.shape[0]
         if r == 0 or n <= 0:
             return
@@ -83,7 +86,7 @@ class MomentAccumulator:
             raise ValueError(f"expected {self.num_features} channels, got {means.shape[1]}")
         block_mean = means.mean(0)
         dev = means - block_mean
-        m2 = variances.sum(0).add_(dev.square().sum(0)).mul_(n)
+        m2 = torch.add(dev.square().sum(0).mul_(n), variances.sum(0), alpha=n * var_scale)
         self.add_moments(block_mean, m2, r * n)
 
     def update_tensor(self, x: torch.Tensor, dims: Sequence[int]) -> None:
