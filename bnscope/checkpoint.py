@@ -104,6 +104,9 @@ class Checkpoint:
     module: nn.Module | None = None
     metadata: dict[str, str] | None = None
     _key_path: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
+    #: where ``torch.save`` put each storage that was not on the CPU ("cuda:0", ...), keyed by
+    #: the address of the CPU storage it was loaded into: written back with the same tag
+    locations: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def trusted_module(self) -> bool:
@@ -140,17 +143,77 @@ def load_checkpoint(path: str | Path, *, key: str | None = None, trust: bool = F
     if _is_torchscript_zip(p):
         return _load_torchscript(p, key)
 
-    obj = _torch_load(p, trust=trust)
+    recorder = _LocationRecorder()
+    obj = _torch_load(p, trust=trust, map_location=recorder)
     if isinstance(obj, nn.Module):
         if key is not None:
             raise CheckpointError(
                 f"--key {key} does not apply: {p} holds a whole nn.Module, not a dict",
                 "leave out --key",
             )
-        return Checkpoint(p, "module", obj, None, _module_state(obj, p), module=obj)
+        return Checkpoint(
+            p, "module", obj, None, _module_state(obj, p), module=obj, locations=recorder.found
+        )
     state_dict, parts, holder = _locate(obj, key, str(p))
     module = holder if isinstance(holder, nn.Module) else None
-    return Checkpoint(p, "torch", obj, _join(parts), state_dict, module=module, _key_path=parts)
+    return Checkpoint(
+        p, "torch", obj, _join(parts), state_dict, module=module, _key_path=parts,
+        locations=recorder.found,
+    )  # fmt: skip
+
+
+class _LocationRecorder:
+    """``map_location`` for ``torch.load``: every storage is loaded onto the CPU (bnscope
+    never needs a GPU to read or write a checkpoint), and the device a storage was saved from
+    is remembered when it was not the CPU, so that :func:`save_checkpoint` can write it back
+    with the same location: a checkpoint saved from a GPU stays one, CPU tensors stay CPU."""
+
+    def __init__(self) -> None:
+        self.found: dict[int, str] = {}
+
+    def __call__(self, storage: Any, location: str) -> Any:
+        if location != "cpu" and storage.nbytes():
+            self.found[storage.data_ptr()] = location
+        return storage
+
+
+_SAVE_TAGS: dict[int, str] | None = None
+_TAGGER_REGISTERED = False
+
+
+def _location_tagger(storage: Any) -> str | None:
+    """While :func:`_saved_locations` is active: the original location of a storage that was
+    loaded from a non-CPU device (torch.save then writes that tag); otherwise None, so torch's
+    own taggers decide."""
+    if _SAVE_TAGS is None:
+        return None
+    try:
+        ptr = storage.data_ptr()
+    except Exception:  # noqa: BLE001 - an unusual storage: let torch tag it
+        return None
+    return _SAVE_TAGS.get(ptr) if ptr else None
+
+
+def _no_restore(storage: Any, location: str) -> None:
+    return None  # loading is left to torch's own deserializers
+
+
+@contextlib.contextmanager
+def _saved_locations(tags: dict[int, str]) -> Iterator[None]:
+    """``torch.save`` inside the block writes the given storages with the given location
+    tags (bytes are device-independent; only the tag differs)."""
+    global _SAVE_TAGS, _TAGGER_REGISTERED
+    if not tags:
+        yield
+        return
+    if not _TAGGER_REGISTERED:
+        torch.serialization.register_package(1, _location_tagger, _no_restore)
+        _TAGGER_REGISTERED = True
+    _SAVE_TAGS = tags
+    try:
+        yield
+    finally:
+        _SAVE_TAGS = None
 
 
 def locate_state_dict(
@@ -297,9 +360,9 @@ def _check_zip_crc(p: Path) -> None:
         raise CheckpointError(_unreadable(p, reason), _FIX_UNREADABLE)
 
 
-def _torch_load(p: Path, *, trust: bool) -> Any:
+def _torch_load(p: Path, *, trust: bool, map_location: Any = "cpu") -> Any:
     """``torch.load`` with ``weights_only=True``; unrestricted only when trusted and needed.
-    A zip archive's CRC-32s are checked first."""
+    A zip archive's CRC-32s are checked first. ``map_location`` must load onto the CPU."""
     try:
         is_zip = zipfile.is_zipfile(p)
     except Exception as exc:  # e.g. a damaged end record claiming several disks
@@ -308,7 +371,7 @@ def _torch_load(p: Path, *, trust: bool) -> Any:
         _check_zip_crc(p)
     try:
         with _quiet_torch_load():
-            return torch.load(p, map_location="cpu", weights_only=True)
+            return torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         detail = text.split("WeightsUnpickler error:", 1)[-1]
@@ -335,7 +398,7 @@ def _torch_load(p: Path, *, trust: bool) -> Any:
         raise CheckpointError(_unreadable(p, _load_reason(p, exc)), _FIX_UNREADABLE) from exc
     try:
         with _quiet_torch_load():
-            return torch.load(p, map_location="cpu", weights_only=False)
+            return torch.load(p, map_location=map_location, weights_only=False)
     except Exception as exc:
         raise CheckpointError(
             f"cannot unpickle {p}: {_reason(exc)}",
@@ -631,9 +694,11 @@ def save_checkpoint(
 ) -> Path:
     """Write ``ckpt`` to ``out`` with the state-dict entries in ``updates`` replaced.
 
-    ``updates`` uses the original key names of :attr:`Checkpoint.state_dict`; values are cast
-    to the original entry's dtype (on CPU) and must have its shape. Everything else (wrapper
-    keys, prefixes, optimizer state, other entries, ``_metadata``, the file format) is kept.
+    ``updates`` uses the original key names of :attr:`Checkpoint.state_dict`; values (on any
+    device) are cast to the original entry's dtype and must have its shape. Everything else
+    (wrapper keys, prefixes, optimizer state, other entries, ``_metadata``, the file format,
+    and each tensor's device: a tensor saved from ``cuda:0`` is written with that location
+    again, a CPU tensor as a CPU tensor) is kept.
     ``ckpt`` itself is not modified. The file is written to a temporary file in the output
     directory, synced, and renamed onto ``out``; no temporary file survives a failure.
 
@@ -672,8 +737,15 @@ def save_checkpoint(
                 parts = _walk(ckpt.raw, ckpt.key, str(ckpt.path))[0] if ckpt.key else ()
             obj = _rebuild(ckpt.raw, parts, new_values)
 
+        tags = dict(ckpt.locations)
+        for name, value in new_values.items():  # an update keeps its entry's location
+            where = ckpt.locations.get(_storage_ptr(ckpt.state_dict[name]))
+            if where is not None:
+                tags[_storage_ptr(value)] = where
+
         def write(f: Any) -> None:
-            torch.save(obj, f)
+            with _saved_locations(tags):
+                torch.save(obj, f)
 
     else:
         raise CheckpointError(
@@ -682,6 +754,10 @@ def save_checkpoint(
         )
     _atomic_write(out_path, write)
     return out_path
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
 
 
 def _prepare_updates(

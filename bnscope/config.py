@@ -32,6 +32,8 @@ ALLOWED_KEYS: dict[str, tuple[type, ...]] = {
     "channels": (int,),
     "mean": (list, str),
     "std": (list, str),
+    "amp": (str,),
+    "channels_last": (bool,),
 }
 
 

@@ -639,9 +639,17 @@ class _ClosingDataLoader(DataLoader):
     reference cycle (as it does once an exception's traceback is kept), the queues it needs are
     finalized first and every worker costs a 5 s join timeout. Stopping them explicitly on an
     exception, or when the consumer stops early, avoids that stall.
+
+    Every iteration yields the same batches in the same order: the shuffling generator is
+    re-seeded with ``seed`` at the start of each one. Commands that read the data twice
+    (inspect, ghost) then see identical batches, and inspect can pair its two passes.
     """
 
+    seed: int | None = None
+
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        if self.seed is not None and self.generator is not None:
+            self.generator.manual_seed(self.seed)
         iterator = super().__iter__()
         try:
             yield from iterator
@@ -663,7 +671,7 @@ def _make_loader(
 ) -> DataLoader:
     generator = torch.Generator()
     generator.manual_seed(seed)
-    return _ClosingDataLoader(
+    loader = _ClosingDataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
@@ -673,6 +681,8 @@ def _make_loader(
         persistent_workers=False,
         pin_memory=False,
     )
+    loader.seed = seed
+    return loader
 
 
 def _shard(dataset: Dataset, total: int, rank: int, world_size: int) -> Dataset:

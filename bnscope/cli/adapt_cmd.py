@@ -13,7 +13,7 @@ from ..errors import UsageError
 from ..records import Report
 from . import options as o
 from .app import app
-from .inputs import DataFlags, ModelFlags, bn_updates, prepare_run
+from .inputs import DataFlags, ModelFlags, RunFlags, bn_updates, prepare_run
 from .runtime import (
     Ui,
     begin_output,
@@ -68,6 +68,8 @@ def adapt_command(
     mean: o.Mean = None,
     std: o.Std = None,
     device: o.Device = None,
+    amp: o.Amp = None,
+    channels_last: o.ChannelsLast = False,
     seed: o.Seed = 0,
     output: o.Output = None,
     force: o.Force = False,
@@ -88,7 +90,8 @@ def adapt_command(
     report = run_adapt(
         ui, config, path, source=ModelFlags(key, trust_checkpoint, model, model_kwargs),
         data=data, eval_data=eval_data, prior=prior, flags=flags,
-        batches=batches, device=device, output=output, force=force,
+        batches=batches, run_flags=RunFlags(device, amp, channels_last), output=output,
+        force=force,
     )  # fmt: skip
     if is_main_process():
         render(ui, report, out)
@@ -106,7 +109,7 @@ def run_adapt(
     prior: float,
     flags: DataFlags,
     batches: int | None,
-    device: str | None,
+    run_flags: RunFlags,
     output: str | None,
     force: bool,
 ) -> Report:
@@ -118,7 +121,7 @@ def run_adapt(
         raise UsageError(f"--prior must be >= 0, got {prior}", "e.g. --prior 16")
     run = prepare_run(
         "adapt", config, path, source=source,
-        data_spec=data, eval_spec=eval_data, flags=flags, device=device, output=output,
+        data_spec=data, eval_spec=eval_data, flags=flags, run_flags=run_flags, output=output,
         force=force, tag="adapted", ui=ui,
     )  # fmt: skip
 
@@ -127,10 +130,10 @@ def run_adapt(
     from ..distributed import local_batchnorm
 
     original = copy.deepcopy(run.model) if run.evaluation is not None else None
-    ui.info(f"Adaptive BN on {run.source.description} (prior {prior:g}, {run.device})")
+    ui.info(f"Adaptive BN on {run.source.description} (prior {prior:g}, {run.describe()})")
     with progress_bar(ui, "collecting target statistics", batches) as progress:
         result = adapt_bn(
-            run.model, run.source, prior, batches, call=run.call, device=run.device,
+            run.model, run.source, prior, batches, **run.engine(),
             progress=progress,
         )  # fmt: skip
     extra: dict[str, Any] = {**run.base_extra(config), **result.extra}
@@ -144,8 +147,7 @@ def run_adapt(
                 models,
                 run.evaluation,
                 modes={"batch_stats": "batch"},
-                call=run.call,
-                device=run.device,
+                **run.engine(),
             )
         extra["metrics"] = {"data": run.evaluation.description, **ev.to_dict()}
         if not ev.has_labels:

@@ -9,10 +9,10 @@ from typing import Annotated, Any
 
 import typer
 
-from ..config import load_project_config
+from ..config import ProjectConfig, load_project_config
 from . import options as o
 from .app import app
-from .inputs import DataFlags, ModelFlags
+from .inputs import DataFlags, ModelFlags, RunFlags, resolve_run_flags
 from .runtime import Ui
 
 HELP = (
@@ -39,15 +39,16 @@ def demo_command(
     ] = False,
     seed: o.Seed = 0,
     device: o.Device = None,
+    amp: o.Amp = None,
+    channels_last: o.ChannelsLast = False,
     json_: o.Json = False,
     quiet: o.Quiet = False,
     debug: o.Debug = False,
 ) -> None:
     ui = Ui(json=json_, quiet=quiet)
     from ..demo.run import build_demo, default_folder, prepare_folder
-    from .runtime import resolve_device
-
-    resolve_device(device)  # before the folder is created and the model trained
+    run_flags = RunFlags(device, amp, channels_last)
+    resolve_run_flags(run_flags, ProjectConfig())  # before the folder is made and the model trained
     target = Path(folder) if folder else default_folder(Path.cwd())
     prepare_folder(target, force)
 
@@ -64,12 +65,13 @@ def demo_command(
     from .inspect_cmd import render_dynamic, run_dynamic
     from .precise_cmd import render, run_precise
 
-    # every run takes the model from bnscope.toml, all of the data, the demo's seed and device
+    # every run takes the model from bnscope.toml, all of the data, the demo's seed and how the
+    # model runs (device, autocast, memory format)
     common: dict[str, Any] = {
         "source": ModelFlags(),
         "flags": DataFlags(seed=seed),
         "batches": None,
-        "device": device,
+        "run_flags": run_flags,
     }
     say("bnscope inspect ckpt.pt (model and data/train from bnscope.toml)")
     inspected = run_dynamic(

@@ -12,7 +12,7 @@ from ..errors import UsageError
 from ..records import Report
 from . import options as o
 from .app import app
-from .inputs import DataFlags, ModelFlags, prepare_run
+from .inputs import DataFlags, ModelFlags, RunFlags, prepare_run
 from .runtime import (
     Ui,
     begin_output,
@@ -65,6 +65,8 @@ def ghost_command(
     mean: o.Mean = None,
     std: o.Std = None,
     device: o.Device = None,
+    amp: o.Amp = None,
+    channels_last: o.ChannelsLast = False,
     seed: o.Seed = 0,
     out: o.OutDir = None,
     json_: o.Json = False,
@@ -86,7 +88,7 @@ def ghost_command(
     report = run_ghost(
         ui, config, path, source=ModelFlags(key, trust_checkpoint, model, model_kwargs),
         data=data, flags=flags, sizes=wanted, batches=batches,
-        device=device,
+        run_flags=RunFlags(device, amp, channels_last),
     )  # fmt: skip
     if begin_output():  # under torchrun: rank 0, once every rank is done
         render(ui, report, out)
@@ -103,7 +105,7 @@ def run_ghost(
     flags: DataFlags,
     sizes: list[int],
     batches: int | None,
-    device: str | None,
+    run_flags: RunFlags,
 ) -> Report:
     """Everything ``bnscope ghost`` does before rendering: load, collect, analyse."""
     data_spec = merged(data, config, "data")
@@ -114,14 +116,14 @@ def run_ghost(
 
     run = prepare_run(
         "ghost", config, path, source=source,
-        data_spec=data_spec, flags=flags, device=device, ui=ui,
+        data_spec=data_spec, flags=flags, run_flags=run_flags, ui=ui,
     )  # fmt: skip
     source = run.source
-    ui.info(f"ghost-size analysis on {source.description} ({run.device}), sizes {sizes}")
+    ui.info(f"ghost-size analysis on {source.description} ({run.describe()}), sizes {sizes}")
     total = None if batches is None else 2 * batches
     with progress_bar(ui, "analysing", total) as progress:
         result = ghost_analysis(
-            run.model, source, sizes, batches, call=run.call, device=run.device,
+            run.model, source, sizes, batches, **run.engine(),
             progress=progress,
         )  # fmt: skip
     extra: dict[str, Any] = {**run.base_extra(config), **result.extra}

@@ -34,6 +34,26 @@ class DataFlags:
 
 
 @dataclass
+class RunFlags:
+    """How the model runs: ``--device``, ``--amp``, ``--channels-last`` (before merging with
+    the project file, which may set ``amp`` and ``channels_last``)."""
+
+    device: str | None = None
+    amp: str | None = None
+    channels_last: bool = False
+
+
+def resolve_run_flags(flags: RunFlags, config: ProjectConfig) -> tuple[str, str | None, bool]:
+    """(device, amp, channels_last) checked before anything is loaded or run."""
+    from .runtime import resolve_amp, resolve_device
+
+    device = resolve_device(flags.device)
+    amp = resolve_amp(merged(flags.amp, config, "amp"), device)
+    channels_last = bool(flags.channels_last or merged(None, config, "channels_last", False))
+    return device, amp, channels_last
+
+
+@dataclass
 class ModelFlags:
     """Where the checkpoint's model comes from: the wrapper ``key``, ``--trust-checkpoint``,
     the ``--model`` spec and its ``--model-kwargs`` (before merging with the project file)."""
@@ -172,6 +192,26 @@ class Run:
     call: Any
     device: str
     out_path: Path | None
+    amp: str | None = None
+    channels_last: bool = False
+
+    def engine(self) -> dict[str, Any]:
+        """The keyword arguments every library function that runs the model takes."""
+        return {
+            "call": self.call,
+            "device": self.device,
+            "amp": self.amp,
+            "channels_last": self.channels_last,
+        }
+
+    def describe(self) -> str:
+        """"cuda:0, bf16 autocast, channels-last" for status lines."""
+        parts = [self.device]
+        if self.amp:
+            parts.append(f"{self.amp} autocast")
+        if self.channels_last:
+            parts.append("channels-last")
+        return ", ".join(parts)
 
     def base_extra(self, config: ProjectConfig) -> dict[str, Any]:
         """The report keys every model-running command shares."""
@@ -182,6 +222,9 @@ class Run:
             "model": self.spec,
             "project_file": str(config.path) if config.path else None,
             "data": self.source.description,
+            "device": self.device,
+            "amp": self.amp,
+            "channels_last": self.channels_last,
         }
 
 
@@ -194,7 +237,7 @@ def prepare_run(
     data_spec: str,
     eval_spec: str | None = None,
     flags: DataFlags,
-    device: str | None,
+    run_flags: RunFlags,
     output: str | None = None,
     force: bool = False,
     tag: str | None = None,
@@ -210,9 +253,8 @@ def prepare_run(
     (every rank evaluates all of it, so every rank computes the same metrics)."""
     from ..checkpoint import check_output, default_output_path
     from ..data import default_call
-    from .runtime import resolve_device
 
-    dev = resolve_device(device)
+    dev, amp, channels_last = resolve_run_flags(run_flags, config)
     out_path = None
     if tag is not None:
         out_path = Path(output) if output else default_output_path(path, tag)
@@ -239,7 +281,9 @@ def prepare_run(
         else None
     )
     call = default_call(merged(flags.input_key, config, "input_key"))
-    return Run(ckpt, net, prefix, spec, source, evaluation, call, dev, out_path)
+    return Run(
+        ckpt, net, prefix, spec, source, evaluation, call, dev, out_path, amp, channels_last
+    )
 
 
 def bn_updates(model: Any, layers: Any, prefix: str) -> dict[str, Any]:

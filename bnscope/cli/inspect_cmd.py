@@ -13,7 +13,15 @@ from ..errors import UsageError
 from ..records import Report
 from . import options as o
 from .app import app
-from .inputs import DataFlags, ModelFlags, build_model_for, open_checkpoint, prepare_run
+from .inputs import (
+    DataFlags,
+    ModelFlags,
+    RunFlags,
+    build_model_for,
+    open_checkpoint,
+    prepare_run,
+    resolve_run_flags,
+)
 from .runtime import (
     Ui,
     begin_output,
@@ -25,7 +33,6 @@ from .runtime import (
     progress_bar,
     project_config,
     require_checkpoint,
-    resolve_device,
 )
 
 HELP = (
@@ -70,6 +77,8 @@ def inspect_command(
     mean: o.Mean = None,
     std: o.Std = None,
     device: o.Device = None,
+    amp: o.Amp = None,
+    channels_last: o.ChannelsLast = False,
     seed: o.Seed = 0,
     out: o.OutDir = None,
     json_: o.Json = False,
@@ -81,9 +90,9 @@ def inspect_command(
     from ..outputs import check_out_dir
 
     check_out_dir(out)  # before anything runs
-    resolve_device(device)  # validated on the static path too
     level = check_fail_on(fail_on)
     config = project_config()
+    resolve_run_flags(RunFlags(device, amp, channels_last), config)  # also on the static path
     path = require_checkpoint(checkpoint, config)
     if eval_data is not None:
         raise UsageError(
@@ -99,7 +108,7 @@ def inspect_command(
         )
         report = run_dynamic(
             ui, config, path, source=source, data_spec=data_spec, flags=flags, batches=batches,
-            device=device,
+            run_flags=RunFlags(device, amp, channels_last),
         )  # fmt: skip
     if report is not None:
         if begin_output():  # under torchrun: rank 0, once every rank is done
@@ -127,7 +136,7 @@ def run_dynamic(
     data_spec: str,
     flags: DataFlags,
     batches: int | None,
-    device: str | None,
+    run_flags: RunFlags,
 ) -> Report | None:
     """Load, then the dynamic report; None without model code (the caller falls back to the
     static report)."""
@@ -135,16 +144,16 @@ def run_dynamic(
 
     run = prepare_run(
         "inspect", config, path, source=source,
-        data_spec=data_spec, flags=flags, device=device, ui=ui, require_model=False,
+        data_spec=data_spec, flags=flags, run_flags=run_flags, ui=ui, require_model=False,
     )  # fmt: skip
     if run is None:
         return None
     source = run.source
-    ui.info(f"dynamic inspection on {source.description} ({run.device})")
+    ui.info(f"dynamic inspection on {source.description} ({run.describe()})")
     total = None if batches is None else 2 * batches
     with progress_bar(ui, "inspecting", total) as progress:
         result = inspect(
-            run.model, source, batches, call=run.call, device=run.device, progress=progress
+            run.model, source, batches, **run.engine(), progress=progress
         )
     extra: dict[str, Any] = {**run.base_extra(config), **result.extra}
     return Report("inspect", str(path), result.layers, result.findings, extra, result.arrays)

@@ -161,6 +161,24 @@ Device = Annotated[
         "--device", help="auto, cpu, cuda or cuda:N (default auto).", rich_help_panel=P_RUN
     ),
 ]
+Amp = Annotated[
+    str | None,
+    typer.Option(
+        "--amp",
+        help="Run every forward bnscope makes (collection and evaluation) under autocast: "
+        "bf16 or fp16. Statistics stay exact for the tensors that reach the BN layers.",
+        rich_help_panel=P_RUN,
+        show_default=False,
+    ),
+]
+ChannelsLast = Annotated[
+    bool,
+    typer.Option(
+        "--channels-last",
+        help="Run the model and its 4-D/5-D inputs in channels-last memory format.",
+        rich_help_panel=P_RUN,
+    ),
+]
 Seed = Annotated[
     int, typer.Option("--seed", help="Random seed (data order, sampling).", rich_help_panel=P_RUN)
 ]

@@ -11,7 +11,7 @@ from ..errors import UsageError
 from ..records import Report
 from . import options as o
 from .app import app
-from .inputs import DataFlags, ModelFlags, bn_updates, prepare_run
+from .inputs import DataFlags, ModelFlags, RunFlags, bn_updates, prepare_run
 from .runtime import (
     Ui,
     begin_output,
@@ -57,6 +57,8 @@ def precise_command(
     mean: o.Mean = None,
     std: o.Std = None,
     device: o.Device = None,
+    amp: o.Amp = None,
+    channels_last: o.ChannelsLast = False,
     seed: o.Seed = 0,
     output: o.Output = None,
     force: o.Force = False,
@@ -83,7 +85,7 @@ def precise_command(
         eval_data=eval_data,
         flags=flags,
         batches=batches,
-        device=device,
+        run_flags=RunFlags(device, amp, channels_last),
         output=output,
         force=force,
     )
@@ -102,7 +104,7 @@ def run_precise(
     eval_data: str | None,
     flags: DataFlags,
     batches: int | None,
-    device: str | None,
+    run_flags: RunFlags,
     output: str | None,
     force: bool,
 ) -> Report:
@@ -113,7 +115,7 @@ def run_precise(
     run = prepare_run(
         "precise", config, path, source=source,
         data_spec=data_spec, eval_spec=merged(eval_data, config, "eval_data"), flags=flags,
-        device=device, output=output, force=force, tag="precise", ui=ui,
+        run_flags=run_flags, output=output, force=force, tag="precise", ui=ui,
     )  # fmt: skip
 
     from ..checkpoint import save_checkpoint
@@ -121,10 +123,10 @@ def run_precise(
     from ..precise import precise_bn
 
     original = copy.deepcopy(run.model) if run.evaluation is not None else None
-    ui.info(f"Precise BN on {run.source.description} ({run.device})")
+    ui.info(f"Precise BN on {run.source.description} ({run.describe()})")
     with progress_bar(ui, "collecting statistics", batches) as progress:
         result = precise_bn(
-            run.model, run.source, batches, call=run.call, device=run.device, progress=progress
+            run.model, run.source, batches, **run.engine(), progress=progress
         )
     extra: dict[str, Any] = {**run.base_extra(config), **result.extra}
     if run.evaluation is not None:
@@ -133,7 +135,7 @@ def run_precise(
         ui.info(f"evaluating before/after on {run.evaluation.description}")
         with local_batchnorm(original, run.model):
             comparison = compare_models(
-                original, run.model, run.evaluation, call=run.call, device=run.device
+                original, run.model, run.evaluation, **run.engine()
             )
         extra["metrics"] = {"data": run.evaluation.description, **comparison.to_dict()}
 

@@ -146,6 +146,27 @@ def resolve_device(spec: str | None) -> str:
     raise UsageError(f"--device {spec!r} is not auto, cpu, cuda or cuda:N", "e.g. --device cpu")
 
 
+def resolve_amp(spec: str | None, device: str) -> str | None:
+    """``--amp``: None, ``bf16`` or ``fp16``, checked against what ``device`` can autocast
+    to (on CUDA, bf16 needs a GPU that supports it)."""
+    if spec is None:
+        return None
+    value = spec.strip().lower()
+    aliases = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}
+    if value not in aliases:
+        raise UsageError(f"--amp {spec!r} is not bf16 or fp16", "use --amp bf16 or --amp fp16")
+    value = aliases[value]
+    if device.startswith("cuda") and value == "bf16":
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            name = torch.cuda.get_device_name(torch.device(device))
+            raise UsageError(
+                f"--amp bf16: this GPU ({name}) cannot autocast to bfloat16", "use --amp fp16"
+            )
+    return value
+
+
 def _rank_cuda(spec: str) -> str:
     """``cuda:LOCAL_RANK`` under a process group, else ``cuda``."""
     if not distributed_active():

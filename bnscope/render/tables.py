@@ -97,6 +97,13 @@ def header(report: Report) -> Text:
         lines.append(f"model: {extra['model']}")
     if extra.get("project_file"):
         lines.append(f"project file: {extra['project_file']}")
+    if extra.get("device"):
+        run = [str(extra["device"])]
+        if extra.get("amp"):
+            run.append(f"{extra['amp']} autocast")
+        if extra.get("channels_last"):
+            run.append("channels-last")
+        lines.append("ran on: " + ", ".join(run))
     if extra.get("momentum_assumed") or extra.get("eps_assumed"):
         lines.append(
             "no model code: momentum 0.1 and eps 1e-5 assumed (PyTorch defaults); "
