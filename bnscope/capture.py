@@ -388,16 +388,19 @@ class BNCapture:
         """Bookkeeping after a forward: merges full blocks; on a layer's first forward reads its
         flags (non-finite values raise :class:`NonFiniteInput`; ill-conditioned native layers
         switch to the exact path and are returned: repeat the forward under :meth:`only` with
-        them, then call this again); every :data:`CHECK_SECONDS` reads the error flags."""
+        them, then call this again); every :data:`CHECK_SECONDS` merges every block and reads
+        the error flags of everything merged so far."""
         fresh = [s for s in self.layers.values() if s.calls and not s.checked]
         rerun: set[str] = set()
         if fresh:
             rerun = self._first_check(fresh)
+        due = time.monotonic() - self._last_check >= CHECK_SECONDS
         for stats in self.layers.values():
             for block in stats.blocks.values():
-                if block.used and block.used + stats.max_calls_per_forward > block.capacity:
+                full = block.used + stats.max_calls_per_forward > block.capacity
+                if block.used and (full or due):
                     self._flush(stats, block)
-        if time.monotonic() - self._last_check >= CHECK_SECONDS:
+        if due:
             self.check()
         return rerun
 

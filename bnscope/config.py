@@ -37,6 +37,10 @@ ALLOWED_KEYS: dict[str, tuple[type, ...]] = {
 }
 
 
+#: accepted spellings of ``amp`` (as for ``--amp``) and what they mean
+AMP_VALUES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}
+
+
 @dataclass(frozen=True)
 class ProjectConfig:
     """Settings read from a project file; ``path`` is None when no file was found."""
@@ -61,10 +65,15 @@ def _validate(values: dict[str, Any], source: Path, table: str) -> dict[str, Any
             )
             raise UsageError(f"{source}: unknown key {key!r} in {table}", hint)
         types = ALLOWED_KEYS[norm]
-        if isinstance(value, bool) or not isinstance(value, types):
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             names = " or ".join(t.__name__ for t in types)
             raise UsageError(
                 f"{source}: {table} key {key!r} must be {names}, got {type(value).__name__}",
+                "fix the project file",
+            )
+        if norm == "amp" and value.strip().lower() not in AMP_VALUES:
+            raise UsageError(
+                f"{source}: {table} key 'amp' must be \"bf16\" or \"fp16\", got {value!r}",
                 "fix the project file",
             )
         if norm == "model_kwargs" and isinstance(value, str):

@@ -363,12 +363,14 @@ def ghost_analysis(
             "the data yielded no batches on its second reading",
             "pass a re-iterable (a DataLoader or a list of batches), not a generator",
         )
-    flags = torch.tensor([samples, int(labelled), int(classes)], dtype=torch.float64)
-    flags[1:] = 1 - flags[1:]  # count the ranks where labels (classes) were missing
+    flags = torch.tensor(
+        [samples, 1 - int(labelled), 1 - int(classes), done * (1 + len(run))], dtype=torch.float64
+    )  # ranks where labels (classes) were missing; this rank's comparison forwards
     if samples == 0:
-        flags[1:] = 0  # an empty shard says nothing about labels
+        flags[1:3] = 0  # an empty shard says nothing about labels
     distributed.all_reduce_sum(flags, group)
     samples, labelled, classes = int(flags[0]), bool(flags[1] == 0), bool(flags[2] == 0)
+    forwards = collection.batches + int(flags[3])
     if samples == 0:
         raise DataError(
             "the data yielded no batches on its second reading",
@@ -378,7 +380,7 @@ def ghost_analysis(
     read_scores([ref_scores, *scores.values()])
     probe_sums = _probe_sums(probes)
     return _report(collection, probes, probe_sums, run, wanted, batch_size, ref_scores, scores,
-                   samples, labelled, classes)  # fmt: skip
+                   samples, labelled, classes, forwards)  # fmt: skip
 
 
 def _probe_sums(probes: dict[int, dict[str, _NoiseProbe]]) -> dict[int, dict[str, torch.Tensor]]:
@@ -455,6 +457,7 @@ def _report(
     samples: int,
     labelled: bool,
     classes: bool,
+    forwards: int,
 ) -> Report:
     results = {
         g: {name: p.result(g, probe_sums[g][name]) for name, p in ps.items()}
@@ -521,6 +524,7 @@ def _report(
         "batch_size": batch_size,
         "batches": collection.batches,
         "samples": samples,
+        "forwards": forwards,
         "population": population.to_dict(),
         "has_labels": labelled,
     }

@@ -137,7 +137,7 @@ def normalize_chunks(
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
     n, c = work.shape[0], work.shape[1]
     flat = work.reshape(n, c, -1)
-    v_i, m_i = torch.var_mean(flat, dim=2, correction=0)
+    v_i, m_i = _sample_moments(flat)
     means, variances, scales, shifts = [], [], [], []
     start = 0
     for size, count in _runs(sizes):  # chunks of equal size, as [count, size, C] views
@@ -165,6 +165,18 @@ def normalize_chunks(
         scale, shift = torch.cat(scales), torch.cat(shifts)
     y = torch.addcmul(shift.unsqueeze(2), flat, scale.unsqueeze(2))
     return y.reshape(x.shape).to(x.dtype), ChunkStats(mean_k, var_k, m_i, v_i)
+
+
+def _sample_moments(flat: Tensor) -> tuple[Tensor, Tensor]:
+    """(biased variance, mean) of ``flat`` [N, C, L] over L. On the GPU one Welford pass
+    (``torch.var_mean``); on the CPU two passes (mean, then the mean of squared deviations),
+    which its kernels run several times faster than ``var_mean`` over a row, at the same
+    precision (the deviations are taken from the row's own mean)."""
+    if flat.device.type != "cpu":
+        return torch.var_mean(flat, dim=2, correction=0)
+    m_i = flat.mean(2)
+    d = flat - m_i.unsqueeze(2)
+    return d.square_().mean(2), m_i
 
 
 def _runs(sizes: list[int]) -> list[tuple[int, int]]:

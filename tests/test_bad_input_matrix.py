@@ -191,6 +191,11 @@ def skip_with_cuda(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.skip("CUDA is available here, so --device cuda is not an error")
 
 
+def skip_with_eight_gpus(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if CUDA and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+
+
 def read_only_dir(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = work / "ro"
     folder.mkdir()
@@ -328,6 +333,13 @@ for command in RUN_COMMANDS:
         "--device cuda: CUDA is not available here",
         prepare=skip_with_cuda,
     )
+    case(f"amp-fp32-{command}", argv(command, "--amp", "fp32"), "--amp 'fp32' is not bf16 or fp16")
+    case(
+        f"device-cuda-7-{command}",
+        argv(command, "--device", "cuda:7"),
+        "--device cuda:7: " + ("CUDA is not available here" if not CUDA else "only"),
+        prepare=skip_with_eight_gpus,
+    )
     img = f"{W}/imgs"
     case(
         f"mean-wrong-count-{command}",
@@ -352,6 +364,7 @@ case(
     argv("inspect", "--device", "banana"),
     "--device 'banana'",
 )
+case("amp-bogus-inspect", argv("inspect", "--amp", "bogus"), "--amp 'bogus' is not bf16 or fp16")
 
 for command in ("precise", "adapt", "inspect-dyn"):  # BatchNorm1d on a batch of one sample
     case(
@@ -417,6 +430,12 @@ case(
     "demo-device-banana",
     ("demo", f"{W}/newdemo", "--device", "banana"),
     "--device 'banana'",
+    prepare=demo_must_not_start,
+)
+case(
+    "demo-amp-fp32",
+    ("demo", f"{W}/newdemo", "--amp", "fp32"),
+    "--amp 'fp32' is not bf16 or fp16",
     prepare=demo_must_not_start,
 )
 if not CUDA:

@@ -738,3 +738,62 @@ def test_failed_save_leaves_nothing_behind(
     if existing:
         assert out.read_bytes() == b"old"
     assert sha256(path) == digest
+
+
+# --------------------------------------------------------------------------------------------
+# Devices of saved tensors
+
+
+_TEST_TAGS: dict[int, str] = {}
+
+
+def _test_tagger(storage: object) -> str | None:
+    return _TEST_TAGS.get(storage.data_ptr()) if _TEST_TAGS else None  # type: ignore[attr-defined]
+
+
+torch.serialization.register_package(0, _test_tagger, lambda storage, location: None)
+
+
+def _saved_locations(path: Path) -> tuple[dict[str, str], object]:
+    """Where each tensor of a ``{"state_dict": ..., ...}`` file says it was saved from."""
+    seen: dict[int, str] = {}
+
+    def record(storage: object, location: str) -> object:
+        seen[storage.data_ptr()] = location  # type: ignore[attr-defined]
+        return storage
+
+    obj = torch.load(path, map_location=record, weights_only=True)
+
+    def where(t: torch.Tensor) -> str:
+        return seen.get(t.untyped_storage().data_ptr(), "?")
+
+    return {k: where(v) for k, v in obj["state_dict"].items()} | {"step": where(obj["step"])}, obj
+
+
+def test_saved_tensors_keep_their_device_tags(tmp_path: Path) -> None:
+    """A checkpoint saved from a GPU (tensors tagged cuda:0) is read onto the CPU and written
+    back with the same tags, updated BN buffers included; a CPU tensor stays a CPU tensor."""
+    model = make_model()
+    sd = model.state_dict()
+    obj = {"state_dict": sd, "step": torch.tensor(7)}
+    src = tmp_path / "gpu.pt"
+    _TEST_TAGS.update({t.untyped_storage().data_ptr(): "cuda:0" for t in sd.values()})
+    try:
+        torch.save(obj, src)
+    finally:
+        _TEST_TAGS.clear()
+    where, _ = _saved_locations(src)
+    assert set(where.values()) == {"cuda:0", "cpu"} and where["step"] == "cpu"
+
+    ckpt = load_checkpoint(src)
+    bn = next(k for k in sd if k.endswith("running_mean"))
+    out = save_checkpoint(ckpt, {bn: torch.full_like(sd[bn], 0.5)}, tmp_path / "out.pt")
+    after, written = _saved_locations(out)
+    assert after == where
+    assert torch.equal(written["state_dict"][bn], torch.full_like(sd[bn], 0.5))
+    assert written["step"].device.type == "cpu"
+
+    plain = tmp_path / "cpu.pt"
+    torch.save(obj, plain)
+    out = save_checkpoint(load_checkpoint(plain), {bn: sd[bn] + 1}, tmp_path / "out2.pt")
+    assert set(_saved_locations(out)[0].values()) == {"cpu"}

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 import typer
 from rich.console import Console
 
-from ..config import ProjectConfig, load_project_config
+from ..config import AMP_VALUES, ProjectConfig, load_project_config
 from ..errors import BnscopeError, UsageError
 from ..records import SEVERITIES, Report, severity_rank
 
@@ -152,10 +152,9 @@ def resolve_amp(spec: str | None, device: str) -> str | None:
     if spec is None:
         return None
     value = spec.strip().lower()
-    aliases = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}
-    if value not in aliases:
+    if value not in AMP_VALUES:
         raise UsageError(f"--amp {spec!r} is not bf16 or fp16", "use --amp bf16 or --amp fp16")
-    value = aliases[value]
+    value = AMP_VALUES[value]
     if device.startswith("cuda") and value == "bf16":
         import torch
 
