@@ -640,9 +640,9 @@ class _ClosingDataLoader(DataLoader):
     finalized first and every worker costs a 5 s join timeout. Stopping them explicitly on an
     exception, or when the consumer stops early, avoids that stall.
 
-    Every iteration yields the same batches in the same order: the shuffling generator is
-    re-seeded with ``seed`` at the start of each one. Commands that read the data twice
-    (inspect, ghost) then see identical batches, and inspect can pair its two passes.
+    With ``seed`` set, every iteration yields the same batches in the same order: the
+    shuffling generator is re-seeded at the start of each one. Commands that read the data
+    twice (inspect, ghost) then see identical batches, and inspect can pair its two passes.
     """
 
     seed: int | None = None
@@ -668,6 +668,7 @@ def _make_loader(
     shuffle: bool,
     seed: int,
     drop_last: bool,
+    same_order: bool = False,
 ) -> DataLoader:
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -681,7 +682,7 @@ def _make_loader(
         persistent_workers=False,
         pin_memory=False,
     )
-    loader.seed = seed
+    loader.seed = seed if same_order else None
     return loader
 
 
@@ -722,8 +723,14 @@ def load_data(
     drop_last: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    same_order: bool = False,
 ) -> DataSource:
     """Resolve a ``--data`` spec into a :class:`DataSource` of batches.
+
+    ``same_order=True`` makes a shuffled image folder or tensor file yield the same batches in
+    the same order on every iteration (the shuffle is re-seeded with ``seed`` each time), as the
+    analyses that read the data twice want; by default every iteration draws a new order, as a
+    training loop wants.
 
     Image folders and tensor files become a DataLoader over this rank's samples
     (``rank::world_size``: every sample on exactly one rank). A factory is called with those
@@ -733,8 +740,9 @@ def load_data(
     """
     _check_args(batch_size, workers, rank, world_size)
     loader_args = dict(
-        batch_size=batch_size, workers=workers, shuffle=shuffle, seed=seed, drop_last=drop_last
-    )
+        batch_size=batch_size, workers=workers, shuffle=shuffle, seed=seed, drop_last=drop_last,
+        same_order=same_order,
+    )  # fmt: skip
 
     if isinstance(spec, str):
         parts = _factory_parts(spec)

@@ -639,3 +639,19 @@ def test_default_call() -> None:
     x = torch.randn(4, 3)
     assert torch.equal(default_call()(model, (x, torch.zeros(4))), model(x))
     assert torch.equal(default_call("feat")(model, {"feat": x}), model(x))
+
+
+def test_same_order_repeats_the_shuffle_and_the_default_draws_a_new_one(tmp_path):
+    import torch
+
+    from bnscope.data import load_data
+
+    x = torch.arange(40, dtype=torch.float32).reshape(40, 1)
+    torch.save(x, tmp_path / "x.pt")
+    same = load_data(str(tmp_path / "x.pt"), batch_size=8, shuffle=True, seed=3, same_order=True)
+    first, second = [b.clone() for b in same], [b.clone() for b in same]
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert not torch.equal(torch.cat(first), x)  # shuffled
+    fresh = load_data(str(tmp_path / "x.pt"), batch_size=8, shuffle=True, seed=3)
+    a, b = torch.cat(list(fresh)), torch.cat(list(fresh))
+    assert not torch.equal(a, b) and torch.equal(a.sort(0).values, b.sort(0).values)

@@ -153,6 +153,7 @@ def open_data(
         seed=flags.seed,
         rank=rank,
         world_size=world_size,
+        same_order=True,  # inspect and ghost read it twice, inspect pairs the passes
     )
     if world_size > 1 and source.kind == "factory" and ui is not None:
         if not _factory_shards(str(spec)):
