@@ -125,6 +125,8 @@ def bn_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
 # --------------------------------------------------------------------------------------------
 # The methods: each takes (model copy on the device, batches on the device, setup)
 
+Method = Callable[[nn.Module, list[torch.Tensor], "Setup"], None]
+
 
 def run_floor(model: nn.Module, batches: list[torch.Tensor], setup: Setup) -> None:
     model.train()
@@ -171,7 +173,7 @@ def run_equal_weight(model: nn.Module, batches: list[torch.Tensor], setup: Setup
             m.momentum = momentum
 
 
-def fvcore_method() -> Callable[[nn.Module, list[torch.Tensor], Setup], None]:
+def fvcore_method() -> Method:
     try:
         import fvcore.nn  # noqa: F401
     except ImportError:
@@ -245,15 +247,15 @@ def errors(model: nn.Module, ref: dict[str, tuple[torch.Tensor, torch.Tensor]]) 
 
 
 def profile_counts(
-    fn: Callable[[nn.Module, list[torch.Tensor]], None], model: nn.Module, batches: list
+    fn: Method, model: nn.Module, batches: list[torch.Tensor], setup: Setup
 ) -> tuple[int, int, int]:
     """(profiler events, aten::_local_scalar_dense events, bnscope.sync.READS made) of one
     call of ``fn`` on a fresh copy of ``model``, after an unprofiled warm-up."""
-    m = copy.deepcopy(model)
-    fn(m, batches[:2])
+    m = setup.model(model)
+    fn(m, batches[:2], setup)
     reads = bnscope.sync.READS
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn(m, batches)
+        fn(m, batches, setup)
     reads = bnscope.sync.READS - reads
     events = prof.events()
     scalar = sum(1 for e in events if e.name == "aten::_local_scalar_dense")
@@ -274,8 +276,7 @@ def host_overhead() -> dict[str, float]:
     try:
         for label, fn in (("plain", run_floor), ("bnscope", run_bnscope)):
             for n in (n1, n2):
-                counts[label, n] = profile_counts(lambda m, b, f=fn: f(m, b, cpu), model,
-                                                  batches[:n])  # fmt: skip
+                counts[label, n] = profile_counts(fn, model, batches[:n], cpu)
     finally:
         bnscope.capture.CHECK_SECONDS = saved
     extra1 = counts["bnscope", n1][0] - counts["plain", n1][0]
@@ -318,6 +319,7 @@ def cuda_syncs(model: nn.Module, batches: list[torch.Tensor], setup: Setup) -> d
 
 
 def table(markdown: bool, head: list[str], rows: list[list[str]]) -> None:
+    """A Markdown table, or plain columns (first left-aligned, the others right-aligned)."""
     if markdown:
         print("| " + " | ".join(head) + " |")
         print("| --- |" + " ---: |" * (len(head) - 1))
@@ -325,9 +327,10 @@ def table(markdown: bool, head: list[str], rows: list[list[str]]) -> None:
             print("| " + " | ".join(r) + " |")
         return
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    for r in [head, *rows]:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                        enumerate(zip(r, widths, strict=True))))  # fmt: skip
+    for row in [head, *rows]:
+        cells = [c.rjust(w) for c, w in zip(row, widths, strict=True)]
+        cells[0] = row[0].ljust(widths[0])
+        print("  ".join(cells))
 
 
 def main() -> None:
@@ -340,10 +343,17 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--batches", type=int, default=50)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2, help="CPU threads (--device cpu)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads with --device cpu (default 2; 1 with --quick)",
+    )
     ap.add_argument("--markdown", action="store_true", help="print Markdown tables")
     ap.add_argument("--quick", action="store_true", help="tiny settings (a smoke test)")
     args = ap.parse_args()
+    if args.threads is None:
+        args.threads = 1 if args.quick else 2
     if args.quick:
         args.size, args.batch_size, args.batches, args.reps = 16, 16, 6, 2
     size = args.size or (224 if args.model == "resnet50" else 32)
@@ -359,8 +369,7 @@ def main() -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
-    batches = make_batches(args.batches, args.batch_size, size, 1, setup.device,
-                           args.channels_last)  # fmt: skip
+    batches = make_batches(args.batches, args.batch_size, size, 1, setup.device, args.channels_last)
     ref = reference_stats(model, batches, setup)
 
     methods = {FLOOR: run_floor, BNSCOPE: run_bnscope, SWA: run_swa, FVCORE: fvcore_method()}
@@ -402,8 +411,8 @@ def main() -> None:
     )
     if args.markdown:
         print()
-    table(args.markdown, ["method", "time (s)", "vs floor", "max d_mu", "max |log var ratio|"],
-          rows)  # fmt: skip
+    head = ["method", "time (s)", "vs floor", "max d_mu", "max |log var ratio|"]
+    table(args.markdown, head, rows)
 
     ov = host_overhead()
     n1, n2 = OVERHEAD_BATCHES
@@ -420,19 +429,25 @@ def main() -> None:
         ["extra profiler events per BN call (slope)", f"{ov['per_call']:.3f}"],
         ["fixed extra profiler events (intercept)", f"{ov['fixed']:.0f}"],
         [f"extra profiler events at {n1} / {n2} batches", f"{ov['extra_n1']} / {ov['extra_n2']}"],
-        [f"aten::_local_scalar_dense at {n1} / {n2} batches (plain: {ov['scalar_plain']})",
-         f"{ov['scalar_n1']} / {ov['scalar_n2']}"],
-        [f"bnscope.sync.READS per call at {n1} / {n2} batches",
-         f"{ov['reads_n1']} / {ov['reads_n2']}"],
-    ]  # fmt: skip
+        [
+            f"aten::_local_scalar_dense at {n1} / {n2} batches (plain: {ov['scalar_plain']})",
+            f"{ov['scalar_n1']} / {ov['scalar_n2']}",
+        ],
+        [
+            f"bnscope.sync.READS per call at {n1} / {n2} batches",
+            f"{ov['reads_n1']} / {ov['reads_n2']}",
+        ],
+    ]
     if cuda:
         n = min(10, len(batches))
         syncs = cuda_syncs(model, batches[:n], setup)
         figures += [float(v) for v in syncs.values()]
         rows.append(
-            [f"CUDA synchronizations, one call over {n} batches (bnscope / plain loop)",
-             f"{syncs['bnscope']} / {syncs['plain']}"]
-        )  # fmt: skip
+            [
+                f"CUDA synchronizations, one call over {n} batches (bnscope / plain loop)",
+                f"{syncs['bnscope']} / {syncs['plain']}",
+            ]
+        )
     table(args.markdown, ["figure", "value"], rows)
     if ov["scalar_n1"] != ov["scalar_n2"] or ov["reads_n1"] != ov["reads_n2"]:
         print("NOTE: the number of reads grows with the number of batches")

@@ -77,26 +77,29 @@ def find_bn_buffers(state_dict: Mapping[str, Any]) -> list[BNBuffers]:
 
 
 def module_bn_buffers(model: nn.Module) -> list[BNBuffers]:
-    """BN layers of a live module with their real momentum and eps (tracked layers only)."""
-    out: list[BNBuffers] = []
+    """BN layers of a live module with their real momentum and eps (tracked layers only).
+    The tensors come back on the CPU, read from the model's device in one transfer."""
+    from .sync import fetch
+
+    found: list[tuple[str, nn.Module, list[torch.Tensor | None]]] = []
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.modules.batchnorm._BatchNorm):
             continue
         if mod.running_mean is None or mod.running_var is None:
             continue
+        parts = [mod.running_mean, mod.running_var, mod.num_batches_tracked, mod.weight, mod.bias]
+        found.append((name, mod, [p.detach() if p is not None else None for p in parts]))
+    host = iter(fetch([p for _, _, parts in found for p in parts if p is not None]))
+    out: list[BNBuffers] = []
+    for name, mod, parts in found:
+        mean, var, tracked, weight, bias = (next(host) if p is not None else None for p in parts)
+        assert mean is not None and var is not None
         out.append(
             BNBuffers(
-                name or "(root)",
-                mod.running_mean.detach(),
-                mod.running_var.detach(),
-                mod.num_batches_tracked,
-                mod.weight.detach() if mod.weight is not None else None,
-                mod.bias.detach() if mod.bias is not None else None,
-                momentum=mod.momentum,
-                momentum_known=True,
-                eps=float(mod.eps),
+                name or "(root)", mean, var, tracked, weight, bias,
+                momentum=mod.momentum, momentum_known=True, eps=float(mod.eps),
             )
-        )
+        )  # fmt: skip
     return out
 
 
