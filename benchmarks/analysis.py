@@ -111,6 +111,8 @@ def main() -> None:
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
         sys.exit("--device cuda: CUDA is not available here")
+    if cuda and device.index is None:  # "cuda" -> "cuda:N": the very device the tensors report
+        device = torch.device("cuda", torch.cuda.current_device())
     if not cuda:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -357,10 +357,13 @@ def main() -> None:
     if args.quick:
         args.size, args.batch_size, args.batches, args.reps = 16, 16, 6, 2
     size = args.size or (224 if args.model == "resnet50" else 32)
-    setup = Setup(torch.device(args.device), args.amp, args.channels_last)
-    cuda = setup.device.type == "cuda"
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
         sys.exit("--device cuda: CUDA is not available here")
+    if cuda and device.index is None:  # "cuda" -> "cuda:N": the very device the tensors report
+        device = torch.device("cuda", torch.cuda.current_device())
+    setup = Setup(device, args.amp, args.channels_last)
     if not cuda:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -411,7 +414,7 @@ def main() -> None:
     )
     if args.markdown:
         print()
-    head = ["method", "time (s)", "vs floor", "max d_mu", "max |log var ratio|"]
+    head = ["method", "time (s)", "vs floor", "max d_mu", "max abs log var ratio"]
     table(args.markdown, head, rows)
 
     ov = host_overhead()

@@ -19,14 +19,19 @@ non-finite rows and for ill-conditioned channels. Nothing is read back to the ho
 loop: the flags are read once after a layer's first forward, at most every
 :data:`CHECK_SECONDS` after that, and at the end (:mod:`bnscope.sync`).
 
-The exact float64 path. Other ``_BatchNorm`` subclasses (custom forwards, whose buffer updates
+The kernel is checked, not trusted. In a layer's first forward the pre-hook also computes
+float64 moments of each call's input; after that forward (one read for all new layers) they are
+compared with what the kernel wrote. Where the kernel is off by more than :data:`KERNEL_TOL`
+(|mean|/std large enough that a float32 batch mean loses digits; CPU kernels for channels-last
+or bfloat16 inputs, which accumulate in float32 and can be 1e-5 off), the layer keeps the
+float64 rows and takes the exact path from then on; otherwise the float64 rows are dropped. A
+layer whose channels become ill-conditioned later (|mean|/std above :data:`ILL_CONDITIONED`,
+flagged at each merge) switches at the next check.
+
+The exact float64 path: other ``_BatchNorm`` subclasses (custom forwards, whose buffer updates
 bnscope cannot vouch for), layers with float16/bfloat16 buffers (a batch mean rounded to half
-precision is useless), and native layers whose channels have |mean|/std above
-:data:`ILL_CONDITIONED` (the float32 batch mean would lose digits) get float64 moments of their
-input computed in the pre-hook, written to float64 rows and merged the same way. Ill
-conditioning is detected on a layer's first forward; that forward is then run again with only
-those layers recording (see :meth:`BNCapture.end_forward`), so their statistics are exact from
-the first batch on.
+precision is useless) and the layers above get float64 moments of their input computed in the
+pre-hook, written to float64 rows and merged the same way.
 
 ``SyncBatchNorm`` runs as a plain BatchNorm during collection (also under a process group, and
 on CPU): each rank normalizes with its own batch statistics and the ranks pool float64
@@ -54,6 +59,9 @@ from .stats import MomentAccumulator
 
 #: |mean|/std above which a layer's batch moments are computed in float64 from its input.
 ILL_CONDITIONED = 100.0
+#: a native layer's kernel must reproduce float64 batch moments of its first forward to this
+#: (relative variance; mean in units of sigma), else the layer takes the exact path
+KERNEL_TOL = 5e-7
 #: rows (calls) per layer block before the block is merged into the float64 accumulator
 ROWS = 64
 #: after a layer's first forward, error flags are read at most this often (seconds)
@@ -134,7 +142,8 @@ class _Block:
         """float64 (means, biased variances) of rows as returned by :meth:`rows`."""
         if not self.native:
             return means, variances
-        return means.to(F64), variances.to(F64).mul_((self.n - 1) / self.n)
+        # not in place: for float64 buffers .to(F64) is the row tensor itself
+        return means.to(F64), variances.to(F64) * ((self.n - 1) / self.n)
 
     def reset(self) -> None:
         # Rows are not cleared: with momentum 1 the kernel writes 0 * old + batch, exact for
@@ -203,9 +212,9 @@ class BNCapture:
 
     ``only_training=True`` leaves layers that are in eval mode (frozen) untouched and skipped.
     Layers with ``track_running_stats=False`` are always skipped (they have no statistics).
-    Around each model call use :meth:`forward`, then :meth:`end_forward` (which says whether the
-    call must be repeated for layers found ill-conditioned); :meth:`finish` merges what is left
-    and checks the last flags. ``observer`` sees every block of rows (see :data:`RowObserver`).
+    Around each model call use :meth:`forward`, then :meth:`end_forward`; :meth:`finish` merges
+    what is left and checks the last flags. ``observer`` sees every block of rows (see
+    :data:`RowObserver`).
     """
 
     def __init__(
@@ -228,7 +237,6 @@ class BNCapture:
         self._active = False
         self._batch = 0
         self._calls_seen = 0
-        self._only: set[str] | None = None
         self._scratch: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         self._last_check = 0.0
 
@@ -326,9 +334,6 @@ class BNCapture:
 
         def hook(module: _BatchNorm, args: tuple[Any, ...]) -> None:
             buffers = module._buffers
-            if self._only is not None and stats.name not in self._only:
-                buffers["running_mean"], buffers["running_var"] = scratch
-                return
             x = args[0]
             channels = x.shape[1] if x.ndim > 1 else x.numel()
             n = x.numel() // max(channels, 1)
@@ -349,8 +354,11 @@ class BNCapture:
                         channels, n, scratch[0].dtype, scratch[0].device, True
                     )
                 buffers["running_mean"], buffers["running_var"] = block.take(self._batch)
-                return
-            buffers["running_mean"], buffers["running_var"] = scratch
+                if stats.checked:
+                    return
+                # the layer's first forward: float64 moments too, to check the kernel's
+            else:
+                buffers["running_mean"], buffers["running_var"] = scratch
             block = stats.blocks.get((n, False))
             if block is None:
                 block = stats.blocks[(n, False)] = _Block(channels, n, F64, x.device, False)
@@ -375,25 +383,13 @@ class BNCapture:
         for stats in self.layers.values():
             stats.max_calls_per_forward = max(stats.max_calls_per_forward, stats.calls_this_forward)
 
-    @contextlib.contextmanager
-    def only(self, names: set[str]) -> Iterator[None]:
-        """Within the block only the named layers record (a repeated forward)."""
-        self._only = set(names)
-        try:
-            yield
-        finally:
-            self._only = None
-
-    def end_forward(self) -> set[str]:
-        """Bookkeeping after a forward: merges full blocks; on a layer's first forward reads its
-        flags (non-finite values raise :class:`NonFiniteInput`; ill-conditioned native layers
-        switch to the exact path and are returned: repeat the forward under :meth:`only` with
-        them, then call this again); every :data:`CHECK_SECONDS` merges every block and reads
-        the error flags of everything merged so far."""
+    def end_forward(self) -> None:
+        """Bookkeeping after a forward: checks the layers that ran for the first time (see
+        :meth:`_first_check`), merges full blocks, and every :data:`CHECK_SECONDS` merges every
+        block and reads the error flags of everything merged so far."""
         fresh = [s for s in self.layers.values() if s.calls and not s.checked]
-        rerun: set[str] = set()
         if fresh:
-            rerun = self._first_check(fresh)
+            self._first_check(fresh)
         due = time.monotonic() - self._last_check >= CHECK_SECONDS
         for stats in self.layers.values():
             for block in stats.blocks.values():
@@ -402,53 +398,59 @@ class BNCapture:
                     self._flush(stats, block)
         if due:
             self.check()
-        return rerun
 
     def finish(self) -> None:
         """Merge every remaining row and read the final flags (raises
         :class:`NonFiniteInput` naming the first layer and batch with NaN/Inf)."""
         fresh = [s for s in self.layers.values() if s.calls and not s.checked]
         if fresh:
-            self._first_check(fresh, rerun=False)
+            self._first_check(fresh)
         for stats in self.layers.values():
             for block in stats.blocks.values():
                 self._flush(stats, block)
         self.check(final=True)
 
-    def _first_check(self, fresh: list[LayerStats], rerun: bool = True) -> set[str]:
+    def _first_check(self, fresh: list[LayerStats]) -> None:
+        """After the forward in which these layers first ran (one read for all of them):
+        NaN/Inf raises :class:`NonFiniteInput`; for a native layer, the batch moments its
+        kernel wrote are compared with float64 moments of the same inputs, computed alongside
+        in that forward only. A layer whose kernel is off by more than :data:`KERNEL_TOL`
+        (relative variance, mean in units of sigma: ill-conditioned channels, reduced-precision
+        or channels-last kernels that accumulate in float32) keeps the float64 rows and takes
+        the exact path from now on; the others keep the kernel's rows."""
         flags = []
         for stats in fresh:
             bad = torch.zeros((), dtype=torch.bool, device=stats.acc.mean.device)
-            ill = torch.zeros_like(bad)
-            for block in stats.blocks.values():
+            off = torch.zeros_like(bad)
+            for (n, native), block in stats.blocks.items():
                 if not block.used:
                     continue
                 means, variances = block.rows()
                 bad = bad | ~torch.isfinite(means.sum() + variances.sum())
-                if block.native:
-                    ill = ill | _ill_conditioned(means, variances)
-            flags.append(torch.stack([bad, ill]))
+                exact = stats.blocks.get((n, False)) if native else None
+                if exact is not None and exact.used == block.used:
+                    off = off | _kernel_off(block, exact)
+                elif native:
+                    off = torch.ones_like(off)  # no float64 rows to compare with
+            flags.append(torch.stack([bad, off]))
         values = sync.fetch([torch.stack(flags).to(torch.float64)])[0].tolist()
-        switch: set[str] = set()
         broken: list[LayerStats] = []
-        for stats, (bad, ill) in zip(fresh, values, strict=True):
+        for stats, (bad, off) in zip(fresh, values, strict=True):
             stats.checked = True
             if bad:
                 broken.append(stats)
-            elif ill and rerun:
-                switch.add(stats.name)
+                continue
+            if stats.exact_path:
+                continue
+            if off:
+                stats.exact_path = True
+                keep = False
+            else:
+                keep = True
+            stats.blocks = {key: b for key, b in stats.blocks.items() if key[1] == keep}
         if broken:
             first = min(broken, key=lambda s: s.first_call)
             raise NonFiniteInput(first.name, self._batch)
-        for name in switch:
-            stats = self.layers[name]
-            stats.exact_path = True
-            stats.blocks.clear()  # every row was from this forward: it is repeated
-            stats.calls -= stats.calls_this_forward
-            stats.samples -= stats.samples_this_forward
-            stats.calls_this_forward = stats.samples_this_forward = 0
-            stats.checked = False
-        return switch
 
     def _flush(self, stats: LayerStats, block: _Block) -> None:
         """Merge a block's rows into the layer's float64 accumulator, keeping device flags
@@ -507,6 +509,16 @@ class BNCapture:
                 for block in stats.blocks.values():
                     self._flush(stats, block)  # checked at the next check point
                 stats.exact_path = True
+
+
+def _kernel_off(native: _Block, exact: _Block) -> torch.Tensor:
+    """A device bool: the kernel's batch moments (``native`` rows) differ from the float64
+    moments of the same calls (``exact`` rows) by more than KERNEL_TOL somewhere."""
+    mean_k, var_k = native.moments(*native.rows())
+    mean_e, var_e = exact.rows()
+    mean_off = (mean_k - mean_e).abs() > var_e.sqrt() * KERNEL_TOL
+    var_off = (var_k - var_e).abs() > var_e * KERNEL_TOL
+    return (mean_off | var_off).any()
 
 
 def _ill_conditioned(means: torch.Tensor, unbiased: torch.Tensor) -> torch.Tensor:

@@ -208,11 +208,7 @@ def _collect_local(
                     try:
                         with cap.forward(done):
                             out = runner(model, batch)
-                        again = cap.end_forward()
-                        if again:  # layers found ill-conditioned: exact path, same batch
-                            with cap.only(again), cap.forward(done):
-                                runner(model, batch)
-                            cap.end_forward()
+                        cap.end_forward()
                     except NonFiniteInput as exc:
                         raise _non_finite(exc) from exc
                     except (RuntimeError, ValueError, TypeError, IndexError) as exc:

@@ -889,10 +889,13 @@ def move_to(obj: Any, device: torch.device | str, *, channels_last: bool = False
         fmt = None
         if channels_last and obj.is_floating_point():
             fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(obj.dim())
-        non_blocking = obj.device.type == "cpu" and torch.device(device).type == "cuda"
+        target = torch.device(device)
+        if obj.device == target and (fmt is None or obj.is_contiguous(memory_format=fmt)):
+            return obj  # already there: not even a no-op dispatch
+        non_blocking = obj.device.type == "cpu" and target.type == "cuda"
         if fmt is None:
-            return obj.to(device, non_blocking=non_blocking)
-        return obj.to(device, non_blocking=non_blocking, memory_format=fmt)
+            return obj.to(target, non_blocking=non_blocking)
+        return obj.to(target, non_blocking=non_blocking, memory_format=fmt)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
         return type(obj)(*(move_to(v, device, channels_last=channels_last) for v in obj))
     if isinstance(obj, (tuple, list)):

@@ -67,6 +67,8 @@ def resolve_device(device: torch.device | str | None, model: nn.Module) -> torch
                 f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here",
                 "pick an existing index",
             )
+        if dev.index is None:  # "cuda" is the current device: compare equal to its tensors'
+            dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 

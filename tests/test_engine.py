@@ -264,3 +264,33 @@ def test_blocks_of_different_call_sizes_pool_exactly():
     var = sum(((x.double() - mean.view(1, 3, 1, 1)) ** 2).sum((0, 2, 3)) for x in data) / cnt
     torch.testing.assert_close(bn.running_mean.double(), mean, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(bn.running_var.double(), var, rtol=1e-6, atol=1e-7)
+
+
+def test_the_kernel_is_checked_on_the_first_forward():
+    """A layer keeps the fast path only when its kernel reproduces float64 batch moments of the
+    first forward. PyTorch's CPU kernel for channels-last bfloat16 inputs accumulates in
+    float32 and is about 1e-5 off here: that layer takes the exact path, and its statistics
+    are exact; the same layer on float32 NCHW inputs keeps the kernel's moments."""
+    from bnscope.collect import collect
+
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                          nn.Conv2d(64, 8, 1), nn.BatchNorm2d(8))  # fmt: skip
+    data = [torch.randn(16, 3, 16, 16) * 2 + 3 for _ in range(3)]
+    plain = collect(copy.deepcopy(model), data)
+    assert not plain.layers["1"].exact_path
+    fast = collect(copy.deepcopy(model), data, amp="bf16", channels_last=True)
+    assert fast.layers["1"].exact_path
+
+    m = copy.deepcopy(model)
+    bnscope.precise_bn(m, data, amp="bf16", channels_last=True)
+    inputs: list[torch.Tensor] = []
+    probe = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    probe[1].momentum = 0.0
+    probe[1].register_forward_pre_hook(lambda mod, a: inputs.append(a[0].double()))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for x in data:
+            probe(x.to(memory_format=torch.channels_last))
+    var, mean = torch.var_mean(torch.cat(inputs), dim=(0, 2, 3), correction=0)
+    assert float((m[1].running_var.double() / var).log().abs().max()) < 1e-6
+    assert float(((m[1].running_mean.double() - mean).abs() / var.sqrt()).max()) < 1e-6
