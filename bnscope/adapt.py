@@ -142,6 +142,7 @@ def adapt_bn(
     process_group: Any = None,
     amp: str | torch.dtype | None = None,
     channels_last: bool = False,
+    input_key: str | None = None,
 ) -> Report:
     """Re-estimate every BN layer's statistics on ``target_data`` and write them in place.
 
@@ -169,6 +170,7 @@ def adapt_bn(
         process_group=process_group,
         amp=amp,
         channels_last=channels_last,
+        input_key=input_key,
     )
     target = population_stats(collection)
     mixed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -54,7 +54,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import sync
-from .distributed import local_batchnorm
+from .distributed import local_batchnorm, local_sync_forward
+from .intercept import Observation, observed
 from .stats import MomentAccumulator
 
 #: |mean|/std above which a layer's batch moments are computed in float64 from its input.
@@ -68,7 +69,7 @@ ROWS = 64
 CHECK_SECONDS = 5.0
 
 F64 = torch.float64
-_NATIVE_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
+_NATIVE_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward, local_sync_forward}
 
 #: called with (layer name, float64 batch means [r, C], float64 biased batch variances [r, C],
 #: elements per channel n) for every block of rows, before it is merged
@@ -165,6 +166,8 @@ class LayerStats:
     max_calls_per_forward: int = 0
     calls_this_forward: int = 0
     samples_this_forward: int = 0
+    max_rows: int = 0  # the largest leading size of one call's input
+    exact_note: str | None = None  # why a custom forward stays on the exact path
     exact_path: bool = False
     # engine state (device tensors are read only at check points)
     blocks: dict[tuple[int, bool], _Block] = field(default_factory=dict)
@@ -239,6 +242,9 @@ class BNCapture:
         self._calls_seen = 0
         self._scratch: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         self._last_check = 0.0
+        # custom-forward layers watched during their first forward (see intercept.observed)
+        self._observing: dict[nn.Module, contextlib.ExitStack] = {}
+        self._observations: dict[nn.Module, Observation] = {}
 
     # -- setup / teardown ---------------------------------------------------------------
     def __enter__(self) -> BNCapture:
@@ -301,10 +307,20 @@ class BNCapture:
             # native: the kernel writes each call's moments; custom forwards: keep the EMA still
             module.momentum = 1.0 if native else 0.0
             self._handles.append(module.register_forward_pre_hook(self._pre_hook(stats)))
+            if not native and _custom_full_precision(module):  # its first forward shows how
+                stack = contextlib.ExitStack()
+                self._observing[module] = stack
+                self._observations[module] = stack.enter_context(observed([module]))[module]
         self._last_check = time.monotonic()
 
     def _restore(self) -> None:
         errors: list[BaseException] = []
+        for stack in self._observing.values():
+            try:
+                stack.close()
+            except BaseException as exc:  # pragma: no cover - defensive
+                errors.append(exc)
+        self._observing.clear()
         for handle in self._handles:
             try:
                 handle.remove()
@@ -345,6 +361,8 @@ class BNCapture:
             batch_rows = int(x.shape[0]) if x.ndim > 1 else 1
             stats.samples += batch_rows
             stats.samples_this_forward += batch_rows
+            if batch_rows > stats.max_rows:
+                stats.max_rows = batch_rows
             if n == 0:
                 return
             if not stats.exact_path:
@@ -415,9 +433,11 @@ class BNCapture:
         NaN/Inf raises :class:`NonFiniteInput`; for a native layer, the batch moments its
         kernel wrote are compared with float64 moments of the same inputs, computed alongside
         in that forward only. A layer whose kernel is off by more than :data:`KERNEL_TOL`
-        (relative variance, mean in units of sigma: ill-conditioned channels, reduced-precision
-        or channels-last kernels that accumulate in float32) keeps the float64 rows and takes
-        the exact path from now on; the others keep the kernel's rows."""
+        (relative variance, mean in units of sigma: reduced-precision or channels-last kernels
+        that accumulate in float32), or whose channels are ill-conditioned (|mean|/std above
+        :data:`ILL_CONDITIONED`: even a kernel that happened to round well on this batch
+        would lose digits on others), keeps the float64 rows and takes the exact path from
+        now on; the others keep the kernel's rows."""
         flags = []
         for stats in fresh:
             bad = torch.zeros((), dtype=torch.bool, device=stats.acc.mean.device)
@@ -427,10 +447,13 @@ class BNCapture:
                     continue
                 means, variances = block.rows()
                 bad = bad | ~torch.isfinite(means.sum() + variances.sum())
-                exact = stats.blocks.get((n, False)) if native else None
+                if not native:
+                    continue
+                off = off | _ill_conditioned(means, variances)  # later batches would lose digits
+                exact = stats.blocks.get((n, False))
                 if exact is not None and exact.used == block.used:
                     off = off | _kernel_off(block, exact)
-                elif native:
+                else:
                     off = torch.ones_like(off)  # no float64 rows to compare with
             flags.append(torch.stack([bad, off]))
         values = sync.fetch([torch.stack(flags).to(torch.float64)])[0].tolist()
@@ -439,6 +462,9 @@ class BNCapture:
             stats.checked = True
             if bad:
                 broken.append(stats)
+                continue
+            if stats.module in self._observing:
+                self._end_observation(stats)
                 continue
             if stats.exact_path:
                 continue
@@ -451,6 +477,27 @@ class BNCapture:
         if broken:
             first = min(broken, key=lambda s: s.first_call)
             raise NonFiniteInput(first.name, self._batch)
+
+    def _end_observation(self, stats: LayerStats) -> None:
+        """After a custom-forward layer's first forward: if every call was one plain
+        batch_norm on its input with its running statistics (timm's BatchNormAct2d,
+        SyncBatchNorm subclasses), its kernel's moments are read from the next forward on,
+        like a native layer's (checked against float64 once more on that forward)."""
+        module = stats.module
+        self._observing.pop(module).close()
+        observation = self._observations.pop(module)
+        if not observation.is_plain:
+            stats.exact_note = "; ".join(dict.fromkeys(observation.problems))
+            return
+        for block in stats.blocks.values():  # the observed forward's float64 rows count
+            self._flush(stats, block)
+        stats.exact_path = False
+        stats.checked = False  # its first fast forward also computes float64 rows
+        module.momentum = 1.0
+        scratch_mean, scratch_var = self._scratch[module]
+        with torch.no_grad():  # momentum 1 computes 0 * old + batch: old values must be finite
+            scratch_mean.zero_()
+            scratch_var.fill_(1.0)
 
     def _flush(self, stats: LayerStats, block: _Block) -> None:
         """Merge a block's rows into the layer's float64 accumulator, keeping device flags
@@ -509,6 +556,17 @@ class BNCapture:
                 for block in stats.blocks.values():
                     self._flush(stats, block)  # checked at the next check point
                 stats.exact_path = True
+
+
+def _custom_full_precision(module: _BatchNorm) -> bool:
+    """A layer with its own forward and float32/float64 running statistics: if that forward
+    turns out to be plain batch norm, the kernel's moments can be read as for a native one."""
+    buf = module.running_mean
+    return (
+        type(module).forward not in _NATIVE_FORWARDS
+        and buf is not None
+        and buf.dtype in (torch.float32, F64)
+    )
 
 
 def _kernel_off(native: _Block, exact: _Block) -> torch.Tensor:

@@ -52,6 +52,12 @@ class Collection:
     order: list[str]
     world_size: int = 1
 
+    @property
+    def max_rows(self) -> int:
+        """The largest leading size of any BN layer's input in one call (the batch size as
+        the BN layers see it)."""
+        return max((st.max_rows for st in self.layers.values()), default=0)
+
     def in_module_order(self, records: list[Any]) -> list[Any]:
         """Records (anything with ``.name``) sorted into module order."""
         rank = {name: i for i, name in enumerate(self.order)}
@@ -107,6 +113,7 @@ def collect(
     channels_last: bool = False,
     observer: RowObserver | None = None,
     on_output: OutputHook | None = None,
+    input_key: str | None = None,
 ) -> Collection:
     """Run ``model`` over the data in collection mode and return the pooled statistics.
 
@@ -114,9 +121,11 @@ def collect(
     ``batches=None`` uses all of the data. Data that runs out before ``batches`` is an error.
     ``device`` (default: where the model is), ``amp`` (``"bf16"``/``"fp16"``: every forward
     under autocast; the statistics are those of the tensors that reach the BN layers) and
-    ``channels_last`` say how the model runs (:mod:`bnscope.runner`). ``observer`` sees the
-    per-call batch moments (:data:`~bnscope.capture.RowObserver`); ``on_output(index, batch,
-    output)`` sees each batch's output of the collection forward (BN with batch statistics).
+    ``channels_last`` say how the model runs, ``call(model, batch)`` or ``input_key`` how it
+    takes a batch (:mod:`bnscope.runner`; by default inputs follow ``forward``'s signature).
+    ``observer`` sees the per-call batch moments (:data:`~bnscope.capture.RowObserver`);
+    ``on_output(index, batch, output)`` sees each batch's output of the collection forward
+    (BN with batch statistics).
 
     Under ``torch.distributed`` (``process_group=None`` uses the default group when it is
     initialized; :data:`bnscope.distributed.LOCAL` turns communication off) ``data`` is this
@@ -128,7 +137,7 @@ def collect(
     whose share is empty is fine when ``batches`` is None. Every rank must call this the same
     number of times, with the same model.
     """
-    runner = make_runner(model, call, device, amp, channels_last)
+    runner = make_runner(model, call, device, amp, channels_last, input_key)
     group = distributed.resolve_group(process_group)
     options = dict(
         batches=batches, runner=runner, progress=progress, only_training=only_training,
@@ -161,7 +170,10 @@ def _reduce(collection: Collection, group: Any) -> None:
         + [float(collection.batches), float(collection.samples)],
         dtype=torch.float64,
     )
-    maxima = torch.tensor([float(s.max_calls_per_forward) for s in stats], dtype=torch.float64)
+    maxima = torch.tensor(
+        [float(s.max_calls_per_forward) for s in stats] + [float(s.max_rows) for s in stats],
+        dtype=torch.float64,
+    )
     total, peak = distributed.reduce_moments([s.acc for s in stats], group, sums, maxima)
     counts = [int(round(v)) for v in (total.tolist() if total is not None else [])]
     peaks = [int(round(v)) for v in (peak.tolist() if peak is not None else [])]
@@ -169,6 +181,7 @@ def _reduce(collection: Collection, group: Any) -> None:
         st.calls = counts[i]
         st.samples = counts[n + i]
         st.max_calls_per_forward = peaks[i]
+        st.max_rows = peaks[n + i]
         st.calls_this_forward = 0
     collection.batches = counts[2 * n]
     collection.samples = counts[2 * n + 1]
@@ -217,7 +230,7 @@ def _collect_local(
                     if on_output is not None:
                         on_output(done, batch, out)
                     done += 1
-                    samples += _batch_len(batch)
+                    samples += runner.samples(batch)
                     if progress is not None:
                         progress(done, batches)
                 try:
@@ -248,21 +261,15 @@ def _non_finite(exc: NonFiniteInput) -> DataError:
     )
 
 
-def _batch_len(batch: Any) -> int:
-    try:
-        inputs, _ = split_batch(batch)
-    except Exception:  # noqa: BLE001
-        return 0
-    return int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) and inputs.ndim else 0
-
-
 def _forward_error(exc: BaseException, index: int, where: str, batch: Any) -> DataError:
     text = _first_line(exc)
     if "Expected more than 1 value per channel" in text:
         return DataError(
             f"BN layer {where} got 1 value per channel in batch {index} (batch of one sample): "
             "batch statistics need at least 2",
-            "use --batch-size 2 or more (and drop a last batch of 1)",
+            "use --batch-size 2 or more, or --drop-last to leave out an incomplete last batch "
+            "(a data factory batches itself: make it yield 2 or more samples per batch, e.g. "
+            "DataLoader(..., drop_last=True))",
         )
     return DataError(
         f"the model failed on batch {index} (input {_shape_of(batch)}) in {where}: "

@@ -435,34 +435,44 @@ def payload_bytes(num_features: Sequence[int]) -> int:
 # SyncBatchNorm
 
 
-def _plain_forward(module: nn.SyncBatchNorm, x: torch.Tensor) -> torch.Tensor:
+def local_sync_forward(module: nn.SyncBatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """``SyncBatchNorm.forward`` without the synchronization: exactly what it does itself when
+    no process group is initialized (``_BatchNorm``'s forward on this process's batch)."""
     return nn.modules.batchnorm._BatchNorm.forward(module, x)
+
+
+_SYNC_FORWARD = nn.SyncBatchNorm.forward
+_local_depth = 0
 
 
 @contextlib.contextmanager
 def local_batchnorm(*models: nn.Module) -> Iterator[None]:
-    """Every ``SyncBatchNorm`` in ``models`` runs as a plain BatchNorm for the block.
+    """``SyncBatchNorm`` layers (and their subclasses) normalize with this process's batch for
+    the block.
 
-    In training mode under a process group, ``SyncBatchNorm`` all-reduces every batch's
-    statistics (and refuses CPU tensors). bnscope wants each rank's own batch statistics
-    (ranks then pool float64 sufficient statistics once, at the end), so the block gives each
-    ``SyncBatchNorm`` instance ``_BatchNorm``'s forward. The modules keep their class, so state
-    dicts and pickled modules keep their form; the instance attribute is removed on exit."""
-    patched: list[nn.Module] = []
-    seen: set[int] = set()
+    Without an initialized process group ``SyncBatchNorm`` already does (nothing changes).
+    Under one, in training mode it all-reduces every batch's statistics (and refuses CPU
+    tensors), while bnscope wants each rank's own batch statistics (ranks then pool float64
+    sufficient statistics once, at the end). The block therefore swaps
+    ``SyncBatchNorm.forward`` itself, at the class, for :func:`local_sync_forward`: a subclass
+    whose forward calls ``super().forward`` and then applies an activation or drop-path
+    (timm's ``SyncBatchNormAct``) keeps its own forward and loses only the synchronization.
+    Modules keep their class; the class attribute is put back on exit (nested blocks are
+    fine). ``models`` is accepted for symmetry with other mode managers; every SyncBatchNorm
+    of the process is local during the block."""
+    global _local_depth
+    if not (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    _local_depth += 1
     try:
-        for model in models:
-            for module in model.modules():
-                if isinstance(module, nn.SyncBatchNorm) and id(module) not in seen:
-                    seen.add(id(module))
-                    if "forward" in module.__dict__:
-                        continue  # already patched (or customised) by someone else
-                    module.forward = _plain_forward.__get__(module)  # type: ignore[method-assign]
-                    patched.append(module)
+        if _local_depth == 1:
+            nn.SyncBatchNorm.forward = local_sync_forward  # type: ignore[method-assign]
         yield
     finally:
-        for module in patched:
-            module.__dict__.pop("forward", None)
+        _local_depth -= 1
+        if _local_depth == 0:
+            nn.SyncBatchNorm.forward = _SYNC_FORWARD  # type: ignore[method-assign]
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,7 +37,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import sync
 from .collect import Call, Progress, check_batches, collect
-from .data import split_batch
 from .errors import DataError
 from .evaluate import (
     Metrics,
@@ -244,6 +243,7 @@ def inspect(
     process_group: Any = None,
     amp: str | torch.dtype | None = None,
     channels_last: bool = False,
+    input_key: str | None = None,
 ) -> Report:
     """Dynamic report: EMA staleness, batch-statistics spread, train/test inconsistency, usage.
 
@@ -271,7 +271,7 @@ def inspect(
             "dynamic inspection reads the data twice, but it is a one-shot iterator",
             "pass a re-iterable (a DataLoader or a list of batches), not a generator",
         )
-    runner = make_runner(model, call, device, amp, channels_last)
+    runner = make_runner(model, call, device, amp, channels_last, input_key)
     total = None if batches is None else 2 * batches
 
     def first(done: int, _: int | None) -> None:
@@ -296,7 +296,7 @@ def inspect(
 
     def keep_output(index: int, batch: Any, out: Any) -> None:
         logits = logits_of(out)
-        labels = split_batch(batch)[1]
+        labels = runner.labels(batch)
         _, is_cls, ok_labels = batch_kind(logits, labels)
         first_pass["labelled"] = first_pass["labelled"] and ok_labels
         batch_scores.add(logits, labels=labels if ok_labels else None)
@@ -309,6 +309,7 @@ def inspect(
             model, data, batches=batches, call=runner.call, device=runner.device,
             progress=first, process_group=process_group, amp=runner.amp,
             channels_last=runner.channels_last, observer=observe, on_output=keep_output,
+            input_key=input_key,
         )  # fmt: skip
         pop = population_stats(collection)
         # every layer that ran (on any rank) has a spread, in module order: ranks pool them

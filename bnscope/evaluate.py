@@ -19,7 +19,6 @@ from torch.nn import functional as F
 
 from . import sync
 from .collect import check_batches
-from .data import split_batch
 from .errors import DataError
 from .runner import Runner, make_runner, placed
 
@@ -179,7 +178,7 @@ def labelled_batches(
     device and memory format), each with its labels (None without)."""
     for batch in itertools.islice(data, batches):
         batch = runner.prepare(batch)
-        yield batch, split_batch(batch)[1]
+        yield batch, runner.labels(batch)
 
 
 def batch_kind(ref: torch.Tensor, labels: Any) -> tuple[int, bool, bool]:
@@ -284,6 +283,7 @@ def evaluate_models(
     device: torch.device | str | None = None,
     amp: str | torch.dtype | None = None,
     channels_last: bool = False,
+    input_key: str | None = None,
 ) -> Evaluation:
     """Run every model on the same batches, each in its mode: ``"eval"`` (running statistics,
     the default) or ``"batch"`` (BN with test-batch statistics, see :func:`batch_stats_mode`).
@@ -301,7 +301,7 @@ def evaluate_models(
     modes = modes or {}
     names = list(models)
     first = names[0]
-    runner = make_runner(models[first], call, device, amp, channels_last)
+    runner = make_runner(models[first], call, device, amp, channels_last, input_key)
     scores = {k: Scores() for k in names}
     classes = labelled = True
     samples = done = 0
@@ -362,11 +362,12 @@ def compare_models(
     device: torch.device | str | None = None,
     amp: str | torch.dtype | None = None,
     channels_last: bool = False,
+    input_key: str | None = None,
 ) -> Comparison:
     """Both models in eval mode on the same batches (see :func:`evaluate_models`)."""
     ev = evaluate_models(
         {"a": model_a, "b": model_b}, data, batches=batches, call=call, device=device, amp=amp,
-        channels_last=channels_last,
+        channels_last=channels_last, input_key=input_key,
     )  # fmt: skip
     return Comparison(
         a=ev.metrics["a"],

@@ -48,7 +48,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import sync
 from .collect import Call, Progress, check_batches, collect
-from .data import split_batch
 from .errors import DataError, UsageError
 from .evaluate import (
     Metrics,
@@ -61,6 +60,7 @@ from .evaluate import (
     read_scores,
     using_statistics,
 )
+from .intercept import BatchNormCall, redirected
 from .nn import ChunkStats, ghost_chunk_sizes, normalize_chunks
 from .precise import population_stats
 from .records import Finding, GhostLayer, GhostLayerSize, GhostSize, Report
@@ -188,71 +188,44 @@ def _expected_abs_log_var(
 @contextlib.contextmanager
 def ghost_forwards(
     layers: dict[str, _BatchNorm], g: int, probes: dict[str, _NoiseProbe] | None = None
-) -> Iterator[None]:
+) -> Iterator[dict[str, list[int]]]:
     """Within the block, the given BN layers normalize every chunk of ``g`` samples with the
-    chunk's own statistics (whatever their mode) and never touch their buffers; ``probes``
-    record the chunk statistics. Each module's own ``forward`` is restored on exit."""
-    missing = object()
-    saved: dict[_BatchNorm, Any] = {}
-    try:
-        for name, module in layers.items():
-            saved[module] = module.__dict__.get("forward", missing)
-            probe = probes.get(name) if probes else None
-            module.forward = _ghost_forward(module, g, probe)
-        yield
-    finally:
-        for module, previous in saved.items():
-            if previous is missing:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = previous
+    chunk's own statistics, whatever their mode, through their own forward: the batch_norm
+    call it makes with the layer's running statistics returns the chunk-normalized input
+    instead (:func:`bnscope.intercept.redirected`), so an activation or dropout after it still
+    applies, and no buffer is touched. ``probes`` record the chunk statistics. Yields, per
+    layer name, ``[forward calls, chunked calls]``. Each module's forward is restored on
+    exit."""
+    by_module = {module: name for name, module in layers.items()}
+
+    def chunked(name: str) -> Callable[[BatchNormCall], torch.Tensor]:
+        probe = probes.get(name) if probes else None
+
+        def replace(call: BatchNormCall) -> torch.Tensor:
+            x = call.input
+            if x.ndim < 2:
+                raise ValueError(f"expected an input of shape [N, C, ...], got {tuple(x.shape)}")
+            spatial = math.prod(x.shape[2:])
+            sizes = ghost_chunk_sizes(x.shape[0], g, spatial)
+            if sizes[0] * spatial == 1:
+                raise ValueError("Expected more than 1 value per channel when training")
+            y, stats = normalize_chunks(x, sizes, call.eps, call.weight, call.bias)
+            if probe is not None:
+                probe.add(sizes, stats)
+            return y
+
+        return replace
+
+    with redirected({module: chunked(name) for name, module in layers.items()}) as counts:
+        yield {by_module[m]: c for m, c in counts.items()}
 
 
-def _ghost_forward(
-    module: _BatchNorm, g: int, probe: _NoiseProbe | None
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.ndim < 2:
-            raise ValueError(f"expected an input of shape [N, C, ...], got {tuple(x.shape)}")
-        spatial = math.prod(x.shape[2:])
-        sizes = ghost_chunk_sizes(x.shape[0], g, spatial)
-        if sizes[0] * spatial == 1:
-            raise ValueError("Expected more than 1 value per channel when training")
-        y, stats = normalize_chunks(x, sizes, module.eps, module.weight, module.bias)
-        if probe is not None:
-            probe.add(sizes, stats)
-        return y
-
-    return forward
-
-
-def _batch_size(data: Iterable[Any], distributed_run: bool = False) -> int:
-    """The first batch's size (0 for empty data under a process group: a rank may get an
-    empty shard; the caller takes the largest over ranks)."""
-    iterator = iter(data)
-    if iterator is data:
+def _check_reiterable(data: Iterable[Any]) -> None:
+    if iter(data) is data:
         raise UsageError(
             "the ghost analysis reads the data twice, but it is a one-shot iterator",
             "pass a re-iterable (a DataLoader or a list of batches), not a generator",
         )
-    try:
-        first = next(iterator)
-    except StopIteration:
-        if distributed_run:
-            return 0
-        raise DataError("the data yielded no batches", "check --data (is it empty?)") from None
-    finally:
-        shutdown = getattr(iterator, "_shutdown_workers", None)
-        if callable(shutdown):
-            with contextlib.suppress(Exception):
-                shutdown()
-    inputs, _ = split_batch(first)
-    if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2:
-        raise DataError(
-            "cannot tell the batch size: the batch's input is not a tensor of shape [N, C, ...]",
-            "pass --input-key, or call= returning the model input",
-        )
-    return int(inputs.shape[0])
 
 
 def ghost_analysis(
@@ -267,6 +240,7 @@ def ghost_analysis(
     process_group: Any = None,
     amp: str | torch.dtype | None = None,
     channels_last: bool = False,
+    input_key: str | None = None,
 ) -> Report:
     """Normalization-batch-size analysis: chunk-statistics noise per layer and the model's
     outputs with batch statistics of chunks of each size g, against population statistics.
@@ -284,37 +258,35 @@ def ghost_analysis(
 
     wanted = parse_sizes(sizes)
     check_batches(batches)
-    runner = make_runner(model, call, device, amp, channels_last)
+    runner = make_runner(model, call, device, amp, channels_last, input_key)
     group = distributed.resolve_group(process_group)
-    with distributed.failures_announced(group):
-        local_size = _batch_size(data, group is not None)
-    batch_size = int(distributed.all_reduce_max(torch.tensor([local_size]), group)[0])
-    if batch_size == 0:
-        raise DataError("the data yielded no batches", "check --data (is it empty?)")
-    run = [g for g in wanted if g <= batch_size]
-    if not run:
-        raise DataError(
-            f"the data's batches hold {batch_size} samples, fewer than every ghost size "
-            f"({', '.join(map(str, wanted))})",
-            f"use --batch-size {wanted[0]} or more, or smaller --sizes",
-        )
+    _check_reiterable(data)
     total = None if batches is None else 2 * batches
 
     def first_pass(done: int, _: int | None) -> None:
         if progress is not None:
             progress(done, total)
 
-    ref_scores = Scores()
-    scores = {g: Scores() for g in run}
     samples = 0
     labelled = classes = True
     done = 0
+    unchunked: set[str] = set()
     with placed(model, runner):
         collection = collect(
             model, data, batches=batches, call=runner.call, device=runner.device,
             progress=first_pass, process_group=process_group, amp=runner.amp,
-            channels_last=runner.channels_last,
+            channels_last=runner.channels_last, input_key=input_key,
         )  # fmt: skip
+        batch_size = collection.max_rows  # as the BN layers see it (pooled over ranks)
+        run = [g for g in wanted if g <= batch_size]
+        if not run:
+            raise DataError(
+                f"the data's batches hold {batch_size} samples, fewer than every ghost size "
+                f"({', '.join(map(str, wanted))})",
+                f"use --batch-size {wanted[0]} or more, or smaller --sizes",
+            )
+        ref_scores = Scores()
+        scores = {g: Scores() for g in run}
         pop = population_stats(collection)
         targets = {name: collection.layers[name].module for name in pop}
         probes = {
@@ -345,8 +317,9 @@ def ghost_analysis(
                     ref = logits_of(runner(model, batch))
                     outs = {}
                     for g in run:
-                        with ghost_forwards(targets, g, probes[g]):
+                        with ghost_forwards(targets, g, probes[g]) as counts:
                             outs[g] = logits_of(runner(model, batch))
+                        unchunked.update(n for n, (c, hit) in counts.items() if hit < c)
                 n, is_cls, ok_labels = batch_kind(ref, labels)
                 samples += n
                 classes = classes and is_cls
@@ -376,11 +349,16 @@ def ghost_analysis(
             "the data yielded no batches on its second reading",
             "pass a re-iterable (a DataLoader or a list of batches), not a generator",
         )
+    if group is not None:  # a layer left unchunked on any rank is reported by every rank
+        names = list(collection.layers)
+        flags = torch.tensor([float(n in unchunked) for n in names], dtype=torch.float64)
+        distributed.all_reduce_max(flags, group)
+        unchunked = {n for n, f in zip(names, flags.tolist(), strict=True) if f}
     _reduce_all(probes, ref_scores, scores, group)
     read_scores([ref_scores, *scores.values()])
     probe_sums = _probe_sums(probes)
     return _report(collection, probes, probe_sums, run, wanted, batch_size, ref_scores, scores,
-                   samples, labelled, classes, forwards)  # fmt: skip
+                   samples, labelled, classes, forwards, unchunked)  # fmt: skip
 
 
 def _probe_sums(probes: dict[int, dict[str, _NoiseProbe]]) -> dict[int, dict[str, torch.Tensor]]:
@@ -458,6 +436,7 @@ def _report(
     labelled: bool,
     classes: bool,
     forwards: int,
+    unchunked: set[str],
 ) -> Report:
     results = {
         g: {name: p.result(g, probe_sums[g][name]) for name, p in ps.items()}
@@ -465,7 +444,16 @@ def _report(
     }
     layers: list[GhostLayer] = []
     for name, st in collection.layers.items():
-        if name in probes[run[0]]:
+        if name in unchunked:
+            layers.append(
+                GhostLayer(
+                    name, st.module.num_features, "skipped",
+                    "its forward makes no batch_norm call with its running statistics, so it "
+                    "cannot be split into ghost batches (it normalized with population "
+                    "statistics)",
+                )
+            )  # fmt: skip
+        elif name in probes[run[0]]:
             per = tuple(results[g][name] for g in run)
             layers.append(
                 GhostLayer(

@@ -129,6 +129,7 @@ def precise_bn(
     process_group: Any = None,
     amp: str | torch.dtype | None = None,
     channels_last: bool = False,
+    input_key: str | None = None,
 ) -> Report:
     """Recompute every BN layer's running statistics exactly and write them in place.
 
@@ -156,6 +157,7 @@ def precise_bn(
         process_group=process_group,
         amp=amp,
         channels_last=channels_last,
+        input_key=input_key,
     )
     stats = population_stats(collection)
     records, arrays = layer_records(collection, stats)

@@ -11,15 +11,16 @@ tensor (device, dtype and memory format as before; nothing is copied back).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import inspect
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .data import move_to, split_batch
-from .errors import UsageError
+from .data import LABEL_KEYS, move_to, split_batch
+from .errors import DataError, UsageError
 
 Call = Callable[[nn.Module, Any], Any]
 
@@ -34,9 +35,98 @@ AMP_DTYPES: dict[str, torch.dtype] = {
 
 
 def default_call(model: nn.Module, batch: Any) -> Any:
-    """``model(inputs)`` where inputs are the batch's first item (or the tensor itself)."""
-    inputs, _ = split_batch(batch)
-    return model(inputs)
+    """The model on a batch by :class:`BatchProtocol` (its inputs, in ``forward``'s order)."""
+    args, kwargs, _ = BatchProtocol.for_model(model).split(batch)
+    return model(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class BatchProtocol:
+    """How a batch becomes the model's inputs, its labels and its sample count.
+
+    - a tensor is the one input;
+    - a tuple/list holds the inputs first, as many as ``forward`` takes positionally without
+      a default (at least one: ``(x, y)`` for ``forward(x)``, ``(a, b, y)`` for
+      ``forward(a, b)``), then the labels when the next item is a tensor;
+    - a dict gives ``input_key``'s entry when set; otherwise, when every parameter ``forward``
+      requires is a key, ``model(**entries)`` with every key that ``forward`` names; otherwise
+      the first of :data:`bnscope.data.INPUT_KEYS`. Labels come from the first of
+      :data:`bnscope.data.LABEL_KEYS` that is not an input.
+
+    The sample count of a batch is the leading size of its first input tensor.
+    """
+
+    positional: int = 1
+    parameters: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
+    input_key: str | None = None
+
+    @classmethod
+    def for_model(cls, model: nn.Module, input_key: str | None = None) -> BatchProtocol:
+        try:
+            params = list(inspect.signature(model.forward).parameters.values())
+        except (TypeError, ValueError):  # a builtin or C forward: one input
+            return cls(1, (), (), input_key)
+        positional_kinds = (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        )
+        required = [
+            p.name for p in params
+            if p.kind in positional_kinds and p.default is inspect.Parameter.empty
+        ]  # fmt: skip
+        named = tuple(
+            p.name for p in params if p.kind in (*positional_kinds, inspect.Parameter.KEYWORD_ONLY)
+        )
+        return cls(max(1, len(required)), named, tuple(required), input_key)
+
+    def split(self, batch: Any) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tensor | None]:
+        """``(args, kwargs, labels)`` of a batch (labels None when absent)."""
+        if isinstance(batch, torch.Tensor):
+            return (batch,), {}, None
+        if isinstance(batch, (tuple, list)):
+            if not batch:
+                raise DataError(
+                    "a batch is an empty sequence",
+                    "make the data yield (inputs, labels) or inputs",
+                )
+            k = min(self.positional, len(batch))
+            rest = batch[k] if len(batch) > k else None
+            return tuple(batch[:k]), {}, rest if isinstance(rest, torch.Tensor) else None
+        if isinstance(batch, Mapping):
+            if self.input_key is None and self.required and all(
+                name in batch for name in self.required
+            ):
+                kwargs = {k: v for k, v in batch.items() if k in self.parameters}
+                label_key = next((k for k in LABEL_KEYS if k in batch and k not in kwargs), None)
+                label = batch[label_key] if label_key is not None else None
+                return (), kwargs, label if isinstance(label, torch.Tensor) else None
+            inputs, label = split_batch(batch, self.input_key)
+            return (inputs,), {}, label
+        inputs, label = split_batch(batch, self.input_key)
+        return (inputs,), {}, label
+
+    def samples(self, batch: Any) -> int:
+        """The leading size of the batch's first input tensor (0 when there is none)."""
+        try:
+            args, kwargs, _ = self.split(batch)
+        except DataError:
+            args, kwargs = (batch,), {}
+        for t in _tensors((args, kwargs)):
+            return int(t.shape[0]) if t.ndim else 1
+        return 0
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor inside nested tuples, lists and dicts, depth first."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            yield from _tensors(v)
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _tensors(v)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -95,14 +185,16 @@ def resolve_amp(amp: str | torch.dtype | None, device: torch.device) -> torch.dt
 
 @dataclass(frozen=True)
 class Runner:
-    """One way of running a model on batches: ``call`` on ``device``, under autocast to
-    ``amp`` (None: no autocast), with 4-D/5-D floating inputs in channels-last layout when
-    ``channels_last``."""
+    """One way of running a model on batches: on ``device``, under autocast to ``amp`` (None:
+    no autocast), with 4-D/5-D floating inputs in channels-last layout when
+    ``channels_last``; through ``call(model, batch)`` when given, else by ``protocol``
+    (:class:`BatchProtocol`), which also finds every batch's labels and sample count."""
 
-    call: Call
+    call: Call | None
     device: torch.device
     amp: torch.dtype | None = None
     channels_last: bool = False
+    protocol: BatchProtocol = BatchProtocol()
 
     def prepare(self, batch: Any) -> Any:
         """The batch on the run's device (and memory format)."""
@@ -110,9 +202,26 @@ class Runner:
 
     def __call__(self, model: nn.Module, batch: Any) -> Any:
         if self.amp is None:
-            return self.call(model, batch)
+            return self._run(model, batch)
         with torch.autocast(self.device.type, dtype=self.amp):
+            return self._run(model, batch)
+
+    def _run(self, model: nn.Module, batch: Any) -> Any:
+        if self.call is not None:
             return self.call(model, batch)
+        args, kwargs, _ = self.protocol.split(batch)
+        return model(*args, **kwargs)
+
+    def labels(self, batch: Any) -> torch.Tensor | None:
+        """The batch's labels, or None (also when the batch's form has none)."""
+        try:
+            return self.protocol.split(batch)[2]
+        except DataError:
+            return None
+
+    def samples(self, batch: Any) -> int:
+        """Samples in the batch: the leading size of its first input tensor."""
+        return self.protocol.samples(batch)
 
 
 def make_runner(
@@ -121,11 +230,14 @@ def make_runner(
     device: torch.device | str | None = None,
     amp: str | torch.dtype | None = None,
     channels_last: bool = False,
+    input_key: str | None = None,
 ) -> Runner:
-    """A :class:`Runner` from the public functions' ``call``, ``device``, ``amp`` and
-    ``channels_last`` arguments (validated: :class:`UsageError` for a bad value)."""
+    """A :class:`Runner` from the public functions' ``call``, ``device``, ``amp``,
+    ``channels_last`` and ``input_key`` arguments (validated: :class:`UsageError` for a bad
+    value)."""
     dev = resolve_device(device, model)
-    return Runner(call or default_call, dev, resolve_amp(amp, dev), bool(channels_last))
+    protocol = BatchProtocol.for_model(model, input_key)
+    return Runner(call, dev, resolve_amp(amp, dev), bool(channels_last), protocol)
 
 
 def _memory_format(t: torch.Tensor, channels_last: bool) -> torch.memory_format | None:

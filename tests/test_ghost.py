@@ -247,7 +247,8 @@ def test_model_state_is_restored_on_success_and_failure():
     assert_same_state(before, snapshot(model))
 
     class Fails:
-        """Good batches for the collection pass, then a wrong shape in the ghost pass."""
+        """Good batches for the collection pass (the first reading), then a wrong shape in the
+        ghost pass (the second)."""
 
         def __init__(self) -> None:
             self.reads = 0
@@ -255,7 +256,7 @@ def test_model_state_is_restored_on_success_and_failure():
         def __iter__(self):
             self.reads += 1
             for i in range(3):
-                bad = self.reads > 2 and i == 1
+                bad = self.reads > 1 and i == 1
                 yield torch.randn(8, 5 if bad else 3, 8, 8)
 
     with pytest.raises(DataError, match="ghost pass"):
