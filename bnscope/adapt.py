@@ -24,7 +24,14 @@ from torch import nn
 from . import sync
 from .collect import Call, Collection, Progress, collect
 from .errors import UsageError
-from .precise import population_stats, usage_findings, write_stats
+from .precise import (
+    frozen_kept_reason,
+    layer_eps,
+    population_stats,
+    usage_findings,
+    writable,
+    write_stats,
+)
 from .records import AdaptLayer, Finding, Report
 from .stats import log_var_ratio, normalized_mean_shift
 
@@ -62,6 +69,7 @@ def _shift_records(
     collection: Collection,
     target: dict[str, tuple[torch.Tensor, torch.Tensor]],
     weights: dict[str, float],
+    include_frozen: bool = False,
 ) -> tuple[list[AdaptLayer], dict[str, dict[str, Any]]]:
     """Per-layer shift records (module order) and the tensors behind them, computed on the
     buffers' device and read back in one transfer."""
@@ -73,7 +81,7 @@ def _shift_records(
         mu_t, var_t = target[name]
         mu_s = mod.running_mean.detach().to(torch.float64)
         var_s = mod.running_var.detach().to(torch.float64)
-        eps = mod.eps
+        eps = layer_eps(mod)
         d_mu = normalized_mean_shift(mu_s, mu_t, var_t, eps)
         d_var = log_var_ratio(var_s, var_t, eps)
         kl = symmetric_kl(mu_s, var_s + eps, mu_t, var_t + eps)
@@ -93,19 +101,28 @@ def _shift_records(
         if name not in summaries:
             records.append(
                 AdaptLayer(
-                    name, mod.num_features, "not-called", "never ran on the target data; kept"
+                    name, st.num_features, "not-called", "never ran on the target data; kept"
                 )
             )
             continue
         records.append(
             AdaptLayer(
-                name, mod.num_features, "updated", None, st.calls, st.max_calls_per_forward,
+                name, st.num_features, *_status(st, include_frozen), st.calls,
+                st.max_calls_per_forward,
                 st.samples, weights[name], *summaries[name],
             )
         )  # fmt: skip
     for sk in collection.skipped:
         records.append(AdaptLayer(sk.name, sk.num_features, "skipped", sk.reason))
     return collection.in_module_order(records), arrays
+
+
+def _status(st: Any, include_frozen: bool) -> tuple[str, str | None]:
+    if not st.frozen:
+        return "updated", None
+    if include_frozen:
+        return "updated", f"frozen BN ({type(st.module).__name__}): re-estimated"
+    return "frozen", frozen_kept_reason(st.module)
 
 
 def shift_findings(records: list[AdaptLayer], threshold: float = SHIFT_KL) -> list[Finding]:
@@ -121,8 +138,12 @@ def shift_findings(records: list[AdaptLayer], threshold: float = SHIFT_KL) -> li
                     f"target statistics differ from the source: median symmetric KL "
                     f"{rec.kl_median:.3g} (max {rec.kl_max:.3g}), median |d_mu| "
                     f"{rec.d_mu_median:.3g}, median |log var ratio| {rec.d_var_median:.3g}",
-                    "use the adapted statistics on this domain (bnscope adapt writes them); "
-                    "keep the source checkpoint for source-domain data",
+                    (
+                        "adapt this frozen layer too with include_frozen=True (--include-frozen)"
+                        if rec.status == "frozen"
+                        else "use the adapted statistics on this domain (bnscope adapt writes "
+                        "them); keep the source checkpoint for source-domain data"
+                    ),
                 )
             )
     return out
@@ -143,6 +164,7 @@ def adapt_bn(
     amp: str | torch.dtype | None = None,
     channels_last: bool = False,
     input_key: str | None = None,
+    include_frozen: bool = False,
 ) -> Report:
     """Re-estimate every BN layer's statistics on ``target_data`` and write them in place.
 
@@ -151,7 +173,9 @@ def adapt_bn(
     layer saw). Returns an ``adapt`` report: per-layer :class:`~bnscope.records.AdaptLayer`
     (where in the network the domain differs), ``domain-shift`` findings for layers whose
     median symmetric KL exceeds ``shift_threshold``, and source/target tensors in ``arrays``.
-    The model's modes, momentum, hooks and ``num_batches_tracked`` are restored.
+    The model's modes, momentum, hooks and ``num_batches_tracked`` are restored. Frozen BN
+    layers (``FrozenBatchNorm2d``) are measured and reported with status ``"frozen"``; with
+    ``include_frozen=True`` they are adapted too (AdaBN for a frozen detection backbone).
 
     Under ``torch.distributed`` each rank passes its share of the target data; statistics and
     sample counts are pooled over all ranks (see :func:`~bnscope.collect.collect`;
@@ -171,6 +195,7 @@ def adapt_bn(
         amp=amp,
         channels_last=channels_last,
         input_key=input_key,
+        include_frozen=include_frozen,
     )
     target = population_stats(collection)
     mixed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -183,8 +208,8 @@ def adapt_bn(
         mu, var, lam = mix_with_prior(mu_s, var_s, mu_t, var_t, float(prior), st.samples)
         mixed[name] = (mu, var)
         weights[name] = lam
-    records, arrays = _shift_records(collection, target, weights)
-    write_stats(collection, mixed)
+    records, arrays = _shift_records(collection, target, weights, include_frozen)
+    write_stats(collection, writable(collection, mixed, include_frozen))
     findings = shift_findings(records, shift_threshold) + usage_findings(
         records, "the layer never ran on the target data: its source statistics were kept"
     )

@@ -81,6 +81,33 @@ def is_batchnorm(module: nn.Module) -> bool:
     return isinstance(module, _BatchNorm)
 
 
+def is_frozen_batchnorm(module: nn.Module) -> bool:
+    """A frozen BN layer: running statistics (``running_mean`` and ``running_var`` buffers of
+    the same 1-D shape) but no batch-statistics mode, i.e. not a ``_BatchNorm``: torchvision's
+    and detectron2's ``FrozenBatchNorm2d`` and the like. Its forward always normalizes with the
+    stored statistics."""
+    if isinstance(module, _BatchNorm):
+        return False
+    mean = module._buffers.get("running_mean")
+    var = module._buffers.get("running_var")
+    return (
+        isinstance(mean, torch.Tensor)
+        and isinstance(var, torch.Tensor)
+        and mean.ndim == 1
+        and mean.shape == var.shape
+        and mean.is_floating_point()
+    )
+
+
+def num_features(module: nn.Module) -> int:
+    """Channels of a BN layer (frozen ones have no ``num_features`` attribute)."""
+    n = getattr(module, "num_features", None)
+    if isinstance(n, int):
+        return n
+    mean = module._buffers.get("running_mean")
+    return int(mean.numel()) if isinstance(mean, torch.Tensor) else 0
+
+
 def _native(module: nn.Module) -> bool:
     """PyTorch's own BN forward with float32/float64 buffers: its running_mean/var can carry
     the batch moments. float16/bfloat16 buffers would round each batch mean to the dtype (up to
@@ -159,8 +186,10 @@ class LayerStats:
     """What was collected for one BN layer."""
 
     name: str
-    module: _BatchNorm
+    module: nn.Module
     acc: MomentAccumulator
+    num_features: int = 0
+    frozen: bool = False  # a frozen BN layer (no batch-statistics mode of its own)
     calls: int = 0
     samples: int = 0
     max_calls_per_forward: int = 0
@@ -226,9 +255,11 @@ class BNCapture:
         *,
         only_training: bool = False,
         observer: RowObserver | None = None,
+        include_frozen: bool = False,
     ) -> None:
         self.model = model
         self.only_training = only_training
+        self.include_frozen = include_frozen
         self.observer = observer
         self.layers: dict[str, LayerStats] = {}
         self.skipped: list[SkippedLayer] = []
@@ -264,7 +295,12 @@ class BNCapture:
         for module in self.model.modules():
             self._saved.training[module] = module.training
         targets: list[tuple[str, _BatchNorm]] = []
+        frozen: list[tuple[str, nn.Module]] = []
         for name, module in self.model.named_modules():
+            if is_frozen_batchnorm(module):
+                self.order.append(name or "(root)")
+                frozen.append((name or "(root)", module))
+                continue
             if not is_batchnorm(module):
                 continue
             label = name or "(root)"
@@ -287,7 +323,9 @@ class BNCapture:
             self._saved.momentum[module] = module.momentum
             self._saved.buffers[module] = {n: module._buffers.get(n) for n in _STAT_BUFFERS}
             device = module.running_mean.device
-            stats = LayerStats(label, module, MomentAccumulator(module.num_features, device))
+            stats = LayerStats(
+                label, module, MomentAccumulator(module.num_features, device), module.num_features
+            )
             self.layers[label] = stats
             module.training = True
             native = _native(module)
@@ -311,6 +349,15 @@ class BNCapture:
                 stack = contextlib.ExitStack()
                 self._observing[module] = stack
                 self._observations[module] = stack.enter_context(observed([module]))[module]
+        for label, module in frozen:
+            self._saved.buffers[module] = {n: module._buffers.get(n) for n in _STAT_BUFFERS}
+            mean = module._buffers["running_mean"]
+            stats = LayerStats(
+                label, module, MomentAccumulator(mean.numel(), mean.device), mean.numel(),
+                frozen=True, exact_path=True, checked=False,
+            )  # fmt: skip
+            self.layers[label] = stats
+            self._handles.append(module.register_forward_pre_hook(self._frozen_hook(stats)))
         self._last_check = time.monotonic()
 
     def _restore(self) -> None:
@@ -332,7 +379,7 @@ class BNCapture:
         except BaseException as exc:  # pragma: no cover - defensive
             errors.append(exc)
         for module, momentum in self._saved.momentum.items():
-            module.momentum = momentum
+            module.momentum = momentum  # type: ignore[assignment]
         for module, buffers in self._saved.buffers.items():
             for name, value in buffers.items():
                 if name in module._buffers:
@@ -385,6 +432,43 @@ class BNCapture:
             var, mean = torch.var_mean(x.detach().to(F64), dim=dims, correction=0)
             mean_row.copy_(mean)
             var_row.copy_(var)
+
+        return hook
+
+    def _frozen_hook(self, stats: LayerStats) -> Any:
+        """A frozen layer: float64 moments of its input, and with ``include_frozen`` its own
+        forward normalizes with this call's batch statistics (its running_mean/running_var
+        slots hold them for the call), as a BatchNorm in training mode would."""
+        saved = self._saved.buffers[stats.module]
+
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            channels = x.shape[1] if x.ndim > 1 else x.numel()
+            n = x.numel() // max(channels, 1)
+            if stats.calls == 0:
+                stats.first_call = self._calls_seen
+            self._calls_seen += 1
+            stats.calls += 1
+            stats.calls_this_forward += 1
+            rows = int(x.shape[0]) if x.ndim > 1 else 1
+            stats.samples += rows
+            stats.samples_this_forward += rows
+            stats.max_rows = max(stats.max_rows, rows)
+            if n == 0:
+                return
+            block = stats.blocks.get((n, False))
+            if block is None:
+                block = stats.blocks[(n, False)] = _Block(channels, n, F64, x.device, False)
+            mean_row, var_row = block.take(self._batch)
+            dims = [d for d in range(x.ndim) if d != 1]
+            var, mean = torch.var_mean(x.detach().to(F64), dim=dims, correction=0)
+            mean_row.copy_(mean)
+            var_row.copy_(var)
+            if self.include_frozen:
+                own_mean, own_var = saved["running_mean"], saved["running_var"]
+                assert own_mean is not None and own_var is not None
+                module._buffers["running_mean"] = mean.to(own_mean.dtype)
+                module._buffers["running_var"] = var.to(own_var.dtype)
 
         return hook
 

@@ -114,6 +114,7 @@ def collect(
     observer: RowObserver | None = None,
     on_output: OutputHook | None = None,
     input_key: str | None = None,
+    include_frozen: bool = False,
 ) -> Collection:
     """Run ``model`` over the data in collection mode and return the pooled statistics.
 
@@ -125,7 +126,9 @@ def collect(
     takes a batch (:mod:`bnscope.runner`; by default inputs follow ``forward``'s signature).
     ``observer`` sees the per-call batch moments (:data:`~bnscope.capture.RowObserver`);
     ``on_output(index, batch, output)`` sees each batch's output of the collection forward
-    (BN with batch statistics).
+    (BN with batch statistics). Frozen BN layers are measured (their inputs pooled) while they
+    normalize with their stored statistics, or, with ``include_frozen``, with batch
+    statistics like the others.
 
     Under ``torch.distributed`` (``process_group=None`` uses the default group when it is
     initialized; :data:`bnscope.distributed.LOCAL` turns communication off) ``data`` is this
@@ -141,7 +144,7 @@ def collect(
     group = distributed.resolve_group(process_group)
     options = dict(
         batches=batches, runner=runner, progress=progress, only_training=only_training,
-        observer=observer, on_output=on_output,
+        observer=observer, on_output=on_output, include_frozen=include_frozen,
     )  # fmt: skip
     if group is None:
         return _collect_local(model, data, allow_empty=False, **options)
@@ -199,6 +202,7 @@ def _collect_local(
     allow_empty: bool,
     observer: RowObserver | None,
     on_output: OutputHook | None,
+    include_frozen: bool = False,
 ) -> Collection:
     """One process's collection (no communication)."""
     check_batches(batches)
@@ -207,7 +211,9 @@ def _collect_local(
     names = {id(m): n for n, m in model.named_modules() if n}
     with (
         placed(model, runner),
-        BNCapture(model, only_training=only_training, observer=observer) as cap,
+        BNCapture(
+            model, only_training=only_training, observer=observer, include_frozen=include_frozen
+        ) as cap,
     ):
         iterator = iter(data)
         try:

@@ -50,7 +50,7 @@ from .evaluate import (
     read_scores,
     using_statistics,
 )
-from .precise import layer_records, population_stats, usage_findings
+from .precise import layer_eps, layer_records, population_stats, usage_findings
 from .records import Finding, InspectLayer, Report
 from .render.text import pct
 from .runner import make_runner, placed
@@ -206,12 +206,12 @@ def _spread_arrays(collection: Any, spreads: dict[str, _Spread]) -> dict[str, di
     for name in names:
         sp = spreads[name]
         mod = collection.layers[name].module
-        tracked = mod.num_batches_tracked
+        tracked = mod._buffers.get("num_batches_tracked")
         parts += [
             sp.means.population_var,
             sp.uvars.population_mean,
             sp.uvars.population_var,
-            torch.cat(sp.trace) if sp.trace else sp.means.mean.new_zeros(0, mod.num_features),
+            torch.cat(sp.trace) if sp.trace else sp.means.mean.new_zeros(0, sp.means.num_features),
             (tracked if tracked is not None else torch.zeros((), dtype=torch.long)).reshape(1),
         ]
     host = iter(sync.fetch(parts))
@@ -317,8 +317,8 @@ def inspect(
         spreads = {
             name: spreads.get(name)
             or _Spread(
-                MomentAccumulator(st.module.num_features, st.acc.mean.device),
-                MomentAccumulator(st.module.num_features, st.acc.mean.device),
+                MomentAccumulator(st.num_features, st.acc.mean.device),
+                MomentAccumulator(st.num_features, st.acc.mean.device),
             )
             for name, st in collection.layers.items()
             if name in pop
@@ -330,6 +330,7 @@ def inspect(
                 var.to(collection.layers[name].module.running_var.dtype),
             )
             for name, (mean, var) in pop.items()
+            if not collection.layers[name].frozen  # bnscope precise keeps frozen statistics
         }
         scores = {k: Scores() for k in ("running", "precise", "paired", "direct")}
         samples = done = 0
@@ -482,18 +483,18 @@ def _layer_records(
         if rec.status == "skipped":
             records.append(InspectLayer(name, rec.num_features, "skipped", rec.reason))
             continue
-        mod = collection.layers[name].module
-        if rec.status != "updated":
-            records.append(
-                InspectLayer(name, rec.num_features, rec.status, rec.reason, mod.momentum)
-            )
+        st = collection.layers[name]
+        mod = st.module
+        momentum = getattr(mod, "momentum", None)
+        if rec.status not in ("updated", "frozen"):
+            records.append(InspectLayer(name, rec.num_features, rec.status, rec.reason, momentum))
             continue
         pa = precise_arrays[name]
         mean_r, var_r, mean_p, var_p = pa["old_mean"], pa["old_var"], pa["new_mean"], pa["new_var"]
         d_mu, d_var = pa["d_mu"], pa["d_var"]
-        sigma2 = var_p + mod.eps
+        sigma2 = var_p + layer_eps(mod)
         sp = host.get(name)
-        factor = _ema_factor(mod, sp["tracked"] if sp else None)
+        factor = None if st.frozen else _ema_factor(mod, sp["tracked"] if sp else None)
         calls = spreads[name].means.count if name in spreads else 0
         var_mu_b = sp["var_mu_b"] if calls else torch.zeros_like(mean_p)
         mean_uvar = sp["mean_uvar"] if calls else var_p
@@ -507,7 +508,12 @@ def _layer_records(
             spread_mu = _median(var_mu_b.sqrt() / sigma2.sqrt())
             spread_var = _median(var_uvar.sqrt() / mean_uvar.clamp_min(1e-30))
         zs = [z for z in (z_mu, z_var) if z is not None]
-        if max(rec.d_mu_median, rec.d_var_median) <= MATERIAL_GAP:
+        reason = None
+        if st.frozen:  # no EMA to be stale or noisy: the stored statistics against this data
+            status, reason = "frozen", (
+                f"frozen BN ({type(mod).__name__}): stored statistics, compared with this data"
+            )
+        elif max(rec.d_mu_median, rec.d_var_median) <= MATERIAL_GAP:
             status = "ok"
         elif not zs:
             status = "unknown"
@@ -515,13 +521,13 @@ def _layer_records(
             status = "stale" if max(zs) > STALE_Z else "noisy"
         records.append(
             InspectLayer(
-                name, rec.num_features, status, None, mod.momentum, rec.calls_per_forward, calls,
+                name, rec.num_features, status, reason, momentum, rec.calls_per_forward, calls,
                 rec.d_mu_max, rec.d_mu_median, rec.d_var_max, rec.d_var_median,
                 z_mu, z_var, noise_mu, spread_mu, spread_var,
             )
         )  # fmt: skip
         worst = torch.argsort(d_mu, descending=True)[:TRACE_CHANNELS]
-        trace = sp["trace"] if sp else torch.zeros(0, mod.num_features)
+        trace = sp["trace"] if sp else torch.zeros(0, st.num_features)
         arrays[name] = {
             "d_mu": d_mu,
             "d_var": d_var,

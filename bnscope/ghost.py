@@ -287,7 +287,11 @@ def ghost_analysis(
             )
         ref_scores = Scores()
         scores = {g: Scores() for g in run}
-        pop = population_stats(collection)
+        pop = {  # frozen BN layers normalize with stored statistics at every batch size
+            name: stats
+            for name, stats in population_stats(collection).items()
+            if not collection.layers[name].frozen
+        }
         targets = {name: collection.layers[name].module for name in pop}
         probes = {
             g: {
@@ -444,10 +448,18 @@ def _report(
     }
     layers: list[GhostLayer] = []
     for name, st in collection.layers.items():
-        if name in unchunked:
+        if st.frozen:
             layers.append(
                 GhostLayer(
-                    name, st.module.num_features, "skipped",
+                    name, st.num_features, "skipped",
+                    f"frozen BN ({type(st.module).__name__}): it normalizes with its stored "
+                    "statistics at every batch size",
+                )
+            )  # fmt: skip
+        elif name in unchunked:
+            layers.append(
+                GhostLayer(
+                    name, st.num_features, "skipped",
                     "its forward makes no batch_norm call with its running statistics, so it "
                     "cannot be split into ghost batches (it normalized with population "
                     "statistics)",
@@ -456,13 +468,11 @@ def _report(
         elif name in probes[run[0]]:
             per = tuple(results[g][name] for g in run)
             layers.append(
-                GhostLayer(
-                    name, st.module.num_features, "analysed", None, st.max_calls_per_forward, per
-                )
+                GhostLayer(name, st.num_features, "analysed", None, st.max_calls_per_forward, per)
             )
         else:
             layers.append(
-                GhostLayer(name, st.module.num_features, "not-called", "never ran on the data")
+                GhostLayer(name, st.num_features, "not-called", "never ran on the data")
             )
     for sk in collection.skipped:
         layers.append(GhostLayer(sk.name, sk.num_features, "skipped", sk.reason))

@@ -24,13 +24,24 @@ from .stats import log_var_ratio, normalized_mean_shift
 ARRAY_KEYS = ("old_mean", "old_var", "new_mean", "new_var", "d_mu", "d_var")
 
 
+def frozen_kept_reason(module: nn.Module) -> str:
+    return (
+        f"frozen BN ({type(module).__name__}): measured against the data, statistics kept; "
+        "include_frozen=True (--include-frozen) re-estimates it"
+    )
+
+
 def layer_records(
-    collection: Collection, new_stats: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    collection: Collection,
+    new_stats: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    include_frozen: bool = False,
 ) -> tuple[list[PreciseLayer], dict[str, dict[str, Any]]]:
     """Per-layer change records (module order) and the old/new tensors behind them (CPU).
 
     ``new_stats`` must be on the devices of the layers' buffers (:func:`population_stats`).
-    Everything is computed on that device and read back in one transfer."""
+    Everything is computed on that device and read back in one transfer. Frozen BN layers
+    are measured like any layer; unless ``include_frozen`` their status is ``"frozen"``
+    (statistics kept)."""
     records: list[PreciseLayer] = []
     names = [name for name in collection.layers if name in new_stats]
     parts: list[torch.Tensor] = []
@@ -39,8 +50,9 @@ def layer_records(
         mean, var = new_stats[name]
         old_mean = mod.running_mean.detach().to(torch.float64)
         old_var = mod.running_var.detach().to(torch.float64)
-        d_mu = normalized_mean_shift(old_mean, mean, var, mod.eps)
-        d_var = log_var_ratio(old_var, var, mod.eps)
+        eps = layer_eps(mod)
+        d_mu = normalized_mean_shift(old_mean, mean, var, eps)
+        d_var = log_var_ratio(old_var, var, eps)
         summary = torch.stack([d_mu.max(), d_mu.median(), d_var.max(), d_var.median()])
         parts += [old_mean, old_var, mean, var, d_mu, d_var, summary]
     host = iter(sync.fetch(parts))
@@ -53,13 +65,20 @@ def layer_records(
         mod = st.module
         if name in summaries:
             mu_max, mu_med, var_max, var_med = summaries[name]
+            status, reason = "updated", None
+            if st.frozen:
+                status, reason = (
+                    ("updated", f"frozen BN ({type(mod).__name__}): re-estimated")
+                    if include_frozen
+                    else ("frozen", frozen_kept_reason(mod))
+                )
             rec = PreciseLayer(
-                name, mod.num_features, "updated", None, st.calls, st.max_calls_per_forward,
+                name, st.num_features, status, reason, st.calls, st.max_calls_per_forward,
                 st.samples, st.acc.count, mu_max, mu_med, var_max, var_med,
             )  # fmt: skip
         else:
             rec = PreciseLayer(
-                name, mod.num_features, "not-called", "never ran on the data; statistics kept"
+                name, st.num_features, "not-called", "never ran on the data; statistics kept"
             )
         records.append(rec)
     for sk in collection.skipped:
@@ -93,6 +112,21 @@ def usage_findings(records: list[PreciseLayer], fix_not_called: str) -> list[Fin
                 )
             )
     return out
+
+
+def layer_eps(module: nn.Module) -> float:
+    """The layer's eps (1e-5, PyTorch's default, for a frozen layer without one)."""
+    eps = getattr(module, "eps", None)
+    return float(eps) if isinstance(eps, (int, float)) else 1e-5
+
+
+def writable(
+    collection: Collection,
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    include_frozen: bool,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The statistics to write: frozen BN layers only when ``include_frozen``."""
+    return {k: v for k, v in stats.items() if include_frozen or not collection.layers[k].frozen}
 
 
 def population_stats(collection: Collection) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -130,11 +164,15 @@ def precise_bn(
     amp: str | torch.dtype | None = None,
     channels_last: bool = False,
     input_key: str | None = None,
+    include_frozen: bool = False,
 ) -> Report:
     """Recompute every BN layer's running statistics exactly and write them in place.
 
     Population statistics over ``batches`` batches (all of ``data`` when None) with the model
-    fixed and BN normalizing with batch statistics. Layers that never ran keep their
+    fixed and BN normalizing with batch statistics. Frozen BN layers (``FrozenBatchNorm2d``:
+    no batch-statistics mode) are measured and reported with status ``"frozen"``; with
+    ``include_frozen=True`` they normalize with batch statistics during collection, like the
+    others, and get population statistics written too. Layers that never ran keep their
     statistics (``not-called``); ``track_running_stats=False`` layers are skipped; with
     ``only_training=True`` so are layers in eval mode. Every module's mode, momentum, hooks and
     ``num_batches_tracked`` are as before. Returns a ``precise`` report: per-layer
@@ -158,10 +196,11 @@ def precise_bn(
         amp=amp,
         channels_last=channels_last,
         input_key=input_key,
+        include_frozen=include_frozen,
     )
     stats = population_stats(collection)
-    records, arrays = layer_records(collection, stats)
-    write_stats(collection, stats)
+    records, arrays = layer_records(collection, stats, include_frozen)
+    write_stats(collection, writable(collection, stats, include_frozen))
     findings = usage_findings(
         records, "check the forward: the layer is defined but unused, or the data skips its branch"
     )

@@ -105,6 +105,8 @@ class StaticLayer(Record):
     tiny_var_channels: int
     nonfinite_values: int
     negative_var_channels: int
+    #: a frozen BN layer (FrozenBatchNorm2d: no batch-statistics mode); known with model code
+    frozen: bool = False
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ class BNBuffers:
     momentum: float | None = None
     momentum_known: bool = False
     eps: float | None = None
+    frozen: bool = False
 
 
 def find_bn_buffers(state_dict: Mapping[str, Any]) -> list[BNBuffers]:
@@ -77,27 +78,35 @@ def find_bn_buffers(state_dict: Mapping[str, Any]) -> list[BNBuffers]:
 
 
 def module_bn_buffers(model: nn.Module) -> list[BNBuffers]:
-    """BN layers of a live module with their real momentum and eps (tracked layers only).
-    The tensors come back on the CPU, read from the model's device in one transfer."""
+    """BN layers of a live module with their real momentum and eps (tracked layers only),
+    frozen ones (``FrozenBatchNorm2d``) included and marked. The tensors come back on the
+    CPU, read from the model's device in one transfer."""
+    from .capture import is_frozen_batchnorm
     from .sync import fetch
 
     found: list[tuple[str, nn.Module, list[torch.Tensor | None]]] = []
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        frozen = is_frozen_batchnorm(mod)
+        if not (frozen or isinstance(mod, nn.modules.batchnorm._BatchNorm)):
             continue
-        if mod.running_mean is None or mod.running_var is None:
+        tensors = {**mod._parameters, **mod._buffers}
+        if tensors.get("running_mean") is None or tensors.get("running_var") is None:
             continue
-        parts = [mod.running_mean, mod.running_var, mod.num_batches_tracked, mod.weight, mod.bias]
+        names = ("running_mean", "running_var", "num_batches_tracked", "weight", "bias")
+        parts = [tensors.get(n) for n in names]
         found.append((name, mod, [p.detach() if p is not None else None for p in parts]))
     host = iter(fetch([p for _, _, parts in found for p in parts if p is not None]))
     out: list[BNBuffers] = []
     for name, mod, parts in found:
         mean, var, tracked, weight, bias = (next(host) if p is not None else None for p in parts)
         assert mean is not None and var is not None
+        frozen = not isinstance(mod, nn.modules.batchnorm._BatchNorm)
+        eps = getattr(mod, "eps", None)
         out.append(
             BNBuffers(
                 name or "(root)", mean, var, tracked, weight, bias,
-                momentum=mod.momentum, momentum_known=True, eps=float(mod.eps),
+                momentum=None if frozen else mod.momentum, momentum_known=True,
+                eps=float(eps) if isinstance(eps, (int, float)) else None, frozen=frozen,
             )
         )  # fmt: skip
     return out
@@ -170,6 +179,7 @@ def _layer_record(buf: BNBuffers, momentum: float | None, eps: float | None) -> 
         tiny_var_channels=int(tiny.sum()),
         nonfinite_values=nonfinite,
         negative_var_channels=negative,
+        frozen=buf.frozen,
     )
 
 

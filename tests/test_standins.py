@@ -94,7 +94,8 @@ def test_bn_act_layers_take_the_kernel_path_and_are_exact():
     before = snapshot(fixed)
     bnscope.precise_bn(fixed, data)
     assert_exact(fixed, bn_inputs_reference(model, data))
-    after = snapshot(fixed, skip_buffers={f"{n}.running_{s}" for n in "13" for s in ("mean", "var")})
+    written = {f"{n}.running_{s}" for n in "13" for s in ("mean", "var")}
+    after = snapshot(fixed, skip_buffers=written)
     assert_same_state({k: v for k, v in before.items() if k in after}, after)
 
 
@@ -236,3 +237,109 @@ def test_local_sync_batchnorm_is_a_no_op_without_a_process_group():
     original = nn.SyncBatchNorm.forward
     with distributed.local_batchnorm():
         assert nn.SyncBatchNorm.forward is original
+
+
+# --------------------------------------------------------------------------------------------
+# Frozen BN
+
+
+def frozen_model(data: list) -> nn.Module:
+    """A frozen backbone whose stored statistics come from "another domain" (ImageNet-like
+    pretraining): the first layer's are off by a shift and a scale."""
+    from .standins import frozen_backbone
+
+    torch.manual_seed(3)
+    model = frozen_backbone()
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.3)
+        model[1].running_var.fill_(2.0)
+        model[1].weight.uniform_(0.5, 1.5)
+        model[4].running_mean.fill_(0.1)
+        model[4].running_var.fill_(0.5)
+    return model.eval()
+
+
+def frozen_reference(model: nn.Module, data: list, batch_stats: bool) -> dict[str, tuple]:
+    """Float64 population statistics of each frozen layer's input: with every frozen layer
+    normalizing with its stored statistics (the model as it runs), or with batch statistics
+    (a FrozenBatchNorm2d turned into a BatchNorm2d in training mode, the usual AdaBN recipe)."""
+    from .standins import FrozenBatchNorm2d
+
+    m = copy.deepcopy(model).eval()
+    if batch_stats:
+        for i, mod in enumerate(list(m)):
+            if isinstance(mod, FrozenBatchNorm2d):
+                bn = nn.BatchNorm2d(mod.running_mean.numel(), eps=mod.eps, momentum=0.0)
+                with torch.no_grad():
+                    bn.weight.copy_(mod.weight)
+                    bn.bias.copy_(mod.bias)
+                bn.training = True
+                m[i] = bn
+    inputs: dict[str, list[torch.Tensor]] = {}
+    for name in ("1", "4"):
+        m[int(name)].register_forward_pre_hook(
+            lambda mod, a, name=name: inputs.setdefault(name, []).append(a[0].to(F64))
+        )
+    with torch.no_grad():
+        for x, _ in data:
+            m(x)
+    out = {}
+    for name, xs in inputs.items():
+        var, mean = torch.var_mean(torch.cat(xs), dim=(0, 2, 3), correction=0)
+        out[name] = (mean, var)
+    return out
+
+
+def test_frozen_layers_are_found_measured_and_kept_unless_asked():
+    data = images()
+    model = frozen_model(data)
+    static = bnscope.static_inspect(model)
+    assert [(r.name, r.frozen) for r in static.layers] == [("1", True), ("4", True)]
+    assert not any(f.code == "no-batchnorm" for f in static.findings)
+
+    kept = copy.deepcopy(model)
+    before = snapshot(kept)
+    rep = bnscope.precise_bn(kept, data)
+    assert_same_state(before, snapshot(kept))  # measured, not written
+    assert [(r.name, r.status) for r in rep.layers] == [("1", "frozen"), ("4", "frozen")]
+    assert "FrozenBatchNorm2d" in rep.layers[0].reason and "include_frozen" in rep.layers[0].reason
+    ref = frozen_reference(model, data, batch_stats=False)
+    mean, var = ref["1"]
+    d_mu = ((model[1].running_mean.double() - mean).abs() / (var + 1e-5).sqrt())
+    assert rep.layers[0].d_mu_max == pytest.approx(float(d_mu.max()), rel=1e-6)
+    torch.testing.assert_close(rep.arrays["4"]["new_var"], ref["4"][1], rtol=1e-9, atol=0)
+
+    updated = copy.deepcopy(model)
+    rep = bnscope.precise_bn(updated, data, include_frozen=True)
+    assert [r.status for r in rep.layers] == ["updated", "updated"]
+    assert "re-estimated" in rep.layers[0].reason
+    ref = frozen_reference(model, data, batch_stats=True)
+    for name in ("1", "4"):
+        mean, var = ref[name]
+        torch.testing.assert_close(updated[int(name)].running_mean.double(), mean,
+                                   rtol=1e-6, atol=1e-7)  # fmt: skip
+        assert float((updated[int(name)].running_var.double() / var).log().abs().max()) < 1e-6
+    assert torch.equal(updated[1].weight, model[1].weight)  # only the statistics change
+
+
+def test_frozen_layers_in_adapt_inspect_and_ghost():
+    data = images()
+    model = frozen_model(data)
+    shifted = [(x * 2 + 1, y) for x, y in data]
+    m = copy.deepcopy(model)
+    rep = bnscope.adapt_bn(m, [x for x, _ in shifted])
+    assert [r.status for r in rep.layers] == ["frozen", "frozen"]
+    assert torch.equal(m[1].running_mean, model[1].running_mean)
+    shift = [f for f in rep.findings if f.code == "domain-shift"]
+    assert shift and all("include_frozen" in f.fix for f in shift)
+    rep = bnscope.adapt_bn(m, [x for x, _ in shifted], include_frozen=True)
+    assert [r.status for r in rep.layers] == ["updated", "updated"]
+    ref = frozen_reference(model, shifted, batch_stats=True)
+    torch.testing.assert_close(m[1].running_mean.double(), ref["1"][0], rtol=1e-6, atol=1e-7)
+
+    rep = bnscope.inspect(copy.deepcopy(model), data)
+    layers = {r.name: r for r in rep.layers}
+    assert layers["1"].status == "frozen" and layers["1"].d_mu_median > 0.05
+    assert layers["1"].z_mu is None and "stored statistics" in layers["1"].reason
+    rep = bnscope.ghost_analysis(copy.deepcopy(model), data, sizes=[4])
+    assert [(r.status, "frozen" in (r.reason or "")) for r in rep.layers] == [("skipped", True)] * 2

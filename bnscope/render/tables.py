@@ -32,7 +32,7 @@ def static_layers_table(layers: Sequence[StaticLayer]) -> Table:
         tracked = "n/a" if rec.num_batches_tracked is None else str(rec.num_batches_tracked)
         table.add_row(
             str(i),
-            rec.name,
+            f"{rec.name} (frozen)" if rec.frozen else rec.name,
             str(rec.num_features),
             tracked,
             percent(rec.ema_init_weight),
@@ -83,7 +83,9 @@ def summary_line(report: Report) -> Text:
 
 
 def header(report: Report) -> Text:
-    """Where the report came from: checkpoint, wrapper key, prefix, project file, assumptions."""
+    """Where the report came from: checkpoint, wrapper key, prefix, the networks of a
+    checkpoint that holds several (the one reported on marked, the others with their --key),
+    project file, assumptions."""
     extra: dict[str, Any] = report.extra
     lines = []
     if report.checkpoint:
@@ -93,6 +95,17 @@ def header(report: Report) -> Text:
         lines.append(f"state dict under key: {extra['key']!r}")
     if extra.get("prefix"):
         lines.append(f"key prefix stripped: {extra['prefix']!r}")
+    for net in extra.get("networks") or ():  # a checkpoint holding several networks
+        label = net.get("prefix") or net.get("key") or "(top level)"
+        count = net.get("bn_layers", 0)
+        line = f"network {label!r}: {count} BN layer{'s' if count != 1 else ''}"
+        if net.get("ema"):
+            line += ", EMA copy"
+        if net.get("used"):
+            line += " (reported on)"
+        elif net.get("key"):
+            line += f" (--key {net['key']})"
+        lines.append(line)
     if extra.get("model"):
         lines.append(f"model: {extra['model']}")
     if extra.get("project_file"):
