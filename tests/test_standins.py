@@ -343,3 +343,98 @@ def test_frozen_layers_in_adapt_inspect_and_ghost():
     assert layers["1"].z_mu is None and "stored statistics" in layers["1"].reason
     rep = bnscope.ghost_analysis(copy.deepcopy(model), data, sizes=[4])
     assert [(r.status, "frozen" in (r.reason or "")) for r in rep.layers] == [("skipped", True)] * 2
+
+
+# --------------------------------------------------------------------------------------------
+# Several inputs, dict inputs
+
+
+def two_input_data(n: int = 5, batch: int = 12, dict_form: bool = False) -> list:
+    g = torch.Generator().manual_seed(4)
+    out = []
+    for _ in range(n):
+        image = torch.randn(batch, 3, 5, 5, generator=g) + 0.5
+        extra = torch.randn(batch, 5, generator=g) * 2
+        y = torch.randint(0, 4, (batch,), generator=g)
+        if dict_form:
+            out.append({"pixel_values": image, "features": extra, "labels": y, "id": "x"})
+        else:
+            out.append((image, extra, y))
+    return out
+
+
+def two_input_reference(model: nn.Module, data: list) -> dict[str, tuple]:
+    m = copy.deepcopy(model).eval()
+    inputs: dict[str, list[torch.Tensor]] = {}
+    for name in ("bn", "bn1d"):
+        mod = getattr(m, name)
+        mod.training = True
+        mod.momentum = 0.0
+        mod.register_forward_pre_hook(
+            lambda mod, a, name=name: inputs.setdefault(name, []).append(a[0].to(F64))
+        )
+    with torch.no_grad():
+        for b in data:
+            if isinstance(b, dict):
+                m(b["pixel_values"], b["features"])
+            else:
+                m(b[0], b[1])
+    out = {}
+    for name, xs in inputs.items():
+        allx = torch.cat(xs)
+        dims = [d for d in range(allx.ndim) if d != 1]
+        var, mean = torch.var_mean(allx, dim=dims, correction=0)
+        out[name] = (mean, var)
+    return out
+
+
+@pytest.mark.parametrize("form", ["tuple", "dict", "call"])
+def test_models_with_several_inputs_through_every_operation(form: str):
+    from .standins import DictInputs, TwoInputs
+
+    torch.manual_seed(5)
+    model = (DictInputs if form == "dict" else TwoInputs)()
+    data = two_input_data(dict_form=form == "dict")
+    call = None
+    if form == "call":  # batches of another shape, consumed by a call function
+        data = [{"a": a, "b": b, "target": y} for a, b, y in data]
+
+        def call(m: nn.Module, batch: dict) -> torch.Tensor:
+            return m(batch["a"], batch["b"])
+
+    trained(model, [((b["pixel_values"], b["features"]) if isinstance(b, dict) and "labels" in b
+                     else (b["a"], b["b"]) if isinstance(b, dict) else (b[0], b[1]), None)
+                    for b in data], steps=0)  # fmt: skip
+    ref = two_input_reference(model, data if form != "call" else
+                              [(b["a"], b["b"], b["target"]) for b in data])  # fmt: skip
+    m = copy.deepcopy(model)
+    rep = bnscope.precise_bn(m, data, call=call)
+    assert rep.extra["samples"] == 60
+    assert_exact(m, ref)
+    m = copy.deepcopy(model)
+    rep = bnscope.adapt_bn(m, data, call=call)
+    assert rep.extra["samples"] == 60
+    rep = bnscope.inspect(copy.deepcopy(model), data, call=call)
+    c = rep.extra["consistency"]
+    assert c["samples"] == 60
+    assert c["has_labels"] == (form != "call")  # a call= batch's labels are not known
+    rep = bnscope.ghost_analysis(copy.deepcopy(model), data, sizes=[4, 12], call=call)
+    assert rep.extra["batch_size"] == 12 and rep.extra["samples"] == 60
+    assert [row["status"] for row in rep.extra["sizes"]] == ["ok", "ok"]
+
+
+def test_input_key_picks_the_model_input_of_dict_batches():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(3))
+    data = [{"pic": torch.randn(8, 3, 2, 2), "other": torch.randn(8, 3, 2, 2)} for _ in range(3)]
+    with torch.no_grad():
+        model(data[0]["pic"])  # initializes the lazy layer
+    with pytest.raises(bnscope.DataError, match="input_key"):
+        bnscope.precise_bn(copy.deepcopy(model), data)
+    m = copy.deepcopy(model)
+    rep = bnscope.precise_bn(m, data, input_key="pic")
+    assert rep.extra["samples"] == 24
+    x = torch.cat([d["pic"] for d in data])
+    with torch.no_grad():
+        h = model[0](x).double()
+    torch.testing.assert_close(m[1].running_mean.double(), h.mean((0, 2, 3)), rtol=1e-6, atol=1e-7)
