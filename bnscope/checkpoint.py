@@ -14,6 +14,15 @@ Key prefixes added by DataParallel/DDP (``module.``), Lightning (``model.``) and
 ``torch.compile`` (``_orig_mod.``) are kept in :attr:`Checkpoint.state_dict` and stripped only
 when fitting a model whose own keys lack them (:func:`match_to_model`).
 
+A checkpoint may hold more than one network: a Lightning module's state dict with ``model.*``
+next to an EMA copy ``ema_model.module.*`` (and entries such as ``criterion.weight``), or timm's
+top-level ``state_dict`` and ``state_dict_ema``. ``key`` selects one: a dotted path through
+nested dicts, then optionally ``:PREFIX``, the entries of that state dict whose keys start with
+``PREFIX.`` (``"state_dict:ema_model.module"``; the natural ``"state_dict.ema_model.module"``
+works too). :attr:`Checkpoint.networks` describes the networks found, EMA/SWA copies by name;
+:func:`load_into_model` picks the one that fits the model, preferring the raw weights over an
+EMA copy of the same architecture.
+
 :func:`save_checkpoint` writes a copy of the input with some state-dict entries replaced, in the
 input's format and structure (wrapper keys, prefixes, optimizer state and other entries kept),
 through a temporary file and an atomic rename; it never overwrites the input.
@@ -34,7 +43,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, NoReturn
 
 import torch
 from torch import nn
@@ -45,8 +54,10 @@ __all__ = [
     "KNOWN_PREFIXES",
     "WRAPPER_KEYS",
     "Checkpoint",
+    "Network",
     "common_prefix",
     "default_output_path",
+    "find_networks",
     "load_checkpoint",
     "load_into_model",
     "locate_state_dict",
@@ -76,6 +87,46 @@ _UNSAFE_PICKLE = re.compile(r"GLOBAL|safe_globals|allowlist|allowed global")
 _GLOBAL_NAME = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")
 # ... and "this is a pickle opcode it does not implement" (protocol 4 and 5's FRAME etc.).
 _UNSUPPORTED_OP = re.compile(r"Unsupported operand \d+")
+# A key or prefix component that clearly names an EMA or SWA copy of the weights: ema,
+# model_ema, ema_model, state_dict_ema, swa_model, averaged_model, ...
+_EMA_NAME = re.compile(r"(?:^|_)(?:ema|swa)(?:_|$)|^averaged_?model$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Network:
+    """One of several networks a checkpoint holds (see :attr:`Checkpoint.networks`).
+
+    Attributes:
+        key: The ``key`` (``--key``) value that selects it: ``"state_dict:ema_model.module"``
+            for the entries under a prefix, ``"state_dict_ema"`` for a separate state dict.
+            For the raw network that is found automatically, the key of its state dict
+            (``None`` at the top level).
+        prefix: Its key prefix within its state dict (``"ema_model.module."``); ``""`` for a
+            whole state dict, or for the entries that belong to no EMA copy.
+        bn_layers: How many BN layers (``*.running_mean`` with ``*.running_var``) it holds.
+        ema: Whether its name says it is an EMA or SWA copy.
+        path: The wrapper key path of the state dict it lives in.
+    """
+
+    key: str | None
+    prefix: str
+    bn_layers: int
+    ema: bool = False
+    path: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def label(self) -> str:
+        """How reports name it: the prefix, or the key of a whole state dict."""
+        return self.prefix or self.key or "(top level)"
+
+    def to_dict(self, used: bool = False) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "prefix": self.prefix,
+            "bn_layers": self.bn_layers,
+            "ema": self.ema,
+            "used": used,
+        }
 
 
 @dataclass
@@ -89,11 +140,18 @@ class Checkpoint:
         raw: The object as loaded: the top-level dict, the ``nn.Module`` or the ScriptModule
             (for safetensors, the flat dict of tensors).
         key: The wrapper key path of the state dict, dotted for nested wrappers
-            (``"model.state_dict"``), or ``None`` when the state dict is the top level.
-        state_dict: The located state dict with the original key names.
+            (``"model.state_dict"``), or ``None`` when the state dict is the top level; with
+            a prefix selection ``PATH:PREFIX`` (``"state_dict:ema_model.module"``).
+        state_dict: The located state dict with the original key names (with a prefix
+            selection: the entries under :attr:`network_prefix`, that prefix removed).
         module: The module for formats ``"module"`` and ``"torchscript"``, and for a trusted
             ``"torch"`` dict that holds a whole module under :attr:`key`.
         metadata: The safetensors header metadata, if any.
+        network_prefix: The prefix selected by ``key`` (``"ema_model.module."``), ``""``
+            without one; :func:`save_checkpoint` writes updates back under it.
+        networks: The networks found when there is more than one: several prefixes of the
+            located state dict of which one names an EMA/SWA copy, and other state dicts next
+            to it (timm's ``state_dict_ema``). Empty for a checkpoint with one network.
     """
 
     path: Path
@@ -107,6 +165,8 @@ class Checkpoint:
     #: where ``torch.save`` put each storage that was not on the CPU ("cuda:0", ...), keyed by
     #: the address of the CPU storage it was loaded into: written back with the same tag
     locations: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
+    network_prefix: str = ""
+    networks: tuple[Network, ...] = ()
 
     @property
     def trusted_module(self) -> bool:
@@ -116,6 +176,65 @@ class Checkpoint:
         needed ``trust=True`` to load). TorchScript modules are excluded.
         """
         return self.module is not None and self.format in ("module", "torch")
+
+    def used_network(self, prefix: str = "") -> Network | None:
+        """The network in use when ``prefix`` was stripped from :attr:`state_dict`'s keys to
+        fit the model (what :func:`load_into_model` returned); ``None`` when it is none of
+        :attr:`networks` (or there are none)."""
+        full = self.network_prefix + prefix
+        here = self._key_path or ()
+        best: Network | None = None
+        for net in self.networks:
+            if net.path == here and full.startswith(net.prefix):
+                if best is None or len(net.prefix) > len(best.prefix):
+                    best = net
+        return best
+
+    def unused_ema(self, prefix: str = "") -> Network | None:
+        """The first EMA/SWA copy among :attr:`networks` that is not the one in use."""
+        used = self.used_network(prefix)
+        return next((n for n in self.networks if n.ema and n is not used), None)
+
+    def ema_notice(self, prefix: str = "") -> str | None:
+        """One line announcing an EMA copy that is not in use and the ``--key`` to use it."""
+        ema = self.unused_ema(prefix)
+        if ema is None or ema.key is None:
+            return None
+        layers = f"{ema.bn_layers} BN layer{'s' if ema.bn_layers != 1 else ''}"
+        return (
+            f"this checkpoint also holds an EMA copy ('{ema.label}', {layers}): "
+            f"--key {ema.key} to use it"
+        )
+
+    def network_info(self, prefix: str = "") -> dict[str, Any]:
+        """Report keys: ``networks`` (each with ``key``, ``prefix``, ``bn_layers``, ``ema``,
+        ``used``) and ``ema_key`` (the ``--key`` of an EMA copy not in use, or None); empty
+        when the checkpoint holds one network."""
+        if not self.networks:
+            return {}
+        used = self.used_network(prefix)
+        ema = self.unused_ema(prefix)
+        return {
+            "networks": [n.to_dict(used=n is used) for n in self.networks],
+            "ema_key": ema.key if ema is not None else None,
+        }
+
+    def default_network(self) -> Network | None:
+        """Without a model to fit: the network to report on when :attr:`state_dict` holds
+        several (the first that is not an EMA copy); ``None`` when it holds one."""
+        if self.network_prefix:
+            return None
+        here = [n for n in self.networks if n.path == (self._key_path or ())]
+        if len(here) < 2:
+            return None
+        return next((n for n in here if not n.ema), here[0])
+
+    def network_state(self, network: Network) -> dict[str, torch.Tensor]:
+        """The entries of one network of :attr:`state_dict`, its prefix removed."""
+        others = [
+            n.prefix for n in self.networks if n.path == network.path and n.prefix != network.prefix
+        ]
+        return _members(self.state_dict, network.prefix, others)
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +247,8 @@ def load_checkpoint(path: str | Path, *, key: str | None = None, trust: bool = F
     Args:
         path: A ``torch.save`` file, a ``.safetensors`` file or a TorchScript archive.
         key: Which entry holds the state dict (dotted for nested dicts, ``"a.b"``); found
-            automatically when ``None`` (see :func:`locate_state_dict`).
+            automatically when ``None`` (see :func:`locate_state_dict`). ``"PATH:PREFIX"``
+            selects the entries under a key prefix of that state dict (``PATH`` may be empty).
         trust: Allow unpickling arbitrary Python objects (a whole ``nn.Module``). This runs
             code from the file, so it is off by default and files that need it are refused.
 
@@ -154,11 +274,13 @@ def load_checkpoint(path: str | Path, *, key: str | None = None, trust: bool = F
         return Checkpoint(
             p, "module", obj, None, _module_state(obj, p), module=obj, locations=recorder.found
         )
-    state_dict, parts, holder = _locate(obj, key, str(p))
-    module = holder if isinstance(holder, nn.Module) else None
+    found = _locate(obj, key, str(p))
+    parts, prefix = found.parts, found.prefix
+    module = found.holder if isinstance(found.holder, nn.Module) else None
     return Checkpoint(
-        p, "torch", obj, _join(parts), state_dict, module=module, _key_path=parts,
-        locations=recorder.found,
+        p, "torch", obj, _key_name(parts, prefix), found.state_dict, module=module,
+        _key_path=parts, locations=recorder.found, network_prefix=prefix,
+        networks=_describe_networks(obj, parts, found.container),
     )  # fmt: skip
 
 
@@ -221,7 +343,10 @@ def locate_state_dict(
 ) -> tuple[dict[str, torch.Tensor], str | None]:
     """Find the state dict inside a loaded checkpoint object.
 
-    With ``key`` the entry at that (dotted) path is used. Otherwise, in this order:
+    With ``key`` the entry at that (dotted) path is used; ``"PATH:PREFIX"`` takes the entries
+    of that state dict under ``PREFIX.`` (prefix removed), and a dotted path that goes on
+    past a state dict's level continues as such a prefix (``"state_dict.ema_model.module"``
+    is ``"state_dict:ema_model.module"``). Otherwise, in this order:
 
     1. an ``nn.Module`` gives its ``state_dict()``;
     2. a dict whose values are all tensors is the state dict (key ``None``);
@@ -232,13 +357,13 @@ def locate_state_dict(
 
     Returns:
         The state dict (the object itself where possible, so original key names and
-        ``_metadata`` are kept) and the key path used.
+        ``_metadata`` are kept) and the key path used (``"PATH:PREFIX"`` for a prefix).
 
     Raises:
         CheckpointError: ``key`` does not exist, or no state dict is found.
     """
-    state_dict, parts, _ = _locate(obj, key, "the checkpoint")
-    return state_dict, _join(parts)
+    found = _locate(obj, key, "the checkpoint")
+    return found.state_dict, _key_name(found.parts, found.prefix)
 
 
 def _check_file(p: Path) -> int:
@@ -288,10 +413,11 @@ def _is_torchscript_zip(p: Path) -> bool:
 
 
 def _load_safetensors(p: Path, key: str | None) -> Checkpoint:
-    if key is not None:
+    path, prefix = _parse_key(key) if key is not None else ("", None)
+    if key is not None and path and prefix is not None:
         raise CheckpointError(
             f"--key {key} does not apply: safetensors files hold one flat state dict",
-            "leave out --key",
+            f"leave out --key, or select a key prefix with --key :{prefix.rstrip('.')}",
         )
     try:
         import safetensors
@@ -304,7 +430,22 @@ def _load_safetensors(p: Path, key: str | None) -> Checkpoint:
         raise CheckpointError(
             f"cannot read {p} as a safetensors file: {_reason(exc)}", _FIX_UNREADABLE
         ) from exc
-    return Checkpoint(p, "safetensors", tensors, None, tensors, metadata=metadata or None)
+    state: dict[str, torch.Tensor] = tensors
+    if key is not None:
+        if prefix is None:  # a bare --key can only name a key prefix here
+            prefix = _normal_prefix(path)
+            if not _has_prefix(tensors, prefix):
+                raise CheckpointError(
+                    f"--key {key} does not apply: safetensors files hold one flat state dict "
+                    f"(key prefixes: {_list_prefixes(tensors)})",
+                    "leave out --key, or pass --key :PREFIX with one of those prefixes",
+                )
+        state = _select_prefix(tensors, prefix, (), str(p))
+    return Checkpoint(
+        p, "safetensors", tensors, _key_name((), prefix or ""), state,
+        metadata=metadata or None, network_prefix=prefix or "",
+        networks=_describe_networks(tensors, (), tensors),
+    )  # fmt: skip
 
 
 def _load_torchscript(p: Path, key: str | None) -> Checkpoint:
@@ -436,22 +577,39 @@ def _parses_as_pickle(p: Path) -> bool:
         return False
 
 
-def _locate(
-    obj: Any, key: str | None, where: str
-) -> tuple[dict[str, torch.Tensor], tuple[str, ...], Any]:
-    """Return (state dict, key path, object at that path) or raise CheckpointError."""
+class _Located(NamedTuple):
+    state_dict: dict[str, torch.Tensor]  # what was selected (entries under prefix, stripped)
+    parts: tuple[str, ...]  # wrapper key path
+    holder: Any  # the object at that path
+    prefix: str  # the key prefix selected within the state dict, "" for none
+    container: dict[str, torch.Tensor]  # the whole state dict at that path
+
+
+def _locate(obj: Any, key: str | None, where: str) -> _Located:
+    """Find the state dict (and the key prefix selected in it) or raise CheckpointError."""
     if key is not None:
-        parts, value = _walk(obj, key, where)
+        path, prefix = _parse_key(key)
+        parts, value, rest = _walk_partial(obj, path)
+        if rest and prefix is None and isinstance(value, Mapping):
+            # "state_dict.model": the path goes on past a state dict: a key prefix within it
+            found = _find(value, parts)
+            if found is not None and _has_prefix(found[0], _normal_prefix(rest)):
+                sd, parts, holder = found
+                prefix = _normal_prefix(rest)
+                return _Located(_select_prefix(sd, prefix, parts, where), parts, holder, prefix, sd)
+        if rest:
+            _walk_error(parts, value, rest, where)
         found = _find(value, parts)
         if found is None:
-            raise CheckpointError(
-                f"entry '{key}' in {where} holds {_describe(value)}, not a state dict",
-                _FIX_KEY,
-            )
-        return found
+            what = f"entry '{path}' in {where}" if path else where
+            raise CheckpointError(f"{what} holds {_describe(value)}, not a state dict", _FIX_KEY)
+        sd, parts, holder = found
+        if prefix:
+            return _Located(_select_prefix(sd, prefix, parts, where), parts, holder, prefix, sd)
+        return _Located(sd, parts, holder, "", sd)
     found = _find(obj, ())
     if found is not None:
-        return found
+        return _Located(found[0], found[1], found[2], "", found[0])
     if isinstance(obj, Mapping):
         if not obj:
             raise CheckpointError(f"no state dict found in {where}: it is an empty dict", _FIX_KEY)
@@ -490,15 +648,20 @@ def _find(
 
 def _walk(obj: Any, key: str, where: str) -> tuple[tuple[str, ...], Any]:
     """Follow a dotted key path; a literal key containing dots wins over splitting it."""
+    parts, value, rest = _walk_partial(obj, key)
+    if rest:
+        _walk_error(parts, value, rest, where)
+    return parts, value
+
+
+def _walk_partial(obj: Any, key: str) -> tuple[tuple[str, ...], Any, str]:
+    """Follow a dotted key path as far as it goes: (parts, value reached, rest not found)."""
     parts: list[str] = []
     value = obj
     rest = key
     while rest:
         if not isinstance(value, Mapping):
-            at = f"entry '{_join(tuple(parts))}'" if parts else where
-            raise CheckpointError(
-                f"cannot look up '{rest}': {at} holds {_describe(value)}, not a dict", _FIX_KEY
-            )
+            break
         pieces = rest.split(".")
         for i in range(len(pieces), 0, -1):
             head = ".".join(pieces[:i])
@@ -508,13 +671,237 @@ def _walk(obj: Any, key: str, where: str) -> tuple[tuple[str, ...], Any]:
                 rest = ".".join(pieces[i:])
                 break
         else:
-            at = f"entry '{_join(tuple(parts))}'" if parts else where
-            level = "its keys" if parts else "top-level keys"
-            raise CheckpointError(
-                f"no entry '{pieces[0]}' in {at}: {level} are {_list_keys(value)}",
-                "pass --key with one of those keys",
-            )
-    return tuple(parts), value
+            break
+    return tuple(parts), value, rest
+
+
+def _walk_error(parts: tuple[str, ...], value: Any, rest: str, where: str) -> NoReturn:
+    at = f"entry '{_join(parts)}'" if parts else where
+    if not isinstance(value, Mapping):
+        raise CheckpointError(
+            f"cannot look up '{rest}': {at} holds {_describe(value)}, not a dict", _FIX_KEY
+        )
+    piece = rest.split(".")[0]
+    if value and all(isinstance(v, torch.Tensor) for v in value.values()):
+        raise CheckpointError(
+            f"no entry '{piece}' in {at}, and no key starts with '{_normal_prefix(rest)}': "
+            f"it is a state dict with key prefixes {_list_prefixes(value)}",
+            "pass --key with one of those prefixes (PATH:PREFIX, e.g. state_dict:model)",
+        )
+    level = "its keys" if parts else "top-level keys"
+    raise CheckpointError(
+        f"no entry '{piece}' in {at}: {level} are {_list_keys(value)}",
+        "pass --key with one of those keys",
+    )
+
+
+def _parse_key(key: str) -> tuple[str, str | None]:
+    """``"state_dict:ema_model.module"`` -> ``("state_dict", "ema_model.module.")``; a key
+    without ``:`` -> ``(key, None)``; an empty prefix (``"state_dict:"``) -> ``""``."""
+    if ":" not in key:
+        return key, None
+    path, _, prefix = key.rpartition(":")
+    return path, _normal_prefix(prefix)
+
+
+def _normal_prefix(prefix: str) -> str:
+    """``"ema_model.module"`` -> ``"ema_model.module."`` (``""`` stays ``""``)."""
+    prefix = prefix.strip().rstrip(".")
+    return f"{prefix}." if prefix else ""
+
+
+def _key_name(parts: tuple[str, ...], prefix: str) -> str | None:
+    """The key that selects a state dict and a prefix in it: ``"state_dict:model"``."""
+    path = _join(parts)
+    if not prefix:
+        return path
+    return f"{path or ''}:{prefix.rstrip('.')}"
+
+
+def _has_prefix(state_dict: Mapping[str, Any], prefix: str) -> bool:
+    n = len(prefix)
+    return bool(prefix) and any(
+        isinstance(k, str) and k.startswith(prefix) and len(k) > n for k in state_dict
+    )
+
+
+def _select_prefix(
+    state_dict: Mapping[str, Any], prefix: str, parts: tuple[str, ...], where: str
+) -> dict[str, torch.Tensor]:
+    """The entries under ``prefix``, prefix removed (``_metadata`` renamed to match)."""
+    if not prefix:
+        return dict(state_dict)
+    if not _has_prefix(state_dict, prefix):
+        at = f"the state dict under '{_join(parts)}' in {where}" if parts else f"{where}"
+        raise CheckpointError(
+            f"no key of {at} starts with '{prefix}': its key prefixes are "
+            f"{_list_prefixes(state_dict)}",
+            f"pass --key {_join(parts) or ''}:PREFIX with one of those prefixes",
+        )
+    return _members(state_dict, prefix, ())
+
+
+def _members(
+    state_dict: Mapping[str, Any], prefix: str, others: Iterable[str]
+) -> dict[str, torch.Tensor]:
+    """The entries under ``prefix`` with it removed; for ``prefix == ""`` every entry not
+    under one of ``others``. ``_metadata`` follows the keys."""
+    n = len(prefix)
+    if prefix:
+        out: dict[str, torch.Tensor] = OrderedDict(
+            (k[n:], v) for k, v in state_dict.items() if k.startswith(prefix) and len(k) > n
+        )
+    else:
+        skip = tuple(o for o in others if o)
+        out = OrderedDict((k, v) for k, v in state_dict.items() if not k.startswith(skip))
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        root = prefix[:-1]
+        new_meta: OrderedDict[str, Any] = OrderedDict()
+        for name, value in metadata.items():
+            if prefix and name == root:
+                new_meta[""] = value
+            elif prefix and name.startswith(prefix):
+                new_meta[name[n:]] = value
+            elif not prefix and not (name + ".").startswith(tuple(o for o in others if o)):
+                new_meta[name] = value
+        out._metadata = new_meta  # type: ignore[attr-defined]
+    return out
+
+
+def _key_groups(keys: Iterable[str]) -> list[str]:
+    """The key prefixes of a state dict: each first component, extended by the known
+    wrapper prefixes its entries all share (``"ema_model.module."``), in key order."""
+    rests: dict[str, list[str]] = {}
+    for k in keys:
+        if isinstance(k, str) and "." in k:
+            head, rest = k.split(".", 1)
+            rests.setdefault(head, []).append(rest)
+    groups = []
+    for head, items in rests.items():
+        # entries directly under the group (AveragedModel's n_averaged) do not stop the chain
+        dotted = [r for r in items if "." in r]
+        groups.append(f"{head}.{common_prefix(dotted)}")
+    return groups
+
+
+def _list_prefixes(state_dict: Mapping[str, Any]) -> str:
+    groups = _key_groups(state_dict)
+    if not groups:
+        return "(none)"
+    shown = ", ".join(groups[:_MAX_KEYS_LISTED])
+    if len(groups) > _MAX_KEYS_LISTED:
+        shown += f", ... ({len(groups) - _MAX_KEYS_LISTED} more)"
+    return shown
+
+
+def _bn_bases(keys: Iterable[str]) -> list[str]:
+    """``"a.b."`` for every BN layer ``a.b`` (``*.running_mean`` with ``*.running_var``)."""
+    keys = [k for k in keys if isinstance(k, str)]
+    present = set(keys)
+    bases = []
+    for k in keys:
+        if k == "running_mean" or k.endswith(".running_mean"):
+            base = k[: -len("running_mean")]
+            if base + "running_var" in present:
+                bases.append(base)
+    return bases
+
+
+def _is_ema(name: str | None) -> bool:
+    """Whether a key path or prefix names an EMA/SWA copy (by any of its components)."""
+    if not name:
+        return False
+    return any(_EMA_NAME.search(part) for part in re.split(r"[.:]", name) if part)
+
+
+def find_networks(state_dict: Mapping[str, Any], key: str | None = None) -> tuple[Network, ...]:
+    """The networks one state dict holds under different key prefixes.
+
+    Keys are grouped by prefix (the first component, extended by the wrapper prefixes all its
+    entries share: ``ema_model.module.``); the groups with BN layers are networks when one of
+    them names an EMA/SWA copy (``ema_model``, ``model_ema``, ``swa_model``, ...) and there
+    is at least one other. The non-EMA groups form one network: under their prefix when there
+    is one such group (``model.``), otherwise every entry not under an EMA prefix (prefix
+    ``""``). Entries that belong to no network (``criterion.weight``) are left out.
+
+    Args:
+        state_dict: A flat state dict.
+        key: The ``key`` that selected it in its checkpoint, to phrase :attr:`Network.key`.
+
+    Returns:
+        The networks, the raw one first, or ``()`` when the state dict holds one network.
+    """
+    return _networks_in(state_dict, key, ())
+
+
+def _networks_in(
+    state_dict: Mapping[str, Any], key: str | None, parts: tuple[str, ...]
+) -> tuple[Network, ...]:
+    bases = _bn_bases(state_dict)
+    if not bases:
+        return ()
+    counted = [(g, sum(1 for b in bases if b.startswith(g))) for g in _key_groups(state_dict)]
+    counted = [(g, n) for g, n in counted if n]
+    emas = [(g, n) for g, n in counted if _is_ema(g)]
+    raw = [(g, n) for g, n in counted if not _is_ema(g)]
+    if not emas or len(counted) < 2:
+        return ()
+    nets: list[Network] = []
+    if len(raw) == 1:
+        group, n = raw[0]
+        nets.append(Network(_sub_key(key, group), group, n, False, parts))
+    elif raw:
+        ema_prefixes = tuple(g for g, _ in emas)
+        n = sum(1 for b in bases if not b.startswith(ema_prefixes))
+        nets.append(Network(key, "", n, False, parts))
+    for group, n in emas:
+        nets.append(Network(_sub_key(key, group), group, n, True, parts))
+    return tuple(nets)
+
+
+def _sub_key(key: str | None, prefix: str) -> str:
+    """The key selecting ``prefix`` within the state dict that ``key`` selected."""
+    path, selected = _parse_key(key) if key else ("", None)
+    full = (selected or "") + prefix
+    return f"{path}:{full.rstrip('.')}"
+
+
+def _describe_networks(
+    obj: Any, parts: tuple[str, ...], container: Mapping[str, Any]
+) -> tuple[Network, ...]:
+    """:attr:`Checkpoint.networks`: the prefix networks of the located state dict, and the
+    other state dicts with BN layers next to it or next to one of its wrappers."""
+    key = _join(parts)
+    nets = list(_networks_in(container, key, parts))
+    siblings: list[Network] = []
+    for depth in range(len(parts)):
+        parent = obj
+        for name in parts[:depth]:
+            parent = parent[name]
+        if not isinstance(parent, Mapping):
+            continue
+        for name, value in parent.items():
+            if name == parts[depth] or not isinstance(name, str):
+                continue
+            if not isinstance(value, (Mapping, nn.Module)):
+                continue
+            try:
+                found = _find(value, (*parts[:depth], name))
+            except CheckpointError:
+                continue
+            if found is None:
+                continue
+            n = len(_bn_bases(found[0]))
+            if n:
+                where = _join(found[1])
+                siblings.append(Network(where, "", n, _is_ema(where), found[1]))
+    if not siblings:
+        return tuple(nets)
+    if not nets:
+        n = len(_bn_bases(container))
+        nets = [Network(key, "", n, _is_ema(key), parts)] if n else []
+    return (*nets, *siblings)
 
 
 # --------------------------------------------------------------------------------------------
@@ -611,21 +998,37 @@ def match_to_model(
     return strip_prefix(state_dict, prefix), prefix
 
 
-def load_into_model(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> str:
+def load_into_model(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], *, key: str | None = None
+) -> str:
     """Load a checkpoint's state dict into ``model`` strictly, after :func:`match_to_model`.
+
+    When the state dict holds several networks (:func:`find_networks`: a network and its EMA
+    copy under other prefixes) and the whole does not fit, the network whose entries fit the
+    model after stripping its prefix is loaded, and the other networks' entries and entries
+    of no network (``criterion.weight``) are ignored; a model that fits the raw network and
+    its EMA copy alike gets the raw one. Within the chosen network loading is still strict.
 
     Keys and shapes are checked before anything is copied, so a mismatch leaves the model
     untouched.
 
+    Args:
+        model: The model to load into.
+        state_dict: The checkpoint's state dict (:attr:`Checkpoint.state_dict`).
+        key: The ``key`` that selected ``state_dict`` (:attr:`Checkpoint.key`), to name the
+            ``--key`` of a network in messages.
+
     Returns:
-        The prefix stripped from the checkpoint's keys (``""`` if none).
+        The prefix stripped from the checkpoint's keys (``""`` if none): the chosen network's
+        prefix when several networks are present, so that ``prefix + name`` are the keys of
+        ``state_dict`` that were loaded.
 
     Raises:
         ModelError: Missing or unexpected keys, or shape mismatches (one line naming the first
-            few of each and their counts).
+            few of each and their counts, and the ``--key`` of a part that fits).
     """
     own = model.state_dict(keep_vars=True)
-    renamed, prefix = match_to_model(state_dict, own.keys())
+    renamed, prefix, note, fix = _choose_network(state_dict, own, key)
     missing = [k for k in own if k not in renamed and not _fillable(k, renamed)]
     unexpected = [k for k in renamed if k not in own]
     shapes = [
@@ -645,15 +1048,73 @@ def load_into_model(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> st
             parts.append(_counted(unexpected, "unexpected key"))
         if shapes:
             parts.append(_counted(shapes, "shape mismatch", plural="shape mismatches"))
-        stripped = f" (after stripping prefix '{prefix}')" if prefix else ""
-        raise ModelError(
-            f"checkpoint does not fit the model{stripped}: " + ", ".join(parts), _FIX_MODEL
-        )
+        raise ModelError(f"checkpoint does not fit the model{note}: " + ", ".join(parts), fix)
     try:
         model.load_state_dict(renamed, strict=True)
     except RuntimeError as exc:
         raise ModelError(f"checkpoint does not fit the model: {_reason(exc)}", _FIX_MODEL) from exc
     return prefix
+
+
+def _fits(renamed: Mapping[str, Any], own: Mapping[str, Any]) -> bool:
+    """The same keys (a ``num_batches_tracked`` torch fills in may be absent)."""
+    if any(k not in own for k in renamed):
+        return False
+    return all(k in renamed or _fillable(k, renamed) for k in own)
+
+
+def _truncations(prefix: str) -> list[str]:
+    """``"ema_model.module."`` -> ``["ema_model.", "ema_model.module."]``."""
+    names = prefix.split(".")[:-1]
+    return [".".join(names[:i]) + "." for i in range(1, len(names) + 1)]
+
+
+def _choose_network(
+    state_dict: dict[str, torch.Tensor], own: Mapping[str, Any], key: str | None
+) -> tuple[dict[str, torch.Tensor], str, str, str]:
+    """(renamed state dict, prefix stripped, note for errors, fix for errors)."""
+    renamed, prefix = match_to_model(state_dict, own.keys())
+    if _fits(renamed, own):
+        return renamed, prefix, "", _FIX_MODEL
+    nets = _networks_in(state_dict, key, ())
+    stripped = f" (after stripping prefix '{prefix}')" if prefix else ""
+    if not nets:
+        for group in _key_groups(state_dict):
+            for head in _truncations(group):
+                if _fits(_members(state_dict, head, ()), own):  # plus entries of no network
+                    fix = f"the model fits the entries under '{head}': pass --key "
+                    fix += f"{_sub_key(key, head)} to load only those"
+                    note = f" (after stripping prefix '{head}')"
+                    return strip_prefix(state_dict, head), head, note, fix
+        return renamed, prefix, stripped, _FIX_MODEL
+
+    # Several networks: every way of reading one of them, the raw network first.
+    emas = tuple(n.prefix for n in nets if n.ema)
+    options: list[tuple[dict[str, torch.Tensor], str, Network | None]] = []
+    for net in nets:
+        if net.prefix:
+            for head in _truncations(net.prefix):
+                options.append((_members(state_dict, head, ()), head, net))
+        else:
+            sub = _members(state_dict, "", emas)
+            options.append((*match_to_model(sub, own.keys()), net))
+    if not any(not n.prefix for n in nets):  # the raw network with what else is not EMA
+        sub = _members(state_dict, "", emas)
+        options.insert(1, (*match_to_model(sub, own.keys()), None))
+    fitting = [o for o in options if _fits(o[0], own)]
+    if fitting:
+        raw = [o for o in fitting if o[2] is None or not o[2].ema]
+        chosen = (raw or fitting)[0]
+        label = chosen[2].label if chosen[2] is not None else chosen[1] or "(top level)"
+        return chosen[0], chosen[1], f" (network '{label}')", _FIX_MODEL
+    # None fits: strict within the closest network.
+    best = max(options, key=lambda o: len(own.keys() & o[0].keys()))
+    if not own.keys() & best[0].keys():
+        return renamed, prefix, stripped, _FIX_MODEL
+    label = best[2].label if best[2] is not None else best[1] or "(top level)"
+    names = ", ".join(n.label for n in nets)
+    note = f" (network '{label}', the closest of the checkpoint's networks {names})"
+    return best[0], best[1], note, _FIX_MODEL
 
 
 def _fillable(key: str, state_dict: Mapping[str, Any]) -> bool:
@@ -694,8 +1155,10 @@ def save_checkpoint(
 ) -> Path:
     """Write ``ckpt`` to ``out`` with the state-dict entries in ``updates`` replaced.
 
-    ``updates`` uses the original key names of :attr:`Checkpoint.state_dict`; values (on any
-    device) are cast to the original entry's dtype and must have its shape. Everything else
+    ``updates`` uses the original key names of :attr:`Checkpoint.state_dict` (with a prefix
+    selection, the names without :attr:`Checkpoint.network_prefix`: they are written back
+    under it); values (on any device) are cast to the original entry's dtype and must have
+    its shape. Everything else (the other networks' entries included)
     (wrapper keys, prefixes, optimizer state, other entries, ``_metadata``, the file format,
     and each tensor's device: a tensor saved from ``cuda:0`` is written with that location
     again, a CPU tensor as a CPU tensor) is kept.
@@ -717,12 +1180,15 @@ def save_checkpoint(
     new_values = _prepare_updates(ckpt.state_dict, updates)
     out_path = Path(out)
     check_output(ckpt.path, out_path, force=force)
+    # with a prefix selection the updates go back to the original (prefixed) keys
+    selected = ckpt.network_prefix
+    full_values = {selected + k: v for k, v in new_values.items()} if selected else new_values
 
     if ckpt.format == "safetensors":
         import safetensors.torch
 
-        tensors = dict(ckpt.state_dict)
-        tensors.update(new_values)
+        tensors = dict(ckpt.raw if selected else ckpt.state_dict)
+        tensors.update(full_values)
         payload = safetensors.torch.save(tensors, metadata=ckpt.metadata)
 
         def write(f: Any) -> None:
@@ -734,8 +1200,8 @@ def save_checkpoint(
         else:
             parts = ckpt._key_path
             if parts is None:
-                parts = _walk(ckpt.raw, ckpt.key, str(ckpt.path))[0] if ckpt.key else ()
-            obj = _rebuild(ckpt.raw, parts, new_values)
+                parts = _locate(ckpt.raw, ckpt.key, str(ckpt.path)).parts if ckpt.key else ()
+            obj = _rebuild(ckpt.raw, parts, full_values)
 
         tags = dict(ckpt.locations)
         for name, value in new_values.items():  # an update keeps its entry's location

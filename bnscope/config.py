@@ -27,6 +27,7 @@ ALLOWED_KEYS: dict[str, tuple[type, ...]] = {
     "input_key": (str,),
     "batch_size": (int,),
     "workers": (int,),
+    "drop_last": (bool,),
     "image_size": (int,),
     "resize": (int,),
     "channels": (int,),

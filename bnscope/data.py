@@ -42,6 +42,8 @@ __all__ = [
     "LABEL_KEYS",
     "ImageOptions",
     "DataSource",
+    "DROP_SINGLE",
+    "DROP_INCOMPLETE",
     "ImageFolderDataset",
     "TensorPairDataset",
     "load_data",
@@ -148,12 +150,21 @@ def _per_channel(values: Sequence[float], channels: int, name: str) -> tuple[flo
     )
 
 
+#: ``DataSource.dropped_reason``: a last batch of one sample was left out (``drop_single``):
+#: BatchNorm cannot normalize one sample of [N, C] inputs with batch statistics.
+DROP_SINGLE = "batch-of-one"
+#: ``DataSource.dropped_reason``: an incomplete last batch was left out (``drop_last``).
+DROP_INCOMPLETE = "drop-last"
+
+
 @dataclass
 class DataSource:
     """A resolved ``--data`` spec: an iterable of batches plus what is known about it.
 
-    ``num_samples`` is the number of samples this rank iterates over (``None`` for factories);
-    ``has_labels`` is ``None`` when unknown.
+    ``num_samples`` is the number of samples this rank iterates over (``None`` for factories),
+    after ``dropped_samples`` samples of an incomplete last batch were left out for the reason
+    ``dropped_reason`` (:data:`DROP_SINGLE` or :data:`DROP_INCOMPLETE`; ``None`` when none
+    were); ``has_labels`` is ``None`` when unknown.
     """
 
     loader: Iterable[Any]
@@ -162,6 +173,8 @@ class DataSource:
     num_samples: int | None
     has_labels: bool | None
     classes: list[str] | None = field(default=None)
+    dropped_samples: int = 0
+    dropped_reason: str | None = None
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.loader)
@@ -686,6 +699,50 @@ def _make_loader(
     return loader
 
 
+def _dropped(
+    num_samples: int, batch_size: int, drop_last: bool, drop_single: bool
+) -> tuple[int, str | None]:
+    """How many samples the last batch leaves out, and why: every incomplete last batch with
+    ``drop_last``; with ``drop_single`` a last batch of exactly one sample (unless it is all
+    the data: then nothing is left to run and the model's own error is the clearer one)."""
+    remainder = num_samples % batch_size
+    if drop_last and remainder:
+        return remainder, DROP_INCOMPLETE
+    if drop_single and remainder == 1 and num_samples > 1:
+        return 1, DROP_SINGLE
+    return 0, None
+
+
+def _batched_source(
+    dataset: Dataset,
+    description: str,
+    kind: str,
+    labelled: bool,
+    classes: list[str] | None,
+    *,
+    drop_single: bool,
+    rank: int,
+    world_size: int,
+    **loader_args: Any,
+) -> DataSource:
+    """A :class:`DataSource` over ``dataset`` (this rank's samples), in batches of
+    ``batch_size``; the last batch is dropped as :func:`_dropped` says."""
+    local = len(dataset)  # type: ignore[arg-type]
+    batch_size = loader_args["batch_size"]
+    dropped, reason = _dropped(local, batch_size, loader_args.pop("drop_last"), drop_single)
+    if dropped and dropped == local and world_size == 1:
+        raise DataError(
+            f"dropping the incomplete last batch leaves no data: {local} samples, batch size "
+            f"{batch_size}",
+            f"use a batch size of at most {local} (--batch-size), or keep the incomplete batch "
+            "(leave out --drop-last)",
+        )
+    loader = _make_loader(dataset, drop_last=bool(dropped), **loader_args)
+    return DataSource(
+        loader, description, kind, local - dropped, labelled, classes, dropped, reason
+    )
+
+
 def _shard(dataset: Dataset, total: int, rank: int, world_size: int) -> Dataset:
     if world_size == 1:
         return dataset
@@ -724,6 +781,7 @@ def load_data(
     rank: int = 0,
     world_size: int = 1,
     same_order: bool = False,
+    drop_single: bool = False,
 ) -> DataSource:
     """Resolve a ``--data`` spec into a :class:`DataSource` of batches.
 
@@ -737,11 +795,17 @@ def load_data(
     of ``batch_size``, ``num_workers``/``workers``, ``seed``, ``rank`` and ``world_size`` that its
     signature names; shuffling, dropping and sharding are then up to the factory. A
     module-level iterable (``pkg.mod:loader``) is used as it is. Raises :class:`DataError`.
+
+    The last batch of an image folder or tensor file (per rank) is incomplete when the batch
+    size does not divide the samples. ``drop_last=True`` leaves every incomplete last batch
+    out; ``drop_single=True`` (what the CLI does by default) leaves out a last batch of exactly
+    one sample, which BatchNorm cannot normalize on [N, C] inputs with batch statistics. The
+    :class:`DataSource` counts the samples left out (``dropped_samples``, ``dropped_reason``).
     """
     _check_args(batch_size, workers, rank, world_size)
     loader_args = dict(
         batch_size=batch_size, workers=workers, shuffle=shuffle, seed=seed, drop_last=drop_last,
-        same_order=same_order,
+        same_order=same_order, drop_single=drop_single, rank=rank, world_size=world_size,
     )  # fmt: skip
 
     if isinstance(spec, str):
@@ -782,12 +846,8 @@ def load_data(
         dataset, total, labelled = _tensor_dataset([path])
         local = _shard(dataset, total, rank, world_size)
         note = _shard_note(len(local), total, "samples", rank, world_size)
-        return DataSource(
-            _make_loader(local, **loader_args),
-            f"tensor file {spec} ({note})",
-            "tensors",
-            len(local),
-            labelled,
+        return _batched_source(
+            local, f"tensor file {spec} ({note})", "tensors", labelled, None, **loader_args
         )
 
     if not path.is_dir():
@@ -802,13 +862,13 @@ def load_data(
             description = f"image folder {spec} (flat, {note}, no labels)"
         else:
             description = f"image folder {spec} ({len(images.classes)} classes, {note})"
-        return DataSource(
-            _make_loader(local, **loader_args),
+        return _batched_source(
+            local,
             description,
             "images",
-            len(local),
             images.classes is not None,
             list(images.classes) if images.classes is not None else None,
+            **loader_args,
         )
 
     shards = sorted(
@@ -826,12 +886,13 @@ def load_data(
     dataset, total, labelled = _tensor_dataset(shards)
     local = _shard(dataset, total, rank, world_size)
     note = _shard_note(len(local), total, "samples", rank, world_size)
-    return DataSource(
-        _make_loader(local, **loader_args),
+    return _batched_source(
+        local,
         f"tensor shards in {spec} ({len(shards)} files, {note})",
         "tensors",
-        len(local),
         labelled,
+        None,
+        **loader_args,
     )
 
 
@@ -861,7 +922,7 @@ def split_batch(batch: Any, input_key: str | None = None) -> tuple[Any, torch.Te
             if input_key not in batch:
                 raise DataError(
                     f"batches have no key {input_key!r} (keys: {_key_list(batch.keys())})",
-                    "pass --input-key with one of those keys",
+                    "pass input_key= (--input-key) with one of those keys",
                 )
             key: Any = input_key
         else:
@@ -870,7 +931,7 @@ def split_batch(batch: Any, input_key: str | None = None) -> tuple[Any, torch.Te
                 raise DataError(
                     f"cannot tell which entry of the batch is the input "
                     f"(keys: {_key_list(batch.keys())})",
-                    "pass --input-key KEY",
+                    "pass input_key= (--input-key KEY), or call= (--call) for several inputs",
                 )
         label_key = _pick(batch, LABEL_KEYS)
         label = batch[label_key] if label_key is not None else None

@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -50,8 +51,9 @@ def _import_file(path: Path, error: type[BnscopeError], spec: str) -> Any:
     if module_spec is None or module_spec.loader is None:
         raise error(f"{spec}: cannot import {path}", "give a Python source file")
     module = importlib.util.module_from_spec(module_spec)
-    folder = str(path.resolve().parent)
-    sys.path.insert(0, folder)
+    # The file's folder stays on sys.path for the rest of the run: factories and models import
+    # their sibling modules lazily (inside the factory, at forward time, in DataLoader workers).
+    add_to_sys_path(path.resolve().parent)
     sys.modules[name] = module
     try:
         module_spec.loader.exec_module(module)
@@ -62,12 +64,25 @@ def _import_file(path: Path, error: type[BnscopeError], spec: str) -> Any:
         raise error(
             f"{spec}: importing {path} failed ({_one_line(exc)})", "fix the error in that file"
         ) from exc
-    finally:
-        try:
-            sys.path.remove(folder)
-        except ValueError:
-            pass
     return module
+
+
+def _same_dir(entry: str, folder: str) -> bool:
+    try:
+        return os.path.realpath(entry or os.curdir) == folder
+    except (OSError, ValueError):
+        return False
+
+
+def add_to_sys_path(folder: str | Path) -> bool:
+    """Put ``folder`` first on ``sys.path`` unless it is already there (in any spelling: '',
+    relative, symlinked). Returns True when it was added."""
+    resolved = os.path.realpath(folder)
+    if any(isinstance(entry, str) and _same_dir(entry, resolved) for entry in sys.path):
+        return False
+    sys.path.insert(0, resolved)
+    importlib.invalidate_caches()
+    return True
 
 
 def resolve_spec(spec: str, error: type[BnscopeError] = ModelError, what: str = "--model") -> Any:

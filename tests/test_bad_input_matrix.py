@@ -300,8 +300,6 @@ DATA = {
 }
 for command in RUN_COMMANDS:
     for kind, ((spec, *extra), fragment) in DATA.items():
-        if kind == "npy-wrong-rank" and command == "ghost":  # ghost reads the batch size first
-            fragment = "the batch's input is not a tensor of shape [N, C, ...]"
         case(f"data-{kind}-{command}", argv(command, *extra, data=spec), fragment)
 
 case(

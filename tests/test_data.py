@@ -485,10 +485,11 @@ def factory_file(tmp_path: Path) -> Path:
     sys.modules.pop("helper", None)
 
 
-def test_file_factory(factory_file: Path) -> None:
-    path_before = list(sys.path)
+def test_file_factory(factory_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "path", list(sys.path))
     src = load_data(f"{factory_file}:make", batch_size=4)
-    assert sys.path == path_before
+    folder = str(factory_file.parent.resolve())  # stays for lazy imports of its siblings
+    assert sys.path[0] == folder and sys.path.count(folder) == 1
     assert src.kind == "factory" and src.num_samples is None and src.has_labels is None
     assert src.description == f"factory {factory_file}:make"
     assert [b[0].shape[0] for b in src] == [4, 4, 2]  # batch_size was passed through

@@ -70,12 +70,13 @@ def test_errors_are_one_line(spec, kwargs, fragment):
     assert info.value.fix
 
 
-def test_import_error_inside_file(tmp_path):
+def test_import_error_inside_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
     bad = tmp_path / "bad.py"
     bad.write_text("import torch\nraise ValueError('broken\\nmodule')\n")
     with pytest.raises(ModelError, match="ValueError: broken module"):
         resolve_spec(f"{bad}:make")
-    # a sibling import works: the file's folder is on sys.path while importing
+    # a sibling import works: the file's folder is on sys.path, once, for the rest of the run
     (tmp_path / "helper_mod_abc.py").write_text("WIDTH = 6\n")
     good = tmp_path / "good.py"
     good.write_text(
@@ -83,7 +84,8 @@ def test_import_error_inside_file(tmp_path):
         "def make():\n    return nn.BatchNorm1d(WIDTH)\n"
     )
     assert build_model(f"{good}:make").num_features == 6
-    assert str(tmp_path) not in sys.path
+    assert sys.path.count(str(tmp_path.resolve())) == 1
+    sys.modules.pop("helper_mod_abc", None)
 
 
 def test_parse_kwargs_passthrough():

@@ -61,6 +61,7 @@ def adapt_command(
     batch_size: o.BatchSize = None,
     batches: o.Batches = None,
     workers: o.Workers = None,
+    drop_last: o.DropLast = None,
     input_key: o.InputKey = None,
     image_size: o.ImageSize = None,
     resize: o.Resize = None,
@@ -87,6 +88,7 @@ def adapt_command(
     config = project_config()
     path = require_checkpoint(checkpoint, config)
     flags = DataFlags(batch_size, workers, input_key, image_size, resize, channels, mean, std, seed)
+    flags.drop_last = drop_last
     report = run_adapt(
         ui, config, path, source=ModelFlags(key, trust_checkpoint, model, model_kwargs),
         data=data, eval_data=eval_data, prior=prior, flags=flags,

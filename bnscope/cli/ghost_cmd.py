@@ -58,6 +58,7 @@ def ghost_command(
     batch_size: o.BatchSize = None,
     batches: o.Batches = None,
     workers: o.Workers = None,
+    drop_last: o.DropLast = None,
     input_key: o.InputKey = None,
     image_size: o.ImageSize = None,
     resize: o.Resize = None,
@@ -85,6 +86,7 @@ def ghost_command(
     config = project_config()
     path = require_checkpoint(checkpoint, config)
     flags = DataFlags(batch_size, workers, input_key, image_size, resize, channels, mean, std, seed)
+    flags.drop_last = drop_last
     report = run_ghost(
         ui, config, path, source=ModelFlags(key, trust_checkpoint, model, model_kwargs),
         data=data, flags=flags, sizes=wanted, batches=batches,

@@ -31,6 +31,7 @@ class DataFlags:
     mean: str | None = None
     std: str | None = None
     seed: int = 0
+    drop_last: bool | None = None
 
 
 @dataclass
@@ -71,11 +72,19 @@ def open_checkpoint(path: Path, key: str | None, trust: bool, config: ProjectCon
 
 
 def build_model_for(
-    ckpt: Checkpoint, model_spec: str | None, model_kwargs: str | None, config: ProjectConfig
+    ckpt: Checkpoint,
+    model_spec: str | None,
+    model_kwargs: str | None,
+    config: ProjectConfig,
+    ui: Ui | None = None,
 ) -> tuple[nn.Module | None, str, str | None]:
     """The model with the checkpoint's weights loaded (strict), the prefix stripped, and the
     model spec used. ``(None, "", None)`` when no model spec is given and the checkpoint is not
-    a trusted whole module."""
+    a trusted whole module.
+
+    When the checkpoint holds several networks, the one that fits the model is loaded (the
+    raw weights rather than an EMA copy of the same architecture) and the prefix is that
+    network's; ``ui`` then warns about an EMA copy left unused, with the ``--key`` to use it."""
     from ..checkpoint import load_into_model
     from ..modelspec import build_model
 
@@ -96,7 +105,10 @@ def build_model_for(
             "drop --model, or save the model's state_dict() and use that",
         )
     model = build_model(spec, kwargs)
-    prefix = load_into_model(model, ckpt.state_dict)
+    prefix = load_into_model(model, ckpt.state_dict, key=ckpt.key)
+    notice = ckpt.ema_notice(prefix)
+    if ui is not None and notice:
+        ui.warn(notice)
     return model, prefix, spec
 
 
@@ -130,7 +142,12 @@ def open_data(
 
     Under ``torchrun`` with ``shard=True`` each rank gets its share (image folders and tensor
     files: samples ``rank::world_size``; factories: ``rank`` and ``world_size`` when their
-    signature names them; ``ui`` then warns about a factory that cannot shard)."""
+    signature names them; ``ui`` then warns about a factory that cannot shard).
+
+    Batching of image folders and tensor files (per rank): ``--drop-last`` leaves out an
+    incomplete last batch; without it only a last batch of 1 sample is left out (BatchNorm
+    cannot normalize one sample on [N, C] inputs). The source counts what was left out and
+    ``ui`` says it on stderr. Factories batch themselves: neither applies to them."""
     from ..data import ImageOptions, load_data
 
     if spec is None:
@@ -144,17 +161,23 @@ def open_data(
         std=parse_floats(merged(flags.std, config, "std"), "--std") or defaults.std,
     )
     rank, world_size = rank_and_world_size() if shard else (0, 1)
+    batch_size = merged(flags.batch_size, config, "batch_size", 32)
+    drop_last = bool(merged(flags.drop_last, config, "drop_last", False))
     source = load_data(
         spec,
-        batch_size=merged(flags.batch_size, config, "batch_size", 32),
+        batch_size=batch_size,
         workers=merged(flags.workers, config, "workers", 0),
         image=image,
         shuffle=shuffle,
         seed=flags.seed,
+        drop_last=drop_last,
+        drop_single=True,  # a last batch of 1 sample: BatchNorm cannot normalize it
         rank=rank,
         world_size=world_size,
         same_order=True,  # inspect and ghost read it twice, inspect pairs the passes
     )
+    if ui is not None:
+        _note_dropped(ui, source, option, batch_size, flags.drop_last is True, rank, world_size)
     if world_size > 1 and source.kind == "factory" and ui is not None:
         if not _factory_shards(str(spec)):
             ui.warn(
@@ -163,6 +186,45 @@ def open_data(
                 "is repeated)"
             )
     return source
+
+
+def _note_dropped(
+    ui: Ui,
+    source: DataSource,
+    option: str,
+    batch_size: int,
+    drop_last_flag: bool,
+    rank: int,
+    world_size: int,
+) -> None:
+    """One line on stderr about samples the batching left out (or, for a factory given
+    ``--drop-last``, could not leave out)."""
+    from ..data import DROP_SINGLE
+
+    if source.kind == "factory":
+        if drop_last_flag:
+            ui.warn(
+                f"--drop-last does not apply to {option} {source.description}: a data factory "
+                "batches itself (pass drop_last=True to its DataLoader)"
+            )
+        return
+    if not source.dropped_samples:
+        return
+    total = (source.num_samples or 0) + source.dropped_samples
+    where = f" on rank {rank} of {world_size}" if world_size > 1 else ""
+    if source.dropped_reason == DROP_SINGLE:
+        ui.warn(
+            f"{option}: left out the last batch of 1 sample{where} ({total} samples in "
+            f"batches of {batch_size}): BatchNorm cannot normalize a single sample with batch "
+            "statistics (a --batch-size that leaves no batch of 1 uses every sample)"
+        )
+    else:
+        count = source.dropped_samples
+        ui.info(
+            f"{option}: --drop-last left out the incomplete last batch of {count} "
+            f"sample{'s' if count != 1 else ''}{where} ({total} samples in batches of "
+            f"{batch_size})"
+        )
 
 
 def _factory_shards(spec: str) -> bool:
@@ -220,9 +282,12 @@ class Run:
             "format": self.ckpt.format,
             "key": self.ckpt.key,
             "prefix": self.prefix,
+            **self.ckpt.network_info(self.prefix),  # several networks: which one, EMA --key
             "model": self.spec,
             "project_file": str(config.path) if config.path else None,
             "data": self.source.description,
+            "dropped_samples": self.source.dropped_samples,
+            "dropped_reason": self.source.dropped_reason,
             "device": self.device,
             "amp": self.amp,
             "channels_last": self.channels_last,
@@ -266,7 +331,7 @@ def prepare_run(
 
     torch.manual_seed(flags.seed)
     ckpt = open_checkpoint(path, source.key, source.trust, config)
-    net, prefix, spec = build_model_for(ckpt, source.model, source.model_kwargs, config)
+    net, prefix, spec = build_model_for(ckpt, source.model, source.model_kwargs, config, ui)
     if net is None:
         if not require_model:
             return None
@@ -277,7 +342,7 @@ def prepare_run(
     require_batchnorm(net, command)
     source = open_data(data_spec, flags, config, "--data", shuffle=True, ui=ui)
     evaluation = (
-        open_data(eval_spec, flags, config, "--eval-data", shuffle=True, shard=False)
+        open_data(eval_spec, flags, config, "--eval-data", shuffle=True, shard=False, ui=ui)
         if eval_spec
         else None
     )

@@ -70,6 +70,7 @@ def inspect_command(
     batch_size: o.BatchSize = None,
     batches: o.Batches = None,
     workers: o.Workers = None,
+    drop_last: o.DropLast = None,
     input_key: o.InputKey = None,
     image_size: o.ImageSize = None,
     resize: o.Resize = None,
@@ -106,6 +107,7 @@ def inspect_command(
         flags = DataFlags(
             batch_size, workers, input_key, image_size, resize, channels, mean, std, seed
         )
+        flags.drop_last = drop_last
         report = run_dynamic(
             ui, config, path, source=source, data_spec=data_spec, flags=flags, batches=batches,
             run_flags=RunFlags(device, amp, channels_last),
@@ -115,7 +117,7 @@ def inspect_command(
             render_dynamic(ui, report, out)
         finish(exit_code_for(report, level))
         return
-    report = static_report_for(path, source, config)
+    report = static_report_for(path, source, config, ui)
     if begin_output():
         render_static(ui, report, out)
     if data is not None and not static:  # no model code for the dynamic report asked for
@@ -159,13 +161,20 @@ def run_dynamic(
     return Report("inspect", str(path), result.layers, result.findings, extra, result.arrays)
 
 
-def static_report_for(path: Path, source: ModelFlags, config: ProjectConfig) -> Report:
-    """Load the checkpoint (and the model when given) and build the static report."""
+def static_report_for(
+    path: Path, source: ModelFlags, config: ProjectConfig, ui: Ui | None = None
+) -> Report:
+    """Load the checkpoint (and the model when given) and build the static report.
+
+    A checkpoint holding several networks (a network and its EMA copy): the report is on
+    the one the model fits, without a model on the raw network; the report's ``networks``
+    lists them all (``used`` marks the one reported on), and ``ui`` warns about an EMA copy
+    not reported on, with the ``--key`` that selects it (also ``ema_key`` in the report)."""
     from ..checkpoint import common_prefix, strip_prefix
     from ..static import static_inspect
 
     ckpt = open_checkpoint(path, source.key, source.trust, config)
-    net, prefix, spec = build_model_for(ckpt, source.model, source.model_kwargs, config)
+    net, prefix, spec = build_model_for(ckpt, source.model, source.model_kwargs, config, ui)
     extra: dict[str, Any] = {
         "format": ckpt.format,
         "key": ckpt.key,
@@ -175,10 +184,20 @@ def static_report_for(path: Path, source: ModelFlags, config: ProjectConfig) -> 
     }
     fix = _recompute_fix(str(path), spec)
     if net is not None:
+        extra.update(ckpt.network_info(prefix))
         return static_inspect(net, checkpoint=str(path), recompute_fix=fix, extra=extra)
-    prefix = common_prefix(ckpt.state_dict.keys())
-    extra["prefix"] = prefix
-    state = strip_prefix(ckpt.state_dict, prefix) if prefix else ckpt.state_dict
+    state = ckpt.state_dict
+    chosen = ckpt.default_network()  # several networks: the raw one
+    base = chosen.prefix if chosen is not None else ""
+    if chosen is not None:
+        state = ckpt.network_state(chosen)
+    prefix = common_prefix(state.keys())
+    extra["prefix"] = base + prefix
+    extra.update(ckpt.network_info(base + prefix))
+    notice = ckpt.ema_notice(base + prefix)
+    if ui is not None and notice:
+        ui.warn(notice)
+    state = strip_prefix(state, prefix) if prefix else state
     return static_inspect(state, checkpoint=str(path), recompute_fix=fix, extra=extra)
 
 

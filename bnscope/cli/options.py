@@ -27,7 +27,9 @@ Key = Annotated[
     typer.Option(
         "--key",
         help="Entry of the checkpoint dict that holds the state dict "
-        "(default: found automatically: state_dict, model, model_state_dict, net, module).",
+        "(default: found automatically: state_dict, model, model_state_dict, net, module). "
+        "PATH:PREFIX selects the entries under a key prefix of it, e.g. one of several "
+        "networks: state_dict:ema_model.module (same as state_dict.ema_model.module).",
         rich_help_panel=P_INPUT,
     ),
 ]
@@ -91,6 +93,18 @@ Batches = Annotated[
         "where each rank reads its own share of --data.",
         min=1,
         rich_help_panel=P_DATA,
+    ),
+]
+DropLast = Annotated[
+    bool | None,
+    typer.Option(
+        "--drop-last/--no-drop-last",
+        help="Image folders and tensor files: leave out an incomplete last batch (per rank "
+        "under torchrun) and report the samples left out. Without it (or with --no-drop-last, "
+        "which overrides drop_last in the project file) only a last batch of 1 sample is left "
+        "out: BatchNorm cannot normalize a single sample.",
+        rich_help_panel=P_DATA,
+        show_default=False,
     ),
 ]
 Workers = Annotated[

@@ -50,6 +50,7 @@ def precise_command(
     batch_size: o.BatchSize = None,
     batches: o.Batches = None,
     workers: o.Workers = None,
+    drop_last: o.DropLast = None,
     input_key: o.InputKey = None,
     image_size: o.ImageSize = None,
     resize: o.Resize = None,
@@ -76,6 +77,7 @@ def precise_command(
     config = project_config()
     path = require_checkpoint(checkpoint, config)
     flags = DataFlags(batch_size, workers, input_key, image_size, resize, channels, mean, std, seed)
+    flags.drop_last = drop_last
     report = run_precise(
         ui,
         config,
