@@ -277,6 +277,12 @@ def _forward_error(exc: BaseException, index: int, where: str, batch: Any) -> Da
             "(a data factory batches itself: make it yield 2 or more samples per batch, e.g. "
             "DataLoader(..., drop_last=True))",
         )
+    if isinstance(exc, TypeError) and "required positional argument" in text:
+        return DataError(
+            f"the model failed on batch {index} (input {_shape_of(batch)}) in {where}: {text}",
+            "make batches (input1, input2, ..., labels) tuples or dicts keyed by forward's "
+            "parameter names, or pass call= (--call file.py:fn) to run the model on a batch",
+        )
     return DataError(
         f"the model failed on batch {index} (input {_shape_of(batch)}) in {where}: "
         f"{type(exc).__name__}: {text}",

@@ -24,6 +24,7 @@ ALLOWED_KEYS: dict[str, tuple[type, ...]] = {
     "model_kwargs": (dict, str),
     "data": (str,),
     "eval_data": (str,),
+    "call": (str,),
     "input_key": (str,),
     "batch_size": (int,),
     "workers": (int,),
@@ -85,7 +86,7 @@ def _validate(values: dict[str, Any], source: Path, table: str) -> dict[str, Any
                     f"{source}: model_kwargs is not valid JSON ({exc.msg})",
                     "write a TOML table or a JSON object string",
                 ) from exc
-        if norm in ("checkpoint", "model", "data", "eval_data"):
+        if norm in ("checkpoint", "model", "data", "eval_data", "call"):
             value = _relative_to(value, base)
         out[norm] = value
     return out

@@ -63,6 +63,7 @@ def adapt_command(
     workers: o.Workers = None,
     drop_last: o.DropLast = None,
     input_key: o.InputKey = None,
+    call: o.CallSpec = None,
     image_size: o.ImageSize = None,
     resize: o.Resize = None,
     channels: o.Channels = None,
@@ -71,6 +72,7 @@ def adapt_command(
     device: o.Device = None,
     amp: o.Amp = None,
     channels_last: o.ChannelsLast = False,
+    include_frozen: o.IncludeFrozen = False,
     seed: o.Seed = 0,
     output: o.Output = None,
     force: o.Force = False,
@@ -89,11 +91,12 @@ def adapt_command(
     path = require_checkpoint(checkpoint, config)
     flags = DataFlags(batch_size, workers, input_key, image_size, resize, channels, mean, std, seed)
     flags.drop_last = drop_last
+    flags.call = call
     report = run_adapt(
         ui, config, path, source=ModelFlags(key, trust_checkpoint, model, model_kwargs),
         data=data, eval_data=eval_data, prior=prior, flags=flags,
         batches=batches, run_flags=RunFlags(device, amp, channels_last), output=output,
-        force=force,
+        force=force, include_frozen=include_frozen,
     )  # fmt: skip
     if is_main_process():
         render(ui, report, out)
@@ -114,6 +117,7 @@ def run_adapt(
     run_flags: RunFlags,
     output: str | None,
     force: bool,
+    include_frozen: bool = False,
 ) -> Report:
     """Everything ``bnscope adapt`` does before rendering. ``--data`` is taken literally (the
     project file's ``data`` is the *source* training data, not the target)."""
@@ -124,7 +128,7 @@ def run_adapt(
     run = prepare_run(
         "adapt", config, path, source=source,
         data_spec=data, eval_spec=eval_data, flags=flags, run_flags=run_flags, output=output,
-        force=force, tag="adapted", ui=ui,
+        force=force, tag="adapted", ui=ui, include_frozen=include_frozen,
     )  # fmt: skip
 
     from ..adapt import adapt_bn
@@ -136,6 +140,7 @@ def run_adapt(
     with progress_bar(ui, "collecting target statistics", batches) as progress:
         result = adapt_bn(
             run.model, run.source, prior, batches, **run.engine(),
+            include_frozen=include_frozen,
             progress=progress,
         )  # fmt: skip
     extra: dict[str, Any] = {**run.base_extra(config), **result.extra}

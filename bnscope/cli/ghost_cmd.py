@@ -60,6 +60,7 @@ def ghost_command(
     workers: o.Workers = None,
     drop_last: o.DropLast = None,
     input_key: o.InputKey = None,
+    call: o.CallSpec = None,
     image_size: o.ImageSize = None,
     resize: o.Resize = None,
     channels: o.Channels = None,
@@ -87,6 +88,7 @@ def ghost_command(
     path = require_checkpoint(checkpoint, config)
     flags = DataFlags(batch_size, workers, input_key, image_size, resize, channels, mean, std, seed)
     flags.drop_last = drop_last
+    flags.call = call
     report = run_ghost(
         ui, config, path, source=ModelFlags(key, trust_checkpoint, model, model_kwargs),
         data=data, flags=flags, sizes=wanted, batches=batches,

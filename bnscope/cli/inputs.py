@@ -32,6 +32,7 @@ class DataFlags:
     std: str | None = None
     seed: int = 0
     drop_last: bool | None = None
+    call: str | None = None
 
 
 @dataclass
@@ -112,16 +113,35 @@ def build_model_for(
     return model, prefix, spec
 
 
-def require_batchnorm(model: Any, command: str) -> None:
+def require_batchnorm(model: Any, command: str, include_frozen: bool | None = None) -> None:
     """``precise``, ``adapt`` and ``ghost`` have nothing to do on a model without BN layers:
-    one line before anything runs (no copy of the checkpoint is written)."""
-    from ..capture import is_batchnorm
+    one line before anything runs (no copy of the checkpoint is written). Frozen BN layers
+    count; for precise and adapt (``include_frozen`` not None) a model whose BN layers are all
+    frozen needs ``--include-frozen``."""
+    from ..capture import is_batchnorm, is_frozen_batchnorm
 
+    frozen = [m for m in model.modules() if is_frozen_batchnorm(m)]
     if not any(is_batchnorm(m) for m in model.modules()):
-        raise UsageError(
-            f"the model has no BatchNorm layer: {command} has nothing to do",
-            "check --model (bnscope inspect CKPT lists the BN layers a checkpoint holds)",
-        )
+        if not frozen:
+            raise UsageError(
+                f"the model has no BatchNorm layer: {command} has nothing to do",
+                "check --model (bnscope inspect CKPT lists the BN layers a checkpoint holds)",
+            )
+        kind = type(frozen[0]).__name__
+        if command == "ghost":
+            raise UsageError(
+                f"every BN layer of the model is frozen ({len(frozen)} {kind}): frozen layers "
+                "normalize with their stored statistics at every batch size, so ghost has "
+                "nothing to analyse",
+                "bnscope inspect CKPT --data DATA measures frozen statistics against the data",
+            )
+        if include_frozen is False:
+            raise UsageError(
+                f"every BN layer of the model is frozen ({len(frozen)} {kind}): {command} "
+                "keeps frozen statistics unless asked",
+                "pass --include-frozen to re-estimate them (bnscope inspect measures them "
+                "against the data)",
+            )
 
 
 def open_data(
@@ -257,6 +277,7 @@ class Run:
     out_path: Path | None
     amp: str | None = None
     channels_last: bool = False
+    input_key: str | None = None
 
     def engine(self) -> dict[str, Any]:
         """The keyword arguments every library function that runs the model takes."""
@@ -265,6 +286,7 @@ class Run:
             "device": self.device,
             "amp": self.amp,
             "channels_last": self.channels_last,
+            "input_key": self.input_key,
         }
 
     def describe(self) -> str:
@@ -309,6 +331,7 @@ def prepare_run(
     tag: str | None = None,
     ui: Ui | None = None,
     require_model: bool = True,
+    include_frozen: bool | None = None,
 ) -> Run | None:
     """Check the output path first when the command writes a checkpoint (``tag``: nothing
     runs if it would be refused), then load the checkpoint into the model and open the data.
@@ -318,9 +341,9 @@ def prepare_run(
     Under ``torchrun`` the collection data is sharded across ranks; evaluation data is not
     (every rank evaluates all of it, so every rank computes the same metrics)."""
     from ..checkpoint import check_output, default_output_path
-    from ..data import default_call
 
     dev, amp, channels_last = resolve_run_flags(run_flags, config)
+    call = resolve_call(merged(flags.call, config, "call"))
     out_path = None
     if tag is not None:
         out_path = Path(output) if output else default_output_path(path, tag)
@@ -339,17 +362,33 @@ def prepare_run(
             f"{command} runs the model: it needs --model pkg.module:factory or file.py:factory",
             "pass --model (or set model in bnscope.toml)",
         )
-    require_batchnorm(net, command)
+    require_batchnorm(net, command, include_frozen)
     source = open_data(data_spec, flags, config, "--data", shuffle=True, ui=ui)
     evaluation = (
         open_data(eval_spec, flags, config, "--eval-data", shuffle=True, shard=False, ui=ui)
         if eval_spec
         else None
     )
-    call = default_call(merged(flags.input_key, config, "input_key"))
     return Run(
-        ckpt, net, prefix, spec, source, evaluation, call, dev, out_path, amp, channels_last
-    )
+        ckpt, net, prefix, spec, source, evaluation, call, dev, out_path, amp, channels_last,
+        merged(flags.input_key, config, "input_key"),
+    )  # fmt: skip
+
+
+def resolve_call(spec: str | None) -> Any:
+    """``--call pkg.module:fn`` or ``file.py:fn``: a function ``fn(model, batch)`` that runs
+    the model on a batch (None: inputs follow the model's ``forward``)."""
+    if spec is None:
+        return None
+    from ..modelspec import resolve_spec
+
+    fn = resolve_spec(spec, UsageError, "--call")
+    if not callable(fn):
+        raise UsageError(
+            f"--call {spec} is a {type(fn).__name__}, not a function",
+            "point --call at a function call(model, batch) that returns the model's output",
+        )
+    return fn
 
 
 def bn_updates(model: Any, layers: Any, prefix: str) -> dict[str, Any]:

@@ -72,6 +72,7 @@ def inspect_command(
     workers: o.Workers = None,
     drop_last: o.DropLast = None,
     input_key: o.InputKey = None,
+    call: o.CallSpec = None,
     image_size: o.ImageSize = None,
     resize: o.Resize = None,
     channels: o.Channels = None,
@@ -108,6 +109,7 @@ def inspect_command(
             batch_size, workers, input_key, image_size, resize, channels, mean, std, seed
         )
         flags.drop_last = drop_last
+        flags.call = call
         report = run_dynamic(
             ui, config, path, source=source, data_spec=data_spec, flags=flags, batches=batches,
             run_flags=RunFlags(device, amp, channels_last),

@@ -116,6 +116,26 @@ Workers = Annotated[
         rich_help_panel=P_DATA,
     ),
 ]
+CallSpec = Annotated[
+    str | None,
+    typer.Option(
+        "--call",
+        help="How the model runs on a batch: pkg.module:fn or file.py:fn, a function "
+        "fn(model, batch) returning the model's output (several inputs, unusual batches). "
+        "Default: the batch's inputs in the order of the model's forward.",
+        rich_help_panel=P_DATA,
+    ),
+]
+IncludeFrozen = Annotated[
+    bool,
+    typer.Option(
+        "--include-frozen",
+        help="Also re-estimate frozen BN layers (FrozenBatchNorm2d): they normalize with batch "
+        "statistics during collection, like BatchNorm in training. Without it they are "
+        "measured and kept.",
+        rich_help_panel=P_RUN,
+    ),
+]
 InputKey = Annotated[
     str | None,
     typer.Option(

@@ -52,6 +52,7 @@ def precise_command(
     workers: o.Workers = None,
     drop_last: o.DropLast = None,
     input_key: o.InputKey = None,
+    call: o.CallSpec = None,
     image_size: o.ImageSize = None,
     resize: o.Resize = None,
     channels: o.Channels = None,
@@ -60,6 +61,7 @@ def precise_command(
     device: o.Device = None,
     amp: o.Amp = None,
     channels_last: o.ChannelsLast = False,
+    include_frozen: o.IncludeFrozen = False,
     seed: o.Seed = 0,
     output: o.Output = None,
     force: o.Force = False,
@@ -78,6 +80,7 @@ def precise_command(
     path = require_checkpoint(checkpoint, config)
     flags = DataFlags(batch_size, workers, input_key, image_size, resize, channels, mean, std, seed)
     flags.drop_last = drop_last
+    flags.call = call
     report = run_precise(
         ui,
         config,
@@ -90,6 +93,7 @@ def precise_command(
         run_flags=RunFlags(device, amp, channels_last),
         output=output,
         force=force,
+        include_frozen=include_frozen,
     )
     if is_main_process():
         render(ui, report, out)
@@ -109,6 +113,7 @@ def run_precise(
     run_flags: RunFlags,
     output: str | None,
     force: bool,
+    include_frozen: bool = False,
 ) -> Report:
     """Everything ``bnscope precise`` does before rendering: load, collect, evaluate, write."""
     data_spec = merged(data, config, "data")
@@ -118,6 +123,7 @@ def run_precise(
         "precise", config, path, source=source,
         data_spec=data_spec, eval_spec=merged(eval_data, config, "eval_data"), flags=flags,
         run_flags=run_flags, output=output, force=force, tag="precise", ui=ui,
+        include_frozen=include_frozen,
     )  # fmt: skip
 
     from ..checkpoint import save_checkpoint
@@ -128,7 +134,8 @@ def run_precise(
     ui.info(f"Precise BN on {run.source.description} ({run.describe()})")
     with progress_bar(ui, "collecting statistics", batches) as progress:
         result = precise_bn(
-            run.model, run.source, batches, **run.engine(), progress=progress
+            run.model, run.source, batches, **run.engine(), progress=progress,
+            include_frozen=include_frozen,
         )
     extra: dict[str, Any] = {**run.base_extra(config), **result.extra}
     if run.evaluation is not None:

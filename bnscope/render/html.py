@@ -9,7 +9,7 @@ from html import escape
 from typing import Any
 
 from ..records import Report
-from .text import num, pct
+from .text import momentum_cell, num, pct
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -108,7 +108,7 @@ def inspect_html(report: Report, figures: dict[str, tuple[str, bytes]]) -> str:
     layer_rows = [
         [
             r.name, r.status, r.num_features,
-            "cum." if r.momentum is None else num(r.momentum),
+            momentum_cell(r),
             num(r.d_mu_median), num(r.d_mu_max), num(r.d_var_median), num(r.d_var_max),
             num(r.z_mu), num(r.z_var), num(r.batch_spread_mu), r.calls_per_forward,
         ]

@@ -12,7 +12,7 @@ from rich.text import Text
 
 from ..records import InspectLayer, Report
 from .tables import findings_table, header, summary_line
-from .text import num, pct
+from .text import momentum_cell, num, pct
 
 #: rows of the worst-layers table
 WORST_LAYERS = 10
@@ -80,7 +80,7 @@ def layers_table(layers: Sequence[InspectLayer], limit: int = WORST_LAYERS) -> T
             layer.name,
             Text(layer.status, style=style.get(layer.status, "")),
             str(layer.num_features),
-            "cum." if layer.momentum is None else num(layer.momentum),
+            momentum_cell(layer),
             f"{num(layer.d_mu_median, 2)} / {num(layer.d_mu_max, 2)}",
             f"{num(layer.d_var_median, 2)} / {num(layer.d_var_max, 2)}",
             f"{num(layer.z_mu, 2)} / {num(layer.z_var, 2)}",

@@ -168,6 +168,10 @@ def ranked_layers_table(
     table.add_column("status")
     for i, rec in sorted(enumerate(layers), key=lambda item: -key(item[1])):
         status = rec.status if rec.reason is None or rec.status == "updated" else rec.reason
+        if rec.status == "frozen":
+            status = "frozen: kept"
+        elif rec.status == "updated" and (rec.reason or "").startswith("frozen"):
+            status = "updated (frozen)"
         cells = [cell(rec) for _, cell in columns]
         table.add_row(str(i), rec.name, str(rec.num_features), *cells, status)
     return table
@@ -221,6 +225,22 @@ def _rewrite_report(report: Report, table: Any, metrics: Any, line: str) -> Grou
     return Group(*parts)
 
 
+def frozen_note(layers: Sequence[Any]) -> str:
+    """" 2 frozen BN layers kept ..." / " (2 of them frozen, re-estimated ...)" or ""."""
+    kept = sum(1 for r in layers if r.status == "frozen")
+    redone = sum(
+        1 for r in layers if r.status == "updated" and (r.reason or "").startswith("frozen")
+    )
+    if kept:
+        return (
+            f" {kept} frozen BN layer{'s' if kept != 1 else ''} measured and kept "
+            "(--include-frozen re-estimates them)."
+        )
+    if redone:
+        return f" {redone} of them frozen, re-estimated as asked (--include-frozen)."
+    return ""
+
+
 def precise_report(report: Report) -> Group:
     """The whole ``precise`` output: header, change table, findings, evaluation, verdict."""
     extra = report.extra
@@ -228,6 +248,7 @@ def precise_report(report: Report) -> Group:
     line = (
         f"Precise BN: {updated} of {len(report.layers)} BN layers recomputed from "
         f"{extra.get('batches')} batches ({extra.get('samples')} samples)."
+        + frozen_note(report.layers)
     )
     metrics = metrics_table(extra["metrics"]) if extra.get("metrics") else None
     return _rewrite_report(report, precise_table(report.layers), metrics, line)
@@ -288,7 +309,7 @@ def adapt_report(report: Report) -> Group:
     line = (
         f"Adaptive BN: {updated} of {len(report.layers)} BN layers re-estimated on "
         f"{extra.get('batches')} target batches ({extra.get('samples')} samples, prior "
-        f"{extra.get('prior', 0):g})."
+        f"{extra.get('prior', 0):g})." + frozen_note(report.layers)
     )
     metrics = adapt_metrics_table(extra["metrics"]) if extra.get("metrics") else None
     return _rewrite_report(report, shift_table(report.layers), metrics, line)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 
 def num(x: float | None, digits: int = 3) -> str:
@@ -42,3 +43,12 @@ def pct(x: float | None, digits: int = 1) -> str:
     """A fraction as a percentage with fixed decimals ('96.5%'), 'n/a' for None (accuracy,
     agreement: unlike :func:`percent`, small values are not folded into '<0.1%')."""
     return "n/a" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def momentum_cell(layer: Any) -> str:
+    """A layer's momentum for tables: the value, "cum." for a cumulative average
+    (``momentum=None``), "-" for a frozen layer (no EMA)."""
+    if getattr(layer, "status", None) == "frozen":
+        return "-"
+    momentum = getattr(layer, "momentum", None)
+    return "cum." if momentum is None else num(momentum)
