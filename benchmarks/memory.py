@@ -91,7 +91,7 @@ def child(method: str, batches: int, batch_size: int, size: int, threads: int) -
     sys.path.insert(0, str(HERE))
     from resnet import make_resnet18
 
-    from bnscope.precise import precise_bn  # imported now: module imports count as setup
+    from bnscope.ops.precise import precise_bn  # imported now: module imports count as setup
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

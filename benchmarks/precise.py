@@ -29,12 +29,12 @@ of |log(var / var_ref)|.
 Host overhead (always on the CPU, with torch.profiler, on a small model: the ResNet-18-shaped net
 with width 16, 16x16 inputs, batch 8): profiler events (nested ones included) that
 bnscope.precise_bn adds to a plain forward loop, per BN call in steady state (slope between 68
-and 132 batches: their difference is one block of bnscope.capture.ROWS = 64 calls per layer, so
-the slope includes the block merges), the fixed extra events, and scalar reads: profiler
-``aten::_local_scalar_dense`` events and bnscope.sync.READS (read points) per call, at both batch
-counts (equal: no read per batch). bnscope's timed flag checks (one read point at most every
-bnscope.capture.CHECK_SECONDS) are switched off for these counts so that they do not depend on
-the machine's speed. With --device cuda also: device synchronizations of one call over 10
+and 132 batches: their difference is one block of bnscope.engine.capture.ROWS = 64 calls per
+layer, so the slope includes the block merges), the fixed extra events, and scalar reads: profiler
+``aten::_local_scalar_dense`` events and bnscope.engine.sync.READS (read points) per call, at
+both batch counts (equal: no read per batch). bnscope's timed flag checks (one read point at most
+every bnscope.engine.capture.CHECK_SECONDS) are switched off for these counts so that they do not
+depend on the machine's speed. With --device cuda also: device synchronizations of one call over 10
 batches, counted with torch.cuda.set_sync_debug_mode("warn"), for bnscope and the plain loop.
 
 Exit status 1 when any reported figure is NaN.
@@ -66,8 +66,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from resnet import make_resnet18, make_resnet50  # noqa: E402
 
 import bnscope  # noqa: E402
-import bnscope.capture  # noqa: E402
-import bnscope.sync  # noqa: E402
+import bnscope.engine.capture  # noqa: E402
+import bnscope.engine.sync  # noqa: E402
 
 F64 = torch.float64
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -75,7 +75,7 @@ FLOOR = "plain train-mode forward loop"
 BNSCOPE = "bnscope.precise_bn"
 SWA = "torch swa_utils.update_bn"
 FVCORE = "equal-weight average (fvcore's algorithm)"
-#: batch counts of the host-overhead slope: one block of bnscope.capture.ROWS calls apart
+#: batch counts of the host-overhead slope: one block of bnscope.engine.capture.ROWS calls apart
 OVERHEAD_BATCHES = (68, 132)
 
 
@@ -249,14 +249,14 @@ def errors(model: nn.Module, ref: dict[str, tuple[torch.Tensor, torch.Tensor]]) 
 def profile_counts(
     fn: Method, model: nn.Module, batches: list[torch.Tensor], setup: Setup
 ) -> tuple[int, int, int]:
-    """(profiler events, aten::_local_scalar_dense events, bnscope.sync.READS made) of one
+    """(profiler events, aten::_local_scalar_dense events, bnscope.engine.sync.READS made) of one
     call of ``fn`` on a fresh copy of ``model``, after an unprofiled warm-up."""
     m = setup.model(model)
     fn(m, batches[:2], setup)
-    reads = bnscope.sync.READS
+    reads = bnscope.engine.sync.READS
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn(m, batches, setup)
-    reads = bnscope.sync.READS - reads
+    reads = bnscope.engine.sync.READS - reads
     events = prof.events()
     scalar = sum(1 for e in events if e.name == "aten::_local_scalar_dense")
     return len(events), scalar, reads
@@ -271,14 +271,14 @@ def host_overhead() -> dict[str, float]:
     n1, n2 = OVERHEAD_BATCHES
     batches = make_batches(n2, 8, 16, seed=2, device=cpu.device)
     counts = {}
-    saved = bnscope.capture.CHECK_SECONDS
-    bnscope.capture.CHECK_SECONDS = math.inf  # no timed checks: counts independent of speed
+    saved = bnscope.engine.capture.CHECK_SECONDS
+    bnscope.engine.capture.CHECK_SECONDS = math.inf  # no timed checks: counts independent of speed
     try:
         for label, fn in (("plain", run_floor), ("bnscope", run_bnscope)):
             for n in (n1, n2):
                 counts[label, n] = profile_counts(fn, model, batches[:n], cpu)
     finally:
-        bnscope.capture.CHECK_SECONDS = saved
+        bnscope.engine.capture.CHECK_SECONDS = saved
     extra1 = counts["bnscope", n1][0] - counts["plain", n1][0]
     extra2 = counts["bnscope", n2][0] - counts["plain", n2][0]
     per_call = (extra2 - extra1) / ((n2 - n1) * layers)
@@ -437,7 +437,7 @@ def main() -> None:
             f"{ov['scalar_n1']} / {ov['scalar_n2']}",
         ],
         [
-            f"bnscope.sync.READS per call at {n1} / {n2} batches",
+            f"bnscope.engine.sync.READS per call at {n1} / {n2} batches",
             f"{ov['reads_n1']} / {ov['reads_n2']}",
         ],
     ]

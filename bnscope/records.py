@@ -202,7 +202,7 @@ class AdaptLayer(Record):
 
 @dataclass(frozen=True)
 class InspectLayer(Record):
-    """Per-layer result of dynamic inspection (see :mod:`bnscope.dynamic`).
+    """Per-layer result of dynamic inspection (see :mod:`bnscope.ops.inspect`).
 
     ``d_mu``/``d_var`` (max and median over channels) compare the running statistics with the
     population statistics of the model as it is (DESIGN §4). ``z_mu``/``z_var`` are the root
@@ -240,7 +240,7 @@ class GhostLayerSize(Record):
     ``noise_var`` the mean of |log((var_k + eps) / (var_pop + eps))|, with sigma_pop =
     sqrt(var_pop + eps). ``iid_mu`` and ``iid_var`` are what i.i.d. samples would give
     (normal approximations from the spread of per-sample statistics; see
-    :mod:`bnscope.ghost`). ``effective_size`` = g * E_iid[(mu_k - mu)^2] / Var_measured(mu_k):
+    :mod:`bnscope.ops.ghost`). ``effective_size`` = g * E_iid[(mu_k - mu)^2] / Var_measured(mu_k):
     close to g for i.i.d. samples, lower when samples in a chunk are correlated.
     """
 

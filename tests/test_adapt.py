@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from bnscope.adapt import adapt_bn, mix_with_prior, symmetric_kl
 from bnscope.errors import UsageError
+from bnscope.ops.adapt import adapt_bn, mix_with_prior, symmetric_kl
 
 from .statecheck import assert_same_state, snapshot
 from .test_precise import batches_of
@@ -83,7 +83,7 @@ def test_no_shift_no_finding_and_state_restored():
     x = torch.randn(256, 3)
     m = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Dropout())
     m.eval()
-    from bnscope.precise import precise_bn
+    from bnscope.ops.precise import precise_bn
 
     precise_bn(m, [x])
     stats = {"1.running_mean", "1.running_var"}

@@ -1,4 +1,4 @@
-"""Tests for bnscope.checkpoint: every supported checkpoint form, errors, and atomic saving."""
+"""Tests for bnscope.io.checkpoint: every supported checkpoint form, errors, and atomic saving."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from bnscope.checkpoint import (
+from bnscope.errors import CheckpointError, ModelError
+from bnscope.io.checkpoint import (
     KNOWN_PREFIXES,
     WRAPPER_KEYS,
     Checkpoint,
@@ -31,7 +32,6 @@ from bnscope.checkpoint import (
     save_checkpoint,
     strip_prefix,
 )
-from bnscope.errors import CheckpointError, ModelError
 
 BN_KEYS = ("1.running_mean", "1.running_var")
 

@@ -15,14 +15,14 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from bnscope.checkpoint import (
+from bnscope.errors import CheckpointError, ModelError
+from bnscope.io.checkpoint import (
     Network,
     find_networks,
     load_checkpoint,
     load_into_model,
     save_checkpoint,
 )
-from bnscope.errors import CheckpointError, ModelError
 
 from .conftest import tiny_spec, trained_tiny
 from .test_cli_inspect import one_error_line, run

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from bnscope.checkpoint import load_checkpoint
+from bnscope.io.checkpoint import load_checkpoint
 
 from .conftest import sha256, tiny_spec
 from .test_cli_inspect import one_error_line, run

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from bnscope.config import load_project_config
 from bnscope.errors import UsageError
+from bnscope.io.config import load_project_config
 
 
 def test_no_file(tmp_path):

@@ -1,4 +1,5 @@
-"""Tests for bnscope.corruptions (Hendrycks & Dietterich 2019 corruptions, CIFAR-10-C params)."""
+"""Tests for bnscope.ops.corruptions (Hendrycks & Dietterich 2019 corruptions, CIFAR-10-C
+parameters)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import bnscope.corruptions as bc
-from bnscope.corruptions import (
+import bnscope.ops.corruptions as bc
+from bnscope.errors import DataError, UsageError
+from bnscope.ops.corruptions import (
     CORRUPTIONS,
     SEVERITY_PARAMS,
     corrupt,
     corrupt_folder,
     main,
 )
-from bnscope.errors import DataError, UsageError
 
 NOISES = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise")
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -92,7 +93,7 @@ def test_parameter_table_is_the_published_cifar10c_one():
 
 
 def test_image_suffixes_match_the_data_loader():
-    from bnscope.data import IMAGE_SUFFIXES
+    from bnscope.io.data import IMAGE_SUFFIXES
 
     assert set(bc.IMAGE_SUFFIXES) == set(IMAGE_SUFFIXES)
 
@@ -480,13 +481,13 @@ def test_corrupt_folder_failure_leaves_nothing(tmp_path, monkeypatch, exc, exist
 
 
 # --------------------------------------------------------------------------------------------
-# python -m bnscope.corruptions
+# python -m bnscope.ops.corruptions
 
 
 def _run_module(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONWARNINGS="error::RuntimeWarning")
     return subprocess.run(
-        [sys.executable, "-m", "bnscope.corruptions", *args],
+        [sys.executable, "-m", "bnscope.ops.corruptions", *args],
         capture_output=True,
         text=True,
         env=env,

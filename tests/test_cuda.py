@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import bnscope
-from bnscope import capture
+from bnscope.engine import capture
 
 from .conftest import tiny_spec
 from .test_cli_inspect import run

@@ -1,4 +1,4 @@
-"""Tests for bnscope.data: --data specs, batches, errors. All data is generated in tmp_path."""
+"""Tests for bnscope.io.data: --data specs, batches, errors. All data is generated in tmp_path."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from bnscope.data import (
+from bnscope.errors import DataError
+from bnscope.io.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DataSource,
@@ -27,7 +28,6 @@ from bnscope.data import (
     move_to,
     split_batch,
 )
-from bnscope.errors import DataError
 
 MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)
 STD = torch.tensor(IMAGENET_STD, dtype=torch.float32)
@@ -645,7 +645,7 @@ def test_default_call() -> None:
 def test_same_order_repeats_the_shuffle_and_the_default_draws_a_new_one(tmp_path):
     import torch
 
-    from bnscope.data import load_data
+    from bnscope.io.data import load_data
 
     x = torch.arange(40, dtype=torch.float32).reshape(40, 1)
     torch.save(x, tmp_path / "x.pt")

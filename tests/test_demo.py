@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from bnscope.checkpoint import load_checkpoint
 from bnscope.demo.run import default_folder
+from bnscope.io.checkpoint import load_checkpoint
 
 from .test_cli_inspect import one_error_line, run
 

@@ -19,12 +19,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from bnscope import distributed
-from bnscope.adapt import adapt_bn
-from bnscope.dynamic import inspect
-from bnscope.ghost import ghost_analysis
-from bnscope.precise import precise_bn
-from bnscope.stats import MomentAccumulator
+from bnscope.engine import distributed
+from bnscope.engine.stats import MomentAccumulator
+from bnscope.ops.adapt import adapt_bn
+from bnscope.ops.ghost import ghost_analysis
+from bnscope.ops.inspect import inspect
+from bnscope.ops.precise import precise_bn
 
 WORLD = 2
 DEADLINE_S = 90

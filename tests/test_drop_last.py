@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnscope.data import DROP_INCOMPLETE, DROP_SINGLE, load_data
 from bnscope.errors import DataError
+from bnscope.io.data import DROP_INCOMPLETE, DROP_SINGLE, load_data
 
 from .conftest import tiny_spec
 from .models import make_mlp

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from bnscope.dynamic import STALE_Z, inspect
 from bnscope.errors import DataError, UsageError
-from bnscope.precise import precise_bn
+from bnscope.ops.inspect import STALE_Z, inspect
+from bnscope.ops.precise import precise_bn
 
 from .statecheck import assert_same_state, snapshot
 
@@ -203,9 +203,9 @@ def test_report_document():
 
 def test_public_api_name():
     import bnscope
-    import bnscope.dynamic  # noqa: F401 - importing the module must not shadow the function
+    import bnscope.ops.inspect  # noqa: F401 - importing the module must not shadow the function
 
-    assert bnscope.inspect is inspect and bnscope.ghost_analysis.__module__ == "bnscope.ghost"
+    assert bnscope.inspect is inspect and bnscope.ghost_analysis.__module__ == "bnscope.ops.ghost"
 
 
 def test_batch_spread_and_ema_noise_match_a_direct_computation():

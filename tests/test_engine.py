@@ -14,7 +14,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import bnscope
-from bnscope import capture, sync
+from bnscope.engine import capture, sync
 from bnscope.errors import DataError
 
 from .statecheck import assert_same_state, snapshot
@@ -271,7 +271,7 @@ def test_the_kernel_is_checked_on_the_first_forward():
     first forward. PyTorch's CPU kernel for channels-last bfloat16 inputs accumulates in
     float32 and is about 1e-5 off here: that layer takes the exact path, and its statistics
     are exact; the same layer on float32 NCHW inputs keeps the kernel's moments."""
-    from bnscope.collect import collect
+    from bnscope.engine.collect import collect
 
     torch.manual_seed(7)
     model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),

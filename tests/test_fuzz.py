@@ -65,8 +65,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bnscope
+from bnscope.engine.stats import MomentAccumulator
 from bnscope.errors import BnscopeError, CheckpointError, DataError
-from bnscope.stats import MomentAccumulator
 
 from .conftest import trained_tiny
 from .test_cli_inspect import one_error_line, run

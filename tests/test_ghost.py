@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from bnscope.errors import DataError, UsageError
-from bnscope.ghost import (
+from bnscope.ops.ghost import (
     NON_IID_RATIO,
     ghost_analysis,
     ghost_forwards,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from bnscope.errors import ModelError
-from bnscope.modelspec import add_to_sys_path, resolve_spec
+from bnscope.io.modelspec import add_to_sys_path, resolve_spec
 
 
 def console_script() -> str:

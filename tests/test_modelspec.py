@@ -6,7 +6,7 @@ import pytest
 from torch import nn
 
 from bnscope.errors import ModelError
-from bnscope.modelspec import build_model, is_python_spec, parse_kwargs, resolve_spec
+from bnscope.io.modelspec import build_model, is_python_spec, parse_kwargs, resolve_spec
 
 from .conftest import MODELS, tiny_spec
 

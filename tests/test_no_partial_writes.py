@@ -4,7 +4,7 @@ unchanged (DESIGN.md §3: "written atomically (temporary file + rename)").
 - Ctrl-C (a real SIGINT to ``python -m bnscope``) while ``precise``/``adapt`` read the data, and
   a data factory that raises ``KeyboardInterrupt`` itself: exit 130, one line, nothing written.
 - A data factory that raises ``RuntimeError`` after two batches: exit 2, one line, nothing.
-- :func:`bnscope.checkpoint.save_checkpoint` when the disk fills up (or the rename or fsync
+- :func:`bnscope.io.checkpoint.save_checkpoint` when the disk fills up (or the rename or fsync
   fails, or Ctrl-C arrives) in the middle of writing: a one-line error naming the cause, no
   target, no temporary file; the same through the CLI.
 - An output folder that cannot be written to, through the CLI: exit 2, one line.
@@ -24,11 +24,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import bnscope.checkpoint as checkpoint_mod
-from bnscope.checkpoint import load_checkpoint, save_checkpoint
+import bnscope.io.checkpoint as checkpoint_mod
 from bnscope.cli import app
 from bnscope.errors import BnscopeError, CheckpointError
-from bnscope.outputs import save_figure, write_text
+from bnscope.io.checkpoint import load_checkpoint, save_checkpoint
+from bnscope.io.outputs import save_figure, write_text
 
 from .conftest import sha256, tiny_spec, trained_tiny
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from bnscope.capture import BNCapture
+from bnscope.engine.capture import BNCapture
 from bnscope.errors import DataError, UsageError
-from bnscope.precise import precise_bn
+from bnscope.ops.precise import precise_bn
 
 from .statecheck import assert_same_state, snapshot
 

@@ -14,8 +14,8 @@ import torch.distributed as dist
 from torch import nn
 
 import bnscope
-from bnscope import capture
-from bnscope.collect import collect
+from bnscope.engine import capture
+from bnscope.engine.collect import collect
 
 from .test_standins import assert_exact, bn_inputs_reference
 

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import bnscope
-from bnscope import runner as runner_mod
-from bnscope.dynamic import PAIR_BUDGET  # noqa: F401 - the budget exists and is patchable
+from bnscope.engine import runner as runner_mod
 from bnscope.errors import UsageError
+from bnscope.ops.inspect import PAIR_BUDGET  # noqa: F401 - the budget exists and is patchable
 
 from .statecheck import assert_same_state, snapshot
 
@@ -255,7 +255,7 @@ def test_inspect_pairs_only_identical_batches(loader: type, per_batch: int):
 
 def test_inspect_keeps_outputs_within_its_budget(monkeypatch: pytest.MonkeyPatch):
     """Outputs beyond the budget are not kept: those batches get their own forward."""
-    import bnscope.dynamic as dynamic
+    import bnscope.ops.inspect as dynamic
 
     model = net()
     batches = data(6)

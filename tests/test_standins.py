@@ -14,8 +14,8 @@ import torch.distributed as dist
 from torch import nn
 
 import bnscope
-from bnscope import capture
-from bnscope.collect import collect
+from bnscope.engine import capture
+from bnscope.engine.collect import collect
 
 from .standins import BatchNormAct2d, SyncBatchNormAct, act_net, convert_sync_batchnorm
 from .statecheck import assert_same_state, snapshot
@@ -232,7 +232,7 @@ def test_sync_batchnorm_act_keeps_its_activation_under_a_process_group():
 
 
 def test_local_sync_batchnorm_is_a_no_op_without_a_process_group():
-    from bnscope import distributed
+    from bnscope.engine import distributed
 
     original = nn.SyncBatchNorm.forward
     with distributed.local_batchnorm():

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from bnscope.ops.static import find_bn_buffers, static_inspect
 from bnscope.records import FINDING_CODES, Finding
-from bnscope.static import find_bn_buffers, static_inspect
 
 
 def model(n: int = 3) -> nn.Module:

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bnscope.stats import MomentAccumulator, log_var_ratio, normalized_mean_shift
+from bnscope.engine.stats import MomentAccumulator, log_var_ratio, normalized_mean_shift
 
 
 def reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

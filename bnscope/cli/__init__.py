@@ -42,7 +42,7 @@ def _current_folder_on_path() -> None:
         cwd = os.getcwd()
     except OSError:  # the folder was removed under us
         return
-    from ..modelspec import add_to_sys_path
+    from ..io.modelspec import add_to_sys_path
 
     add_to_sys_path(cwd)
 

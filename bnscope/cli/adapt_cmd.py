@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ..config import ProjectConfig
 from ..errors import UsageError
+from ..io.config import ProjectConfig
 from ..records import Report
 from . import options as o
 from .app import app
@@ -83,7 +83,7 @@ def adapt_command(
     debug: o.Debug = False,
 ) -> None:
     ui = Ui(json=json_, quiet=quiet)
-    from ..outputs import check_out_dir
+    from ..io.outputs import check_out_dir
 
     check_out_dir(out)  # before anything runs
     level = check_fail_on(fail_on)
@@ -131,9 +131,9 @@ def run_adapt(
         force=force, tag="adapted", ui=ui, include_frozen=include_frozen,
     )  # fmt: skip
 
-    from ..adapt import adapt_bn
-    from ..checkpoint import save_checkpoint
-    from ..distributed import local_batchnorm
+    from ..engine.distributed import local_batchnorm
+    from ..io.checkpoint import save_checkpoint
+    from ..ops.adapt import adapt_bn
 
     original = copy.deepcopy(run.model) if run.evaluation is not None else None
     ui.info(f"Adaptive BN on {run.source.description} (prior {prior:g}, {run.describe()})")
@@ -145,7 +145,7 @@ def run_adapt(
         )  # fmt: skip
     extra: dict[str, Any] = {**run.base_extra(config), **result.extra}
     if run.evaluation is not None:
-        from ..evaluate import evaluate_models
+        from ..engine.evaluate import evaluate_models
 
         ui.info(f"evaluating on {run.evaluation.description}")
         models = {"source": original, "adapted": run.model, "batch_stats": copy.deepcopy(original)}

@@ -38,7 +38,7 @@ def corrupt_command(
     quiet: o.Quiet = False,
     debug: o.Debug = False,
 ) -> None:
-    from ..corruptions import corrupt_folder
+    from ..ops.corruptions import corrupt_folder
 
     ui = Ui(json=json_, quiet=quiet)
     with progress_bar(ui, f"{corruption} {severity}", None) as progress:

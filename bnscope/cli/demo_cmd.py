@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..config import ProjectConfig, load_project_config
+from ..io.config import ProjectConfig, load_project_config
 from . import options as o
 from .app import app
 from .inputs import DataFlags, ModelFlags, RunFlags, resolve_run_flags

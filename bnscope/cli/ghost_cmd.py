@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ..config import ProjectConfig
 from ..errors import UsageError
+from ..io.config import ProjectConfig
 from ..records import Report
 from . import options as o
 from .app import app
@@ -76,10 +76,10 @@ def ghost_command(
     fail_on: o.FailOn = None,
     debug: o.Debug = False,
 ) -> None:
-    from ..ghost import parse_sizes
+    from ..ops.ghost import parse_sizes
 
     ui = Ui(json=json_, quiet=quiet)
-    from ..outputs import check_out_dir
+    from ..io.outputs import check_out_dir
 
     check_out_dir(out)  # before anything runs
     level = check_fail_on(fail_on)
@@ -116,7 +116,7 @@ def run_ghost(
     if data_spec is None:
         raise UsageError("ghost needs --data (batches to split into ghost batches)",
                          "pass --data SPEC")  # fmt: skip
-    from ..ghost import ghost_analysis
+    from ..ops.ghost import ghost_analysis
 
     run = prepare_run(
         "ghost", config, path, source=source,

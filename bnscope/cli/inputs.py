@@ -6,15 +6,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import ProjectConfig
 from ..errors import UsageError
+from ..io.config import ProjectConfig
 from .runtime import merged, parse_floats, rank_and_world_size
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..checkpoint import Checkpoint
-    from ..data import DataSource
+    from ..io.checkpoint import Checkpoint
+    from ..io.data import DataSource
     from .runtime import Ui
 
 
@@ -67,7 +67,7 @@ class ModelFlags:
 
 
 def open_checkpoint(path: Path, key: str | None, trust: bool, config: ProjectConfig) -> Checkpoint:
-    from ..checkpoint import load_checkpoint
+    from ..io.checkpoint import load_checkpoint
 
     return load_checkpoint(path, key=merged(key, config, "key"), trust=trust)
 
@@ -86,8 +86,8 @@ def build_model_for(
     When the checkpoint holds several networks, the one that fits the model is loaded (the
     raw weights rather than an EMA copy of the same architecture) and the prefix is that
     network's; ``ui`` then warns about an EMA copy left unused, with the ``--key`` to use it."""
-    from ..checkpoint import load_into_model
-    from ..modelspec import build_model
+    from ..io.checkpoint import load_into_model
+    from ..io.modelspec import build_model
 
     spec = merged(model_spec, config, "model")
     kwargs: Any = merged(model_kwargs, config, "model_kwargs")
@@ -118,7 +118,7 @@ def require_batchnorm(model: Any, command: str, include_frozen: bool | None = No
     one line before anything runs (no copy of the checkpoint is written). Frozen BN layers
     count; for precise and adapt (``include_frozen`` not None) a model whose BN layers are all
     frozen needs ``--include-frozen``."""
-    from ..capture import is_batchnorm, is_frozen_batchnorm
+    from ..engine.capture import is_batchnorm, is_frozen_batchnorm
 
     frozen = [m for m in model.modules() if is_frozen_batchnorm(m)]
     if not any(is_batchnorm(m) for m in model.modules()):
@@ -154,7 +154,7 @@ def open_data(
     shard: bool = True,
     ui: Ui | None = None,
 ) -> DataSource:
-    """Resolve a ``--data``-like spec into a :class:`~bnscope.data.DataSource`.
+    """Resolve a ``--data``-like spec into a :class:`~bnscope.io.data.DataSource`.
 
     ``shuffle=True`` (seeded by ``--seed``) for statistics collection: with BN normalizing by
     batch statistics, deeper layers' inputs depend on the batch composition, so batches must
@@ -168,7 +168,7 @@ def open_data(
     incomplete last batch; without it only a last batch of 1 sample is left out (BatchNorm
     cannot normalize one sample on [N, C] inputs). The source counts what was left out and
     ``ui`` says it on stderr. Factories batch themselves: neither applies to them."""
-    from ..data import ImageOptions, load_data
+    from ..io.data import ImageOptions, load_data
 
     if spec is None:
         raise UsageError(f"{option} is required here", f"pass {option} SPEC")
@@ -219,7 +219,7 @@ def _note_dropped(
 ) -> None:
     """One line on stderr about samples the batching left out (or, for a factory given
     ``--drop-last``, could not leave out)."""
-    from ..data import DROP_SINGLE
+    from ..io.data import DROP_SINGLE
 
     if source.kind == "factory":
         if drop_last_flag:
@@ -252,7 +252,7 @@ def _factory_shards(spec: str) -> bool:
     import inspect
 
     from ..errors import DataError
-    from ..modelspec import resolve_spec
+    from ..io.modelspec import resolve_spec
 
     try:
         obj = resolve_spec(spec, DataError, "--data")
@@ -340,7 +340,7 @@ def prepare_run(
 
     Under ``torchrun`` the collection data is sharded across ranks; evaluation data is not
     (every rank evaluates all of it, so every rank computes the same metrics)."""
-    from ..checkpoint import check_output, default_output_path
+    from ..io.checkpoint import check_output, default_output_path
 
     dev, amp, channels_last = resolve_run_flags(run_flags, config)
     call = resolve_call(merged(flags.call, config, "call"))
@@ -380,7 +380,7 @@ def resolve_call(spec: str | None) -> Any:
     the model on a batch (None: inputs follow the model's ``forward``)."""
     if spec is None:
         return None
-    from ..modelspec import resolve_spec
+    from ..io.modelspec import resolve_spec
 
     fn = resolve_spec(spec, UsageError, "--call")
     if not callable(fn):

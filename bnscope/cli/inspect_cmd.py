@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ..config import ProjectConfig
 from ..errors import UsageError
+from ..io.config import ProjectConfig
 from ..records import Report
 from . import options as o
 from .app import app
@@ -89,7 +89,7 @@ def inspect_command(
     debug: o.Debug = False,
 ) -> None:
     ui = Ui(json=json_, quiet=quiet)
-    from ..outputs import check_out_dir
+    from ..io.outputs import check_out_dir
 
     check_out_dir(out)  # before anything runs
     level = check_fail_on(fail_on)
@@ -144,7 +144,7 @@ def run_dynamic(
 ) -> Report | None:
     """Load, then the dynamic report; None without model code (the caller falls back to the
     static report)."""
-    from ..dynamic import inspect
+    from ..ops.inspect import inspect
 
     run = prepare_run(
         "inspect", config, path, source=source,
@@ -172,8 +172,8 @@ def static_report_for(
     the one the model fits, without a model on the raw network; the report's ``networks``
     lists them all (``used`` marks the one reported on), and ``ui`` warns about an EMA copy
     not reported on, with the ``--key`` that selects it (also ``ema_key`` in the report)."""
-    from ..checkpoint import common_prefix, strip_prefix
-    from ..static import static_inspect
+    from ..io.checkpoint import common_prefix, strip_prefix
+    from ..ops.static import static_inspect
 
     ckpt = open_checkpoint(path, source.key, source.trust, config)
     net, prefix, spec = build_model_for(ckpt, source.model, source.model_kwargs, config, ui)
@@ -210,8 +210,8 @@ def _recompute_fix(path: str, spec: str | None) -> str:
 
 def render_static(ui: Ui, report: Any, out: str | None) -> None:
     def figures() -> dict[str, Any]:
+        from ..ops.static import TINY_GAIN, TINY_VAR_FACTOR
         from ..render.figures import static_ranges_figure
-        from ..static import TINY_GAIN, TINY_VAR_FACTOR
 
         if not report.layers:
             return {}
@@ -232,7 +232,7 @@ def render_static(ui: Ui, report: Any, out: str | None) -> None:
 
 def dynamic_figures(report: Report) -> dict[str, tuple[str, Any]]:
     """The dynamic report's figures: name -> (caption, Figure)."""
-    from ..dynamic import STALE_Z
+    from ..ops.inspect import STALE_Z
     from ..render.figures import batch_means_figure, consistency_figure, staleness_figure
 
     figures: dict[str, tuple[str, Any]] = {}

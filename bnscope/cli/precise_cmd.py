@@ -6,8 +6,8 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from ..config import ProjectConfig
 from ..errors import UsageError
+from ..io.config import ProjectConfig
 from ..records import Report
 from . import options as o
 from .app import app
@@ -72,7 +72,7 @@ def precise_command(
     debug: o.Debug = False,
 ) -> None:
     ui = Ui(json=json_, quiet=quiet)
-    from ..outputs import check_out_dir
+    from ..io.outputs import check_out_dir
 
     check_out_dir(out)  # before anything runs
     level = check_fail_on(fail_on)
@@ -126,9 +126,9 @@ def run_precise(
         include_frozen=include_frozen,
     )  # fmt: skip
 
-    from ..checkpoint import save_checkpoint
-    from ..distributed import local_batchnorm
-    from ..precise import precise_bn
+    from ..engine.distributed import local_batchnorm
+    from ..io.checkpoint import save_checkpoint
+    from ..ops.precise import precise_bn
 
     original = copy.deepcopy(run.model) if run.evaluation is not None else None
     ui.info(f"Precise BN on {run.source.description} ({run.describe()})")
@@ -139,7 +139,7 @@ def run_precise(
         )
     extra: dict[str, Any] = {**run.base_extra(config), **result.extra}
     if run.evaluation is not None:
-        from ..evaluate import compare_models
+        from ..engine.evaluate import compare_models
 
         ui.info(f"evaluating before/after on {run.evaluation.description}")
         with local_batchnorm(original, run.model):

@@ -23,8 +23,8 @@ from typing import Any, TextIO
 import typer
 from rich.console import Console
 
-from ..config import AMP_VALUES, ProjectConfig, load_project_config
 from ..errors import BnscopeError, UsageError
+from ..io.config import AMP_VALUES, ProjectConfig, load_project_config
 from ..records import SEVERITIES, Report, severity_rank
 
 FAIL_LEVELS = SEVERITIES
@@ -172,7 +172,7 @@ def _rank_cuda(spec: str) -> str:
         return "cuda"
     import torch
 
-    from .. import distributed
+    from ..engine import distributed
 
     local, count = distributed.local_rank(), torch.cuda.device_count()
     if local >= count:
@@ -187,7 +187,7 @@ def _rank_cuda(spec: str) -> str:
 # --------------------------------------------------------------------------------------------
 # torchrun
 
-#: What torchrun sets for every worker (as :data:`bnscope.distributed.TORCHRUN_ENV`).
+#: What torchrun sets for every worker (as :data:`bnscope.engine.distributed.TORCHRUN_ENV`).
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -195,7 +195,7 @@ def distributed_active() -> bool:
     """True when ``torch.distributed`` is initialized (never imports torch)."""
     if "torch.distributed" not in sys.modules:
         return False
-    from .. import distributed
+    from ..engine import distributed
 
     return distributed.is_initialized()
 
@@ -204,7 +204,7 @@ def is_main_process() -> bool:
     """True on rank 0 of a process group, and without one (never imports torch)."""
     if not distributed_active():
         return True
-    from .. import distributed
+    from ..engine import distributed
 
     return distributed.is_main_process()
 
@@ -213,7 +213,7 @@ def rank_and_world_size() -> tuple[int, int]:
     """``(rank, world_size)``: ``(0, 1)`` without a process group."""
     if not distributed_active():
         return 0, 1
-    from .. import distributed
+    from ..engine import distributed
 
     return distributed.get_rank(), distributed.get_world_size()
 
@@ -225,7 +225,7 @@ def begin_output() -> bool:
     process group it returns True."""
     if not distributed_active():
         return True
-    from .. import distributed
+    from ..engine import distributed
 
     distributed.check_peers()
     return distributed.is_main_process()
@@ -268,7 +268,7 @@ class DistributedSession:
         torchrun = all(name in os.environ for name in TORCHRUN_ENV)
         if not torchrun and "torch.distributed" not in sys.modules:
             return session  # the common case: no torch import
-        from .. import distributed
+        from ..engine import distributed
 
         session.owned = distributed.init_from_env()
         if not distributed.is_initialized():
@@ -284,7 +284,7 @@ class DistributedSession:
                 self._quiet.__exit__(None, None, None)
             self._quiet = None
         if self.owned:
-            from .. import distributed
+            from ..engine import distributed
 
             distributed.destroy()
             self.owned = False
@@ -299,7 +299,7 @@ class DistributedSession:
                     traceback.print_exception(outcome.exc)
                 error_line(outcome.line, sys.stderr)
             return outcome.code
-        from .. import distributed
+        from ..engine import distributed
 
         rank, world = distributed.get_rank(), distributed.get_world_size()
         if outcome.interrupted:  # no collective: the others may be anywhere
@@ -353,7 +353,7 @@ def emit_report(
     text = report_json(report)
     written = []
     if out is not None:
-        from ..outputs import write_report_dir
+        from ..io.outputs import write_report_dir
 
         figs = figures() if figures is not None else {}
         extra = texts(figs) if texts is not None else None

@@ -96,8 +96,8 @@ def build_demo(
     """
     import torch
 
-    from ..data import load_data
-    from ..outputs import atomic_path, write_text
+    from ..io.data import load_data
+    from ..io.outputs import atomic_path, write_text
     from . import synthetic
     from .model import make_model
     from .train import DEMO_BATCH_SIZE, DEMO_EPOCHS, DEMO_FINAL_LR, DEMO_LR, train
@@ -164,7 +164,7 @@ DEMO_CORRUPTION = ("gaussian_noise", 3)
 def write_corrupted(folder: Path, seed: int = 0) -> dict[str, Path]:
     """``corrupted/train`` (unlabeled target data for adapt) and ``corrupted/val`` (labelled
     target evaluation data), copies of the demo data with :data:`DEMO_CORRUPTION`."""
-    from ..corruptions import corrupt_folder
+    from ..ops.corruptions import corrupt_folder
 
     name, severity = DEMO_CORRUPTION
     out = {}

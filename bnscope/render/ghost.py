@@ -91,7 +91,7 @@ def worst_layers_table(layers: Sequence[GhostLayer], limit: int = WORST_LAYERS) 
 
 def verdict(report: Report) -> Text:
     """One line: down to which size batch statistics reproduce population-statistics outputs."""
-    from ..ghost import SMALL_NBS_ACCURACY_DROP, SMALL_NBS_AGREEMENT
+    from ..ops.ghost import SMALL_NBS_ACCURACY_DROP, SMALL_NBS_AGREEMENT
 
     rows = [r for r in report.extra.get("sizes", []) if r["status"] == "ok"]
     if not rows:

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import DataError
 from . import sync
 from .collect import check_batches
-from .errors import DataError
 from .runner import Runner, make_runner, placed
 
 F64 = torch.float64

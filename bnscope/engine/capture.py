@@ -13,11 +13,11 @@ kernel itself writes each call's batch mean and unbiased batch variance n/(n-1) 
 running buffers. A pre-hook points those buffers at the next row of a preallocated block
 (:class:`_Block`, :data:`ROWS` rows per layer): per call that is two dictionary assignments and
 no tensor operation at all. When a block is full (checked between forwards) its rows are merged
-into the layer's float64 accumulator in bulk (:meth:`bnscope.stats.MomentAccumulator.add_rows`,
-exact: law of total variance, then Chan et al.'s merge), together with device-side checks for
-non-finite rows and for ill-conditioned channels. Nothing is read back to the host inside the
-loop: the flags are read once after a layer's first forward, at most every
-:data:`CHECK_SECONDS` after that, and at the end (:mod:`bnscope.sync`).
+into the layer's float64 accumulator in bulk
+(:meth:`bnscope.engine.stats.MomentAccumulator.add_rows`, exact: law of total variance, then
+Chan et al.'s merge), together with device-side checks for non-finite rows and for
+ill-conditioned channels. Nothing is read back to the host inside the loop: the flags are read once after a layer's first forward, at most every
+:data:`CHECK_SECONDS` after that, and at the end (:mod:`bnscope.engine.sync`).
 
 The kernel is checked, not trusted. In a layer's first forward the pre-hook also computes
 float64 moments of each call's input; after that forward (one read for all new layers) they are
@@ -35,7 +35,7 @@ pre-hook, written to float64 rows and merged the same way.
 
 ``SyncBatchNorm`` runs as a plain BatchNorm during collection (also under a process group, and
 on CPU): each rank normalizes with its own batch statistics and the ranks pool float64
-sufficient statistics once at the end (:mod:`bnscope.distributed`), instead of all-reducing
+sufficient statistics once at the end (:mod:`bnscope.engine.distributed`), instead of all-reducing
 every batch. The module keeps its class.
 """
 

@@ -21,9 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import sync
-from .collect import Call, Collection, Progress, collect
-from .errors import UsageError
+from ..engine import sync
+from ..engine.collect import Call, Collection, Progress, collect
+from ..engine.stats import log_var_ratio, normalized_mean_shift
+from ..errors import UsageError
+from ..records import AdaptLayer, Finding, Report
 from .precise import (
     frozen_kept_reason,
     layer_eps,
@@ -32,8 +34,6 @@ from .precise import (
     writable,
     write_stats,
 )
-from .records import AdaptLayer, Finding, Report
-from .stats import log_var_ratio, normalized_mean_shift
 
 #: a layer gets a ``domain-shift`` finding when the median over channels of the symmetric KL
 #: between source and target Gaussians exceeds this (0.1 ~ a mean shift of 0.32 sigma, or a
@@ -178,7 +178,7 @@ def adapt_bn(
     ``include_frozen=True`` they are adapted too (AdaBN for a frozen detection backbone).
 
     Under ``torch.distributed`` each rank passes its share of the target data; statistics and
-    sample counts are pooled over all ranks (see :func:`~bnscope.collect.collect`;
+    sample counts are pooled over all ranks (see :func:`~bnscope.engine.collect.collect`;
     ``process_group`` as there), so every rank writes the same statistics.
     """
     if not isinstance(prior, (int, float)) or prior < 0:

@@ -11,7 +11,8 @@ var = sum((x - mu)^2)/N. Batches are merged with the pairwise update of Chan, Go
 so the result does not depend on how the data is split into batches (up to float64 rounding) and
 never forms the cancellation-prone float32 E[x^2] - E[x]^2. This equals the batch-size-weighted
 E[mu_B^2 + var_B] - E[mu_B]^2 of Wu & Johnson (2021), "Rethinking 'Batch' in BatchNorm", App. A.
-Across processes, :func:`bnscope.distributed.all_reduce_moments` pools accumulators the same way.
+Across processes, :func:`bnscope.engine.distributed.all_reduce_moments` pools accumulators the
+same way.
 """
 
 from __future__ import annotations

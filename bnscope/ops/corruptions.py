@@ -33,7 +33,7 @@ which truncates (a systematic -0.5 grey-level bias and occasional off-by-one on 
 as ``k / 255 * 255``); here float results are rounded to the nearest integer.
 
 :func:`corrupt` corrupts one image, :func:`corrupt_folder` writes a corrupted copy of an image
-folder, and ``python -m bnscope.corruptions SRC DST --corruption NAME --severity N`` does the
+folder, and ``python -m bnscope.ops.corruptions SRC DST --corruption NAME --severity N`` does the
 latter from a shell.
 """
 
@@ -104,7 +104,7 @@ SEVERITY_PARAMS: dict[str, tuple[Any, ...]] = {
     "jpeg_compression": (80, 65, 58, 50, 40),
 }
 
-#: Files :func:`corrupt_folder` treats as images (the same set as ``bnscope.data``).
+#: Files :func:`corrupt_folder` treats as images (the same set as ``bnscope.io.data``).
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 )
@@ -644,7 +644,7 @@ def _move_into_place(tmp: Path, dst: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# python -m bnscope.corruptions
+# python -m bnscope.ops.corruptions
 
 
 class _Parser(argparse.ArgumentParser):
@@ -655,7 +655,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="python -m bnscope.corruptions",
+        prog="python -m bnscope.ops.corruptions",
         description="Write a corrupted copy of an image folder (Hendrycks & Dietterich 2019, "
         "CIFAR-10-C parameters).",
     )
@@ -671,7 +671,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m bnscope.corruptions``; returns the exit code."""
+    """Entry point of ``python -m bnscope.ops.corruptions``; returns the exit code."""
     args = _parser().parse_args(argv)
     try:
         n = corrupt_folder(

@@ -46,10 +46,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import sync
-from .collect import Call, Progress, check_batches, collect
-from .errors import DataError, UsageError
-from .evaluate import (
+from ..engine import sync
+from ..engine.collect import Call, Progress, check_batches, collect
+from ..engine.evaluate import (
     Metrics,
     Scores,
     batch_kind,
@@ -60,12 +59,13 @@ from .evaluate import (
     read_scores,
     using_statistics,
 )
-from .intercept import BatchNormCall, redirected
-from .nn import ChunkStats, ghost_chunk_sizes, normalize_chunks
+from ..engine.intercept import BatchNormCall, redirected
+from ..engine.runner import make_runner, placed
+from ..errors import DataError, UsageError
+from ..nn import ChunkStats, ghost_chunk_sizes, normalize_chunks
+from ..records import Finding, GhostLayer, GhostLayerSize, GhostSize, Report
+from ..render.text import pct
 from .precise import population_stats
-from .records import Finding, GhostLayer, GhostLayerSize, GhostSize, Report
-from .render.text import pct
-from .runner import make_runner, placed
 
 #: the smallest ghost size: one sample has no batch statistics worth the name
 MIN_SIZE = 2
@@ -192,8 +192,8 @@ def ghost_forwards(
     """Within the block, the given BN layers normalize every chunk of ``g`` samples with the
     chunk's own statistics, whatever their mode, through their own forward: the batch_norm
     call it makes with the layer's running statistics returns the chunk-normalized input
-    instead (:func:`bnscope.intercept.redirected`), so an activation or dropout after it still
-    applies, and no buffer is touched. ``probes`` record the chunk statistics. Yields, per
+    instead (:func:`bnscope.engine.intercept.redirected`), so an activation or dropout after it
+    still applies, and no buffer is touched. ``probes`` record the chunk statistics. Yields, per
     layer name, ``[forward calls, chunked calls]``. Each module's forward is restored on
     exit."""
     by_module = {module: name for name, module in layers.items()}
@@ -254,7 +254,7 @@ def ghost_analysis(
     records in module order, findings ``small-nbs`` and ``non-iid-batches``, and
     ``extra["sizes"]`` with one :class:`~bnscope.records.GhostSize` dict per size.
     """
-    from . import distributed
+    from ..engine import distributed
 
     wanted = parse_sizes(sizes)
     check_batches(batches)
@@ -382,7 +382,7 @@ def _reduce_all(
     group: Any,
 ) -> None:
     """Sum every rank's probes and scores (one collective for all of them)."""
-    from . import distributed
+    from ..engine import distributed
 
     if group is None:
         return

@@ -14,7 +14,7 @@ from typing import Any
 
 import tomllib
 
-from .errors import UsageError
+from ..errors import UsageError
 
 #: key -> accepted Python types
 ALLOWED_KEYS: dict[str, tuple[type, ...]] = {

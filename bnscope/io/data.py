@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from bnscope.errors import BnscopeError, DataError
-from bnscope.modelspec import resolve_spec
+from bnscope.io.modelspec import resolve_spec
 
 __all__ = [
     "IMAGENET_MEAN",

@@ -1,9 +1,9 @@
 """The collection loop shared by precise, adapt, inspect and ghost.
 
-Runs the model over ``batches`` batches of ``data`` under :class:`~bnscope.capture.BNCapture`
+Runs the model over ``batches`` batches of ``data`` under :class:`~bnscope.engine.capture.BNCapture`
 and turns failures into one-line errors that name the batch and the layer. Under an initialized
 ``torch.distributed`` process group each rank collects its own data and the float64 sufficient
-statistics are all-reduced once at the end (:mod:`bnscope.distributed`).
+statistics are all-reduced once at the end (:mod:`bnscope.engine.distributed`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import DataError, UsageError
+from ..io.data import split_batch
 from . import distributed
 from .capture import BNCapture, LayerStats, NonFiniteInput, RowObserver, SkippedLayer
-from .data import split_batch
-from .errors import DataError, UsageError
 from .runner import Call, Runner, default_call, make_runner, model_device, placed
 
 Progress = Callable[[int, "int | None"], None]
@@ -118,23 +118,23 @@ def collect(
 ) -> Collection:
     """Run ``model`` over the data in collection mode and return the pooled statistics.
 
-    The model's state is restored afterwards (see :class:`~bnscope.capture.BNCapture`);
+    The model's state is restored afterwards (see :class:`~bnscope.engine.capture.BNCapture`);
     ``batches=None`` uses all of the data. Data that runs out before ``batches`` is an error.
     ``device`` (default: where the model is), ``amp`` (``"bf16"``/``"fp16"``: every forward
     under autocast; the statistics are those of the tensors that reach the BN layers) and
     ``channels_last`` say how the model runs, ``call(model, batch)`` or ``input_key`` how it
-    takes a batch (:mod:`bnscope.runner`; by default inputs follow ``forward``'s signature).
-    ``observer`` sees the per-call batch moments (:data:`~bnscope.capture.RowObserver`);
+    takes a batch (:mod:`bnscope.engine.runner`; by default inputs follow ``forward``'s signature).
+    ``observer`` sees the per-call batch moments (:data:`~bnscope.engine.capture.RowObserver`);
     ``on_output(index, batch, output)`` sees each batch's output of the collection forward
     (BN with batch statistics). Frozen BN layers are measured (their inputs pooled) while they
     normalize with their stored statistics, or, with ``include_frozen``, with batch
     statistics like the others.
 
     Under ``torch.distributed`` (``process_group=None`` uses the default group when it is
-    initialized; :data:`bnscope.distributed.LOCAL` turns communication off) ``data`` is this
+    initialized; :data:`bnscope.engine.distributed.LOCAL` turns communication off) ``data`` is this
     rank's share and ``batches`` counts this rank's batches. At the end the ranks exchange
     their status (a rank's error stops every rank: it re-raises its error, the others raise
-    :class:`~bnscope.distributed.PeerFailed`), then all-reduce count, sum and centred second
+    :class:`~bnscope.engine.distributed.PeerFailed`), then all-reduce count, sum and centred second
     moment of every layer in float64, plus calls, samples and calls per forward: every rank
     returns the same statistics, equal to one process's on the union of the data. A rank
     whose share is empty is fine when ``batches`` is None. Every rank must call this the same

@@ -5,7 +5,7 @@ On CUDA every read of a device value (``.item()``, ``bool(tensor)``, ``float(ten
 far: the GPU then idles while Python prepares the next launches. bnscope's loops over the data
 therefore keep their counters, tallies and error flags on the device and read them with
 :func:`fetch`: one transfer for any number of tensors, at the end of a pass (or, for error
-flags, at most every :data:`bnscope.capture.CHECK_SECONDS`). :data:`READS` counts the
+flags, at most every :data:`bnscope.engine.capture.CHECK_SECONDS`). :data:`READS` counts the
 transfers, so tests can check that a loop does not read per batch.
 """
 

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import LABEL_KEYS, move_to, split_batch
-from .errors import DataError, UsageError
+from ..errors import DataError, UsageError
+from ..io.data import LABEL_KEYS, move_to, split_batch
 
 Call = Callable[[nn.Module, Any], Any]
 
@@ -50,8 +50,8 @@ class BatchProtocol:
       ``forward(a, b)``), then the labels when the next item is a tensor;
     - a dict gives ``input_key``'s entry when set; otherwise, when every parameter ``forward``
       requires is a key, ``model(**entries)`` with every key that ``forward`` names; otherwise
-      the first of :data:`bnscope.data.INPUT_KEYS`. Labels come from the first of
-      :data:`bnscope.data.LABEL_KEYS` that is not an input.
+      the first of :data:`bnscope.io.data.INPUT_KEYS`. Labels come from the first of
+      :data:`bnscope.io.data.LABEL_KEYS` that is not an input.
 
     The sample count of a batch is the leading size of its first input tensor.
     """

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import BnscopeError
+from ..errors import BnscopeError
 
 if TYPE_CHECKING:
     from .stats import MomentAccumulator
@@ -360,7 +360,7 @@ def all_reduce_max(tensor: torch.Tensor, process_group: Any = None) -> torch.Ten
 
 
 def all_reduce_moments(accs: Sequence[MomentAccumulator], process_group: Any = None) -> None:
-    """Pool :class:`~bnscope.stats.MomentAccumulator` s over the ranks, in place.
+    """Pool :class:`~bnscope.engine.stats.MomentAccumulator` s over the ranks, in place.
 
     Afterwards every rank holds, in each accumulator, the count, mean and M2 of the union of
     all ranks' data (Chan et al. 1979, see the module docstring): one status exchange and two

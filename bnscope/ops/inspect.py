@@ -35,10 +35,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import sync
-from .collect import Call, Progress, check_batches, collect
-from .errors import DataError
-from .evaluate import (
+from ..engine import sync
+from ..engine.collect import Call, Progress, check_batches, collect
+from ..engine.evaluate import (
     Metrics,
     Scores,
     batch_kind,
@@ -50,12 +49,13 @@ from .evaluate import (
     read_scores,
     using_statistics,
 )
+from ..engine.runner import make_runner, placed
+from ..engine.stats import MomentAccumulator
+from ..errors import DataError
+from ..records import Finding, InspectLayer, Report
+from ..render.text import pct
 from .precise import layer_eps, layer_records, population_stats, usage_findings
-from .records import Finding, InspectLayer, Report
-from .render.text import pct
-from .runner import make_runner, placed
 from .static import static_inspect
-from .stats import MomentAccumulator
 
 F64 = torch.float64
 
@@ -260,12 +260,12 @@ def inspect(
     paired with it by a fingerprint of each batch), 4 otherwise. ``extra["forwards"]`` says
     how many were run in all.
     """
-    from . import distributed
+    from ..engine import distributed
 
     check_batches(batches)
     group = distributed.resolve_group(process_group)
     if iter(data) is data:
-        from .errors import UsageError
+        from ..errors import UsageError
 
         raise UsageError(
             "dynamic inspection reads the data twice, but it is a one-shot iterator",
@@ -442,7 +442,7 @@ def _reduce_pass(
 ) -> tuple[int, bool, bool, int]:
     """Pool both passes over the ranks: batch-statistics spreads (exact moments) and every
     score, in place; returns the pooled (samples, labelled, classes, forwards)."""
-    from . import distributed
+    from ..engine import distributed
 
     accs = [a for sp in spreads.values() for a in (sp.means, sp.uvars)]
     distributed.all_reduce_moments(accs, group)

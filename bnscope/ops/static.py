@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .records import Finding, Report, StaticLayer
+from ..records import Finding, Report, StaticLayer
 
 DEFAULT_MOMENTUM = 0.1
 DEFAULT_EPS = 1e-5
@@ -81,8 +81,8 @@ def module_bn_buffers(model: nn.Module) -> list[BNBuffers]:
     """BN layers of a live module with their real momentum and eps (tracked layers only),
     frozen ones (``FrozenBatchNorm2d``) included and marked. The tensors come back on the
     CPU, read from the model's device in one transfer."""
-    from .capture import is_frozen_batchnorm
-    from .sync import fetch
+    from ..engine.capture import is_frozen_batchnorm
+    from ..engine.sync import fetch
 
     found: list[tuple[str, nn.Module, list[torch.Tensor | None]]] = []
     for name, mod in model.named_modules():

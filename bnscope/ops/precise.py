@@ -3,9 +3,9 @@
 Wu & Johnson (2021), "Rethinking 'Batch' in BatchNorm", §3: the EMA of batch statistics is a
 poor estimate of the population statistics of the *final* model; Precise BN recomputes them over
 many batches with the model fixed. bnscope pools every element of every call in float64
-(:mod:`bnscope.stats`), so the result equals mu = sum(x)/N, var = sum((x - mu)^2)/N over all the
-data, independent of the batch split — unlike the average of per-batch variances that fvcore's
-``update_bn_stats`` and ``torch.optim.swa_utils.update_bn`` compute.
+(:mod:`bnscope.engine.stats`), so the result equals mu = sum(x)/N, var = sum((x - mu)^2)/N over
+all the data, independent of the batch split — unlike the average of per-batch variances that
+fvcore's ``update_bn_stats`` and ``torch.optim.swa_utils.update_bn`` compute.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import sync
-from .collect import Call, Collection, Progress, collect
-from .records import Finding, PreciseLayer, Report
-from .stats import log_var_ratio, normalized_mean_shift
+from ..engine import sync
+from ..engine.collect import Call, Collection, Progress, collect
+from ..engine.stats import log_var_ratio, normalized_mean_shift
+from ..records import Finding, PreciseLayer, Report
 
 ARRAY_KEYS = ("old_mean", "old_var", "new_mean", "new_var", "d_mu", "d_var")
 
@@ -182,7 +182,7 @@ def precise_bn(
     Under ``torch.distributed`` each rank passes its share of the data (``batches`` per rank):
     float64 sufficient statistics are all-reduced once at the end, so every rank writes the
     same, exact population statistics of the union (``process_group``: see
-    :func:`~bnscope.collect.collect`).
+    :func:`~bnscope.engine.collect.collect`).
     """
     collection = collect(
         model,

@@ -1216,7 +1216,7 @@ def save_checkpoint(
     else:
         raise CheckpointError(
             f"unknown checkpoint format '{ckpt.format}'",
-            "load the checkpoint with bnscope.checkpoint.load_checkpoint",
+            "load the checkpoint with bnscope.io.checkpoint.load_checkpoint",
         )
     _atomic_write(out_path, write)
     return out_path
