@@ -16,8 +16,9 @@ no tensor operation at all. When a block is full (checked between forwards) its 
 into the layer's float64 accumulator in bulk
 (:meth:`bnscope.engine.stats.MomentAccumulator.add_rows`, exact: law of total variance, then
 Chan et al.'s merge), together with device-side checks for non-finite rows and for
-ill-conditioned channels. Nothing is read back to the host inside the loop: the flags are read once after a layer's first forward, at most every
-:data:`CHECK_SECONDS` after that, and at the end (:mod:`bnscope.engine.sync`).
+ill-conditioned channels. Nothing is read back to the host inside the loop: the flags are read
+once after a layer's first forward, at most every :data:`CHECK_SECONDS` after that, and at the
+end (:mod:`bnscope.engine.sync`).
 
 The kernel is checked, not trusted. In a layer's first forward the pre-hook also computes
 float64 moments of each call's input; after that forward (one read for all new layers) they are
