@@ -10,12 +10,9 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import UsageError
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
 
 @contextlib.contextmanager
@@ -55,8 +52,8 @@ def write_text(target: str | Path, text: str) -> Path:
     return Path(target)
 
 
-def save_figure(fig: Figure, target: str | Path, dpi: int = 120) -> Path:
-    """Atomically save a figure as PNG."""
+def save_figure(fig: Any, target: str | Path, dpi: int = 120) -> Path:
+    """Atomically save a figure (anything with matplotlib's ``savefig``) as PNG."""
     try:
         with atomic_path(target) as tmp:
             fig.savefig(tmp, format="png", dpi=dpi)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import findings
 from ..engine import sync
 from ..engine.collect import Call, Collection, Progress, collect
 from ..engine.stats import log_var_ratio, normalized_mean_shift
@@ -127,26 +128,14 @@ def _status(st: Any, include_frozen: bool) -> tuple[str, str | None]:
 
 def shift_findings(records: list[AdaptLayer], threshold: float = SHIFT_KL) -> list[Finding]:
     """``domain-shift`` for layers whose median symmetric KL exceeds ``threshold``."""
-    out = []
-    for rec in records:
-        if rec.kl_median is not None and rec.kl_median > threshold:
-            out.append(
-                Finding(
-                    "domain-shift",
-                    "warning",
-                    rec.name,
-                    f"target statistics differ from the source: median symmetric KL "
-                    f"{rec.kl_median:.3g} (max {rec.kl_max:.3g}), median |d_mu| "
-                    f"{rec.d_mu_median:.3g}, median |log var ratio| {rec.d_var_median:.3g}",
-                    (
-                        "adapt this frozen layer too with include_frozen=True (--include-frozen)"
-                        if rec.status == "frozen"
-                        else "use the adapted statistics on this domain (bnscope adapt writes "
-                        "them); keep the source checkpoint for source-domain data"
-                    ),
-                )
-            )
-    return out
+    return [
+        findings.domain_shift(
+            rec.name, rec.kl_median, rec.kl_max or 0.0, rec.d_mu_median or 0.0,
+            rec.d_var_median or 0.0, rec.status == "frozen",
+        )
+        for rec in records
+        if rec.kl_median is not None and rec.kl_median > threshold
+    ]  # fmt: skip
 
 
 def adapt_bn(
@@ -210,9 +199,7 @@ def adapt_bn(
         weights[name] = lam
     records, arrays = _shift_records(collection, target, weights, include_frozen)
     write_stats(collection, writable(collection, mixed, include_frozen))
-    findings = shift_findings(records, shift_threshold) + usage_findings(
-        records, "the layer never ran on the target data: its source statistics were kept"
-    )
+    found = shift_findings(records, shift_threshold) + usage_findings(records, "adapt")
     extra = {
         "batches": collection.batches,
         "samples": collection.samples,
@@ -221,4 +208,4 @@ def adapt_bn(
     }
     if collection.world_size > 1:
         extra["world_size"] = collection.world_size
-    return Report("adapt", None, tuple(records), tuple(findings), extra, arrays)
+    return Report("adapt", None, tuple(records), tuple(found), extra, arrays)

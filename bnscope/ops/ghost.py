@@ -46,6 +46,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import findings
 from ..engine import sync
 from ..engine.collect import Call, Progress, check_batches, collect
 from ..engine.evaluate import (
@@ -64,7 +65,6 @@ from ..engine.runner import make_runner, placed
 from ..errors import DataError, UsageError
 from ..nn import ChunkStats, ghost_chunk_sizes, normalize_chunks
 from ..records import Finding, GhostLayer, GhostLayerSize, GhostSize, Report
-from ..render.text import pct
 from .precise import population_stats
 
 #: the smallest ghost size: one sample has no batch statistics worth the name
@@ -516,8 +516,11 @@ def _report(
                 _min([r.effective_size / g for r in per_layer if r.effective_size is not None]),
             )
         )  # fmt: skip
-    findings = _findings(layers, size_rows, population, batch_size)
+    found = _findings(layers, size_rows, population, batch_size)
+    verdict, verdict_text = _verdict(size_rows, population)
     extra = {
+        "verdict": verdict,
+        "verdict_text": verdict_text,
         "sizes": [row.to_dict() for row in size_rows],
         "batch_size": batch_size,
         "batches": collection.batches,
@@ -527,7 +530,7 @@ def _report(
         "has_labels": labelled,
     }
     arrays = {"size_rows": {"rows": size_rows}, "population": {"metrics": population}}
-    return Report("ghost", None, tuple(layers), tuple(findings), extra, arrays)
+    return Report("ghost", None, tuple(layers), tuple(found), extra, arrays)
 
 
 def _size_note(g: int, batch_size: int) -> str | None:
@@ -564,37 +567,12 @@ def _findings(
         worst_g = max(r.size for r in noisy)
         row = next(r for r in noisy if r.size == worst_g)
         better = [r.size for r in ok if r.size > worst_g and not too_noisy(r, population)]
-        target = better[0] if better else None
-        worst_layer = _noisiest_layer(layers, worst_g)
-        if row.accuracy is not None and population.accuracy is not None:
-            what = (
-                f"accuracy {pct(row.accuracy)} with batch statistics of {worst_g} samples vs "
-                f"{pct(population.accuracy)} with population statistics"
-            )
-        else:
-            what = (
-                f"outputs with batch statistics of {worst_g} samples agree with population "
-                f"statistics on {pct(row.agreement)}"
-            )
-        severity = "warning" if worst_g >= batch_size else "info"
-        where = " (the data's batch size)" if worst_g >= batch_size else ""
-        fix = (
-            f"normalize over at least {target} samples while training "
-            f"(bnscope.nn.GhostBatchNorm(ghost_size={target}), a larger per-device batch, or "
-            "SyncBatchNorm)"
-            if target
-            else "normalize over more samples while training (a larger per-device batch or "
-            "SyncBatchNorm)"
-        ) + "; evaluate with population statistics (bnscope precise)"
         out.append(
-            Finding(
-                "small-nbs",
-                severity,
-                worst_layer,
-                f"normalization batches of {worst_g} or fewer samples are too noisy{where}: {what}",
-                fix,
+            findings.small_nbs(
+                _noisiest_layer(layers, worst_g), worst_g, worst_g >= batch_size, row.accuracy,
+                population.accuracy, row.agreement, better[0] if better else None,
             )
-        )
+        )  # fmt: skip
     if ok:
         g = ok[-1].size  # the largest size analysed: closest to how the model trains
         run_index = len(ok) - 1
@@ -604,21 +582,23 @@ def _findings(
             res = layer.sizes[run_index]
             if res.effective_size is None or res.chunks < MIN_CHUNKS:
                 continue
-            ratio = res.effective_size / g
-            if ratio < NON_IID_RATIO:
-                out.append(
-                    Finding(
-                        "non-iid-batches",
-                        "warning",
-                        layer.name,
-                        f"chunks of {g} samples vary like {res.effective_size:.1f} independent "
-                        f"samples ({100 * ratio:.0f}% of {g}): samples in a batch are correlated",
-                        "shuffle the training data so every batch mixes samples from across the "
-                        "dataset (the sampler), or normalize over larger batches drawn across "
-                        "groups",
-                    )
-                )
+            if res.effective_size / g < NON_IID_RATIO:
+                out.append(findings.non_iid_batches(layer.name, g, res.effective_size))
     return out
+
+
+def _verdict(rows: list[GhostSize], population: Metrics) -> tuple[str, str]:
+    """("none" | "fine" | "noisy", the first line of the report)."""
+    ok = [r for r in rows if r.status == "ok"]
+    thresholds = (SMALL_NBS_AGREEMENT, SMALL_NBS_ACCURACY_DROP)
+    if not ok:
+        return "none", findings.ghost_verdict(None, None, None, *thresholds)
+    bad = [r.size for r in ok if too_noisy(r, population)]
+    worst = max(bad) if bad else None
+    above = [r for r in ok if worst is not None and r.size > worst]
+    fine_from = next((r.size for r in above if not too_noisy(r, population)), None)
+    text = findings.ghost_verdict(worst, ok[0].size, fine_from, *thresholds)
+    return ("noisy" if bad else "fine"), text
 
 
 def _noisiest_layer(layers: list[GhostLayer], g: int) -> str | None:

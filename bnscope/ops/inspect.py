@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import findings
 from ..engine import sync
 from ..engine.collect import Call, Progress, check_batches, collect
 from ..engine.evaluate import (
@@ -53,7 +54,6 @@ from ..engine.runner import make_runner, placed
 from ..engine.stats import MomentAccumulator
 from ..errors import DataError
 from ..records import Finding, InspectLayer, Report
-from ..render.text import pct
 from .precise import layer_eps, layer_records, population_stats, usage_findings
 from .static import static_inspect
 
@@ -557,18 +557,6 @@ def _gap(consistency: dict[str, Any], metrics: dict[str, Metrics]) -> str | None
     return "worse" if agreement is not None and agreement < TRAIN_TEST_AGREEMENT else None
 
 
-def _precise_fix(metrics: dict[str, Metrics], consistency: dict[str, Any]) -> str:
-    acc_r, acc_p = metrics["running"].accuracy, metrics["precise"].accuracy
-    if acc_r is not None and acc_p is not None:
-        return (
-            f"bnscope precise CKPT --data TRAIN_DATA would change accuracy from {pct(acc_r)} "
-            f"to {pct(acc_p)} on this data"
-        )
-    agree = consistency["agreement"]["precise"]
-    tail = f" (it would change {pct(1 - agree)} of the predictions on this data)" if agree else ""
-    return f"bnscope precise CKPT --data TRAIN_DATA recomputes exact statistics{tail}"
-
-
 def _findings(
     layers: list[InspectLayer],
     static: Report,
@@ -578,84 +566,32 @@ def _findings(
 ) -> list[Finding]:
     never = {f.layer for f in static.findings if f.code == "never-updated"}
     out: list[Finding] = list(static.findings)
-    fix = _precise_fix(metrics, consistency)
+    accuracy = {k: v.accuracy for k, v in metrics.items()}
+    fix = findings.precise_effect(
+        accuracy["running"], accuracy["precise"], consistency["agreement"]["precise"]
+    )
     for layer in layers:
         if layer.status == "stale" and layer.name not in never:
             z = max(z for z in (layer.z_mu, layer.z_var) if z is not None)
             out.append(
-                Finding(
-                    "stale-ema",
-                    "warning",
-                    layer.name,
-                    f"running statistics are {layer.d_mu_median:.3g} sigma (median d_mu; "
-                    f"d_var {layer.d_var_median:.3g}) from the population statistics of this "
-                    f"model, {z:.1f}x the noise an EMA with momentum {layer.momentum} would "
-                    "have: they describe an earlier state of the model",
-                    fix,
+                findings.stale_ema(
+                    layer.name, layer.d_mu_median or 0.0, layer.d_var_median or 0.0, z,
+                    layer.momentum, fix,
                 )
-            )
+            )  # fmt: skip
         elif layer.status == "noisy":
             out.append(
-                Finding(
-                    "small-nbs",
-                    "info",
-                    layer.name,
-                    f"running statistics are {layer.d_mu_median:.3g} sigma (median d_mu; d_var "
-                    f"{layer.d_var_median:.3g}) from the population statistics, about what the "
-                    f"EMA's noise at this batch size and momentum {layer.momentum} explains",
-                    "bnscope precise averages over all the data instead of the last ~2/m "
-                    "batches; or train with a lower momentum or larger normalization batches",
+                findings.noisy_ema(
+                    layer.name, layer.d_mu_median or 0.0, layer.d_var_median or 0.0,
+                    layer.momentum,
                 )
-            )
-    out += usage_findings(
-        precise_records,
-        "check the forward: a layer defined but unused keeps statistics nobody updates",
-    )
+            )  # fmt: skip
+    out += usage_findings(precise_records, "inspect")
     gap = _gap(consistency, metrics)
     if gap is not None:
-        m = metrics
-        agree = consistency["agreement"]["batch"]
-        if m["running"].accuracy is not None:
-            what = (
-                f"accuracy with batch statistics {pct(m['batch'].accuracy)}, with running "
-                f"statistics {pct(m['running'].accuracy)}, with precise statistics "
-                f"{pct(m['precise'].accuracy)}; "
-            )
-        else:
-            what = ""
         stale = any(layer.status == "stale" for layer in layers)
-        if gap == "better":
-            severity, cause = (
-                "info",
-                (
-                    "eval mode is the better one: batch statistics at this batch size are noisy, "
-                    "so train-mode metrics understate the model"
-                ),
-            )
-            gap_fix = "nothing to fix for evaluation; bnscope ghost shows the NBS curve"
-        elif stale:
-            severity, cause, gap_fix = "warning", "stale running statistics (see stale-ema)", fix
-        else:
-            severity, cause = (
-                "warning",
-                (
-                    "the running statistics are not stale, so batch statistics at this batch size "
-                    "differ from the population's"
-                ),
-            )
-            gap_fix = (
-                "compare normalization batch sizes with bnscope ghost; check that training "
-                "batches are i.i.d. (shuffled)"
-            )
         out.append(
-            Finding(
-                "train-test-gap",
-                severity,
-                None,
-                f"outputs with batch statistics and with running statistics disagree ({what}"
-                f"top-1 agreement {pct(agree)}): {cause}",
-                gap_fix,
-            )
+            findings.train_test_gap(gap, stale, consistency["agreement"]["batch"], accuracy, fix)
         )
     return out
 
@@ -666,32 +602,15 @@ def _verdict(
     stale = [layer.name for layer in layers if layer.status == "stale"]
     noisy = [layer.name for layer in layers if layer.status == "noisy"]
     analysed = [layer for layer in layers if layer.status not in ("not-called", "skipped")]
-    acc = {k: v.accuracy for k, v in metrics.items()}
-    accs = (
-        f" Accuracy on this data: running statistics {pct(acc['running'])}, precise "
-        f"statistics {pct(acc['precise'])}, batch statistics {pct(acc['batch'])}."
-        if acc["running"] is not None
-        else f" Top-1 agreement of running-statistics outputs with batch statistics "
-        f"{pct(consistency['agreement']['batch'])}, with precise statistics "
-        f"{pct(consistency['agreement']['precise'])}."
-    )
     if stale:
-        names = ", ".join(stale[:4]) + (", ..." if len(stale) > 4 else "")
-        return "stale", (
-            f"Stale running statistics: {len(stale)} of {len(analysed)} BN layers ({names}) "
-            "are further from this model's population statistics than EMA noise explains; "
-            f"run bnscope precise.{accs}"
-        )
-    if _gap(consistency, metrics) == "worse":
-        return "gap", (
-            "Train/test gap without stale statistics: batch statistics at this batch size "
-            f"differ from the population's; see bnscope ghost.{accs}"
-        )
-    if noisy:
-        return "noisy", (
-            f"Running statistics are noisy ({len(noisy)} layers differ from the population by "
-            f"about the EMA's own noise); bnscope precise removes that noise.{accs}"
-        )
-    return "healthy", (
-        f"Running statistics match this model's population statistics within EMA noise.{accs}"
+        verdict = "stale"
+    elif _gap(consistency, metrics) == "worse":
+        verdict = "gap"
+    elif noisy:
+        verdict = "noisy"
+    else:
+        verdict = "healthy"
+    accuracy = {k: v.accuracy for k, v in metrics.items()}
+    return verdict, findings.inspect_verdict(
+        verdict, stale, noisy, len(analysed), accuracy, consistency["agreement"]
     )

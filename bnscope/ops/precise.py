@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import findings
 from ..engine import sync
 from ..engine.collect import Call, Collection, Progress, collect
 from ..engine.stats import log_var_ratio, normalized_mean_shift
@@ -86,31 +87,15 @@ def layer_records(
     return collection.in_module_order(records), arrays
 
 
-def usage_findings(records: list[PreciseLayer], fix_not_called: str) -> list[Finding]:
-    """``not-called`` and ``reused`` findings from collection records."""
+def usage_findings(records: list[PreciseLayer], operation: str) -> list[Finding]:
+    """``not-called`` and ``reused`` findings from collection records (``operation``: precise,
+    adapt or inspect, whose advice for an unused layer differs)."""
     out: list[Finding] = []
     for rec in records:
         if rec.status == "not-called":
-            out.append(
-                Finding(
-                    "not-called",
-                    "warning",
-                    rec.name,
-                    "the layer never ran on the data: its running statistics were kept as they are",
-                    fix_not_called,
-                )
-            )
+            out.append(findings.not_called(rec.name, operation))
         elif rec.calls_per_forward > 1:
-            out.append(
-                Finding(
-                    "reused",
-                    "info",
-                    rec.name,
-                    f"called {rec.calls_per_forward} times per forward: every call's input is "
-                    "pooled into one set of statistics shared by all those uses",
-                    "give each use its own BatchNorm module if the inputs differ in distribution",
-                )
-            )
+            out.append(findings.reused(rec.name, rec.calls_per_forward))
     return out
 
 
@@ -201,10 +186,8 @@ def precise_bn(
     stats = population_stats(collection)
     records, arrays = layer_records(collection, stats, include_frozen)
     write_stats(collection, writable(collection, stats, include_frozen))
-    findings = usage_findings(
-        records, "check the forward: the layer is defined but unused, or the data skips its branch"
-    )
+    found = usage_findings(records, "precise")
     extra: dict[str, Any] = {"batches": collection.batches, "samples": collection.samples}
     if collection.world_size > 1:
         extra["world_size"] = collection.world_size
-    return Report("precise", None, tuple(records), tuple(findings), extra, arrays)
+    return Report("precise", None, tuple(records), tuple(found), extra, arrays)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import findings
 from ..records import Finding, Report, StaticLayer
 
 DEFAULT_MOMENTUM = 0.1
@@ -192,92 +193,39 @@ def _is_initial(buf: BNBuffers) -> bool:
 def static_findings(
     layers: list[StaticLayer], buffers: list[BNBuffers], recompute_fix: str
 ) -> list[Finding]:
-    """Findings of DESIGN §4 (static part) for the given layer records."""
-    findings: list[Finding] = []
+    """The static findings (see docs/statistics.md) for the given layer records."""
     if not layers:
-        findings.append(
-            Finding(
-                "no-batchnorm",
-                "warning",
-                None,
-                "no BatchNorm layer found (no *.running_mean / *.running_var buffers)",
-                "nothing to fix; check that this is the checkpoint you meant "
-                "(or pass --key to pick another entry)",
-            )
-        )
-        return findings
+        return [findings.no_batchnorm()]
+    out: list[Finding] = []
     for rec, buf in zip(layers, buffers, strict=True):
         if rec.nonfinite_values or rec.negative_var_channels:
-            parts = []
-            if rec.nonfinite_values:
-                parts.append(f"{rec.nonfinite_values} NaN/Inf values")
-            if rec.negative_var_channels:
-                parts.append(f"{rec.negative_var_channels} negative running_var channels")
-            findings.append(
-                Finding(
-                    "non-finite",
-                    "error",
-                    rec.name,
-                    f"{' and '.join(parts)} in BN buffers or parameters",
-                    f"{recompute_fix} (if weight/bias are non-finite, training diverged: "
-                    "go back to an earlier checkpoint)",
+            out.append(
+                findings.non_finite(
+                    rec.name, rec.nonfinite_values, rec.negative_var_channels, recompute_fix
                 )
             )
         n = rec.num_batches_tracked
         if (n is None or n == 0) and _is_initial(buf):
-            count = "num_batches_tracked = 0" if n == 0 else "no num_batches_tracked"
-            findings.append(
-                Finding(
-                    "never-updated",
-                    "error",
-                    rec.name,
-                    f"running stats are still the initial mean 0 / var 1 ({count}): "
-                    "eval() normalizes with values this layer never saw",
-                    recompute_fix,
-                )
-            )
+            out.append(findings.never_updated(rec.name, n, recompute_fix))
         elif rec.ema_init_weight is not None and rec.ema_init_weight >= WARMUP_WEIGHT and n:
-            assumed = ", PyTorch's default, assumed" if rec.momentum_assumed else ""
-            findings.append(
-                Finding(
-                    "ema-warmup",
-                    "warning",
-                    rec.name,
-                    f"EMA has only {n} updates: (1-m)^n = {rec.ema_init_weight:.3g} of the "
-                    f"running stats is still the initial mean 0 / var 1 "
-                    f"(momentum {rec.momentum}{assumed})",
+            out.append(
+                findings.ema_warmup(
+                    rec.name, n, rec.ema_init_weight, rec.momentum, rec.momentum_assumed,
                     recompute_fix,
                 )
-            )
+            )  # fmt: skip
         if rec.tiny_var_channels:
-            findings.append(
-                Finding(
-                    "tiny-variance",
-                    "warning",
-                    rec.name,
-                    f"{rec.tiny_var_channels} of {rec.num_features} channels have running_var "
-                    f"near zero (min {rec.var_min:.3g}; max gain |gamma|/sqrt(var+eps) = "
-                    f"{_fmt(rec.gain_max)}): eval() amplifies them",
-                    f"{recompute_fix}; if it persists, the channel is constant on the data",
+            out.append(
+                findings.tiny_variance(
+                    rec.name, rec.tiny_var_channels, rec.num_features, rec.var_min,
+                    rec.gain_max, recompute_fix,
                 )
-            )
+            )  # fmt: skip
         if rec.dead_channels:
-            findings.append(
-                Finding(
-                    "dead-channel",
-                    "info",
-                    rec.name,
-                    f"{rec.dead_channels} of {rec.num_features} channels have |gamma| < "
-                    f"{DEAD_GAMMA:g}: switched off",
-                    "prune these channels, or exclude BN weights from weight decay if "
-                    "they were not meant to die",
-                )
+            out.append(
+                findings.dead_channel(rec.name, rec.dead_channels, rec.num_features, DEAD_GAMMA)
             )
-    return findings
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3g}"
+    return out
 
 
 def static_inspect(
@@ -301,10 +249,10 @@ def static_inspect(
         buffers = find_bn_buffers(source)
     layers = [_layer_record(b, momentum, eps) for b in buffers]
     fix = recompute_fix or "recompute the statistics: bnscope precise CKPT --model SPEC --data DATA"
-    findings = static_findings(layers, buffers, fix)
+    found = static_findings(layers, buffers, fix)
     info: dict[str, Any] = {
         "momentum_assumed": any(rec.momentum_assumed for rec in layers),
         "eps_assumed": any(rec.eps_assumed for rec in layers),
     }
     info.update(extra or {})
-    return Report("inspect", checkpoint, tuple(layers), tuple(findings), info)
+    return Report("inspect", checkpoint, tuple(layers), tuple(found), info)

@@ -12,7 +12,7 @@ from rich.text import Text
 
 from ..records import GhostLayer, Report
 from .tables import findings_table, header
-from .text import num, pct, percent
+from .text import num, pct
 
 #: how many layers the "noisiest layers" table lists
 WORST_LAYERS = 5
@@ -90,35 +90,10 @@ def worst_layers_table(layers: Sequence[GhostLayer], limit: int = WORST_LAYERS) 
 
 
 def verdict(report: Report) -> Text:
-    """One line: down to which size batch statistics reproduce population-statistics outputs."""
-    from ..ops.ghost import SMALL_NBS_ACCURACY_DROP, SMALL_NBS_AGREEMENT
-
-    rows = [r for r in report.extra.get("sizes", []) if r["status"] == "ok"]
-    if not rows:
-        return Text("No size could be analysed.", style="yellow")
-    pop = report.extra.get("population", {})
-
-    def fine(r: dict[str, Any]) -> bool:
-        if r.get("accuracy") is not None and pop.get("accuracy") is not None:
-            if pop["accuracy"] - r["accuracy"] > SMALL_NBS_ACCURACY_DROP:
-                return False
-        return r.get("agreement") is None or r["agreement"] >= SMALL_NBS_AGREEMENT
-
-    bad = [r["size"] for r in rows if not fine(r)]
-    if not bad:
-        return Text(
-            f"Batch statistics reproduce population-statistics outputs at every size down to "
-            f"g={rows[0]['size']}.",
-            style="green",
-        )
-    ok_above = [r["size"] for r in rows if r["size"] > max(bad) and fine(r)]
-    tail = f"; g={ok_above[0]} and above are within tolerance" if ok_above else ""
-    return Text(
-        f"Batch statistics of {max(bad)} or fewer samples change this model's outputs "
-        f"(agreement below {percent(SMALL_NBS_AGREEMENT)} or accuracy down more than "
-        f"{100 * SMALL_NBS_ACCURACY_DROP:.0f} points){tail}.",
-        style="yellow",
-    )
+    """One line: down to which size batch statistics reproduce population-statistics outputs
+    (worded by the finding catalog; coloured here)."""
+    style = {"fine": "green", "noisy": "yellow"}.get(report.extra.get("verdict", ""), "yellow")
+    return Text(report.extra.get("verdict_text", ""), style=style)
 
 
 def ghost_report(report: Report) -> Group:

@@ -1,0 +1,374 @@
+"""The finding catalog: the wording (message and fix) of every finding, and of every verdict.
+
+Operations measure and decide; they pass the facts (layer names, figures, the thresholds they
+applied) to the functions here and get :class:`~bnscope.records.Finding` objects or verdict
+lines back. Nothing else in bnscope words a finding, so every text can be read, reviewed and
+changed in one place. The rules that raise each code are in ``docs/statistics.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .fmt import pct, percent
+from .records import Finding
+
+# --------------------------------------------------------------------------------------------
+# Static findings (buffers alone)
+
+
+def no_batchnorm() -> Finding:
+    return Finding(
+        "no-batchnorm",
+        "warning",
+        None,
+        "no BatchNorm layer found (no *.running_mean / *.running_var buffers)",
+        "nothing to fix; check that this is the checkpoint you meant "
+        "(or pass --key to pick another entry)",
+    )
+
+
+def non_finite(layer: str, nonfinite_values: int, negative_var_channels: int, fix: str) -> Finding:
+    parts = []
+    if nonfinite_values:
+        parts.append(f"{nonfinite_values} NaN/Inf values")
+    if negative_var_channels:
+        parts.append(f"{negative_var_channels} negative running_var channels")
+    return Finding(
+        "non-finite",
+        "error",
+        layer,
+        f"{' and '.join(parts)} in BN buffers or parameters",
+        f"{fix} (if weight/bias are non-finite, training diverged: go back to an earlier "
+        "checkpoint)",
+    )
+
+
+def never_updated(layer: str, num_batches_tracked: int | None, fix: str) -> Finding:
+    count = "num_batches_tracked = 0" if num_batches_tracked == 0 else "no num_batches_tracked"
+    return Finding(
+        "never-updated",
+        "error",
+        layer,
+        f"running stats are still the initial mean 0 / var 1 ({count}): "
+        "eval() normalizes with values this layer never saw",
+        fix,
+    )
+
+
+def ema_warmup(
+    layer: str, updates: int, init_weight: float, momentum: float | None, assumed: bool, fix: str
+) -> Finding:
+    note = ", PyTorch's default, assumed" if assumed else ""
+    return Finding(
+        "ema-warmup",
+        "warning",
+        layer,
+        f"EMA has only {updates} updates: (1-m)^n = {init_weight:.3g} of the running stats is "
+        f"still the initial mean 0 / var 1 (momentum {momentum}{note})",
+        fix,
+    )
+
+
+def tiny_variance(
+    layer: str, channels: int, num_features: int, var_min: float, gain_max: float | None, fix: str
+) -> Finding:
+    gain = "n/a" if gain_max is None else f"{gain_max:.3g}"
+    return Finding(
+        "tiny-variance",
+        "warning",
+        layer,
+        f"{channels} of {num_features} channels have running_var near zero (min {var_min:.3g}; "
+        f"max gain |gamma|/sqrt(var+eps) = {gain}): eval() amplifies them",
+        f"{fix}; if it persists, the channel is constant on the data",
+    )
+
+
+def dead_channel(layer: str, channels: int, num_features: int, threshold: float) -> Finding:
+    return Finding(
+        "dead-channel",
+        "info",
+        layer,
+        f"{channels} of {num_features} channels have |gamma| < {threshold:g}: switched off",
+        "prune these channels, or exclude BN weights from weight decay if they were not meant "
+        "to die",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Layer usage (every operation that runs the model)
+
+#: what to do about a layer that never ran, per operation
+NOT_CALLED_FIX = {
+    "precise": "check the forward: the layer is defined but unused, or the data skips its branch",
+    "adapt": "the layer never ran on the target data: its source statistics were kept",
+    "inspect": "check the forward: a layer defined but unused keeps statistics nobody updates",
+}
+
+
+def not_called(layer: str, operation: str) -> Finding:
+    return Finding(
+        "not-called",
+        "warning",
+        layer,
+        "the layer never ran on the data: its running statistics were kept as they are",
+        NOT_CALLED_FIX[operation],
+    )
+
+
+def reused(layer: str, calls_per_forward: int) -> Finding:
+    return Finding(
+        "reused",
+        "info",
+        layer,
+        f"called {calls_per_forward} times per forward: every call's input is pooled into one "
+        "set of statistics shared by all those uses",
+        "give each use its own BatchNorm module if the inputs differ in distribution",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Adaptive BN
+
+
+def domain_shift(
+    layer: str,
+    kl_median: float,
+    kl_max: float,
+    d_mu_median: float,
+    d_var_median: float,
+    frozen_kept: bool,
+) -> Finding:
+    return Finding(
+        "domain-shift",
+        "warning",
+        layer,
+        f"target statistics differ from the source: median symmetric KL {kl_median:.3g} (max "
+        f"{kl_max:.3g}), median |d_mu| {d_mu_median:.3g}, median |log var ratio| "
+        f"{d_var_median:.3g}",
+        "adapt this frozen layer too with include_frozen=True (--include-frozen)"
+        if frozen_kept
+        else "use the adapted statistics on this domain (bnscope adapt writes them); keep the "
+        "source checkpoint for source-domain data",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Dynamic inspect
+
+
+def precise_effect(
+    accuracy_running: float | None,
+    accuracy_precise: float | None,
+    agreement_precise: float | None,
+) -> str:
+    """The fix of stale statistics, with what bnscope precise would change on this data."""
+    if accuracy_running is not None and accuracy_precise is not None:
+        return (
+            f"bnscope precise CKPT --data TRAIN_DATA would change accuracy from "
+            f"{pct(accuracy_running)} to {pct(accuracy_precise)} on this data"
+        )
+    tail = (
+        f" (it would change {pct(1 - agreement_precise)} of the predictions on this data)"
+        if agreement_precise
+        else ""
+    )
+    return f"bnscope precise CKPT --data TRAIN_DATA recomputes exact statistics{tail}"
+
+
+def stale_ema(
+    layer: str,
+    d_mu_median: float,
+    d_var_median: float,
+    z: float,
+    momentum: float | None,
+    fix: str,
+) -> Finding:
+    return Finding(
+        "stale-ema",
+        "warning",
+        layer,
+        f"running statistics are {d_mu_median:.3g} sigma (median d_mu; d_var {d_var_median:.3g}) "
+        f"from the population statistics of this model, {z:.1f}x the noise an EMA with "
+        f"momentum {momentum} would have: they describe an earlier state of the model",
+        fix,
+    )
+
+
+def noisy_ema(
+    layer: str, d_mu_median: float, d_var_median: float, momentum: float | None
+) -> Finding:
+    return Finding(
+        "small-nbs",
+        "info",
+        layer,
+        f"running statistics are {d_mu_median:.3g} sigma (median d_mu; d_var "
+        f"{d_var_median:.3g}) from the population statistics, about what the EMA's noise at "
+        f"this batch size and momentum {momentum} explains",
+        "bnscope precise averages over all the data instead of the last ~2/m batches; or train "
+        "with a lower momentum or larger normalization batches",
+    )
+
+
+def train_test_gap(
+    kind: str,
+    stale: bool,
+    agreement: float | None,
+    accuracy: dict[str, float | None],
+    precise_fix: str,
+) -> Finding:
+    """``kind`` is ``"worse"`` (eval mode loses against batch statistics) or ``"better"``;
+    ``accuracy`` has the accuracies with running, batch and precise statistics."""
+    what = ""
+    if accuracy.get("running") is not None:
+        what = (
+            f"accuracy with batch statistics {pct(accuracy['batch'])}, with running statistics "
+            f"{pct(accuracy['running'])}, with precise statistics {pct(accuracy['precise'])}; "
+        )
+    if kind == "better":
+        severity = "info"
+        cause = (
+            "eval mode is the better one: batch statistics at this batch size are noisy, so "
+            "train-mode metrics understate the model"
+        )
+        fix = "nothing to fix for evaluation; bnscope ghost shows the NBS curve"
+    elif stale:
+        severity, cause, fix = "warning", "stale running statistics (see stale-ema)", precise_fix
+    else:
+        severity = "warning"
+        cause = (
+            "the running statistics are not stale, so batch statistics at this batch size "
+            "differ from the population's"
+        )
+        fix = (
+            "compare normalization batch sizes with bnscope ghost; check that training batches "
+            "are i.i.d. (shuffled)"
+        )
+    return Finding(
+        "train-test-gap",
+        severity,
+        None,
+        f"outputs with batch statistics and with running statistics disagree ({what}top-1 "
+        f"agreement {pct(agreement)}): {cause}",
+        fix,
+    )
+
+
+def inspect_verdict(
+    verdict: str,
+    stale: Sequence[str],
+    noisy: Sequence[str],
+    analysed: int,
+    accuracy: dict[str, float | None],
+    agreement: dict[str, float | None],
+) -> str:
+    """The first line of the dynamic report, for ``verdict`` stale, gap, noisy or healthy."""
+    if accuracy.get("running") is not None:
+        figures = (
+            f" Accuracy on this data: running statistics {pct(accuracy['running'])}, precise "
+            f"statistics {pct(accuracy['precise'])}, batch statistics {pct(accuracy['batch'])}."
+        )
+    else:
+        figures = (
+            f" Top-1 agreement of running-statistics outputs with batch statistics "
+            f"{pct(agreement['batch'])}, with precise statistics {pct(agreement['precise'])}."
+        )
+    if verdict == "stale":
+        names = ", ".join(stale[:4]) + (", ..." if len(stale) > 4 else "")
+        return (
+            f"Stale running statistics: {len(stale)} of {analysed} BN layers ({names}) are "
+            "further from this model's population statistics than EMA noise explains; run "
+            f"bnscope precise.{figures}"
+        )
+    if verdict == "gap":
+        return (
+            "Train/test gap without stale statistics: batch statistics at this batch size "
+            f"differ from the population's; see bnscope ghost.{figures}"
+        )
+    if verdict == "noisy":
+        return (
+            f"Running statistics are noisy ({len(noisy)} layers differ from the population by "
+            f"about the EMA's own noise); bnscope precise removes that noise.{figures}"
+        )
+    return f"Running statistics match this model's population statistics within EMA noise.{figures}"
+
+
+# --------------------------------------------------------------------------------------------
+# Ghost batches
+
+
+def small_nbs(
+    layer: str | None,
+    size: int,
+    at_batch_size: bool,
+    accuracy: float | None,
+    population_accuracy: float | None,
+    agreement: float | None,
+    target: int | None,
+) -> Finding:
+    """Batch statistics of ``size`` samples or fewer stray from population statistics;
+    ``target`` is the smallest larger size within tolerance (None when there is none)."""
+    if accuracy is not None and population_accuracy is not None:
+        what = (
+            f"accuracy {pct(accuracy)} with batch statistics of {size} samples vs "
+            f"{pct(population_accuracy)} with population statistics"
+        )
+    else:
+        what = (
+            f"outputs with batch statistics of {size} samples agree with population statistics "
+            f"on {pct(agreement)}"
+        )
+    where = " (the data's batch size)" if at_batch_size else ""
+    fix = (
+        f"normalize over at least {target} samples while training "
+        f"(bnscope.nn.GhostBatchNorm(ghost_size={target}), a larger per-device batch, or "
+        "SyncBatchNorm)"
+        if target
+        else "normalize over more samples while training (a larger per-device batch or "
+        "SyncBatchNorm)"
+    ) + "; evaluate with population statistics (bnscope precise)"
+    return Finding(
+        "small-nbs",
+        "warning" if at_batch_size else "info",
+        layer,
+        f"normalization batches of {size} or fewer samples are too noisy{where}: {what}",
+        fix,
+    )
+
+
+def non_iid_batches(layer: str, size: int, effective_size: float) -> Finding:
+    ratio = effective_size / size
+    return Finding(
+        "non-iid-batches",
+        "warning",
+        layer,
+        f"chunks of {size} samples vary like {effective_size:.1f} independent samples "
+        f"({100 * ratio:.0f}% of {size}): samples in a batch are correlated",
+        "shuffle the training data so every batch mixes samples from across the dataset (the "
+        "sampler), or normalize over larger batches drawn across groups",
+    )
+
+
+def ghost_verdict(
+    noisy_up_to: int | None,
+    smallest: int | None,
+    fine_from: int | None,
+    agreement_threshold: float,
+    accuracy_drop: float,
+) -> str:
+    """The first line of the ghost report: ``noisy_up_to`` is the largest size whose outputs
+    stray (None: none does), ``smallest`` the smallest size analysed (None: no size could be
+    analysed), ``fine_from`` the smallest larger size within tolerance."""
+    if smallest is None:
+        return "No size could be analysed."
+    if noisy_up_to is None:
+        return (
+            "Batch statistics reproduce population-statistics outputs at every size down to "
+            f"g={smallest}."
+        )
+    tail = f"; g={fine_from} and above are within tolerance" if fine_from is not None else ""
+    return (
+        f"Batch statistics of {noisy_up_to} or fewer samples change this model's outputs "
+        f"(agreement below {percent(agreement_threshold)} or accuracy down more than "
+        f"{100 * accuracy_drop:.0f} points){tail}."
+    )
