@@ -1,7 +1,11 @@
 """Expected errors: each carries one line saying what is wrong and what to do.
 
-The CLI turns a :class:`BnscopeError` into that single line on stderr and exit code 2;
-``--debug`` shows the traceback as well. Library callers catch the subclasses.
+Library errors speak in the library's parameters, written ``name=`` (``batches=100``,
+``force=True``, ``key=state_dict:ema``), never in command-line flags. The CLI turns a
+:class:`BnscopeError` into that single line on stderr and exit code 2, spelling each such
+parameter as its flag (``--batches 100``, ``--force``, ``--key state_dict:ema``; see
+:func:`bnscope.cli.options.as_flags`); ``--debug`` shows the traceback as well. Library
+callers catch the subclasses.
 """
 
 from __future__ import annotations
@@ -37,13 +41,13 @@ class CheckpointError(BnscopeError):
 
 
 class ModelError(BnscopeError):
-    """The ``--model`` spec cannot be resolved or the checkpoint does not fit it."""
+    """The model spec cannot be resolved or the checkpoint does not fit it."""
 
     kind = "model"
 
 
 class DataError(BnscopeError):
-    """The ``--data`` spec cannot be read or does not fit the model."""
+    """The data spec cannot be read or does not fit the model."""
 
     kind = "data"
 

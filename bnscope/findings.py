@@ -146,7 +146,7 @@ def domain_shift(
         f"target statistics differ from the source: median symmetric KL {kl_median:.3g} (max "
         f"{kl_max:.3g}), median |d_mu| {d_mu_median:.3g}, median |log var ratio| "
         f"{d_var_median:.3g}",
-        "adapt this frozen layer too with include_frozen=True (--include-frozen)"
+        "adapt this frozen layer too with include_frozen=True"
         if frozen_kept
         else "use the adapted statistics on this domain (bnscope adapt writes them); keep the "
         "source checkpoint for source-domain data",

@@ -162,7 +162,7 @@ def test_automatic_selection_loads_raw_and_names_the_ema(lightning, nets) -> Non
     assert ckpt.used_network(prefix) == ckpt.networks[0]
     assert ckpt.ema_notice(prefix) == (
         "this checkpoint also holds an EMA copy ('ema_model.module.', 2 BN layers): "
-        f"--key {EMA_KEY} to use it"
+        f"key={EMA_KEY} to use it"
     )
     info = ckpt.network_info(prefix)
     assert info["ema_key"] == EMA_KEY
@@ -216,7 +216,7 @@ def test_prefix_matching_nothing_names_the_prefixes(lightning) -> None:
         load_checkpoint(path, key="state_dict:ema")
     assert "'ema.'" in info.value.message
     assert "model., ema_model.module., criterion." in info.value.message
-    assert "--key state_dict:PREFIX" in (info.value.fix or "")
+    assert "key=state_dict:PREFIX" in (info.value.fix or "")
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path, key="state_dict.nope")
     assert "no entry 'nope'" in info.value.message
@@ -255,7 +255,7 @@ def test_other_entries_kept_strict_with_one_network(tmp_path: Path, nets) -> Non
     with pytest.raises(ModelError) as info:
         load_into_model(make_tiny(), ckpt.state_dict, key=ckpt.key)
     assert "criterion.weight" in info.value.message
-    assert "--key state_dict:model" in (info.value.fix or "")
+    assert "key=state_dict:model" in (info.value.fix or "")
     model = make_tiny()
     selected = load_checkpoint(path, key="state_dict:model")
     assert load_into_model(model, selected.state_dict, key=selected.key) == ""
@@ -273,7 +273,7 @@ def test_timm_state_dict_ema(timm, nets) -> None:
     model = make_tiny()
     assert load_into_model(model, ckpt.state_dict, key=ckpt.key) == ""
     assert_loaded(model, raw)
-    assert "--key state_dict_ema to use it" in (ckpt.ema_notice("") or "")
+    assert "key=state_dict_ema to use it" in (ckpt.ema_notice("") or "")
     assert ckpt.default_network() is None  # the located state dict holds one network
 
     chosen = load_checkpoint(timm, key="state_dict_ema")

@@ -230,7 +230,7 @@ def test_mixed_sizes_without_image_size(tmp_path: Path, workers: int) -> None:
     err = first_error(load_data(tmp_path / "s", workers=workers))
     assert "different sizes" in err.message
     assert "a.png is 4x4" in err.message and "b.png is 5x3" in err.message
-    assert err.fix == "pass --image-size N to resize and crop"
+    assert err.fix == "pass image_size=N to resize and crop"
     # with an image size, the same folder loads
     x, _ = collect(load_data(tmp_path / "s", image=ImageOptions(image_size=3)))
     assert x.shape == (2, 3, 3, 3)
@@ -618,7 +618,7 @@ def test_split_batch_forms() -> None:
 def test_split_batch_errors() -> None:
     x = torch.randn(2, 3)
     err = raises(split_batch, {"feat": x, "other": x})
-    assert "'feat'" in err.message and "--input-key" in err.fix
+    assert "'feat'" in err.message and "input_key=" in err.fix
     err = raises(split_batch, {"feat": x}, input_key="pixels")
     assert "'pixels'" in err.message and "'feat'" in err.message
     raises(split_batch, ())

@@ -264,7 +264,7 @@ def test_batch_of_one_and_shape_error():
     m = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     with pytest.raises(DataError, match="1 value per channel") as info:
         precise_bn(m, [torch.randn(1, 2)])
-    assert "--batch-size 2" in info.value.fix
+    assert "batch_size=2" in info.value.fix  # the library's parameter; the CLI shows the flag
     with pytest.raises(DataError, match=r"input 4x3.*in 0 \(Linear\)"):
         precise_bn(m, [torch.randn(4, 3)])
 

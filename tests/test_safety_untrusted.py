@@ -29,7 +29,8 @@ from bnscope.errors import BnscopeError, CheckpointError
 from .conftest import tiny_spec, trained_tiny
 from .test_cli_inspect import one_error_line, run
 
-TRUST = "--trust-checkpoint"
+TRUST = "--trust-checkpoint"  # the CLI's flag
+LIB_TRUST = "trust=True"  # the library's parameter, named by its errors
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,7 +125,7 @@ def test_malicious_pickle_refused_without_trust(
         bnscope.load_checkpoint(path)
     assert isinstance(info.value, CheckpointError)
     line = info.value.line()
-    assert TRUST in line, line
+    assert LIB_TRUST in line, line
     assert "\n" not in line
     assert str(path) in line
     assert not marker.exists()
@@ -133,7 +134,7 @@ def test_malicious_pickle_refused_without_trust(
 def test_malicious_pickle_refused_for_every_key(tmp_path: Path) -> None:
     """``--key`` pointing at the clean state dict does not get the file past the check."""
     path, marker = make_evil(tmp_path, "zip-dict")
-    with pytest.raises(CheckpointError, match=TRUST):
+    with pytest.raises(CheckpointError, match=LIB_TRUST):
         bnscope.load_checkpoint(path, key="state_dict")
     assert not marker.exists()
 
@@ -144,7 +145,7 @@ def test_protocol4_state_dict_needs_trust_and_loads_with_it(tmp_path: Path) -> N
     sd = _state_dict()
     path = tmp_path / "p4.pt"
     torch.save(sd, path, pickle_protocol=4)
-    with pytest.raises(CheckpointError, match=TRUST) as info:
+    with pytest.raises(CheckpointError, match=LIB_TRUST) as info:
         bnscope.load_checkpoint(path)
     assert "damaged" not in info.value.line()
     ckpt = bnscope.load_checkpoint(path, trust=True)
@@ -156,7 +157,7 @@ def test_protocol4_whole_module_loads_with_trust(tmp_path: Path) -> None:
     model = trained_tiny(steps=2)
     path = tmp_path / "m4.pt"
     torch.save(model, path, pickle_protocol=4, _use_new_zipfile_serialization=False)
-    with pytest.raises(CheckpointError, match=TRUST):
+    with pytest.raises(CheckpointError, match=LIB_TRUST):
         bnscope.load_checkpoint(path)
     ckpt = bnscope.load_checkpoint(path, trust=True)
     assert ckpt.format == "module" and ckpt.trusted_module
@@ -169,11 +170,11 @@ def test_garbage_is_not_mistaken_for_a_pickle_needing_trust(tmp_path: Path) -> N
     path.write_bytes(pickle.dumps({"a": torch.ones(3)}, protocol=4)[:-7])
     with pytest.raises(CheckpointError) as info:
         bnscope.load_checkpoint(path)
-    assert TRUST not in info.value.line()
+    assert LIB_TRUST not in info.value.line()
     path.write_bytes(b"@" * 64)  # 0x40: "Unsupported operand 64", not a pickle opcode
     with pytest.raises(CheckpointError) as info:
         bnscope.load_checkpoint(path)
-    assert TRUST not in info.value.line()
+    assert LIB_TRUST not in info.value.line()
 
 
 def test_fake_torchscript_archive_does_not_run_pickles(tmp_path: Path) -> None:

@@ -22,7 +22,9 @@ PROG = "bnscope"
 
 
 def _error_line(message: str, stream: Any = None) -> None:
-    text = " ".join(str(message).split())
+    from .options import as_flags
+
+    text = as_flags(" ".join(str(message).split()))
     stream = stream if stream is not None else sys.stderr
     stream.write(f"{PROG}: error: {text}\n")
     stream.flush()

@@ -225,7 +225,7 @@ def _note_dropped(
         if drop_last_flag:
             ui.warn(
                 f"--drop-last does not apply to {option} {source.description}: a data factory "
-                "batches itself (pass drop_last=True to its DataLoader)"
+                "batches itself (let its DataLoader drop the incomplete last batch)"
             )
         return
     if not source.dropped_samples:
@@ -255,7 +255,7 @@ def _factory_shards(spec: str) -> bool:
     from ..io.modelspec import resolve_spec
 
     try:
-        obj = resolve_spec(spec, DataError, "--data")
+        obj = resolve_spec(spec, DataError, "data")
         params = inspect.signature(obj).parameters if callable(obj) else {}
     except Exception:  # noqa: BLE001 - only for a warning
         return True
@@ -382,7 +382,7 @@ def resolve_call(spec: str | None) -> Any:
         return None
     from ..io.modelspec import resolve_spec
 
-    fn = resolve_spec(spec, UsageError, "--call")
+    fn = resolve_spec(spec, UsageError, "call")
     if not callable(fn):
         raise UsageError(
             f"--call {spec} is a {type(fn).__name__}, not a function",

@@ -5,9 +5,62 @@ Defaults are ``None`` where the project file may supply a value, so that flags c
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 import typer
+
+#: library parameter -> its flag: library messages write ``name=value``, the CLI shows the flag
+FLAGS: dict[str, str] = {
+    "batches": "--batches",
+    "batch_size": "--batch-size",
+    "workers": "--workers",
+    "data": "--data",
+    "eval_data": "--eval-data",
+    "input_key": "--input-key",
+    "call": "--call",
+    "model": "--model",
+    "model_kwargs": "--model-kwargs",
+    "key": "--key",
+    "trust": "--trust-checkpoint",
+    "force": "--force",
+    "out": "--out",
+    "output": "-o",
+    "prior": "--prior",
+    "sizes": "--sizes",
+    "device": "--device",
+    "amp": "--amp",
+    "channels_last": "--channels-last",
+    "include_frozen": "--include-frozen",
+    "drop_last": "--drop-last",
+    "image_size": "--image-size",
+    "resize": "--resize",
+    "channels": "--channels",
+    "mean": "--mean",
+    "std": "--std",
+    "seed": "--seed",
+    "severity": "--severity",
+    "corruption": "--corruption",
+}
+_NAMES = "|".join(sorted(FLAGS, key=len, reverse=True))
+_PARAM = re.compile(r"(?<![\w.-])(" + _NAMES + r")=([^\s,;)]*)")
+
+
+def as_flags(text: str) -> str:
+    """A library message with its ``name=value`` parameters spelled as command-line flags:
+    ``batches=100`` -> ``--batches 100``, ``force=True`` -> ``--force``, ``drop_last=False``
+    -> ``--no-drop-last``, ``key=`` -> ``--key``."""
+
+    def flag(match: re.Match[str]) -> str:
+        name, value = match.group(1), match.group(2)
+        option = FLAGS[name]
+        if value == "True" or value == "":
+            return option
+        if value == "False":
+            return "--no-" + option[2:]
+        return f"{option} {value}"
+
+    return _PARAM.sub(flag, text)
 
 P_INPUT = "Inputs"
 P_DATA = "Data"

@@ -74,7 +74,9 @@ class Ui:
     def warn(self, message: str) -> None:
         """A warning line on stderr (silent with --quiet; kept with --json: stderr is free)."""
         if not self.quiet:
-            text = " ".join(message.split())  # one line, never wrapped
+            from .options import as_flags
+
+            text = as_flags(" ".join(message.split()))  # one line, never wrapped
             self.err.file.write(f"bnscope: warning: {text}\n")
             self.err.file.flush()
 

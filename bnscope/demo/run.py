@@ -67,7 +67,7 @@ def prepare_folder(folder: Path, force: bool) -> Path:
     if folder.exists() and any(folder.iterdir()):
         if not force:
             raise UsageError(
-                f"{folder} is not empty", "choose a new DIR, or pass --force to reuse it"
+                f"{folder} is not empty", "choose a new folder, or pass force=True to reuse it"
             )
         for sub in ("data",):
             shutil.rmtree(folder / sub, ignore_errors=True)

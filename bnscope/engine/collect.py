@@ -95,7 +95,7 @@ def _first_line(exc: BaseException) -> str:
 def check_batches(batches: int | None) -> None:
     if batches is not None and (not isinstance(batches, int) or batches < 1):
         raise UsageError(
-            f"batches must be a positive integer, got {batches!r}", "e.g. --batches 100"
+            f"batches must be a positive integer, got {batches!r}", "e.g. batches=100"
         )
 
 
@@ -158,7 +158,7 @@ def collect(
     if collection.batches == 0:
         raise DataError(
             f"the data yielded no batches on any of the {collection.world_size} ranks",
-            "check --data (is it empty?)",
+            "check data= (is it empty?)",
         )
     return collection
 
@@ -249,11 +249,11 @@ def _collect_local(
                 with contextlib.suppress(Exception):
                     shutdown()
         if done == 0 and not allow_empty:
-            raise DataError("the data yielded no batches", "check --data (is it empty?)")
+            raise DataError("the data yielded no batches", "check data= (is it empty?)")
         if batches is not None and done < batches:
             raise DataError(
                 f"the data ran out after {done} batches but {batches} were asked for",
-                "lower --batches (batches per rank under torchrun), or omit it to use all of "
+                "lower batches= (batches per rank under torchrun), or omit it to use all of "
                 "the data",
             )
         return Collection(dict(cap.layers), list(cap.skipped), done, samples, list(cap.order))
@@ -273,18 +273,18 @@ def _forward_error(exc: BaseException, index: int, where: str, batch: Any) -> Da
         return DataError(
             f"BN layer {where} got 1 value per channel in batch {index} (batch of one sample): "
             "batch statistics need at least 2",
-            "use --batch-size 2 or more, or --drop-last to leave out an incomplete last batch "
-            "(a data factory batches itself: make it yield 2 or more samples per batch, e.g. "
-            "DataLoader(..., drop_last=True))",
+            "use batch_size=2 or more, or drop_last=True to leave out an incomplete last batch "
+            "(a data factory batches itself: make it yield 2 or more samples per batch, e.g. a "
+            "DataLoader that drops its incomplete last batch)",
         )
     if isinstance(exc, TypeError) and "required positional argument" in text:
         return DataError(
             f"the model failed on batch {index} (input {_shape_of(batch)}) in {where}: {text}",
             "make batches (input1, input2, ..., labels) tuples or dicts keyed by forward's "
-            "parameter names, or pass call= (--call file.py:fn) to run the model on a batch",
+            "parameter names, or pass call=file.py:fn to run the model on a batch",
         )
     return DataError(
         f"the model failed on batch {index} (input {_shape_of(batch)}) in {where}: "
         f"{type(exc).__name__}: {text}",
-        "check that --data fits the model (channels, image size, --input-key, --model-kwargs)",
+        "check that data= fits the model (channels, image size, input_key=, model_kwargs=)",
     )

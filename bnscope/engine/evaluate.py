@@ -321,8 +321,8 @@ def evaluate_models(
             for k in names:
                 with forward_errors(
                     f"evaluation failed on batch {done}",
-                    "check that --eval-data fits the model (channels, image size, "
-                    "--input-key, a last batch of 1 with batch statistics)",
+                    "check that eval_data= fits the model (channels, image size, "
+                    "input_key=, a last batch of 1 with batch statistics)",
                 ):
                     outs[k] = logits_of(runner(models[k], batch))
             ref = outs[first]
@@ -334,7 +334,7 @@ def evaluate_models(
                 scores[k].add(outs[k], labels=labels if ok_labels else None, ref=ref)
             done += 1
     if done == 0:
-        raise DataError("the evaluation data yielded no batches", "check --eval-data")
+        raise DataError("the evaluation data yielded no batches", "check eval_data=")
     read_scores(scores.values())
 
     def rel(k: str) -> float:

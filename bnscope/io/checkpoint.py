@@ -73,12 +73,12 @@ KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.")
 """Key prefixes added by DataParallel/DDP, ``torch.compile`` and Lightning."""
 
 _FIX_TRUST = (
-    "re-run with --trust-checkpoint only if you trust its source, "
+    "re-run with trust=True only if you trust its source, "
     "or save model.state_dict() instead"
 )
 _FIX_UNREADABLE = "check the path; the file may be damaged or not a checkpoint"
-_FIX_KEY = "pass --key NAME to say which entry holds the weights"
-_FIX_MODEL = "check --model / --model-kwargs match the architecture the checkpoint was saved from"
+_FIX_KEY = "pass key=NAME to say which entry holds the weights"
+_FIX_MODEL = "check model= / model_kwargs= match the architecture the checkpoint was saved from"
 _MAX_LISTED = 5
 _MAX_KEYS_LISTED = 10
 # Messages of torch's weights-only unpickler that mean "this needs a class or function that is
@@ -203,7 +203,7 @@ class Checkpoint:
         layers = f"{ema.bn_layers} BN layer{'s' if ema.bn_layers != 1 else ''}"
         return (
             f"this checkpoint also holds an EMA copy ('{ema.label}', {layers}): "
-            f"--key {ema.key} to use it"
+            f"key={ema.key} to use it"
         )
 
     def network_info(self, prefix: str = "") -> dict[str, Any]:
@@ -268,8 +268,8 @@ def load_checkpoint(path: str | Path, *, key: str | None = None, trust: bool = F
     if isinstance(obj, nn.Module):
         if key is not None:
             raise CheckpointError(
-                f"--key {key} does not apply: {p} holds a whole nn.Module, not a dict",
-                "leave out --key",
+                f"key={key} does not apply: {p} holds a whole nn.Module, not a dict",
+                "leave out key=",
             )
         return Checkpoint(
             p, "module", obj, None, _module_state(obj, p), module=obj, locations=recorder.found
@@ -416,8 +416,8 @@ def _load_safetensors(p: Path, key: str | None) -> Checkpoint:
     path, prefix = _parse_key(key) if key is not None else ("", None)
     if key is not None and path and prefix is not None:
         raise CheckpointError(
-            f"--key {key} does not apply: safetensors files hold one flat state dict",
-            f"leave out --key, or select a key prefix with --key :{prefix.rstrip('.')}",
+            f"key={key} does not apply: safetensors files hold one flat state dict",
+            f"leave out key=, or select a key prefix with key=:{prefix.rstrip('.')}",
         )
     try:
         import safetensors
@@ -436,9 +436,9 @@ def _load_safetensors(p: Path, key: str | None) -> Checkpoint:
             prefix = _normal_prefix(path)
             if not _has_prefix(tensors, prefix):
                 raise CheckpointError(
-                    f"--key {key} does not apply: safetensors files hold one flat state dict "
+                    f"key={key} does not apply: safetensors files hold one flat state dict "
                     f"(key prefixes: {_list_prefixes(tensors)})",
-                    "leave out --key, or pass --key :PREFIX with one of those prefixes",
+                    "leave out key=, or pass key=:PREFIX with one of those prefixes",
                 )
         state = _select_prefix(tensors, prefix, (), str(p))
     return Checkpoint(
@@ -451,7 +451,7 @@ def _load_safetensors(p: Path, key: str | None) -> Checkpoint:
 def _load_torchscript(p: Path, key: str | None) -> Checkpoint:
     if key is not None:
         raise CheckpointError(
-            f"--key {key} does not apply: {p} is a TorchScript archive", "leave out --key"
+            f"key={key} does not apply: {p} is a TorchScript archive", "leave out key="
         )
     _check_zip_crc(p)
     try:
@@ -522,7 +522,7 @@ def _torch_load(p: Path, *, trust: bool, map_location: Any = "cpu") -> Any:
                 raise CheckpointError(
                     f"{p} uses pickle opcodes (pickle protocol 4 or 5) that the safe loader "
                     "cannot check, so loading it may execute code",
-                    "re-run with --trust-checkpoint only if you trust its source, "
+                    "re-run with trust=True only if you trust its source, "
                     "or re-save it with torch.save's default pickle protocol",
                 ) from exc
         elif not safe_loader or not _UNSAFE_PICKLE.search(detail):
@@ -686,12 +686,12 @@ def _walk_error(parts: tuple[str, ...], value: Any, rest: str, where: str) -> No
         raise CheckpointError(
             f"no entry '{piece}' in {at}, and no key starts with '{_normal_prefix(rest)}': "
             f"it is a state dict with key prefixes {_list_prefixes(value)}",
-            "pass --key with one of those prefixes (PATH:PREFIX, e.g. state_dict:model)",
+            "pass key= with one of those prefixes (PATH:PREFIX, e.g. key=state_dict:model)",
         )
     level = "its keys" if parts else "top-level keys"
     raise CheckpointError(
         f"no entry '{piece}' in {at}: {level} are {_list_keys(value)}",
-        "pass --key with one of those keys",
+        "pass key= with one of those keys",
     )
 
 
@@ -736,7 +736,7 @@ def _select_prefix(
         raise CheckpointError(
             f"no key of {at} starts with '{prefix}': its key prefixes are "
             f"{_list_prefixes(state_dict)}",
-            f"pass --key {_join(parts) or ''}:PREFIX with one of those prefixes",
+            f"pass key={_join(parts) or ''}:PREFIX with one of those prefixes",
         )
     return _members(state_dict, prefix, ())
 
@@ -1082,7 +1082,7 @@ def _choose_network(
         for group in _key_groups(state_dict):
             for head in _truncations(group):
                 if _fits(_members(state_dict, head, ()), own):  # plus entries of no network
-                    fix = f"the model fits the entries under '{head}': pass --key "
+                    fix = f"the model fits the entries under '{head}': pass key="
                     fix += f"{_sub_key(key, head)} to load only those"
                     note = f" (after stripping prefix '{head}')"
                     return strip_prefix(state_dict, head), head, note, fix
@@ -1175,7 +1175,7 @@ def save_checkpoint(
     if ckpt.format == "torchscript":
         raise CheckpointError(
             "TorchScript archives are inspected statically only; bnscope cannot rewrite them",
-            "save the model's state_dict() and pass --model",
+            "save the model's state_dict() and pass model=",
         )
     new_values = _prepare_updates(ckpt.state_dict, updates)
     out_path = Path(out)
@@ -1265,7 +1265,7 @@ def check_output(source: Path, out: Path, *, force: bool) -> None:
     if out.is_dir():
         raise CheckpointError(f"{out} is a directory", "pass a file path to -o")
     if out.exists() and not force:
-        raise CheckpointError(f"{out} already exists", "pass --force to overwrite it")
+        raise CheckpointError(f"{out} already exists", "pass force=True to overwrite it")
     parent = out.parent
     if not parent.is_dir():
         raise CheckpointError(

@@ -69,7 +69,7 @@ _DIR_FIX = (
     "put images in class subfolders (DIR/CLASS/IMG) or directly in DIR, "
     "or tensor shards (.pt .pth .npy .npz) directly in DIR"
 )
-_SIZE_FIX = "pass --image-size N to resize and crop"
+_SIZE_FIX = "pass image_size=N to resize and crop"
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,17 +113,17 @@ class ImageOptions:
         if self.channels not in (1, 3):
             raise DataError(
                 f"unsupported number of image channels: {self.channels}",
-                "use --channels 3 (RGB) or --channels 1 (grayscale)",
+                "use channels=3 (RGB) or channels=1 (grayscale)",
             )
         if self.image_size is not None and self.image_size < 1:
             raise DataError(
-                f"image size must be positive, got {self.image_size}", "pass --image-size N >= 1"
+                f"image size must be positive, got {self.image_size}", "pass image_size=N >= 1"
             )
         if self.resize is not None:
             if self.image_size is None:
                 raise DataError(
                     "a resize length was given without an image size",
-                    "pass --image-size N as well (the center-crop size)",
+                    "pass image_size=N as well (the center-crop size)",
                 )
             if self.resize < self.image_size:
                 raise DataError(
@@ -133,7 +133,7 @@ class ImageOptions:
                 )
         _, std = self.normalization()
         if any(not s > 0 for s in std):
-            raise DataError(f"std must be positive, got {tuple(self.std)}", "pass --std > 0")
+            raise DataError(f"std must be positive, got {tuple(self.std)}", "pass std= values > 0")
 
 
 def _per_channel(values: Sequence[float], channels: int, name: str) -> tuple[float, ...]:
@@ -145,8 +145,8 @@ def _per_channel(values: Sequence[float], channels: int, name: str) -> tuple[flo
     if channels == 1 and len(values) == 3:
         return (sum(values) / 3.0,)
     raise DataError(
-        f"--{name} has {len(values)} values but images have {channels} channels",
-        f"pass one value or {channels} values to --{name}",
+        f"{name}= has {len(values)} values but images have {channels} channels",
+        f"pass one value or {channels} values to {name}=",
     )
 
 
@@ -284,7 +284,7 @@ def _scan_image_folder(root: Path) -> tuple[list[Path], list[int] | None, list[s
 
 
 _READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-_READ_FIX = "remove or replace the file, or point --data at a folder without it"
+_READ_FIX = "remove or replace the file, or point data= at a folder without it"
 
 
 def _read_error(path: Path, exc: BaseException) -> _SampleError:
@@ -551,7 +551,7 @@ def _factory_kwargs(factory: Callable[..., Any], values: dict[str, int]) -> dict
 
 
 def _load_factory(target: str, attr: str, spec: str, values: dict[str, int]) -> Iterable[Any]:
-    obj = resolve_spec(f"{target}:{attr}", DataError, "--data")
+    obj = resolve_spec(f"{target}:{attr}", DataError, "data")
     if callable(obj) and not isinstance(obj, (Iterable, Dataset)):
         try:
             result = obj(**_factory_kwargs(obj, values))
@@ -734,8 +734,8 @@ def _batched_source(
         raise DataError(
             f"dropping the incomplete last batch leaves no data: {local} samples, batch size "
             f"{batch_size}",
-            f"use a batch size of at most {local} (--batch-size), or keep the incomplete batch "
-            "(leave out --drop-last)",
+            f"use batch_size={local} or less, or keep the incomplete batch "
+            "(drop_last=False)",
         )
     loader = _make_loader(dataset, drop_last=bool(dropped), **loader_args)
     return DataSource(
@@ -758,10 +758,10 @@ def _shard_note(local: int, total: int, what: str, rank: int, world_size: int) -
 def _check_args(batch_size: int, workers: int, rank: int, world_size: int) -> None:
     if batch_size < 1:
         raise DataError(
-            f"batch size must be at least 1, got {batch_size}", "pass --batch-size N >= 1"
+            f"batch size must be at least 1, got {batch_size}", "pass batch_size=N >= 1"
         )
     if workers < 0:
-        raise DataError(f"workers must be 0 or more, got {workers}", "pass --workers N >= 0")
+        raise DataError(f"workers must be 0 or more, got {workers}", "pass workers=N >= 0")
     if world_size < 1 or not 0 <= rank < world_size:
         raise DataError(
             f"invalid rank {rank} for world size {world_size}",
@@ -922,7 +922,7 @@ def split_batch(batch: Any, input_key: str | None = None) -> tuple[Any, torch.Te
             if input_key not in batch:
                 raise DataError(
                     f"batches have no key {input_key!r} (keys: {_key_list(batch.keys())})",
-                    "pass input_key= (--input-key) with one of those keys",
+                    "pass input_key= with one of those keys",
                 )
             key: Any = input_key
         else:
@@ -931,7 +931,7 @@ def split_batch(batch: Any, input_key: str | None = None) -> tuple[Any, torch.Te
                 raise DataError(
                     f"cannot tell which entry of the batch is the input "
                     f"(keys: {_key_list(batch.keys())})",
-                    "pass input_key= (--input-key KEY), or call= (--call) for several inputs",
+                    "pass input_key=KEY, or call= for several inputs",
                 )
         label_key = _pick(batch, LABEL_KEYS)
         label = batch[label_key] if label_key is not None else None

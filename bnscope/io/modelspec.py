@@ -85,11 +85,11 @@ def add_to_sys_path(folder: str | Path) -> bool:
     return True
 
 
-def resolve_spec(spec: str, error: type[BnscopeError] = ModelError, what: str = "--model") -> Any:
+def resolve_spec(spec: str, error: type[BnscopeError] = ModelError, what: str = "model") -> Any:
     """Import the object a ``pkg.module:attr`` or ``file.py:attr`` spec names."""
     if not is_python_spec(spec):
         raise error(
-            f"{what} {spec!r} is not of the form pkg.module:factory or path/to/file.py:factory",
+            f"{what}={spec!r} is not of the form pkg.module:factory or path/to/file.py:factory",
             "name the module or file, a colon, and the factory function",
         )
     target, _, attr = spec.rpartition(":")
@@ -100,14 +100,14 @@ def resolve_spec(spec: str, error: type[BnscopeError] = ModelError, what: str = 
             module = importlib.import_module(target)
         except ModuleNotFoundError as exc:
             raise error(
-                f"{what} {spec}: module {exc.name or target!r} not found",
+                f"{what}={spec}: module {exc.name or target!r} not found",
                 "install it or run from the folder that contains it (or use path/to/file.py:NAME)",
             ) from exc
         except KeyboardInterrupt:
             raise
         except BaseException as exc:
             raise error(
-                f"{what} {spec}: importing {target} failed ({_one_line(exc)})",
+                f"{what}={spec}: importing {target} failed ({_one_line(exc)})",
                 "fix the error in that module",
             ) from exc
     obj: Any = module
@@ -115,14 +115,14 @@ def resolve_spec(spec: str, error: type[BnscopeError] = ModelError, what: str = 
         if not hasattr(obj, part):
             names = sorted(n for n in dir(module) if not n.startswith("_"))[:10]
             raise error(
-                f"{what} {spec}: {target} has no attribute {attr!r}",
+                f"{what}={spec}: {target} has no attribute {attr!r}",
                 f"pick one of: {', '.join(names)}" if names else "check the name after ':'",
             )
         obj = getattr(obj, part)
     return obj
 
 
-def parse_kwargs(text: str | dict[str, Any] | None, option: str = "--model-kwargs") -> dict:
+def parse_kwargs(text: str | dict[str, Any] | None, option: str = "model_kwargs") -> dict:
     """Parse a JSON object of keyword arguments (a dict passes through)."""
     if text is None or text == "":
         return {}
@@ -132,27 +132,27 @@ def parse_kwargs(text: str | dict[str, Any] | None, option: str = "--model-kwarg
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ModelError(
-            f"{option} is not valid JSON ({exc.msg} at column {exc.colno})",
+            f"{option}= is not valid JSON ({exc.msg} at column {exc.colno})",
             "write a JSON object, e.g. '{\"num_classes\": 10}'",
         ) from exc
     if not isinstance(value, dict):
         raise ModelError(
-            f"{option} must be a JSON object, got {type(value).__name__}",
+            f"{option}= must be a JSON object, got {type(value).__name__}",
             "write a JSON object, e.g. '{\"num_classes\": 10}'",
         )
     return value
 
 
-def call_factory(factory: Any, kwargs: dict[str, Any], spec: str, what: str = "--model") -> Any:
+def call_factory(factory: Any, kwargs: dict[str, Any], spec: str, what: str = "model") -> Any:
     """Call a factory with keyword arguments; its exceptions become one-line ModelErrors."""
     if not callable(factory):
-        raise ModelError(f"{what} {spec} is not callable", "name a function or class")
+        raise ModelError(f"{what}={spec} is not callable", "name a function or class")
     try:
         inspect.signature(factory).bind(**kwargs)
     except TypeError as exc:
         raise ModelError(
-            f"{what} {spec} does not accept these keyword arguments ({exc})",
-            "check --model-kwargs against the factory's signature",
+            f"{what}={spec} does not accept these keyword arguments ({exc})",
+            "check model_kwargs= against the factory's signature",
         ) from exc
     except ValueError:
         pass  # no signature available (builtins): just call it
@@ -162,8 +162,8 @@ def call_factory(factory: Any, kwargs: dict[str, Any], spec: str, what: str = "-
         raise
     except BaseException as exc:
         raise ModelError(
-            f"{what} {spec} raised {_one_line(exc)}",
-            "fix the factory or its --model-kwargs",
+            f"{what}={spec} raised {_one_line(exc)}",
+            "fix the factory or its model_kwargs=",
         ) from exc
 
 
@@ -172,18 +172,18 @@ def build_model(spec: str, kwargs: str | dict[str, Any] | None = None) -> Any:
     from torch import nn
 
     params = parse_kwargs(kwargs)
-    factory = resolve_spec(spec, ModelError, "--model")
+    factory = resolve_spec(spec, ModelError, "model")
     if isinstance(factory, nn.Module):
         if params:
             raise ModelError(
-                f"--model {spec} is a module instance, not a factory",
-                "drop --model-kwargs or point at a factory",
+                f"model={spec} is a module instance, not a factory",
+                "drop model_kwargs= or point at a factory",
             )
         return factory
     model = call_factory(factory, params, spec)
     if not isinstance(model, nn.Module):
         raise ModelError(
-            f"--model {spec} returned {type(model).__name__}, not a torch.nn.Module",
-            "point --model at a function or class that builds the model",
+            f"model={spec} returned {type(model).__name__}, not a torch.nn.Module",
+            "point model= at a function or class that builds the model",
         )
     return model

@@ -72,12 +72,12 @@ def check_out_dir(out: str | Path | None) -> None:
         return
     path = Path(out)
     if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {path} exists and is not a folder", "choose a folder path")
+        raise UsageError(f"out={path} exists and is not a folder", "choose a folder path")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise UsageError(
-                    f"cannot create --out folder {path} ({parent} is a file)",
+                    f"cannot create out= folder {path} ({parent} is a file)",
                     "choose a folder you can write to",
                 )
             break
@@ -87,12 +87,12 @@ def prepare_out_dir(out: str | Path) -> Path:
     """Create the ``--out`` folder (and parents); a file in its place is an error."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder", "choose a folder path")
+        raise UsageError(f"out={out} exists and is not a folder", "choose a folder path")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(
-            f"cannot create --out folder {out} ({exc.strerror or exc})",
+            f"cannot create out= folder {out} ({exc.strerror or exc})",
             "choose a folder you can write to",
         ) from exc
     return out

@@ -61,7 +61,7 @@ def mix_with_prior(
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Schneider et al. (2020): lambda = N/(N+n); returns (mu, var, lambda)."""
     if prior < 0:
-        raise UsageError(f"prior must be >= 0, got {prior}", "e.g. --prior 16")
+        raise UsageError(f"prior must be >= 0, got {prior}", "e.g. prior=16")
     lam = prior / (prior + n) if prior + n > 0 else 0.0
     return lam * mu_s + (1 - lam) * mu_t, lam * var_s + (1 - lam) * var_t, lam
 
@@ -171,7 +171,7 @@ def adapt_bn(
     ``process_group`` as there), so every rank writes the same statistics.
     """
     if not isinstance(prior, (int, float)) or prior < 0:
-        raise UsageError(f"prior must be a number >= 0, got {prior!r}", "e.g. --prior 16")
+        raise UsageError(f"prior must be a number >= 0, got {prior!r}", "e.g. prior=16")
     collection = collect(
         model,
         target_data,

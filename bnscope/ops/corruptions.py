@@ -551,7 +551,7 @@ def corrupt_folder(
         if any(dst.iterdir()) and not force:
             raise UsageError(
                 f"destination {dst} exists and is not empty",
-                "pass force=True (--force) or choose another destination",
+                "pass force=True or choose another destination",
             )
 
     dirs, images = _scan(src)

@@ -83,7 +83,7 @@ F64 = torch.float64
 
 def parse_sizes(sizes: Iterable[int] | str) -> list[int]:
     """Validate ghost sizes (a comma-separated string or integers): sorted, unique, >= 2."""
-    example = "e.g. --sizes 2,4,8,16,32"
+    example = "e.g. sizes=2,4,8,16,32"
     if isinstance(sizes, str):
         parts = [p.strip() for p in sizes.split(",")]
         try:
@@ -283,7 +283,7 @@ def ghost_analysis(
             raise DataError(
                 f"the data's batches hold {batch_size} samples, fewer than every ghost size "
                 f"({', '.join(map(str, wanted))})",
-                f"use --batch-size {wanted[0]} or more, or smaller --sizes",
+                f"use batch_size={wanted[0]} or more, or smaller sizes=",
             )
         ref_scores = Scores()
         scores = {g: Scores() for g in run}
@@ -316,7 +316,7 @@ def ghost_analysis(
             for batch, labels in labelled_batches(data, batches, runner):
                 with forward_errors(
                     f"the model failed on batch {done} of the ghost pass",
-                    "check that --data fits the model; batches need 2+ samples",
+                    "check that data= fits the model; batches need 2+ samples",
                 ):
                     ref = logits_of(runner(model, batch))
                     outs = {}

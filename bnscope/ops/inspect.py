@@ -344,7 +344,7 @@ def inspect(
             for batch, labels in labelled_batches(data, batches, runner):
                 with forward_errors(
                     f"the model failed on batch {done} of the comparison pass",
-                    "check that --data fits the model; batches need 2+ samples",
+                    "check that data= fits the model; batches need 2+ samples",
                 ):
                     ref = logits_of(runner(model, batch))
                     with using_statistics(precise_buffers):
@@ -374,7 +374,7 @@ def inspect(
                 for index, (batch, _) in enumerate(labelled_batches(data, batches, runner)):
                     with forward_errors(
                         f"the model failed on batch {index} of the comparison pass",
-                        "check that --data fits the model; batches need 2+ samples",
+                        "check that data= fits the model; batches need 2+ samples",
                     ):
                         ref = logits_of(runner(model, batch))
                         with batch_stats_mode(model):

@@ -28,7 +28,7 @@ ARRAY_KEYS = ("old_mean", "old_var", "new_mean", "new_var", "d_mu", "d_var")
 def frozen_kept_reason(module: nn.Module) -> str:
     return (
         f"frozen BN ({type(module).__name__}): measured against the data, statistics kept; "
-        "include_frozen=True (--include-frozen) re-estimates it"
+        "include_frozen=True re-estimates it"
     )
 
 
