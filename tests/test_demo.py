@@ -38,7 +38,6 @@ def test_demo_end_to_end(tmp_path):
     # the demo checkpoint's EMA lags the weights; Precise BN must recover accuracy
     assert m["b"]["accuracy"] > m["a"]["accuracy"]
     assert m["b"]["accuracy"] > 0.85
-    assert doc["demo"]["seconds"]["train"] < 110
 
     # Adaptive BN on the Gaussian-noise copy: a model trained here on synthetic data, adapted
     # to corrupted/train, must gain clearly on corrupted/val (measured: 34% -> 93%; margin 20)
