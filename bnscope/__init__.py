@@ -1,8 +1,12 @@
 """bnscope: diagnose and fix BatchNorm statistics in PyTorch checkpoints.
 
-Public API (imported lazily so that ``bnscope --help`` does not load torch)::
+Public API (imported lazily so that ``bnscope --help`` does not load torch; type checkers see
+the real signatures through the imports under ``TYPE_CHECKING``)::
 
     import bnscope
+    job = bnscope.open("ckpt.pt", model="model.py:make_model", data="data/train")
+    job.precise(batches=100).save()                       # ckpt.precise.pt, as bnscope precise
+    bnscope.write_report(job.inspect(), "report/")        # report.json, figures, report.html
     rep = bnscope.static_inspect(state_dict)             # no model code needed
     rep = bnscope.inspect(model, loader, batches=50)      # dynamic report: staleness, gap
     res = bnscope.precise_bn(model, loader, batches=100)  # exact population statistics, in place
@@ -13,11 +17,35 @@ Public API (imported lazily so that ``bnscope --help`` does not load torch)::
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+if TYPE_CHECKING:  # the same names as _API, for type checkers and IDEs
+    from .engine.capture import BNCapture
+    from .engine.evaluate import compare_models, evaluate_models
+    from .engine.stats import MomentAccumulator
+    from .errors import BnscopeError, CheckpointError, DataError, ModelError, UsageError
+    from .io.checkpoint import load_checkpoint, load_into_model, save_checkpoint
+    from .io.data import load_data
+    from .io.modelspec import build_model
+    from .ops.adapt import adapt_bn
+    from .ops.corruptions import corrupt
+    from .ops.ghost import ghost_analysis
+    from .ops.inspect import inspect
+    from .ops.precise import precise_bn
+    from .ops.static import static_inspect
+    from .records import Finding, Report
+    from .render.reports import report_view, write_report
+    from .session import Job, Options, Result, open
+
 _API = {
+    "open": "bnscope.session",
+    "Job": "bnscope.session",
+    "Options": "bnscope.session",
+    "Result": "bnscope.session",
+    "write_report": "bnscope.render.reports",
+    "report_view": "bnscope.render.reports",
     "static_inspect": "bnscope.ops.static",
     "precise_bn": "bnscope.ops.precise",
     "adapt_bn": "bnscope.ops.adapt",
@@ -42,7 +70,37 @@ _API = {
     "UsageError": "bnscope.errors",
 }
 
-__all__ = ["__version__", *_API]
+__all__ = [
+    "__version__",
+    "open",
+    "Job",
+    "Options",
+    "Result",
+    "write_report",
+    "report_view",
+    "static_inspect",
+    "precise_bn",
+    "adapt_bn",
+    "ghost_analysis",
+    "inspect",
+    "evaluate_models",
+    "corrupt",
+    "compare_models",
+    "load_checkpoint",
+    "save_checkpoint",
+    "load_into_model",
+    "load_data",
+    "build_model",
+    "BNCapture",
+    "MomentAccumulator",
+    "Report",
+    "Finding",
+    "BnscopeError",
+    "CheckpointError",
+    "ModelError",
+    "DataError",
+    "UsageError",
+]
 
 
 def __getattr__(name: str) -> Any:

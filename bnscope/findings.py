@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .extras import InspectVerdict, VariantFigures
 from .fmt import pct, percent
-from .records import Finding
+from .records import Finding, Severity
 
 # --------------------------------------------------------------------------------------------
 # Static findings (buffers alone)
@@ -19,12 +20,14 @@ from .records import Finding
 
 def no_batchnorm() -> Finding:
     return Finding(
-        "no-batchnorm",
-        "warning",
-        None,
-        "no BatchNorm layer found (no *.running_mean / *.running_var buffers)",
-        "nothing to fix; check that this is the checkpoint you meant "
-        "(or pass --key to pick another entry)",
+        code="no-batchnorm",
+        severity=Severity.WARNING,
+        layer=None,
+        message="no BatchNorm layer found (no *.running_mean / *.running_var buffers)",
+        fix=(
+            "nothing to fix; check that this is the checkpoint you meant "
+            "(or pass --key to pick another entry)"
+        ),
     )
 
 
@@ -35,24 +38,28 @@ def non_finite(layer: str, nonfinite_values: int, negative_var_channels: int, fi
     if negative_var_channels:
         parts.append(f"{negative_var_channels} negative running_var channels")
     return Finding(
-        "non-finite",
-        "error",
-        layer,
-        f"{' and '.join(parts)} in BN buffers or parameters",
-        f"{fix} (if weight/bias are non-finite, training diverged: go back to an earlier "
-        "checkpoint)",
+        code="non-finite",
+        severity=Severity.ERROR,
+        layer=layer,
+        message=f"{' and '.join(parts)} in BN buffers or parameters",
+        fix=(
+            f"{fix} (if weight/bias are non-finite, training diverged: go back to an earlier "
+            "checkpoint)"
+        ),
     )
 
 
 def never_updated(layer: str, num_batches_tracked: int | None, fix: str) -> Finding:
     count = "num_batches_tracked = 0" if num_batches_tracked == 0 else "no num_batches_tracked"
     return Finding(
-        "never-updated",
-        "error",
-        layer,
-        f"running stats are still the initial mean 0 / var 1 ({count}): "
-        "eval() normalizes with values this layer never saw",
-        fix,
+        code="never-updated",
+        severity=Severity.ERROR,
+        layer=layer,
+        message=(
+            f"running stats are still the initial mean 0 / var 1 ({count}): "
+            "eval() normalizes with values this layer never saw"
+        ),
+        fix=fix,
     )
 
 
@@ -61,12 +68,14 @@ def ema_warmup(
 ) -> Finding:
     note = ", PyTorch's default, assumed" if assumed else ""
     return Finding(
-        "ema-warmup",
-        "warning",
-        layer,
-        f"EMA has only {updates} updates: (1-m)^n = {init_weight:.3g} of the running stats is "
-        f"still the initial mean 0 / var 1 (momentum {momentum}{note})",
-        fix,
+        code="ema-warmup",
+        severity=Severity.WARNING,
+        layer=layer,
+        message=(
+            f"EMA has only {updates} updates: (1-m)^n = {init_weight:.3g} of the running stats is "
+            f"still the initial mean 0 / var 1 (momentum {momentum}{note})"
+        ),
+        fix=fix,
     )
 
 
@@ -75,23 +84,27 @@ def tiny_variance(
 ) -> Finding:
     gain = "n/a" if gain_max is None else f"{gain_max:.3g}"
     return Finding(
-        "tiny-variance",
-        "warning",
-        layer,
-        f"{channels} of {num_features} channels have running_var near zero (min {var_min:.3g}; "
-        f"max gain |gamma|/sqrt(var+eps) = {gain}): eval() amplifies them",
-        f"{fix}; if it persists, the channel is constant on the data",
+        code="tiny-variance",
+        severity=Severity.WARNING,
+        layer=layer,
+        message=(
+            f"{channels} of {num_features} channels have running_var near zero (min {var_min:.3g}; "
+            f"max gain |gamma|/sqrt(var+eps) = {gain}): eval() amplifies them"
+        ),
+        fix=f"{fix}; if it persists, the channel is constant on the data",
     )
 
 
 def dead_channel(layer: str, channels: int, num_features: int, threshold: float) -> Finding:
     return Finding(
-        "dead-channel",
-        "info",
-        layer,
-        f"{channels} of {num_features} channels have |gamma| < {threshold:g}: switched off",
-        "prune these channels, or exclude BN weights from weight decay if they were not meant "
-        "to die",
+        code="dead-channel",
+        severity=Severity.INFO,
+        layer=layer,
+        message=f"{channels} of {num_features} channels have |gamma| < {threshold:g}: switched off",
+        fix=(
+            "prune these channels, or exclude BN weights from weight decay if they were not meant "
+            "to die"
+        ),
     )
 
 
@@ -108,22 +121,24 @@ NOT_CALLED_FIX = {
 
 def not_called(layer: str, operation: str) -> Finding:
     return Finding(
-        "not-called",
-        "warning",
-        layer,
-        "the layer never ran on the data: its running statistics were kept as they are",
-        NOT_CALLED_FIX[operation],
+        code="not-called",
+        severity=Severity.WARNING,
+        layer=layer,
+        message="the layer never ran on the data: its running statistics were kept as they are",
+        fix=NOT_CALLED_FIX[operation],
     )
 
 
 def reused(layer: str, calls_per_forward: int) -> Finding:
     return Finding(
-        "reused",
-        "info",
-        layer,
-        f"called {calls_per_forward} times per forward: every call's input is pooled into one "
-        "set of statistics shared by all those uses",
-        "give each use its own BatchNorm module if the inputs differ in distribution",
+        code="reused",
+        severity=Severity.INFO,
+        layer=layer,
+        message=(
+            f"called {calls_per_forward} times per forward: every call's input is pooled into one "
+            "set of statistics shared by all those uses"
+        ),
+        fix="give each use its own BatchNorm module if the inputs differ in distribution",
     )
 
 
@@ -140,16 +155,20 @@ def domain_shift(
     frozen_kept: bool,
 ) -> Finding:
     return Finding(
-        "domain-shift",
-        "warning",
-        layer,
-        f"target statistics differ from the source: median symmetric KL {kl_median:.3g} (max "
-        f"{kl_max:.3g}), median |d_mu| {d_mu_median:.3g}, median |log var ratio| "
-        f"{d_var_median:.3g}",
-        "adapt this frozen layer too with include_frozen=True"
-        if frozen_kept
-        else "use the adapted statistics on this domain (bnscope adapt writes them); keep the "
-        "source checkpoint for source-domain data",
+        code="domain-shift",
+        severity=Severity.WARNING,
+        layer=layer,
+        message=(
+            f"target statistics differ from the source: median symmetric KL {kl_median:.3g} (max "
+            f"{kl_max:.3g}), median |d_mu| {d_mu_median:.3g}, median |log var ratio| "
+            f"{d_var_median:.3g}"
+        ),
+        fix=(
+            "adapt this frozen layer too with include_frozen=True"
+            if frozen_kept
+            else "use the adapted statistics on this domain (bnscope adapt writes them); keep the "
+            "source checkpoint for source-domain data"
+        ),
     )
 
 
@@ -185,13 +204,16 @@ def stale_ema(
     fix: str,
 ) -> Finding:
     return Finding(
-        "stale-ema",
-        "warning",
-        layer,
-        f"running statistics are {d_mu_median:.3g} sigma (median d_mu; d_var {d_var_median:.3g}) "
-        f"from the population statistics of this model, {z:.1f}x the noise an EMA with "
-        f"momentum {momentum} would have: they describe an earlier state of the model",
-        fix,
+        code="stale-ema",
+        severity=Severity.WARNING,
+        layer=layer,
+        message=(
+            f"running statistics are {d_mu_median:.3g} sigma (median d_mu; d_var "
+            f"{d_var_median:.3g}) from the population statistics of this model, {z:.1f}x the "
+            f"noise an EMA with momentum {momentum} would have: they describe an earlier state "
+            "of the model"
+        ),
+        fix=fix,
     )
 
 
@@ -199,14 +221,18 @@ def noisy_ema(
     layer: str, d_mu_median: float, d_var_median: float, momentum: float | None
 ) -> Finding:
     return Finding(
-        "small-nbs",
-        "info",
-        layer,
-        f"running statistics are {d_mu_median:.3g} sigma (median d_mu; d_var "
-        f"{d_var_median:.3g}) from the population statistics, about what the EMA's noise at "
-        f"this batch size and momentum {momentum} explains",
-        "bnscope precise averages over all the data instead of the last ~2/m batches; or train "
-        "with a lower momentum or larger normalization batches",
+        code="small-nbs",
+        severity=Severity.INFO,
+        layer=layer,
+        message=(
+            f"running statistics are {d_mu_median:.3g} sigma (median d_mu; d_var "
+            f"{d_var_median:.3g}) from the population statistics, about what the EMA's noise at "
+            f"this batch size and momentum {momentum} explains"
+        ),
+        fix=(
+            "bnscope precise averages over all the data instead of the last ~2/m batches; or train "
+            "with a lower momentum or larger normalization batches"
+        ),
     )
 
 
@@ -226,16 +252,17 @@ def train_test_gap(
             f"{pct(accuracy['running'])}, with precise statistics {pct(accuracy['precise'])}; "
         )
     if kind == "better":
-        severity = "info"
+        severity = Severity.INFO
         cause = (
             "eval mode is the better one: batch statistics at this batch size are noisy, so "
             "train-mode metrics understate the model"
         )
         fix = "nothing to fix for evaluation; bnscope ghost shows the NBS curve"
     elif stale:
-        severity, cause, fix = "warning", "stale running statistics (see stale-ema)", precise_fix
+        severity, cause = Severity.WARNING, "stale running statistics (see stale-ema)"
+        fix = precise_fix
     else:
-        severity = "warning"
+        severity = Severity.WARNING
         cause = (
             "the running statistics are not stale, so batch statistics at this batch size "
             "differ from the population's"
@@ -245,22 +272,24 @@ def train_test_gap(
             "are i.i.d. (shuffled)"
         )
     return Finding(
-        "train-test-gap",
-        severity,
-        None,
-        f"outputs with batch statistics and with running statistics disagree ({what}top-1 "
-        f"agreement {pct(agreement)}): {cause}",
-        fix,
+        code="train-test-gap",
+        severity=severity,
+        layer=None,
+        message=(
+            f"outputs with batch statistics and with running statistics disagree ({what}top-1 "
+            f"agreement {pct(agreement)}): {cause}"
+        ),
+        fix=fix,
     )
 
 
 def inspect_verdict(
-    verdict: str,
+    verdict: InspectVerdict,
     stale: Sequence[str],
     noisy: Sequence[str],
     analysed: int,
     accuracy: dict[str, float | None],
-    agreement: dict[str, float | None],
+    agreement: VariantFigures,
 ) -> str:
     """The first line of the dynamic report, for ``verdict`` stale, gap, noisy or healthy."""
     if accuracy.get("running") is not None:
@@ -328,24 +357,28 @@ def small_nbs(
         "SyncBatchNorm)"
     ) + "; evaluate with population statistics (bnscope precise)"
     return Finding(
-        "small-nbs",
-        "warning" if at_batch_size else "info",
-        layer,
-        f"normalization batches of {size} or fewer samples are too noisy{where}: {what}",
-        fix,
+        code="small-nbs",
+        severity=Severity.WARNING if at_batch_size else Severity.INFO,
+        layer=layer,
+        message=f"normalization batches of {size} or fewer samples are too noisy{where}: {what}",
+        fix=fix,
     )
 
 
 def non_iid_batches(layer: str, size: int, effective_size: float) -> Finding:
     ratio = effective_size / size
     return Finding(
-        "non-iid-batches",
-        "warning",
-        layer,
-        f"chunks of {size} samples vary like {effective_size:.1f} independent samples "
-        f"({100 * ratio:.0f}% of {size}): samples in a batch are correlated",
-        "shuffle the training data so every batch mixes samples from across the dataset (the "
-        "sampler), or normalize over larger batches drawn across groups",
+        code="non-iid-batches",
+        severity=Severity.WARNING,
+        layer=layer,
+        message=(
+            f"chunks of {size} samples vary like {effective_size:.1f} independent samples "
+            f"({100 * ratio:.0f}% of {size}): samples in a batch are correlated"
+        ),
+        fix=(
+            "shuffle the training data so every batch mixes samples from across the dataset (the "
+            "sampler), or normalize over larger batches drawn across groups"
+        ),
     )
 
 

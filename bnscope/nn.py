@@ -41,6 +41,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -324,6 +325,9 @@ class SeqNorm(nn.Module):
     its running statistics.
     """
 
+    gn: nn.GroupNorm
+    gbn: GhostBatchNorm
+
     def __init__(
         self,
         num_features: int,
@@ -421,7 +425,8 @@ def _to_ghost(module: nn.Module, name: str, ghost_size: int) -> nn.Module:
             stacklevel=3,
         )
         return module
-    ghost = cls(module.num_features, ghost_size, device="meta")
+    # a BN class of _GHOST_FOR, whose forward was checked above
+    ghost = cls(cast(_BatchNorm, module).num_features, ghost_size, device="meta")
     _move_state(module, ghost)
     ghost.__dict__[_ORIGINAL] = module
     return ghost

@@ -2,19 +2,95 @@
 
 Computation code returns these; the renderers in :mod:`bnscope.render` turn them into tables,
 JSON and figures. A record never formats or prints itself.
+
+Records are built with keywords only (``PreciseLayer(name="bn1", num_features=64, ...)``).
+Layer statuses are :class:`Status` members and finding severities :class:`Severity` members:
+string enums, equal to (and serialized as) their values (``Status.NOT_CALLED == "not-called"``).
+:class:`Report` is generic over its layer record and its extra keys
+(``Report[PreciseLayer, PreciseExtra]``, see :mod:`bnscope.extras`).
 """
 
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from enum import Enum
+from typing import Any, ClassVar, Generic, TypeVar
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # pragma: no cover - Python 3.10
+
+    class StrEnum(str, Enum):
+        """``enum.StrEnum`` of Python 3.11: members are strings, ``str()`` and ``format()``
+        give the value."""
+
+        def __str__(self) -> str:
+            return str(self.value)
+
+        def __format__(self, format_spec: str) -> str:
+            return format(str(self.value), format_spec)
+
 
 SCHEMA_VERSION = 1
 
-SEVERITIES = ("info", "warning", "error")
 
-# Every finding code of DESIGN §4, with its meaning (kept here so docs, help and tests agree).
+class Severity(StrEnum):
+    """How bad a finding is (ordered: info < warning < error, see :func:`severity_rank`)."""
+
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class Status(StrEnum):
+    """What happened to one BN layer (or one ghost size) in an operation.
+
+    One enum for every record kind, because the kinds share most values (``not-called``,
+    ``skipped``, ``frozen``, ``ok``) and inspect passes Precise BN's statuses through; each
+    record class lists the members it uses in its ``STATUSES`` and rejects the others.
+    """
+
+    #: inspect: the running statistics match the population's (gap below 0.05); ghost size: run
+    OK = "ok"
+    #: inspect: the gap is beyond the EMA's own noise
+    STALE = "stale"
+    #: inspect: the gap is about the EMA's own noise
+    NOISY = "noisy"
+    #: inspect: a material gap, but one batch only: the EMA noise cannot be estimated
+    UNKNOWN = "unknown"
+    #: precise/adapt: new statistics written
+    UPDATED = "updated"
+    #: a frozen BN layer (``FrozenBatchNorm2d``): measured, statistics kept
+    FROZEN = "frozen"
+    #: ghost: the layer was split into ghost batches and measured
+    ANALYSED = "analysed"
+    #: the layer never ran on the data (statistics kept)
+    NOT_CALLED = "not-called"
+    #: the layer (or ghost size) could not be processed; ``reason``/``note`` says why
+    SKIPPED = "skipped"
+
+
+#: the severities, lowest first
+SEVERITIES: tuple[Severity, ...] = tuple(Severity)
+
+#: the layer label of a model that is itself a BN layer (its module name is "")
+ROOT_LABEL = "(root)"
+
+
+def layer_label(module_name: str) -> str:
+    """The label records and reports use for the module called ``module_name``."""
+    return module_name or ROOT_LABEL
+
+
+def module_name(label: str) -> str:
+    """The module name (as in ``named_modules()``) of the layer labelled ``label``."""
+    return "" if label == ROOT_LABEL else label
+
+# Every finding code with its meaning (docs/statistics.md, section 8, has the rule that raises
+# each; kept here so docs, help and tests agree).
 FINDING_CODES: dict[str, str] = {
     "no-batchnorm": "the checkpoint or model has no BN layer",
     "never-updated": "running stats still at their initial values (mean 0, var 1, count 0)",
@@ -33,12 +109,15 @@ FINDING_CODES: dict[str, str] = {
 
 
 def severity_rank(severity: str) -> int:
-    """0 for info, 1 for warning, 2 for error."""
-    return SEVERITIES.index(severity)
+    """0 for info, 1 for warning, 2 for error (a :class:`Severity` or its value)."""
+    return SEVERITIES.index(severity)  # a str equal to a member counts
 
 
 def _clean(value: Any) -> Any:
-    """Make a value JSON-safe: non-finite floats become strings ("nan", "inf", "-inf")."""
+    """Make a value JSON-safe: non-finite floats become strings ("nan", "inf", "-inf") and
+    enum members (:class:`Status`, :class:`Severity`) their plain string values."""
+    if isinstance(value, Enum):
+        return _clean(value.value)
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
@@ -59,12 +138,34 @@ class Record:
         return _clean(asdict(self))  # type: ignore[call-overload]
 
 
-@dataclass(frozen=True)
+class _LayerRecord(Record):
+    """A per-layer (or per-size) record with a ``status``: built from a :class:`Status` or its
+    string value, always holding the member; a status outside ``STATUSES`` is an error."""
+
+    STATUSES: ClassVar[frozenset[Status]] = frozenset(Status)
+    status: Status  # a field of every subclass
+
+    def __post_init__(self) -> None:
+        value = self.status
+        try:
+            status = Status(value)
+        except ValueError:
+            status = None
+        if status is None or status not in self.STATUSES:
+            allowed = ", ".join(sorted(s.value for s in self.STATUSES))
+            raise ValueError(f"unknown {type(self).__name__} status {value!r} (one of: {allowed})")
+        object.__setattr__(self, "status", status)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Finding(Record):
-    """One problem found, with a stable ``code`` (see :data:`FINDING_CODES`) and its fix."""
+    """One problem found, with a stable ``code`` (see :data:`FINDING_CODES`) and its fix.
+
+    ``severity`` may be given as a :class:`Severity` or its value; it is stored as the member.
+    """
 
     code: str
-    severity: str
+    severity: Severity
     layer: str | None
     message: str
     fix: str
@@ -74,9 +175,10 @@ class Finding(Record):
             raise ValueError(f"unknown finding code {self.code!r}")
         if self.severity not in SEVERITIES:
             raise ValueError(f"unknown severity {self.severity!r}")
+        object.__setattr__(self, "severity", Severity(self.severity))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StaticLayer(Record):
     """Per-layer figures read from BN buffers alone (no forward pass).
 
@@ -109,18 +211,28 @@ class StaticLayer(Record):
     frozen: bool = False
 
 
-@dataclass(frozen=True)
-class Report:
+#: the layer record type of a :class:`Report`
+L_co = TypeVar("L_co", bound=Record, covariant=True)
+#: the extra keys of a :class:`Report` (a TypedDict of :mod:`bnscope.extras`)
+X_co = TypeVar("X_co", bound=Mapping[str, Any], covariant=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Report(Generic[L_co, X_co]):
     """A command's result: per-layer records, findings and command-specific keys.
 
-    ``to_dict()`` is the JSON document of DESIGN §2 (``schema`` ``"bnscope.<command>/1"``).
+    ``to_dict()`` is the JSON document of docs/cli.md, section 5 (``schema``
+    ``"bnscope.<command>/1"``).
+    Generic over the layer record and the extra keys: ``Report[PreciseLayer, PreciseExtra]``
+    (aliases in :mod:`bnscope.extras`: ``PreciseReport`` ...); a bare ``Report`` is
+    ``Report[Any, Any]``.
     """
 
     command: str
     checkpoint: str | None
-    layers: tuple[Any, ...]
+    layers: tuple[L_co, ...]
     findings: tuple[Finding, ...]
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: X_co = field(default_factory=dict)  # type: ignore[assignment]
     #: per-layer tensors (e.g. old/new statistics); not part of the JSON document
     arrays: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
 
@@ -128,7 +240,7 @@ class Report:
     def schema(self) -> str:
         return f"bnscope.{self.command}/{SCHEMA_VERSION}"
 
-    def worst_severity(self) -> str | None:
+    def worst_severity(self) -> Severity | None:
         """The highest severity among the findings, or None when there are none."""
         if not self.findings:
             return None
@@ -149,20 +261,32 @@ class Report:
         return out
 
 
-@dataclass(frozen=True)
-class PreciseLayer(Record):
-    """Per-layer result of Precise BN / Adaptive BN: how far the new statistics moved.
+@dataclass(frozen=True, kw_only=True)
+class PreciseLayer(_LayerRecord):
+    """Per-layer result of Precise BN (and the first step of dynamic inspection): how far the
+    new statistics moved.
 
     ``d_mu`` = |mu_old - mu_new| / sqrt(var_new + eps) and ``d_var`` =
-    |log((var_old + eps) / (var_new + eps))| per channel (DESIGN §4), summarized by max and
-    median over channels. ``status`` is ``updated``, ``not-called`` (statistics kept) or
-    ``skipped`` (``reason`` says why).
+    |log((var_old + eps) / (var_new + eps))| per channel (docs/statistics.md, section 3),
+    summarized by max and median over channels. ``status``:
+
+    - ``updated``: the population statistics were written to running_mean/running_var; also a
+      frozen BN layer with ``include_frozen=True`` (``reason``: "re-estimated");
+    - ``frozen``: a frozen BN layer (``FrozenBatchNorm2d`` and the like) without
+      ``include_frozen``: measured against the data (the figures are filled), statistics kept;
+    - ``not-called``: the layer never ran on the data; statistics kept, figures empty;
+    - ``skipped``: not collected, figures empty; ``reason`` says why
+      (``track_running_stats=False``, or in eval mode under ``only_training=True``).
     """
+
+    STATUSES: ClassVar[frozenset[Status]] = frozenset(
+        {Status.UPDATED, Status.FROZEN, Status.NOT_CALLED, Status.SKIPPED}
+    )
 
     name: str
     num_features: int
-    status: str
-    reason: str | None
+    status: Status
+    reason: str | None = None
     calls: int = 0
     calls_per_forward: int = 0
     samples: int = 0
@@ -173,21 +297,34 @@ class PreciseLayer(Record):
     d_var_median: float | None = None
 
 
-@dataclass(frozen=True)
-class AdaptLayer(Record):
+@dataclass(frozen=True, kw_only=True)
+class AdaptLayer(_LayerRecord):
     """Per-layer result of Adaptive BN: how the target domain differs from the source.
 
     Between the source statistics (the checkpoint's running statistics) and the pooled target
     statistics, per channel: ``d_mu`` = |mu_s - mu_t| / sqrt(var_t + eps),
     ``d_var`` = |log((var_s + eps) / (var_t + eps))| and ``kl`` = the symmetric KL divergence
     KL(N_s || N_t) + KL(N_t || N_s) of the two Gaussians; max and median over channels.
-    ``weight_source`` is lambda = N / (N + n) of the prior (Schneider et al. 2020).
+    ``weight_source`` is lambda = N / (N + n) of the prior (Schneider et al. 2020)
+    (docs/statistics.md, section 4). ``status``:
+
+    - ``updated``: the adapted (prior-mixed) statistics were written; also a frozen BN layer
+      with ``include_frozen=True`` (``reason``: "re-estimated");
+    - ``frozen``: a frozen BN layer without ``include_frozen``: the shift figures are measured,
+      its statistics kept;
+    - ``not-called``: the layer never ran on the target data; statistics kept, figures empty;
+    - ``skipped``: not collected, figures empty; ``reason`` says why
+      (``track_running_stats=False``, or in eval mode under ``only_training=True``).
     """
+
+    STATUSES: ClassVar[frozenset[Status]] = frozenset(
+        {Status.UPDATED, Status.FROZEN, Status.NOT_CALLED, Status.SKIPPED}
+    )
 
     name: str
     num_features: int
-    status: str
-    reason: str | None
+    status: Status
+    reason: str | None = None
     calls: int = 0
     calls_per_forward: int = 0
     samples: int = 0
@@ -200,24 +337,36 @@ class AdaptLayer(Record):
     kl_median: float | None = None
 
 
-@dataclass(frozen=True)
-class InspectLayer(Record):
+@dataclass(frozen=True, kw_only=True)
+class InspectLayer(_LayerRecord):
     """Per-layer result of dynamic inspection (see :mod:`bnscope.ops.inspect`).
 
     ``d_mu``/``d_var`` (max and median over channels) compare the running statistics with the
-    population statistics of the model as it is (DESIGN §4). ``z_mu``/``z_var`` are the root
-    mean square over channels of the gap in units of the EMA's own noise
-    (sqrt(m/(2-m) Var(mu_B))): about 1 for an EMA that is merely noisy. ``ema_noise_mu`` is
-    that noise in sigma units (median), ``batch_spread_mu`` the spread of batch means
-    sqrt(Var(mu_B))/sigma and ``batch_spread_var`` the relative spread of batch variances, at
-    the data's batch size. ``status``: ``ok`` (gap below 0.05), ``stale`` (beyond EMA noise),
-    ``noisy`` (within it), ``unknown`` (one batch only), ``not-called`` or ``skipped``.
+    population statistics of the model as it is (docs/statistics.md, section 5).
+    ``z_mu``/``z_var`` are the root mean square over channels of the gap in units of the EMA's
+    own noise (sqrt(m/(2-m) Var(mu_B))): about 1 for an EMA that is merely noisy.
+    ``ema_noise_mu`` is that noise in sigma units (median), ``batch_spread_mu`` the spread of
+    batch means sqrt(Var(mu_B))/sigma and ``batch_spread_var`` the relative spread of batch
+    variances, at the data's batch size. ``status`` (section 5.5, decided in this order):
+
+    - ``skipped``: ``track_running_stats=False``, no running statistics (``reason``); no figures;
+    - ``not-called``: the layer never ran on the data; no figures;
+    - ``frozen``: a frozen BN layer (``FrozenBatchNorm2d``): no EMA, so no z-scores; d_mu and
+      d_var compare its stored statistics with this data;
+    - ``ok``: the gap is not material (median d_mu and d_var at most 0.05, ``MATERIAL_GAP``);
+    - ``unknown``: a material gap but no z-score: fewer than 2 calls of the layer, a momentum
+      without a noise model (0, above 1, or ``None`` without ``num_batches_tracked`` > 0), or
+      no channel with non-zero noise;
+    - ``stale``: a material gap with a z-score above 3 (``STALE_Z``): beyond the EMA's noise;
+    - ``noisy``: a material gap within the EMA's noise.
     """
+
+    STATUSES: ClassVar[frozenset[Status]] = frozenset(Status) - {Status.UPDATED, Status.ANALYSED}
 
     name: str
     num_features: int
-    status: str
-    reason: str | None
+    status: Status
+    reason: str | None = None
     momentum: float | None = None
     calls_per_forward: int = 0
     batch_calls: int = 0
@@ -232,7 +381,7 @@ class InspectLayer(Record):
     batch_spread_var: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GhostLayerSize(Record):
     """One BN layer at one ghost size g: how far chunk statistics fall from the population's.
 
@@ -253,36 +402,51 @@ class GhostLayerSize(Record):
     effective_size: float | None
 
 
-@dataclass(frozen=True)
-class GhostLayer(Record):
+@dataclass(frozen=True, kw_only=True)
+class GhostLayer(_LayerRecord):
     """Per-layer result of the ghost-size analysis: one :class:`GhostLayerSize` per size run.
 
-    ``status`` is ``analysed``, ``not-called`` or ``skipped`` (``reason`` says why)."""
+    ``status``:
+
+    - ``analysed``: split into ghost batches at every size run; ``sizes`` is filled;
+    - ``not-called``: the layer never ran on the data;
+    - ``skipped``: ``reason`` says why: a frozen BN layer (it normalizes with its stored
+      statistics at every size), a forward that makes no ``batch_norm`` call with its running
+      statistics (it cannot be split), or ``track_running_stats=False``.
+    """
+
+    STATUSES: ClassVar[frozenset[Status]] = frozenset(
+        {Status.ANALYSED, Status.NOT_CALLED, Status.SKIPPED}
+    )
 
     name: str
     num_features: int
-    status: str
-    reason: str | None
+    status: Status
+    reason: str | None = None
     calls_per_forward: int = 0
     sizes: tuple[GhostLayerSize, ...] = ()
 
 
-@dataclass(frozen=True)
-class GhostSize(Record):
+@dataclass(frozen=True, kw_only=True)
+class GhostSize(_LayerRecord):
     """The model at one ghost size g: outputs with batch statistics of chunks of g against
     outputs with population statistics on the same inputs.
 
-    ``status`` is ``ok`` or ``skipped`` (``note`` says why, e.g. g larger than the batch);
-    ``remainder_chunks``/``remainder_samples`` count the chunks smaller than g (batch size not
-    a multiple of g), which are normalized on their own. ``agreement`` is the fraction of equal
-    top-1 predictions, ``kl`` the mean KL(p_pop || p_g); ``accuracy``/``loss`` need labels.
+    ``status`` is ``ok`` (run at this size; ``note`` may explain the data's batch size or a
+    remainder chunk) or ``skipped`` (g larger than the data's batch size; ``note`` says so, the
+    counts are 0 and the figures None). ``remainder_chunks``/``remainder_samples`` count the
+    chunks smaller than g (batch size not a multiple of g), which are normalized on their own.
+    ``agreement`` is the fraction of equal top-1 predictions, ``kl`` the mean KL(p_pop || p_g);
+    ``accuracy``/``loss`` need labels.
     ``noise_mu``/``noise_var`` are medians over layers; ``effective_ratio`` is the lowest
     ``effective_size / g`` over layers (the layer whose chunks are most correlated). A
     single-sample remainder merged into the previous chunk counts as a remainder chunk too.
     """
 
+    STATUSES: ClassVar[frozenset[Status]] = frozenset({Status.OK, Status.SKIPPED})
+
     size: int
-    status: str
+    status: Status
     note: str | None
     chunks: int
     remainder_chunks: int

@@ -2,7 +2,7 @@
 
 One table-driven test. Each case runs a command through ``CliRunner`` in a private copy of a
 small input tree (checkpoints, tensor files, image folders, data factories, project files) and
-asserts the contract of DESIGN.md §2: exit code 2; stderr is exactly one line
+asserts the contract of docs/cli.md, section 4: exit code 2; stderr is exactly one line
 ``bnscope: error: ...`` naming the problem and no traceback; stdout empty (except for
 ``inspect --data`` without ``--model``, which prints the static report first on purpose); and
 nothing written or changed anywhere in the tree (recursive listing and sha256 of every file,

@@ -648,7 +648,7 @@ def test_save_refuses_input_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         with pytest.raises(CheckpointError) as info:
             save_checkpoint(ckpt, new_stats(ckpt), target, force=True)
         assert "refusing to overwrite the input checkpoint" in info.value.message
-        assert info.value.fix == "choose another -o path"
+        assert info.value.fix == "choose another output= path"
     assert sha256(path) == digest
 
 

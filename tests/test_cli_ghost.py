@@ -57,16 +57,35 @@ def test_ghost_bad_input(precise_env):
 
 def _layer(name: str, noise: list[float]) -> GhostLayer:
     sizes = tuple(
-        GhostLayerSize(g, 10, v, 2 * v, v * 1.1, 2.2 * v, g * 0.9)
+        GhostLayerSize(
+            size=g,
+            chunks=10,
+            noise_mu=v,
+            noise_var=2 * v,
+            iid_mu=v * 1.1,
+            iid_var=2.2 * v,
+            effective_size=g * 0.9,
+        )
         for g, v in zip([2, 4, 8], noise, strict=True)
     )
-    return GhostLayer(name, 4, "analysed", None, 1, sizes)
+    return GhostLayer(
+        name=name, num_features=4, status="analysed", reason=None, calls_per_forward=1, sizes=sizes
+    )
 
 
 def test_ghost_noise_figure_artists():
     layers = [_layer("a", [0.4, 0.28, 0.2]), _layer("b", [0.2, 0.14, 0.1])]
-    layers.append(GhostLayer("c", 4, "not-called", "never ran", 0, ()))
-    fig = ghost_noise_figure(layers)
+    layers.append(
+        GhostLayer(
+            name="c",
+            num_features=4,
+            status="not-called",
+            reason="never ran",
+            calls_per_forward=0,
+            sizes=(),
+        )
+    )
+    fig = ghost_noise_figure(layers).figure
     left, right = fig.axes
     assert len(left.lines) == 3  # two layers + the i.i.d. line
     assert list(left.lines[0].get_xdata()) == [2, 4, 8]
@@ -82,14 +101,14 @@ def test_nbs_curve_figure_with_and_without_labels():
         {"size": 8, "status": "ok", "accuracy": 0.9, "agreement": 0.97, "kl": 0.1},
         {"size": 64, "status": "skipped", "accuracy": None, "agreement": None, "kl": None},
     ]
-    fig = nbs_curve_figure(rows, {"accuracy": 0.95})
+    fig = nbs_curve_figure(rows, {"accuracy": 0.95}).figure
     ax = fig.axes[0]
     assert list(ax.lines[0].get_xdata()) == [2, 8]
     assert list(ax.lines[0].get_ydata()) == [0.5, 0.9]
     assert list(ax.lines[1].get_ydata()) == [0.95, 0.95]
     assert ax.get_ylabel() == "accuracy"
     nolabel = [{**r, "accuracy": None} for r in rows]
-    fig = nbs_curve_figure(nolabel, {"accuracy": None})
+    fig = nbs_curve_figure(nolabel, {"accuracy": None}).figure
     assert fig.axes[0].get_ylabel() == "top-1 agreement"
     assert list(fig.axes[0].lines[0].get_ydata()) == [0.6, 0.97]
 

@@ -4,9 +4,6 @@ parameters)."""
 from __future__ import annotations
 
 import colorsys
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +17,9 @@ from bnscope.ops.corruptions import (
     SEVERITY_PARAMS,
     corrupt,
     corrupt_folder,
-    main,
 )
+
+from .test_cli_inspect import one_error_line, run
 
 NOISES = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise")
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -481,60 +479,41 @@ def test_corrupt_folder_failure_leaves_nothing(tmp_path, monkeypatch, exc, exist
 
 
 # --------------------------------------------------------------------------------------------
-# python -m bnscope.ops.corruptions
+# bnscope corrupt (the one command line for corrupt_folder)
 
 
-def _run_module(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONWARNINGS="error::RuntimeWarning")
-    return subprocess.run(
-        [sys.executable, "-m", "bnscope.ops.corruptions", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+def _corrupt_cli(*args: object):
+    return run("corrupt", *args)
 
 
-def test_module_entry_point(tmp_path):
+def test_cli_writes_the_folder_and_reports_one_line(tmp_path):
     src = _make_folder(tmp_path)
     dst = tmp_path / "out"
-    proc = _run_module(str(src), str(dst), "--corruption", "gaussian_noise", "--severity", "3")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == ""
-    assert len(proc.stderr.strip().splitlines()) == 1 and "5 images" in proc.stderr
+    res = _corrupt_cli(src, dst, "--corruption", "gaussian_noise", "--severity", "3")
+    assert res.exit_code == 0, res.stderr
+    assert res.stderr == ""
+    assert len(res.stdout.strip().splitlines()) == 1 and "5 images" in res.stdout
     assert len(_tree(dst)) == 5
 
-    proc = _run_module(str(src), str(tmp_path / "o2"), "--corruption", "fog", "--severity", "3")
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
+    res = _corrupt_cli(src, tmp_path / "o2", "--corruption", "fog", "--severity", "3")
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bnscope: error: unknown corruption 'fog'")
     assert not (tmp_path / "o2").exists()
 
 
-def test_main_errors_are_one_line(tmp_path, capsys):
+def test_cli_errors_are_one_line(tmp_path):
     src = _make_folder(tmp_path)
+    out = tmp_path / "o"
     cases = [
-        [str(src), str(tmp_path / "o"), "--corruption", "contrast"],  # missing --severity
-        [str(src), str(tmp_path / "o"), "--corruption", "contrast", "--severity", "x"],
-        [str(src), str(tmp_path / "o"), "--corruption", "contrast", "--severity", "9"],
-        [
-            str(tmp_path / "nope"),
-            str(tmp_path / "o"),
-            "--corruption",
-            "contrast",
-            "--severity",
-            "1",
-        ],
+        ((src, out, "--corruption", "contrast", "--severity", "x"), "--severity"),
+        ((src, out, "--corruption", "contrast", "--severity", "9"), "severity 9"),
+        ((tmp_path / "nope", out, "--corruption", "contrast", "--severity", "1"), "nope"),
     ]
-    for argv in cases:
-        try:
-            code = main(argv)
-        except SystemExit as stop:
-            code = stop.code
-        err = capsys.readouterr().err
-        assert code == 2, argv
-        assert len(err.strip().splitlines()) == 1 and err.startswith("bnscope: error: "), err
-    args = [str(src), str(tmp_path / "o"), "--corruption", "contrast", "--severity", "1"]
-    assert main([*args, "--seed", "4"]) == 0
-    assert main(args) == 2  # now non-empty
-    assert main([*args, "--force"]) == 0
+    for argv, fragment in cases:
+        one_error_line(_corrupt_cli(*argv), fragment)
+    assert not out.exists()
+    args = (src, out, "--corruption", "contrast", "--severity", "1")
+    assert _corrupt_cli(*args, "--seed", "4").exit_code == 0
+    one_error_line(_corrupt_cli(*args), "not empty")  # now non-empty
+    assert _corrupt_cli(*args, "--force").exit_code == 0

@@ -23,7 +23,6 @@ from bnscope.io.data import (
     DataSource,
     ImageFolderDataset,
     ImageOptions,
-    default_call,
     load_data,
     move_to,
     split_batch,
@@ -636,10 +635,12 @@ def test_move_to_recurses() -> None:
 
 
 def test_default_call() -> None:
+    from bnscope.engine.runner import default_call
+
     model = nn.Linear(3, 2)
     x = torch.randn(4, 3)
-    assert torch.equal(default_call()(model, (x, torch.zeros(4))), model(x))
-    assert torch.equal(default_call("feat")(model, {"feat": x}), model(x))
+    assert torch.equal(default_call(model, (x, torch.zeros(4))), model(x))
+    assert torch.equal(default_call(model, {"feat": x}, input_key="feat"), model(x))
 
 
 def test_same_order_repeats_the_shuffle_and_the_default_draws_a_new_one(tmp_path):

@@ -276,12 +276,13 @@ def test_batches_help_says_per_rank():
 
 
 def test_factory_sharding_is_read_from_the_signature():
-    from bnscope.cli.inputs import _factory_shards
-    from bnscope.cli.runtime import begin_output, is_main_process, rank_and_world_size
+    from bnscope.cli.runtime import begin_output, is_main_process
+    from bnscope.engine.distributed import get_rank, get_world_size
+    from bnscope.session import _factory_shards
 
     assert _factory_shards(f"{HERE}:failing_data")
     assert not _factory_shards(f"{HERE}:make_two_branch")
-    assert begin_output() and is_main_process() and rank_and_world_size() == (0, 1)
+    assert begin_output() and is_main_process() and (get_rank(), get_world_size()) == (0, 1)
 
 
 def test_ghost_and_inspect_under_torchrun(env):

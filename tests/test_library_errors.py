@@ -29,7 +29,7 @@ def cli_flags() -> set[str]:
     names: set[str] = set()
     for command in group.commands.values():  # type: ignore[attr-defined]
         for param in command.params:
-            names.update(o for o in (*param.opts, *param.secondary_opts) if o.startswith("--"))
+            names.update(o for o in (*param.opts, *param.secondary_opts) if o.startswith("-"))
     return names
 
 

@@ -27,6 +27,29 @@ def test_is_python_spec(spec, expected):
     assert is_python_spec(spec) is expected
 
 
+@pytest.mark.parametrize(
+    "spec, parts",
+    [
+        ("pkg.mod:make", ("pkg.mod", "make")),
+        ("dir/file.py:make", ("dir/file.py", "make")),
+        ("file.py:Nets.make", ("file.py", "Nets.make")),
+        ("C:/runs/file.py:make", ("C:/runs/file.py", "make")),
+        ("C:stuff", None),
+        ("data/train", None),
+        ("pkg.mod:", None),
+    ],
+)
+def test_one_grammar_for_model_data_and_call_specs(spec, parts, tmp_path, monkeypatch):
+    """Data factory specs are told from paths with modelspec's grammar (no second parser)."""
+    from bnscope.io.data import _factory_parts
+    from bnscope.io.modelspec import split_spec
+
+    monkeypatch.chdir(tmp_path)  # none of these is an existing path here
+    assert split_spec(spec) == parts
+    assert is_python_spec(spec) is (parts is not None)
+    assert _factory_parts(spec) == parts
+
+
 def test_file_spec_with_kwargs():
     model = build_model(tiny_spec(), '{"num_classes": 7}')
     assert isinstance(model, nn.Module)

@@ -1,5 +1,5 @@
 """Interrupted or failing runs write nothing: no output checkpoint, no temporary file, the input
-unchanged (DESIGN.md §3: "written atomically (temporary file + rename)").
+unchanged (docs/cli.md, section 11: temporary file, then rename).
 
 - Ctrl-C (a real SIGINT to ``python -m bnscope``) while ``precise``/``adapt`` read the data, and
   a data factory that raises ``KeyboardInterrupt`` itself: exit 130, one line, nothing written.

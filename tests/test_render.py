@@ -42,9 +42,9 @@ def layer(name: str, **kw) -> StaticLayer:
 
 
 REPORT = Report(
-    "inspect",
-    "runs/ckpt.pt",
-    (
+    command="inspect",
+    checkpoint="runs/ckpt.pt",
+    layers=(
         layer("backbone.bn1"),
         layer(
             "backbone.layer1.0.bn2",
@@ -67,26 +67,30 @@ REPORT = Report(
             dead_channels=2,
         ),
     ),
-    (
+    findings=(
         Finding(
-            "dead-channel", "info", "head.bn", "2 of 8 channels have |gamma| < 1e-05", "prune them"
+            code="dead-channel",
+            severity="info",
+            layer="head.bn",
+            message="2 of 8 channels have |gamma| < 1e-05",
+            fix="prune them",
         ),
         Finding(
-            "never-updated",
-            "error",
-            "head.bn",
-            "running stats are still initial",
-            "bnscope precise",
+            code="never-updated",
+            severity="error",
+            layer="head.bn",
+            message="running stats are still initial",
+            fix="bnscope precise",
         ),
         Finding(
-            "ema-warmup",
-            "warning",
-            "backbone.layer1.0.bn2",
-            "EMA has only 7 updates",
-            "bnscope precise",
+            code="ema-warmup",
+            severity="warning",
+            layer="backbone.layer1.0.bn2",
+            message="EMA has only 7 updates",
+            fix="bnscope precise",
         ),
     ),
-    {"format": "torch", "key": "state_dict", "prefix": "module.", "momentum_assumed": True},
+    extra={"format": "torch", "key": "state_dict", "prefix": "module.", "momentum_assumed": True},
 )
 
 
@@ -108,7 +112,7 @@ def test_findings_sorted_worst_first():
 
 def test_summary_line():
     assert render(summary_line(REPORT)).strip() == "3 BatchNorm layers: 1 error, 1 warning, 1 info."
-    empty = Report("inspect", None, (layer("a"),), ())
+    empty = Report(command="inspect", checkpoint=None, layers=(layer("a"),), findings=())
     assert render(summary_line(empty)).strip() == "1 BatchNorm layer, no findings."
 
 
@@ -120,14 +124,19 @@ def test_number_formatting():
 
 
 def test_json_roundtrip_with_nonfinite():
-    rep = Report("inspect", None, (layer("a", mean_min=math.nan, var_max=math.inf),), ())
+    rep = Report(
+        command="inspect",
+        checkpoint=None,
+        layers=(layer("a", mean_min=math.nan, var_max=math.inf),),
+        findings=(),
+    )
     doc = json.loads(report_json(rep))
     assert doc["layers"][0]["mean_min"] == "nan"
     assert doc["layers"][0]["var_max"] == "inf"
 
 
 def test_static_figure_artists():
-    fig = static_ranges_figure(REPORT.layers, tiny_var=1e-4, tiny_gain=100.0)
+    fig = static_ranges_figure(REPORT.layers, tiny_var=1e-4, tiny_gain=100.0).figure
     ax_mean, ax_var, ax_gain = fig.axes
     assert ax_mean.get_ylabel() == "running_mean"
     assert ax_var.get_yscale() == "log" and ax_gain.get_yscale() == "log"

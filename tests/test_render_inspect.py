@@ -15,14 +15,30 @@ from bnscope.render.html import inspect_html
 from bnscope.render.inspect import inspect_report
 
 LAYERS = (
-    InspectLayer("stem.bn", 16, "ok", None, 0.1, 1, 40, 0.05, 0.01, 0.09, 0.02, 1.1, 0.9,
-                 0.02, 0.08, 0.1),
-    InspectLayer("layer1.bn", 32, "stale", None, 0.01, 1, 40, 0.41, 0.12, 0.3, 0.07, 48.0,
-                 9.5, 0.002, 0.03, 0.08),
-    InspectLayer("layer2.bn", 32, "noisy", None, 0.1, 2, 80, 0.3, 0.08, 0.2, 0.06, 1.4, 1.2,
-                 0.05, 0.2, 0.3),
-    InspectLayer("aux.bn", 8, "not-called", "never ran on the data", 0.1, 0, 0, None, None,
-                 None, None, None, None, None, None, None),
+    InspectLayer(
+        name="stem.bn", num_features=16, status="ok", reason=None, momentum=0.1,
+        calls_per_forward=1, batch_calls=40, d_mu_max=0.05, d_mu_median=0.01, d_var_max=0.09,
+        d_var_median=0.02, z_mu=1.1, z_var=0.9, ema_noise_mu=0.02, batch_spread_mu=0.08,
+        batch_spread_var=0.1,
+    ),
+    InspectLayer(
+        name="layer1.bn", num_features=32, status="stale", reason=None, momentum=0.01,
+        calls_per_forward=1, batch_calls=40, d_mu_max=0.41, d_mu_median=0.12, d_var_max=0.3,
+        d_var_median=0.07, z_mu=48.0, z_var=9.5, ema_noise_mu=0.002, batch_spread_mu=0.03,
+        batch_spread_var=0.08,
+    ),
+    InspectLayer(
+        name="layer2.bn", num_features=32, status="noisy", reason=None, momentum=0.1,
+        calls_per_forward=2, batch_calls=80, d_mu_max=0.3, d_mu_median=0.08, d_var_max=0.2,
+        d_var_median=0.06, z_mu=1.4, z_var=1.2, ema_noise_mu=0.05, batch_spread_mu=0.2,
+        batch_spread_var=0.3,
+    ),
+    InspectLayer(
+        name="aux.bn", num_features=8, status="not-called", reason="never ran on the data",
+        momentum=0.1, calls_per_forward=0, batch_calls=0, d_mu_max=None, d_mu_median=None,
+        d_var_max=None, d_var_median=None, z_mu=None, z_var=None, ema_noise_mu=None,
+        batch_spread_mu=None, batch_spread_var=None,
+    ),
 )  # fmt: skip
 CONSISTENCY = {
     "samples": 1280,
@@ -36,17 +52,26 @@ CONSISTENCY = {
     "kl": {"precise": 0.2, "batch": 0.25},
 }
 FINDINGS = (
-    Finding("stale-ema", "warning", "layer1.bn", "running statistics are 0.12 sigma away",
-            "bnscope precise CKPT --data TRAIN_DATA would change accuracy from 88.5% to 96.5%"),
-    Finding("not-called", "warning", "aux.bn", "the layer never ran on the data", "check it"),
-    Finding("reused", "info", "layer2.bn", "called 2 times per forward", "give each use one"),
+    Finding(
+        code="stale-ema", severity="warning", layer="layer1.bn",
+        message="running statistics are 0.12 sigma away",
+        fix="bnscope precise CKPT --data TRAIN_DATA would change accuracy from 88.5% to 96.5%",
+    ),
+    Finding(
+        code="not-called", severity="warning", layer="aux.bn",
+        message="the layer never ran on the data", fix="check it",
+    ),
+    Finding(
+        code="reused", severity="info", layer="layer2.bn",
+        message="called 2 times per forward", fix="give each use one",
+    ),
 )  # fmt: skip
 REPORT = Report(
-    "inspect",
-    "runs/ckpt.pt",
-    LAYERS,
-    FINDINGS,
-    {
+    command="inspect",
+    checkpoint="runs/ckpt.pt",
+    layers=LAYERS,
+    findings=FINDINGS,
+    extra={
         "format": "torch",
         "model": "model.py:make_model",
         "data": "image folder data/train",
@@ -78,7 +103,7 @@ def test_layers_table_puts_stale_first():
 
 
 def test_staleness_figure_artists():
-    fig = staleness_figure(LAYERS, 3.0)
+    fig = staleness_figure(LAYERS, 3.0).figure
     top, mid, bottom = fig.axes
     assert list(top.lines[0].get_xdata()) == [0, 1, 2]
     assert list(top.lines[0].get_ydata()) == [0.05, 0.41, 0.3]  # d_mu max
@@ -97,7 +122,7 @@ def test_batch_means_figure_marks_ema_and_population():
         "population_mean": torch.tensor([1.0, 0.0]),
         "population_sigma": torch.tensor([0.5, 1.0]),
     }
-    fig = batch_means_figure("layer1.bn", arrays)
+    fig = batch_means_figure("layer1.bn", arrays).figure
     ax = fig.axes[0]
     assert ax.get_title() == "channel 5"
     xs = [list(line.get_xdata()) for line in ax.lines]
@@ -106,10 +131,10 @@ def test_batch_means_figure_marks_ema_and_population():
 
 
 def test_consistency_figure_with_and_without_labels():
-    ax = consistency_figure(CONSISTENCY).axes[0]
+    ax = consistency_figure(CONSISTENCY).figure.axes[0]
     assert [p.get_height() for p in ax.patches] == [0.885, 0.965, 0.95]
     nolabel = {**CONSISTENCY, "has_labels": False}
-    ax = consistency_figure(nolabel).axes[0]
+    ax = consistency_figure(nolabel).figure.axes[0]
     assert [p.get_height() for p in ax.patches] == [1.0, 0.9, 0.88]
 
 

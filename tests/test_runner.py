@@ -161,9 +161,9 @@ def test_bad_amp_and_device_values_are_usage_errors():
     model = net()
     batches = data(2)
     for amp in ("fp32", "int8", torch.float32, "bfloat17"):
-        with pytest.raises(UsageError, match="amp must be 'bf16' or 'fp16'"):
+        with pytest.raises(UsageError, match="is not bf16 or fp16"):
             bnscope.precise_bn(copy.deepcopy(model), batches, amp=amp)
-    with pytest.raises(UsageError, match="not a torch device"):
+    with pytest.raises(UsageError, match="is not auto, cpu, cuda or cuda:N"):
         bnscope.precise_bn(copy.deepcopy(model), batches, device="gpu-ish")
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="CUDA is not available"):

@@ -157,7 +157,7 @@ def test_report_schema_and_codes():
     for f in d["findings"]:
         assert set(f) == {"code", "severity", "layer", "message", "fix"}
     with pytest.raises(ValueError):
-        Finding("made-up", "info", None, "m", "f")
+        Finding(code="made-up", severity="info", layer=None, message="m", fix="f")
     assert len(FINDING_CODES) == 13
 
 

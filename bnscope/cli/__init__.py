@@ -36,7 +36,7 @@ def _current_folder_on_path() -> None:
     import os
     import sys
 
-    if sys.flags.safe_path:
+    if getattr(sys.flags, "safe_path", False):  # Python 3.11+
         return
     try:
         cwd = os.getcwd()

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from ..errors import UsageError
-from ..io.config import ProjectConfig
-from ..records import Report
+from ..io.outputs import check_out_dir
 from . import options as o
 from .app import app
-from .inputs import DataFlags, ModelFlags, RunFlags, bn_updates, prepare_run
+from .inputs import JobFlags, open_job
 from .runtime import (
     Ui,
     begin_output,
@@ -21,10 +17,8 @@ from .runtime import (
     emit_report,
     exit_code_for,
     finish,
-    is_main_process,
     progress_bar,
     project_config,
-    require_checkpoint,
 )
 
 HELP = (
@@ -83,107 +77,22 @@ def adapt_command(
     debug: o.Debug = False,
 ) -> None:
     ui = Ui(json=json_, quiet=quiet)
-    from ..io.outputs import check_out_dir
-
     check_out_dir(out)  # before anything runs
     level = check_fail_on(fail_on)
-    config = project_config()
-    path = require_checkpoint(checkpoint, config)
-    flags = DataFlags(batch_size, workers, input_key, image_size, resize, channels, mean, std, seed)
-    flags.drop_last = drop_last
-    flags.call = call
-    report = run_adapt(
-        ui, config, path, source=ModelFlags(key, trust_checkpoint, model, model_kwargs),
-        data=data, eval_data=eval_data, prior=prior, flags=flags,
-        batches=batches, run_flags=RunFlags(device, amp, channels_last), output=output,
-        force=force, include_frozen=include_frozen,
+    flags = JobFlags(
+        key=key, trust=trust_checkpoint, model=model, model_kwargs=model_kwargs, data=data,
+        eval_data=eval_data, batch_size=batch_size, workers=workers, input_key=input_key,
+        call=call, image_size=image_size, resize=resize, channels=channels, mean=mean, std=std,
+        seed=seed, drop_last=drop_last, device=device, amp=amp, channels_last=channels_last,
     )  # fmt: skip
-    if is_main_process():
-        render(ui, report, out)
-    finish(exit_code_for(report, level))
-
-
-def run_adapt(
-    ui: Ui,
-    config: ProjectConfig,
-    path: Path,
-    *,
-    source: ModelFlags,
-    data: str | None,
-    eval_data: str | None,
-    prior: float,
-    flags: DataFlags,
-    batches: int | None,
-    run_flags: RunFlags,
-    output: str | None,
-    force: bool,
-    include_frozen: bool = False,
-) -> Report:
-    """Everything ``bnscope adapt`` does before rendering. ``--data`` is taken literally (the
-    project file's ``data`` is the *source* training data, not the target)."""
-    if data is None:
-        raise UsageError("adapt needs --data (unlabeled target-domain data)", "pass --data SPEC")
-    if prior < 0:
-        raise UsageError(f"--prior must be >= 0, got {prior}", "e.g. --prior 16")
-    run = prepare_run(
-        "adapt", config, path, source=source,
-        data_spec=data, eval_spec=eval_data, flags=flags, run_flags=run_flags, output=output,
-        force=force, tag="adapted", ui=ui, include_frozen=include_frozen,
-    )  # fmt: skip
-
-    from ..engine.distributed import local_batchnorm
-    from ..io.checkpoint import save_checkpoint
-    from ..ops.adapt import adapt_bn
-
-    original = copy.deepcopy(run.model) if run.evaluation is not None else None
-    ui.info(f"Adaptive BN on {run.source.description} (prior {prior:g}, {run.describe()})")
+    # --data and --eval-data are taken literally: the project file's are the source domain's
+    job = open_job(ui, project_config(), checkpoint, flags, literal=("data", "eval_data"))
     with progress_bar(ui, "collecting target statistics", batches) as progress:
-        result = adapt_bn(
-            run.model, run.source, prior, batches, **run.engine(),
-            include_frozen=include_frozen,
-            progress=progress,
+        result = job.adapt(
+            data, prior=prior, batches=batches, eval_data=eval_data, output=output, force=force,
+            include_frozen=include_frozen, progress=progress,
         )  # fmt: skip
-    extra: dict[str, Any] = {**run.base_extra(config), **result.extra}
-    if run.evaluation is not None:
-        from ..engine.evaluate import evaluate_models
-
-        ui.info(f"evaluating on {run.evaluation.description}")
-        models = {"source": original, "adapted": run.model, "batch_stats": copy.deepcopy(original)}
-        with local_batchnorm(*models.values()):
-            ev = evaluate_models(
-                models,
-                run.evaluation,
-                modes={"batch_stats": "batch"},
-                **run.engine(),
-            )
-        extra["metrics"] = {"data": run.evaluation.description, **ev.to_dict()}
-        if not ev.has_labels:
-            ui.warn(
-                f"{run.evaluation.description} has no usable labels: reporting agreement with "
-                "the source model instead of accuracy"
-            )
-
-    updates = bn_updates(run.model, result.layers, run.prefix)
-    extra["output"] = str(run.out_path)
-    if begin_output():  # rank 0 writes, once every rank got here
-        extra["output"] = str(save_checkpoint(run.ckpt, updates, run.out_path, force=force))
-    return Report("adapt", str(path), result.layers, result.findings, extra, result.arrays)
-
-
-def render(ui: Ui, report: Report, out: str | None) -> None:
-    def figures() -> dict[str, Any]:
-        from ..render.figures import adapt_metrics_figure, shift_figure
-
-        figs: dict[str, Any] = {}
-        if report.layers:
-            figs["domain_shift"] = shift_figure(report.layers)
-        if report.extra.get("metrics"):
-            figs["adapt_metrics"] = adapt_metrics_figure(report.extra["metrics"])
-        return figs
-
-    def table() -> Any:
-        from ..render.tables import adapt_report
-
-        return adapt_report(report)
-
-    emit_report(ui, report, out, table, figures)
+    if begin_output():  # rank 0 writes and shows, once every rank got here
+        result.save()
+        emit_report(ui, result.report, out)
+    finish(exit_code_for(result.report, level))

@@ -9,10 +9,9 @@ from typing import Annotated, Any
 
 import typer
 
-from ..io.config import ProjectConfig, load_project_config
 from . import options as o
 from .app import app
-from .inputs import DataFlags, ModelFlags, RunFlags, resolve_run_flags
+from .options import as_flags
 from .runtime import Ui
 
 HELP = (
@@ -46,9 +45,12 @@ def demo_command(
     debug: o.Debug = False,
 ) -> None:
     ui = Ui(json=json_, quiet=quiet)
-    from ..demo.run import build_demo, default_folder, prepare_folder
-    run_flags = RunFlags(device, amp, channels_last)
-    resolve_run_flags(run_flags, ProjectConfig())  # before the folder is made and the model trained
+    from ..demo.run import DEMO_CORRUPTION, DEMO_GHOST_SIZES, default_folder, prepare_folder
+    from ..demo.walkthrough import run_walkthrough
+    from ..session import Job, Options
+
+    run = {"device": device, "amp": amp, "channels_last": channels_last}
+    Job(None, Options(device=device or "auto", amp=amp)).check_run()  # before any work
     target = Path(folder) if folder else default_folder(Path.cwd())
     prepare_folder(target, force)
 
@@ -59,102 +61,36 @@ def demo_command(
     import torch
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
-    built = build_demo(target, seed=seed, progress=say)
-    config = load_project_config(target)
-
-    from .inspect_cmd import render_dynamic, run_dynamic
-    from .precise_cmd import render, run_precise
-
-    # every run takes the model from bnscope.toml, all of the data, the demo's seed and how the
-    # model runs (device, autocast, memory format)
-    common: dict[str, Any] = {
-        "source": ModelFlags(),
-        "flags": DataFlags(seed=seed),
-        "batches": None,
-        "run_flags": run_flags,
-    }
-    say("bnscope inspect ckpt.pt (model and data/train from bnscope.toml)")
-    inspected = run_dynamic(
-        ui,
-        config,
-        built.checkpoint,
-        data_spec=str(built.folder / "data" / "train"),
-        **common,
-    )
-    say("bnscope precise ckpt.pt (statistics on data/train, evaluated on data/val)")
-    precise = run_precise(
-        ui,
-        config,
-        built.checkpoint,
-        data=None,
-        eval_data=None,
-        **common,
-        output=None,
-        force=True,
-    )
-    from ..demo.run import DEMO_CORRUPTION, write_corrupted
-    from .adapt_cmd import render as render_adapt
-    from .adapt_cmd import run_adapt
-
-    name, severity = DEMO_CORRUPTION
-    say(f"bnscope corrupt data/ corrupted/ --corruption {name} --severity {severity}")
-    corrupted = write_corrupted(built.folder, seed)
-    say("bnscope adapt ckpt.precise.pt --data corrupted/train --eval-data corrupted/val")
-    adapted = run_adapt(
-        ui,
-        config,
-        built.folder / "ckpt.precise.pt",
-        data=str(corrupted["train"]),
-        eval_data=str(corrupted["val"]),
-        prior=0.0,
-        **common,
-        output=None,
-        force=True,
-    )
-    from ..demo.run import DEMO_GHOST_SIZES
-    from .ghost_cmd import render as render_ghost
-    from .ghost_cmd import run_ghost
-
-    sizes_text = ",".join(map(str, DEMO_GHOST_SIZES))
-    say(f"bnscope ghost ckpt.precise.pt --data data/val --sizes {sizes_text}")
-    ghost = run_ghost(
-        ui,
-        config,
-        built.folder / "ckpt.precise.pt",
-        data=str(built.folder / "data" / "val"),
-        sizes=list(DEMO_GHOST_SIZES),
-        **common,
+    done = run_walkthrough(
+        target,
+        seed=seed,
+        run=run,
+        say=say,
+        notify=ui.warn,
+        info=lambda message: ui.info(as_flags(message)),
     )
     if json_:
-        doc: dict[str, Any] = {
-            "schema": "bnscope.demo/1",
-            "command": "demo",
-            "checkpoint": str(built.checkpoint),
-            "layers": inspected.to_dict()["layers"],
-            "findings": inspected.to_dict()["findings"]
-            + precise.to_dict()["findings"]
-            + adapted.to_dict()["findings"]
-            + ghost.to_dict()["findings"],
-            "demo": built.to_dict(),
-            "inspect": inspected.to_dict(),
-            "precise": precise.to_dict(),
-            "adapt": adapted.to_dict(),
-            "ghost": ghost.to_dict(),
-        }
-        sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+        sys.stdout.write(json.dumps(done.to_dict(), indent=2, allow_nan=False) + "\n")
         return
-    quiet_ui = Ui(json=False, quiet=True)
+    from ..render.reports import report_view
+
+    name, severity = DEMO_CORRUPTION
+    sizes_text = ",".join(map(str, DEMO_GHOST_SIZES))
     ui.out.rule("bnscope inspect ckpt.pt (model and data from bnscope.toml)")
-    render_dynamic(quiet_ui, inspected, None)
+    ui.out.print(report_view(done.inspect))
     ui.out.rule("bnscope precise ckpt.pt")
-    render(quiet_ui, precise, None)
+    ui.out.print(report_view(done.precise))
     ui.out.rule(f"bnscope adapt ckpt.precise.pt --data corrupted/train ({name} {severity})")
-    render_adapt(quiet_ui, adapted, None)
+    ui.out.print(report_view(done.adapt))
     ui.out.rule(f"bnscope ghost ckpt.precise.pt --data data/val --sizes {sizes_text}")
-    render_ghost(quiet_ui, ghost, None)
+    ui.out.print(report_view(done.ghost))
     ui.out.rule("next")
     text = next_steps(
-        built.folder, precise.to_dict(), adapted.to_dict(), ghost.to_dict(), inspected.to_dict()
+        done.built.folder,
+        done.precise.to_dict(),
+        done.adapt.to_dict(),
+        done.ghost.to_dict(),
+        done.inspect.to_dict(),
     )
     ui.out.print(text, markup=False, highlight=False)
 

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from ..errors import UsageError
-from ..io.config import ProjectConfig
-from ..records import Report
+from ..io.outputs import check_out_dir
 from . import options as o
 from .app import app
-from .inputs import DataFlags, ModelFlags, RunFlags, prepare_run
+from .inputs import JobFlags, open_job
 from .runtime import (
     Ui,
     begin_output,
@@ -20,10 +17,8 @@ from .runtime import (
     emit_report,
     exit_code_for,
     finish,
-    merged,
     progress_bar,
     project_config,
-    require_checkpoint,
 )
 
 HELP = (
@@ -79,73 +74,19 @@ def ghost_command(
     from ..ops.ghost import parse_sizes
 
     ui = Ui(json=json_, quiet=quiet)
-    from ..io.outputs import check_out_dir
-
     check_out_dir(out)  # before anything runs
     level = check_fail_on(fail_on)
     wanted = parse_sizes(sizes)
-    config = project_config()
-    path = require_checkpoint(checkpoint, config)
-    flags = DataFlags(batch_size, workers, input_key, image_size, resize, channels, mean, std, seed)
-    flags.drop_last = drop_last
-    flags.call = call
-    report = run_ghost(
-        ui, config, path, source=ModelFlags(key, trust_checkpoint, model, model_kwargs),
-        data=data, flags=flags, sizes=wanted, batches=batches,
-        run_flags=RunFlags(device, amp, channels_last),
+    flags = JobFlags(
+        key=key, trust=trust_checkpoint, model=model, model_kwargs=model_kwargs, data=data,
+        batch_size=batch_size, workers=workers, input_key=input_key, call=call,
+        image_size=image_size, resize=resize, channels=channels, mean=mean, std=std, seed=seed,
+        drop_last=drop_last, device=device, amp=amp, channels_last=channels_last,
     )  # fmt: skip
-    if begin_output():  # under torchrun: rank 0, once every rank is done
-        render(ui, report, out)
-    finish(exit_code_for(report, level))
-
-
-def run_ghost(
-    ui: Ui,
-    config: ProjectConfig,
-    path: Path,
-    *,
-    source: ModelFlags,
-    data: str | None,
-    flags: DataFlags,
-    sizes: list[int],
-    batches: int | None,
-    run_flags: RunFlags,
-) -> Report:
-    """Everything ``bnscope ghost`` does before rendering: load, collect, analyse."""
-    data_spec = merged(data, config, "data")
-    if data_spec is None:
-        raise UsageError("ghost needs --data (batches to split into ghost batches)",
-                         "pass --data SPEC")  # fmt: skip
-    from ..ops.ghost import ghost_analysis
-
-    run = prepare_run(
-        "ghost", config, path, source=source,
-        data_spec=data_spec, flags=flags, run_flags=run_flags, ui=ui,
-    )  # fmt: skip
-    source = run.source
-    ui.info(f"ghost-size analysis on {source.description} ({run.describe()}), sizes {sizes}")
+    job = open_job(ui, project_config(), checkpoint, flags)
     total = None if batches is None else 2 * batches
     with progress_bar(ui, "analysing", total) as progress:
-        result = ghost_analysis(
-            run.model, source, sizes, batches, **run.engine(),
-            progress=progress,
-        )  # fmt: skip
-    extra: dict[str, Any] = {**run.base_extra(config), **result.extra}
-    return Report("ghost", str(path), result.layers, result.findings, extra, result.arrays)
-
-
-def render(ui: Ui, report: Report, out: str | None) -> None:
-    def figures() -> dict[str, Any]:
-        from ..render.figures import ghost_noise_figure, nbs_curve_figure
-
-        return {
-            "ghost_noise": ghost_noise_figure(report.layers),
-            "nbs_curve": nbs_curve_figure(report.extra["sizes"], report.extra["population"]),
-        }
-
-    def table() -> Any:
-        from ..render.ghost import ghost_report
-
-        return ghost_report(report)
-
-    emit_report(ui, report, out, table, figures)
+        report = job.ghost(wanted, batches, progress=progress).report
+    if begin_output():  # under torchrun: rank 0, once every rank is done
+        emit_report(ui, report, out)
+    finish(exit_code_for(report, level))

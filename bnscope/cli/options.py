@@ -27,6 +27,7 @@ FLAGS: dict[str, str] = {
     "out": "--out",
     "output": "-o",
     "prior": "--prior",
+    "target": "--data",
     "sizes": "--sizes",
     "device": "--device",
     "amp": "--amp",
@@ -49,13 +50,15 @@ _PARAM = re.compile(r"(?<![\w.-])(" + _NAMES + r")=([^\s,;)]*)")
 def as_flags(text: str) -> str:
     """A library message with its ``name=value`` parameters spelled as command-line flags:
     ``batches=100`` -> ``--batches 100``, ``force=True`` -> ``--force``, ``drop_last=False``
-    -> ``--no-drop-last``, ``key=`` -> ``--key``."""
+    -> ``--no-drop-last``, ``key=`` -> ``--key``, ``data=:`` -> ``--data:``."""
 
     def flag(match: re.Match[str]) -> str:
         name, value = match.group(1), match.group(2)
         option = FLAGS[name]
         if value == "True" or value == "":
             return option
+        if value == ":":  # "data=: ..." leads a message about that option
+            return f"{option}:"
         if value == "False":
             return "--no-" + option[2:]
         return f"{option} {value}"

@@ -1,6 +1,5 @@
-"""What every command shares: consoles, option merging with the project file, device choice,
-report output, ``--fail-on``, and the command's part in a ``torchrun`` launch. No computation
-happens here.
+"""What every command shares: consoles, the project file, report output, ``--fail-on``, and
+the command's part in a ``torchrun`` launch. No computation happens here.
 
 Under ``torchrun`` (see :class:`DistributedSession`): every rank runs the command on its share
 of the data; ranks other than 0 have ``sys.stdout``/``sys.stderr`` silenced for the whole
@@ -24,7 +23,7 @@ import typer
 from rich.console import Console
 
 from ..errors import BnscopeError, UsageError
-from ..io.config import AMP_VALUES, ProjectConfig, load_project_config
+from ..io.config import ProjectConfig, load_project_config
 from ..records import SEVERITIES, Report, severity_rank
 
 FAIL_LEVELS = SEVERITIES
@@ -85,105 +84,8 @@ class Ui:
         return not (self.quiet or self.json) and sys.stderr.isatty()
 
 
-def merged(flag: Any, config: ProjectConfig, key: str, default: Any = None) -> Any:
-    """A flag's value, else the project file's, else the default (flags override the file)."""
-    if flag is not None:
-        return flag
-    return config.get(key, default)
-
-
 def project_config() -> ProjectConfig:
     return load_project_config(Path.cwd())
-
-
-def require_checkpoint(arg: str | None, config: ProjectConfig) -> Path:
-    value = merged(arg, config, "checkpoint")
-    if value is None:
-        raise UsageError(
-            "no checkpoint given",
-            'pass CKPT, or set checkpoint = "..." in bnscope.toml or [tool.bnscope]',
-        )
-    return Path(value)
-
-
-def parse_floats(text: str | list[float] | None, option: str) -> tuple[float, ...] | None:
-    """'0.5,0.5,0.5' -> (0.5, 0.5, 0.5)."""
-    if text is None:
-        return None
-    if isinstance(text, list):
-        items: list[Any] = list(text)
-    else:
-        items = [t for t in text.replace(" ", "").split(",") if t]
-    try:
-        values = tuple(float(t) for t in items)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(
-            f"{option} must be comma-separated numbers, got {text!r}", f"e.g. {option} 0.5,0.5,0.5"
-        ) from exc
-    if not values:
-        raise UsageError(f"{option} is empty", f"e.g. {option} 0.5,0.5,0.5")
-    return values
-
-
-def resolve_device(spec: str | None) -> str:
-    """``auto`` -> ``cuda`` when available else ``cpu``; ``cpu``; ``cuda`` or ``cuda:i``.
-
-    Under ``torchrun``, ``auto`` and ``cuda`` mean this rank's GPU, ``cuda:LOCAL_RANK``."""
-    spec = (spec or "auto").strip().lower()
-    import torch
-
-    if spec == "auto":
-        return _rank_cuda(spec) if torch.cuda.is_available() else "cpu"
-    if spec == "cpu":
-        return "cpu"
-    if spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {spec}: CUDA is not available here", "use --device cpu")
-        if ":" in spec and int(spec[5:]) >= torch.cuda.device_count():
-            raise UsageError(
-                f"--device {spec}: only {torch.cuda.device_count()} CUDA devices",
-                "pick an existing index",
-            )
-        return spec if ":" in spec else _rank_cuda(spec)
-    raise UsageError(f"--device {spec!r} is not auto, cpu, cuda or cuda:N", "e.g. --device cpu")
-
-
-def resolve_amp(spec: str | None, device: str) -> str | None:
-    """``--amp``: None, ``bf16`` or ``fp16``, checked against what ``device`` can autocast
-    to (on CUDA, bf16 needs a GPU that supports it)."""
-    if spec is None:
-        return None
-    value = spec.strip().lower()
-    if value not in AMP_VALUES:
-        raise UsageError(f"--amp {spec!r} is not bf16 or fp16", "use --amp bf16 or --amp fp16")
-    value = AMP_VALUES[value]
-    if device.startswith("cuda") and value == "bf16":
-        import torch
-
-        if not torch.cuda.is_bf16_supported():
-            name = torch.cuda.get_device_name(torch.device(device))
-            raise UsageError(
-                f"--amp bf16: this GPU ({name}) cannot autocast to bfloat16", "use --amp fp16"
-            )
-    return value
-
-
-def _rank_cuda(spec: str) -> str:
-    """``cuda:LOCAL_RANK`` under a process group, else ``cuda``."""
-    if not distributed_active():
-        return "cuda"
-    import torch
-
-    from ..engine import distributed
-
-    local, count = distributed.local_rank(), torch.cuda.device_count()
-    if local >= count:
-        raise UsageError(
-            f"--device {spec}: LOCAL_RANK {local} has no CUDA device (this node has {count})",
-            f"start at most {count} processes per node (torchrun --nproc-per-node {count}), "
-            "or use --device cpu",
-        )
-    return f"cuda:{local}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,15 +111,6 @@ def is_main_process() -> bool:
     from ..engine import distributed
 
     return distributed.is_main_process()
-
-
-def rank_and_world_size() -> tuple[int, int]:
-    """``(rank, world_size)``: ``(0, 1)`` without a process group."""
-    if not distributed_active():
-        return 0, 1
-    from ..engine import distributed
-
-    return distributed.get_rank(), distributed.get_world_size()
 
 
 def begin_output() -> bool:
@@ -336,35 +229,25 @@ class DistributedSession:
         return outcome.code if outcome.failed and outcome.code else 2
 
 
-def emit_report(
-    ui: Ui,
-    report: Report,
-    out: str | None,
-    renderable: Any,
-    figures: Any = None,
-    texts: Any = None,
-) -> None:
-    """The one way a command shows its result: with ``--out`` first ``report.json``, the
-    figures (``figures()`` -> name -> Figure) and extra files (``texts(figures)`` -> file
-    name -> text) into the folder; then stdout gets exactly one JSON document with ``--json``,
-    else ``renderable()`` (a rich renderable); the files written are listed on stderr for a
-    person at a terminal. The callables keep matplotlib and the renderers unimported until
-    needed."""
+def emit_report(ui: Ui, report: Report, out: str | None) -> None:
+    """The one way a command shows its result: with ``--out`` first the report folder
+    (:func:`bnscope.render.reports.write_report`: report.json, figures, report.html); then
+    stdout gets exactly one JSON document with ``--json``, else the report's view; the files
+    written are listed on stderr for a person at a terminal."""
     from ..render.jsonout import report_json
 
-    text = report_json(report)
     written = []
     if out is not None:
-        from ..io.outputs import write_report_dir
+        from ..render.reports import write_report
 
-        figs = figures() if figures is not None else {}
-        extra = texts(figs) if texts is not None else None
-        written = write_report_dir(out, text, figs, extra)
+        written = write_report(report, out)
     if ui.json:
-        ui.out.file.write(text)
+        ui.out.file.write(report_json(report))
         ui.out.file.flush()
     else:
-        ui.out.print(renderable())
+        from ..render.reports import report_view
+
+        ui.out.print(report_view(report))
     if written:
         ui.info(f"wrote {', '.join(str(p) for p in written)}")
 

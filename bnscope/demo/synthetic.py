@@ -68,8 +68,8 @@ def _draw_distractors(
         r = rng.uniform(0.02, 0.06) * n
         cx, cy = rng.uniform(0, n, size=2)
         col = bg_mean + rng.normal(0.0, 45.0, size=3)
-        col = tuple(int(v) for v in np.clip(col, 0, 255))
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=col)
+        fill = tuple(int(v) for v in np.clip(col, 0, 255))
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, cls: str, rng: np.random.Generator, n: int) -> None:

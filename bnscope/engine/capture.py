@@ -48,12 +48,13 @@ import time
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..records import layer_label
 from . import sync
 from .distributed import local_batchnorm, local_sync_forward
 from .intercept import Observation, observed
@@ -203,13 +204,25 @@ class LayerStats:
     blocks: dict[tuple[int, bool], _Block] = field(default_factory=dict)
     #: merged blocks not yet checked: (per-row float64 sums, non-finite exactly when the row
     #: is; ill-conditioned flag or None; batch index of each row)
-    pending: list[tuple[torch.Tensor, torch.Tensor | None, array]] = field(default_factory=list)
+    pending: list[tuple[torch.Tensor, torch.Tensor | None, array[int]]] = field(
+        default_factory=list
+    )
     first_call: int = -1  # order of the layer's first call among all layers
     checked: bool = False  # the first-forward check was done
 
     @property
     def called(self) -> bool:
         return self.calls > 0
+
+    @property
+    def running_mean(self) -> torch.Tensor:
+        """The layer's ``running_mean`` buffer (every collected layer has one)."""
+        return cast(torch.Tensor, self.module.running_mean)
+
+    @property
+    def running_var(self) -> torch.Tensor:
+        """The layer's ``running_var`` buffer (every collected layer has one)."""
+        return cast(torch.Tensor, self.module.running_var)
 
 
 @dataclass
@@ -299,21 +312,29 @@ class BNCapture:
         frozen: list[tuple[str, nn.Module]] = []
         for name, module in self.model.named_modules():
             if is_frozen_batchnorm(module):
-                self.order.append(name or "(root)")
-                frozen.append((name or "(root)", module))
+                self.order.append(layer_label(name))
+                frozen.append((layer_label(name), module))
                 continue
             if not is_batchnorm(module):
                 continue
-            label = name or "(root)"
+            label = layer_label(name)
             self.order.append(label)
             if not module.track_running_stats or module.running_mean is None:
                 self.skipped.append(
-                    SkippedLayer(label, module.num_features, "track_running_stats=False")
+                    SkippedLayer(
+                        name=label,
+                        num_features=module.num_features,
+                        reason="track_running_stats=False",
+                    )
                 )
                 continue
             if self.only_training and not module.training:
                 self.skipped.append(
-                    SkippedLayer(label, module.num_features, "in eval mode (only_training=True)")
+                    SkippedLayer(
+                        name=label,
+                        num_features=module.num_features,
+                        reason="in eval mode (only_training=True)",
+                    )
                 )
                 continue
             targets.append((label, module))
@@ -321,11 +342,16 @@ class BNCapture:
             module.training = False  # dropout and everything else in eval mode
         self._stack.enter_context(local_batchnorm(self.model))
         for label, module in targets:
+            running_mean, running_var = module.running_mean, module.running_var
+            assert running_mean is not None and running_var is not None  # checked above
             self._saved.momentum[module] = module.momentum
             self._saved.buffers[module] = {n: module._buffers.get(n) for n in _STAT_BUFFERS}
-            device = module.running_mean.device
+            device = running_mean.device
             stats = LayerStats(
-                label, module, MomentAccumulator(module.num_features, device), module.num_features
+                name=label,
+                module=module,
+                acc=MomentAccumulator(module.num_features, device),
+                num_features=module.num_features,
             )
             self.layers[label] = stats
             module.training = True
@@ -333,16 +359,17 @@ class BNCapture:
             stats.exact_path = not native
             # the module's own buffers are never written: scratch copies take the updates
             with torch.no_grad():
-                scratch_mean = module.running_mean.detach().clone()
-                scratch_var = module.running_var.detach().clone()
+                scratch_mean = running_mean.detach().clone()
+                scratch_var = running_var.detach().clone()
                 if native:  # momentum 1 computes 0 * old + batch: old values must be finite
                     scratch_mean.zero_()
                     scratch_var.fill_(1.0)
             self._scratch[module] = (scratch_mean, scratch_var)
             module._buffers["running_mean"] = scratch_mean
             module._buffers["running_var"] = scratch_var
-            if module._buffers.get("num_batches_tracked") is not None:
-                module._buffers["num_batches_tracked"] = module.num_batches_tracked.clone()
+            tracked = module._buffers.get("num_batches_tracked")
+            if tracked is not None:
+                module._buffers["num_batches_tracked"] = tracked.clone()
             # native: the kernel writes each call's moments; custom forwards: keep the EMA still
             module.momentum = 1.0 if native else 0.0
             self._handles.append(module.register_forward_pre_hook(self._pre_hook(stats)))
@@ -353,10 +380,16 @@ class BNCapture:
         for label, module in frozen:
             self._saved.buffers[module] = {n: module._buffers.get(n) for n in _STAT_BUFFERS}
             mean = module._buffers["running_mean"]
+            assert mean is not None  # is_frozen_batchnorm checked it
             stats = LayerStats(
-                label, module, MomentAccumulator(mean.numel(), mean.device), mean.numel(),
-                frozen=True, exact_path=True, checked=False,
-            )  # fmt: skip
+                name=label,
+                module=module,
+                acc=MomentAccumulator(mean.numel(), mean.device),
+                num_features=mean.numel(),
+                frozen=True,
+                exact_path=True,
+                checked=False,
+            )
             self.layers[label] = stats
             self._handles.append(module.register_forward_pre_hook(self._frozen_hook(stats)))
         self._last_check = time.monotonic()
@@ -568,7 +601,7 @@ class BNCapture:
         batch_norm on its input with its running statistics (timm's BatchNormAct2d,
         SyncBatchNorm subclasses), its kernel's moments are read from the next forward on,
         like a native layer's (checked against float64 once more on that forward)."""
-        module = stats.module
+        module = cast(_BatchNorm, stats.module)  # observed layers are never frozen ones
         self._observing.pop(module).close()
         observation = self._observations.pop(module)
         if not observation.is_plain:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -38,6 +38,14 @@ __all__ = [
 ]
 
 
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+_R = TypeVar("_R", bound=_Named)
+
+
 @dataclass
 class Collection:
     """Population statistics per BN layer (float64 accumulators) and what was run.
@@ -58,7 +66,7 @@ class Collection:
         the BN layers see it)."""
         return max((st.max_rows for st in self.layers.values()), default=0)
 
-    def in_module_order(self, records: list[Any]) -> list[Any]:
+    def in_module_order(self, records: list[_R]) -> list[_R]:
         """Records (anything with ``.name``) sorted into module order."""
         rank = {name: i for i, name in enumerate(self.order)}
         return sorted(records, key=lambda r: rank.get(r.name, len(rank)))
@@ -142,14 +150,18 @@ def collect(
     """
     runner = make_runner(model, call, device, amp, channels_last, input_key)
     group = distributed.resolve_group(process_group)
-    options = dict(
-        batches=batches, runner=runner, progress=progress, only_training=only_training,
-        observer=observer, on_output=on_output, include_frozen=include_frozen,
-    )  # fmt: skip
+
+    def run(allow_empty: bool) -> Collection:
+        return _collect_local(
+            model, data, allow_empty=allow_empty, batches=batches, runner=runner,
+            progress=progress, only_training=only_training, observer=observer,
+            on_output=on_output, include_frozen=include_frozen,
+        )  # fmt: skip
+
     if group is None:
-        return _collect_local(model, data, allow_empty=False, **options)
+        return run(False)
     try:
-        collection = _collect_local(model, data, allow_empty=batches is None, **options)
+        collection = run(batches is None)
     except Exception as exc:
         distributed.announce_failure(exc, group)
         raise

@@ -467,7 +467,7 @@ def local_batchnorm(*models: nn.Module) -> Iterator[None]:
     _local_depth += 1
     try:
         if _local_depth == 1:
-            nn.SyncBatchNorm.forward = local_sync_forward  # type: ignore[method-assign]
+            nn.SyncBatchNorm.forward = local_sync_forward  # type: ignore[method-assign,assignment]
         yield
     finally:
         _local_depth -= 1

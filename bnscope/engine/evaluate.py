@@ -10,7 +10,7 @@ import contextlib
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import DataError
+from ..extras import ComparisonDict, EvaluationDict, MetricsDict
 from . import sync
 from .collect import check_batches
 from .runner import Runner, make_runner, placed
@@ -48,8 +49,8 @@ class Metrics:
     accuracy: float | None
     loss: float | None
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_dict(self) -> MetricsDict:
+        return {"samples": self.samples, "accuracy": self.accuracy, "loss": self.loss}
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class Comparison:
     kl: float | None
     rel_diff: float
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> ComparisonDict:
         return {
             "a": self.a.to_dict(),
             "b": self.b.to_dict(),
@@ -135,7 +136,7 @@ def read_scores(scores: Iterable[Scores]) -> None:
         for s in scores:
             s.host = dict.fromkeys(Scores.FIELDS, 0.0)
         return
-    host = sync.fetch([s.sums for s in todo])
+    host = sync.fetch([s.sums for s in todo if s.sums is not None])
     for s, values in zip(todo, host, strict=True):
         s.host = dict(zip(Scores.FIELDS, values.tolist(), strict=True))
     for s in scores:
@@ -150,8 +151,9 @@ def logits_of(out: Any) -> torch.Tensor:
         return out[0]
     if isinstance(out, dict):
         for key in ("logits", "out", "output"):
-            if isinstance(out.get(key), torch.Tensor):
-                return out[key]
+            value = out.get(key)
+            if isinstance(value, torch.Tensor):
+                return value
     raise DataError(
         f"cannot evaluate: the model returned {type(out).__name__}, not a tensor",
         "pass call= that returns the logits tensor",
@@ -247,9 +249,9 @@ def using_statistics(
             module._buffers["running_var"] = var
         yield
     finally:
-        for module, mean, var in saved:
-            module._buffers["running_mean"] = mean
-            module._buffers["running_var"] = var
+        for module, old_mean, old_var in saved:
+            module._buffers["running_mean"] = old_mean
+            module._buffers["running_var"] = old_var
 
 
 @dataclass(frozen=True)
@@ -263,7 +265,7 @@ class Evaluation:
     kl: dict[str, float | None]
     rel_diff: dict[str, float]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> EvaluationDict:
         return {
             "metrics": {k: v.to_dict() for k, v in self.metrics.items()},
             "has_labels": self.has_labels,

@@ -84,10 +84,12 @@ class _LayerMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+#: ``wrap(module, forward, args, kwargs)``: a layer's forward, called instead of its own
+_Wrap = Callable[[nn.Module, Any, tuple[Any, ...], dict[str, Any]], Any]
+
+
 @contextlib.contextmanager
-def _own_forward(
-    layers: dict[nn.Module, Callable[[nn.Module, Any, Any], Any]],
-) -> Iterator[None]:
+def _own_forward(layers: dict[nn.Module, _Wrap]) -> Iterator[None]:
     """Each module's forward becomes ``wrap(module, class_forward, *args)``; the instance
     attribute is removed (or the previous one put back) on exit."""
     missing = object()
@@ -102,14 +104,14 @@ def _own_forward(
                         **kwargs: Any) -> Any:  # fmt: skip
                 return _w(_m, _f, args, kwargs)
 
-            module.forward = forward  # type: ignore[method-assign]
+            module.forward = forward
         yield
     finally:
         for module, previous in saved.items():
             if previous is missing:
                 module.__dict__.pop("forward", None)
             else:
-                module.forward = previous  # type: ignore[method-assign]
+                module.forward = previous
 
 
 @dataclass
@@ -132,7 +134,9 @@ def observed(modules: list[nn.Module]) -> Iterator[dict[nn.Module, Observation]]
     :class:`Observation` per layer."""
     seen = {m: Observation() for m in modules}
 
-    def wrap(module: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict) -> Any:
+    def wrap(
+        module: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         obs = seen[module]
         obs.calls += 1
         x = args[0] if args else next(iter(kwargs.values()), None)
@@ -176,14 +180,16 @@ def observed(modules: list[nn.Module]) -> Iterator[dict[nn.Module, Observation]]
 @contextlib.contextmanager
 def redirected(
     layers: dict[nn.Module, Callable[[BatchNormCall], torch.Tensor]],
-) -> Iterator[dict[nn.Module, int]]:
+) -> Iterator[dict[nn.Module, list[int]]]:
     """Within the block, the batch_norm call each given layer's own forward makes with its
     running statistics returns ``replace(call)`` instead; the rest of the forward (activation,
     dropout) runs on that. Yields, per layer, ``[forward calls, redirected calls]``: a layer
     whose forward never calls batch_norm with its statistics has fewer of the second."""
     counts = {m: [0, 0] for m in layers}
 
-    def wrap(module: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict) -> Any:
+    def wrap(
+        module: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         replace = layers[module]
         counts[module][0] += 1
 

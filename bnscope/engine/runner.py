@@ -24,19 +24,23 @@ from ..io.data import LABEL_KEYS, move_to, split_batch
 
 Call = Callable[[nn.Module, Any], Any]
 
-#: names accepted for ``amp``
-AMP_DTYPES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
+#: spellings accepted for ``amp`` and the name they mean
+AMP_NAMES: dict[str, str] = {
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    "fp16": "fp16",
+    "float16": "fp16",
+    "half": "fp16",
 }
+AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def default_call(model: nn.Module, batch: Any) -> Any:
-    """The model on a batch by :class:`BatchProtocol` (its inputs, in ``forward``'s order)."""
-    args, kwargs, _ = BatchProtocol.for_model(model).split(batch)
+def default_call(model: nn.Module, batch: Any, input_key: str | None = None) -> Any:
+    """The model on a batch as bnscope runs it when no ``call`` is given: the batch's inputs by
+    :class:`BatchProtocol` (in ``forward``'s order; a dict batch's ``input_key`` entry when
+    set). The batch is not moved: :meth:`Runner.prepare` (or :func:`bnscope.io.data.move_to`)
+    does that first."""
+    args, kwargs, _ = BatchProtocol.for_model(model, input_key).split(batch)
     return model(*args, **kwargs)
 
 
@@ -133,54 +137,95 @@ def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (or buffer); CPU for an empty model."""
     for tensor in model.parameters():
         return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 
-def resolve_device(device: torch.device | str | None, model: nn.Module) -> torch.device:
-    """``device`` as a :class:`torch.device` (the model's own device when None), checked to
-    exist: a CUDA index beyond the visible devices is a :class:`UsageError`."""
-    if device is None:
-        return model_device(model)
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise UsageError(
-            f"device {device!r} is not a torch device", "e.g. device='cpu' or 'cuda:0'"
-        ) from exc
-    if dev.type == "cuda":
+def device_spec(spec: str | None) -> str:
+    """A device name from ``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` or
+    ``cuda:N``, checked to exist. Under ``torchrun``, ``auto`` and ``cuda`` mean this rank's
+    GPU, ``cuda:LOCAL_RANK``; elsewhere ``cuda`` stays ``cuda`` (the current device)."""
+    value = (spec or "auto").strip().lower()
+    if value == "auto":
+        return _cuda_for_this_rank(value) if torch.cuda.is_available() else "cpu"
+    if value == "cpu":
+        return "cpu"
+    if value == "cuda" or (value.startswith("cuda:") and value[5:].isdigit()):
         if not torch.cuda.is_available():
-            raise UsageError(f"device {device!r}: CUDA is not available here", "use device='cpu'")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"device={value}: CUDA is not available here", "use device=cpu")
+        if ":" in value and int(value[5:]) >= torch.cuda.device_count():
             raise UsageError(
-                f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here",
+                f"device={value}: only {torch.cuda.device_count()} CUDA devices",
                 "pick an existing index",
             )
-        if dev.index is None:  # "cuda" is the current device: compare equal to its tensors'
-            dev = torch.device("cuda", torch.cuda.current_device())
+        return value if ":" in value else _cuda_for_this_rank(value)
+    try:  # another accelerator torch knows (mps, xpu, ...): taken as given
+        other = torch.device(value)
+    except (RuntimeError, TypeError):
+        other = None
+    if other is None or other.type in ("cpu", "cuda", "meta"):
+        raise UsageError(f"device={spec!r} is not auto, cpu, cuda or cuda:N", "e.g. device=cpu")
+    return str(other)
+
+
+def _cuda_for_this_rank(spec: str) -> str:
+    """``cuda:LOCAL_RANK`` under a process group, else ``cuda`` (the current device)."""
+    from . import distributed
+
+    if not distributed.is_initialized():
+        return "cuda"
+    local, count = distributed.local_rank(), torch.cuda.device_count()
+    if local >= count:
+        raise UsageError(
+            f"device={spec}: LOCAL_RANK {local} has no CUDA device (this node has {count})",
+            f"start at most {count} processes per node (torchrun --nproc-per-node {count}), or "
+            "use device=cpu",
+        )
+    return f"cuda:{local}"
+
+
+def resolve_device(device: torch.device | str | None, model: nn.Module) -> torch.device:
+    """``device`` as a :class:`torch.device` (the model's own device when None; names as in
+    :func:`device_spec`), checked to exist."""
+    if device is None:
+        return model_device(model)
+    if isinstance(device, torch.device):
+        device = str(device)
+    dev = torch.device(device_spec(device))
+    if dev.type == "cuda" and dev.index is None:  # the current device: equal to its tensors'
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
-def resolve_amp(amp: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` (None, ``"bf16"``, ``"fp16"`` or the torch dtype),
-    checked against what ``device`` can autocast to."""
+def amp_spec(amp: str | torch.dtype | None, device: str | torch.device) -> str | None:
+    """``amp`` as ``"bf16"``/``"fp16"`` (None: no autocast; ``bfloat16``/``float16`` and the
+    torch dtypes are accepted too), checked against what ``device`` can autocast to."""
     if amp is None:
         return None
     if isinstance(amp, torch.dtype):
-        dtype = amp if amp in (torch.bfloat16, torch.float16) else None
+        value = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp)
     else:
-        dtype = AMP_DTYPES.get(str(amp).strip().lower())
-    if dtype is None:
-        raise UsageError(f"amp must be 'bf16' or 'fp16', got {amp!r}", "use amp='bf16'")
-    if not torch.amp.is_autocast_available(device.type):
-        raise UsageError(f"autocast is not available on device {device}", "leave amp unset")
-    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        value = AMP_NAMES.get(str(amp).strip().lower())
+    if value is None:
+        raise UsageError(f"amp={amp!r} is not bf16 or fp16", "use amp=bf16 or amp=fp16")
+    dev = torch.device(device)
+    if not torch.amp.is_autocast_available(dev.type):
         raise UsageError(
-            f"this GPU ({torch.cuda.get_device_name(device)}) cannot autocast to bfloat16",
-            "use amp='fp16'",
+            f"amp={value}: autocast is not available on device {dev}", "leave amp unset"
         )
-    return dtype
+    if dev.type == "cuda" and value == "bf16" and not torch.cuda.is_bf16_supported():
+        raise UsageError(
+            f"amp=bf16: this GPU ({torch.cuda.get_device_name(dev)}) cannot autocast to bfloat16",
+            "use amp=fp16",
+        )
+    return value
+
+
+def resolve_amp(amp: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` (see :func:`amp_spec`)."""
+    value = amp_spec(amp, device)
+    return None if value is None else AMP_DTYPES[value]
 
 
 @dataclass(frozen=True)

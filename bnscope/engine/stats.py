@@ -134,10 +134,10 @@ class MomentAccumulator:
 def normalized_mean_shift(
     mu_a: torch.Tensor, mu_b: torch.Tensor, var_ref: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """d_mu = |mu_a - mu_b| / sqrt(var_ref + eps), per channel (DESIGN §4)."""
+    """d_mu = |mu_a - mu_b| / sqrt(var_ref + eps), per channel (docs/statistics.md, section 3)."""
     return (mu_a.to(F64) - mu_b.to(F64)).abs() / torch.sqrt(var_ref.to(F64) + eps)
 
 
 def log_var_ratio(var_a: torch.Tensor, var_b: torch.Tensor, eps: float) -> torch.Tensor:
-    """d_var = |log((var_a + eps) / (var_b + eps))|, per channel (DESIGN §4)."""
+    """d_var = |log((var_a + eps) / (var_b + eps))|, per channel (docs/statistics.md, section 3)."""
     return torch.log((var_a.to(F64) + eps) / (var_b.to(F64) + eps)).abs()

@@ -1,6 +1,6 @@
 """Load checkpoints, locate their state dict, and write them back atomically.
 
-Supported inputs (DESIGN.md §3):
+Supported inputs (docs/cli.md, section 7):
 
 - ``torch.save`` files holding a state dict, or a dict wrapping one under one of
   :data:`WRAPPER_KEYS` (nested wrappers too, e.g. ``{"model": {"state_dict": ...}}``);
@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from bnscope.errors import CheckpointError, ModelError
+from bnscope.extras import NetworkDict, NetworkInfo
 
 __all__ = [
     "KNOWN_PREFIXES",
@@ -119,7 +120,7 @@ class Network:
         """How reports name it: the prefix, or the key of a whole state dict."""
         return self.prefix or self.key or "(top level)"
 
-    def to_dict(self, used: bool = False) -> dict[str, Any]:
+    def to_dict(self, used: bool = False) -> NetworkDict:
         return {
             "key": self.key,
             "prefix": self.prefix,
@@ -206,7 +207,7 @@ class Checkpoint:
             f"key={ema.key} to use it"
         )
 
-    def network_info(self, prefix: str = "") -> dict[str, Any]:
+    def network_info(self, prefix: str = "") -> NetworkInfo:
         """Report keys: ``networks`` (each with ``key``, ``prefix``, ``bn_layers``, ``ema``,
         ``used``) and ``ema_key`` (the ``--key`` of an EMA copy not in use, or None); empty
         when the checkpoint holds one network."""
@@ -1260,16 +1261,16 @@ def check_output(source: Path, out: Path, *, force: bool) -> None:
             same = False
     if same:
         raise CheckpointError(
-            f"refusing to overwrite the input checkpoint {source}", "choose another -o path"
+            f"refusing to overwrite the input checkpoint {source}", "choose another output= path"
         )
     if out.is_dir():
-        raise CheckpointError(f"{out} is a directory", "pass a file path to -o")
+        raise CheckpointError(f"{out} is a directory", "pass a file path to output=")
     if out.exists() and not force:
         raise CheckpointError(f"{out} already exists", "pass force=True to overwrite it")
     parent = out.parent
     if not parent.is_dir():
         raise CheckpointError(
-            f"output directory does not exist: {parent}", "create it or choose another -o path"
+            f"output directory does not exist: {parent}", "create it or choose another output= path"
         )
 
 
@@ -1302,7 +1303,7 @@ def _atomic_write(out: Path, write: Any) -> None:
 
 
 def _fix_write() -> str:
-    return "check that the -o directory is writable and has free space"
+    return "check that the output= directory is writable and has free space"
 
 
 def _default_mode() -> int:

@@ -1,4 +1,6 @@
-"""Project file: ``bnscope.toml`` or ``[tool.bnscope]`` in ``pyproject.toml`` (DESIGN §2).
+"""Project file: ``bnscope.toml`` or ``[tool.bnscope]`` in ``pyproject.toml``.
+
+The keys, their types and the rules are in docs/cli.md, section 10.
 
 The file in the working directory sets defaults so that ``bnscope precise --batches 100`` works
 with no path. Flags always override it. ``trust_checkpoint`` is deliberately not accepted: a
@@ -8,11 +10,15 @@ project file that came with a downloaded repository must not switch on code exec
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10: the same parser, from PyPI
+    import tomli as tomllib
 
 from ..errors import UsageError
 
@@ -73,7 +79,7 @@ def _validate(values: dict[str, Any], source: Path, table: str) -> dict[str, Any
                 f"{source}: {table} key {key!r} must be {names}, got {type(value).__name__}",
                 "fix the project file",
             )
-        if norm == "amp" and value.strip().lower() not in AMP_VALUES:
+        if norm == "amp" and str(value).strip().lower() not in AMP_VALUES:
             raise UsageError(
                 f"{source}: {table} key 'amp' must be \"bf16\" or \"fp16\", got {value!r}",
                 "fix the project file",
@@ -94,12 +100,13 @@ def _validate(values: dict[str, Any], source: Path, table: str) -> dict[str, Any
 
 def _relative_to(value: str, base: Path) -> str:
     """Paths in the file are relative to the file's folder (Python specs are left alone)."""
-    from .modelspec import is_python_spec
+    from .modelspec import split_spec
 
-    if is_python_spec(value) and not value.rpartition(":")[0].endswith(".py"):
+    parts = split_spec(value)
+    if parts is not None and not parts[0].endswith(".py"):
         return value
-    if is_python_spec(value):
-        target, _, attr = value.rpartition(":")
+    if parts is not None:
+        target, attr = parts
         p = Path(target)
         return f"{p if p.is_absolute() else base / p}:{attr}"
     p = Path(value).expanduser()

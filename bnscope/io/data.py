@@ -1,6 +1,6 @@
 """``--data`` specs -> iterables of batches.
 
-A spec is one of (DESIGN.md §3):
+A spec is one of (docs/cli.md, section 8):
 
 - a folder of images: class subfolders give labels (ImageFolder layout), a flat folder gives
   none. Images are decoded with Pillow inside DataLoader workers, converted to RGB (or to one
@@ -10,28 +10,27 @@ A spec is one of (DESIGN.md §3):
 - ``pkg.module:factory`` or ``path/to/file.py:factory``, a callable returning an iterable of
   batches (usually a DataLoader).
 
-:func:`load_data` resolves a spec into a :class:`DataSource`. :func:`split_batch`,
-:func:`move_to` and :func:`default_call` are how the rest of bnscope consumes batches.
+:func:`load_data` resolves a spec into a :class:`DataSource`. :func:`split_batch` and
+:func:`move_to` are how the rest of bnscope takes batches apart and moves them; how a model runs
+on a batch (``call``, :func:`bnscope.engine.runner.default_call`) is the engine's.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
-import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from bnscope.errors import BnscopeError, DataError
-from bnscope.io.modelspec import resolve_spec
+from bnscope.io.modelspec import resolve_spec, split_spec
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -49,7 +48,6 @@ __all__ = [
     "load_data",
     "split_batch",
     "move_to",
-    "default_call",
 ]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -521,20 +519,13 @@ def _tensor_dataset(files: Sequence[Path]) -> tuple[Dataset, int, bool]:
 # --------------------------------------------------------------------------------------------
 # Factories
 
-_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
-_DRIVE = re.compile(r"[A-Za-z]:[\\/]")
-
 
 def _factory_parts(spec: str) -> tuple[str, str] | None:
-    """``(module_or_file, attribute)`` when ``spec`` is a factory spec, else ``None``."""
-    if ":" not in spec or _DRIVE.match(spec) or Path(spec).exists():
+    """``(module_or_file, attribute)`` when ``spec`` is a factory spec (the grammar of
+    :func:`bnscope.io.modelspec.split_spec`), else ``None``; an existing path is a path."""
+    if ":" not in spec or Path(spec).exists():
         return None
-    target, _, attr = spec.rpartition(":")
-    if not _DOTTED.fullmatch(attr):
-        return None
-    if target.endswith(".py") or _DOTTED.fullmatch(target):
-        return target, attr
-    return None
+    return split_spec(spec)
 
 
 def _factory_kwargs(factory: Callable[..., Any], values: dict[str, int]) -> dict[str, int]:
@@ -803,7 +794,7 @@ def load_data(
     :class:`DataSource` counts the samples left out (``dropped_samples``, ``dropped_reason``).
     """
     _check_args(batch_size, workers, rank, world_size)
-    loader_args = dict(
+    loader_args: dict[str, Any] = dict(
         batch_size=batch_size, workers=workers, shuffle=shuffle, seed=seed, drop_last=drop_last,
         same_order=same_order, drop_single=drop_single, rank=rank, world_size=world_size,
     )  # fmt: skip
@@ -845,7 +836,7 @@ def load_data(
             )
         dataset, total, labelled = _tensor_dataset([path])
         local = _shard(dataset, total, rank, world_size)
-        note = _shard_note(len(local), total, "samples", rank, world_size)
+        note = _shard_note(len(cast(Sized, local)), total, "samples", rank, world_size)
         return _batched_source(
             local, f"tensor file {spec} ({note})", "tensors", labelled, None, **loader_args
         )
@@ -857,7 +848,7 @@ def load_data(
         images = ImageFolderDataset(path, image)
         total = len(images)
         local = _shard(images, total, rank, world_size)
-        note = _shard_note(len(local), total, "images", rank, world_size)
+        note = _shard_note(len(cast(Sized, local)), total, "images", rank, world_size)
         if images.classes is None:
             description = f"image folder {spec} (flat, {note}, no labels)"
         else:
@@ -885,7 +876,7 @@ def load_data(
         )
     dataset, total, labelled = _tensor_dataset(shards)
     local = _shard(dataset, total, rank, world_size)
-    note = _shard_note(len(local), total, "samples", rank, world_size)
+    note = _shard_note(len(cast(Sized, local)), total, "samples", rank, world_size)
     return _batched_source(
         local,
         f"tensor shards in {spec} ({len(shards)} files, {note})",
@@ -964,20 +955,7 @@ def move_to(obj: Any, device: torch.device | str, *, channels_last: bool = False
     if isinstance(obj, Mapping):
         items = {k: move_to(v, device, channels_last=channels_last) for k, v in obj.items()}
         try:
-            return type(obj)(items)
+            return cast(Any, type(obj))(items)
         except Exception:
             return items
     return obj
-
-
-def default_call(input_key: str | None = None) -> Callable[[nn.Module, Any], Any]:
-    """A ``call(model, batch)`` that runs ``model(inputs)`` with inputs from :func:`split_batch`.
-
-    It does not move the batch; callers use :func:`move_to` first.
-    """
-
-    def call(model: nn.Module, batch: Any) -> Any:
-        inputs, _ = split_batch(batch, input_key)
-        return model(inputs)
-
-    return call

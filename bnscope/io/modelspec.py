@@ -1,6 +1,8 @@
 """``pkg.module:factory`` and ``path/to/file.py:factory`` resolution.
 
-Used for ``--model`` (a factory returning an ``nn.Module``) and for Python ``--data`` specs.
+The one grammar of these specs (:func:`split_spec`), used for ``--model`` (a factory returning
+an ``nn.Module``), for Python ``--data`` specs and for ``--call`` functions, and by the project
+file to tell specs from paths.
 Import errors, missing attributes and exceptions raised by the factory all become one-line
 :class:`~bnscope.errors.BnscopeError` subclasses naming the spec.
 """
@@ -23,16 +25,24 @@ from ..errors import BnscopeError, ModelError
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
-def is_python_spec(spec: str) -> bool:
-    """True for ``pkg.module:attr`` and ``file.py:attr`` (not for plain paths)."""
+def split_spec(spec: str) -> tuple[str, str] | None:
+    """``(module_or_file, attribute)`` for ``pkg.module:attr`` and ``path/to/file.py:attr``
+    (the attribute may be dotted); None for anything else (plain paths, ``C:...``)."""
     if ":" not in spec:
-        return False
+        return None
     target, _, attr = spec.rpartition(":")
     if not attr or not _DOTTED.match(attr):
-        return False
+        return None
     if len(target) == 1 and target.isalpha():  # a Windows drive letter
-        return False
-    return target.endswith(".py") or bool(_DOTTED.match(target))
+        return None
+    if target.endswith(".py") or _DOTTED.match(target):
+        return target, attr
+    return None
+
+
+def is_python_spec(spec: str) -> bool:
+    """True for ``pkg.module:attr`` and ``file.py:attr`` (not for plain paths)."""
+    return split_spec(spec) is not None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -87,12 +97,13 @@ def add_to_sys_path(folder: str | Path) -> bool:
 
 def resolve_spec(spec: str, error: type[BnscopeError] = ModelError, what: str = "model") -> Any:
     """Import the object a ``pkg.module:attr`` or ``file.py:attr`` spec names."""
-    if not is_python_spec(spec):
+    parts = split_spec(spec)
+    if parts is None:
         raise error(
             f"{what}={spec!r} is not of the form pkg.module:factory or path/to/file.py:factory",
             "name the module or file, a colon, and the factory function",
         )
-    target, _, attr = spec.rpartition(":")
+    target, attr = parts
     if target.endswith(".py"):
         module = _import_file(Path(target), error, spec)
     else:

@@ -23,10 +23,12 @@ from torch import nn
 
 from .. import findings
 from ..engine import sync
+from ..engine.capture import LayerStats
 from ..engine.collect import Call, Collection, Progress, collect
 from ..engine.stats import log_var_ratio, normalized_mean_shift
 from ..errors import UsageError
-from ..records import AdaptLayer, Finding, Report
+from ..extras import AdaptExtra, AdaptReport
+from ..records import AdaptLayer, Finding, Report, Status
 from .precise import (
     frozen_kept_reason,
     layer_eps,
@@ -78,11 +80,11 @@ def _shift_records(
     names = [name for name in collection.layers if name in target]
     parts: list[torch.Tensor] = []
     for name in names:
-        mod = collection.layers[name].module
+        layer = collection.layers[name]
         mu_t, var_t = target[name]
-        mu_s = mod.running_mean.detach().to(torch.float64)
-        var_s = mod.running_var.detach().to(torch.float64)
-        eps = layer_eps(mod)
+        mu_s = layer.running_mean.detach().to(torch.float64)
+        var_s = layer.running_var.detach().to(torch.float64)
+        eps = layer_eps(layer.module)
         d_mu = normalized_mean_shift(mu_s, mu_t, var_t, eps)
         d_var = log_var_ratio(var_s, var_t, eps)
         kl = symmetric_kl(mu_s, var_s + eps, mu_t, var_t + eps)
@@ -98,32 +100,51 @@ def _shift_records(
         summaries[name] = next(host).tolist()
     records: list[AdaptLayer] = []
     for name, st in collection.layers.items():
-        mod = st.module
         if name not in summaries:
             records.append(
                 AdaptLayer(
-                    name, st.num_features, "not-called", "never ran on the target data; kept"
+                    name=name,
+                    num_features=st.num_features,
+                    status=Status.NOT_CALLED,
+                    reason="never ran on the target data; kept",
                 )
             )
             continue
+        status, reason = _status(st, include_frozen)
+        d_mu_max, d_mu_median, d_var_max, d_var_median, kl_max, kl_median = summaries[name]
         records.append(
             AdaptLayer(
-                name, st.num_features, *_status(st, include_frozen), st.calls,
-                st.max_calls_per_forward,
-                st.samples, weights[name], *summaries[name],
+                name=name,
+                num_features=st.num_features,
+                status=status,
+                reason=reason,
+                calls=st.calls,
+                calls_per_forward=st.max_calls_per_forward,
+                samples=st.samples,
+                weight_source=weights[name],
+                d_mu_max=d_mu_max,
+                d_mu_median=d_mu_median,
+                d_var_max=d_var_max,
+                d_var_median=d_var_median,
+                kl_max=kl_max,
+                kl_median=kl_median,
             )
-        )  # fmt: skip
+        )
     for sk in collection.skipped:
-        records.append(AdaptLayer(sk.name, sk.num_features, "skipped", sk.reason))
+        records.append(
+            AdaptLayer(
+                name=sk.name, num_features=sk.num_features, status=Status.SKIPPED, reason=sk.reason
+            )
+        )
     return collection.in_module_order(records), arrays
 
 
-def _status(st: Any, include_frozen: bool) -> tuple[str, str | None]:
+def _status(st: LayerStats, include_frozen: bool) -> tuple[Status, str | None]:
     if not st.frozen:
-        return "updated", None
+        return Status.UPDATED, None
     if include_frozen:
-        return "updated", f"frozen BN ({type(st.module).__name__}): re-estimated"
-    return "frozen", frozen_kept_reason(st.module)
+        return Status.UPDATED, f"frozen BN ({type(st.module).__name__}): re-estimated"
+    return Status.FROZEN, frozen_kept_reason(st.module)
 
 
 def shift_findings(records: list[AdaptLayer], threshold: float = SHIFT_KL) -> list[Finding]:
@@ -131,7 +152,7 @@ def shift_findings(records: list[AdaptLayer], threshold: float = SHIFT_KL) -> li
     return [
         findings.domain_shift(
             rec.name, rec.kl_median, rec.kl_max or 0.0, rec.d_mu_median or 0.0,
-            rec.d_var_median or 0.0, rec.status == "frozen",
+            rec.d_var_median or 0.0, rec.status == Status.FROZEN,
         )
         for rec in records
         if rec.kl_median is not None and rec.kl_median > threshold
@@ -154,7 +175,7 @@ def adapt_bn(
     channels_last: bool = False,
     input_key: str | None = None,
     include_frozen: bool = False,
-) -> Report:
+) -> AdaptReport:
     """Re-estimate every BN layer's statistics on ``target_data`` and write them in place.
 
     Target population statistics (pooled, float64) are mixed with the model's current running
@@ -191,16 +212,15 @@ def adapt_bn(
     weights: dict[str, float] = {}
     for name, (mu_t, var_t) in target.items():
         st = collection.layers[name]
-        mod = st.module
-        mu_s = mod.running_mean.detach().to(torch.float64)
-        var_s = mod.running_var.detach().to(torch.float64)
+        mu_s = st.running_mean.detach().to(torch.float64)
+        var_s = st.running_var.detach().to(torch.float64)
         mu, var, lam = mix_with_prior(mu_s, var_s, mu_t, var_t, float(prior), st.samples)
         mixed[name] = (mu, var)
         weights[name] = lam
     records, arrays = _shift_records(collection, target, weights, include_frozen)
     write_stats(collection, writable(collection, mixed, include_frozen))
     found = shift_findings(records, shift_threshold) + usage_findings(records, "adapt")
-    extra = {
+    extra: AdaptExtra = {
         "batches": collection.batches,
         "samples": collection.samples,
         "prior": prior,
@@ -208,4 +228,11 @@ def adapt_bn(
     }
     if collection.world_size > 1:
         extra["world_size"] = collection.world_size
-    return Report("adapt", None, tuple(records), tuple(found), extra, arrays)
+    return Report(
+        command="adapt",
+        checkpoint=None,
+        layers=tuple(records),
+        findings=tuple(found),
+        extra=extra,
+        arrays=arrays,
+    )

@@ -32,30 +32,28 @@ One deliberate difference: the original turns its float result into bytes with `
 which truncates (a systematic -0.5 grey-level bias and occasional off-by-one on exact values such
 as ``k / 255 * 255``); here float results are rounded to the nearest integer.
 
-:func:`corrupt` corrupts one image, :func:`corrupt_folder` writes a corrupted copy of an image
-folder, and ``python -m bnscope.ops.corruptions SRC DST --corruption NAME --severity N`` does the
-latter from a shell.
+:func:`corrupt` corrupts one image and :func:`corrupt_folder` writes a corrupted copy of an image
+folder; ``bnscope corrupt SRC DST --corruption NAME --severity N`` (:mod:`bnscope.cli.corrupt_cmd`)
+does the latter from a shell.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import io
 import os
 import shutil
-import sys
 import tempfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from PIL import Image
 
-from bnscope.errors import BnscopeError, DataError, UsageError
+from bnscope.errors import DataError, UsageError
 
 __all__ = [
     "SEVERITY_PARAMS",
@@ -73,7 +71,6 @@ __all__ = [
     "defocus_blur",
     "pixelate",
     "jpeg_compression",
-    "main",
 ]
 
 Corruption = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
@@ -228,7 +225,7 @@ def _correlate_1d(x: np.ndarray, kernel: np.ndarray, axis: int, mode: str) -> np
     r = len(kernel) // 2
     pad = [(0, 0)] * x.ndim
     pad[axis] = (r, r)
-    padded = np.pad(x, pad, mode=mode)
+    padded = np.pad(x, pad, mode=cast(Any, mode))  # a mode name of np.pad
     n = x.shape[axis]
     out = np.zeros_like(x, dtype=np.float64)
     for i, w in enumerate(kernel):
@@ -240,7 +237,7 @@ def _correlate_2d(x: np.ndarray, kernel: np.ndarray, mode: str) -> np.ndarray:
     """Correlate each channel of HxW(xC) ``x`` with an odd 2-D ``kernel``; ``mode`` as np.pad."""
     rh, rw = kernel.shape[0] // 2, kernel.shape[1] // 2
     pad = [(rh, rh), (rw, rw)] + [(0, 0)] * (x.ndim - 2)
-    padded = np.pad(x, pad, mode=mode)
+    padded = np.pad(x, pad, mode=cast(Any, mode))  # a mode name of np.pad
     h, w = x.shape[:2]
     out = np.zeros_like(x, dtype=np.float64)
     for i in range(kernel.shape[0]):
@@ -641,59 +638,3 @@ def _move_into_place(tmp: Path, dst: Path) -> None:
         os.replace(old, dst)
         raise
     shutil.rmtree(old, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------------------------
-# python -m bnscope.ops.corruptions
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # one line, exit 2 (argparse prints usage too)
-        sys.stderr.write(f"bnscope: error: {' '.join(message.split())}\n")
-        raise SystemExit(2)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="python -m bnscope.ops.corruptions",
-        description="Write a corrupted copy of an image folder (Hendrycks & Dietterich 2019, "
-        "CIFAR-10-C parameters).",
-    )
-    p.add_argument("src", metavar="SRC", help="image folder (any layout, e.g. ImageFolder)")
-    p.add_argument("dst", metavar="DST", help="output folder (must be new or empty)")
-    p.add_argument(
-        "--corruption", required=True, metavar="NAME", help=f"one of: {', '.join(CORRUPTIONS)}"
-    )
-    p.add_argument("--severity", required=True, type=int, metavar="N", help="1 to 5")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty DST")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m bnscope.ops.corruptions``; returns the exit code."""
-    args = _parser().parse_args(argv)
-    try:
-        n = corrupt_folder(
-            args.src,
-            args.dst,
-            args.corruption,
-            args.severity,
-            seed=args.seed,
-            force=args.force,
-        )
-    except BnscopeError as exc:
-        sys.stderr.write(f"bnscope: error: {exc.line()}\n")
-        return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("bnscope: error: interrupted; nothing was written\n")
-        return 130
-    sys.stderr.write(
-        f"bnscope: wrote {n} image{'s' if n != 1 else ''} to {args.dst} "
-        f"({args.corruption}, severity {args.severity}, seed {args.seed})\n"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

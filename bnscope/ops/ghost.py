@@ -39,12 +39,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, cast
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import findings
 from ..engine import sync
@@ -63,9 +62,10 @@ from ..engine.evaluate import (
 from ..engine.intercept import BatchNormCall, redirected
 from ..engine.runner import make_runner, placed
 from ..errors import DataError, UsageError
+from ..extras import GhostExtra, GhostReport, GhostSizeDict, GhostVerdict
 from ..nn import ChunkStats, ghost_chunk_sizes, normalize_chunks
-from ..records import Finding, GhostLayer, GhostLayerSize, GhostSize, Report
-from .precise import population_stats
+from ..records import Finding, GhostLayer, GhostLayerSize, GhostSize, Report, Status
+from .precise import layer_eps, population_stats
 
 #: the smallest ghost size: one sample has no batch statistics worth the name
 MIN_SIZE = 2
@@ -146,7 +146,15 @@ class _NoiseProbe:
         chunks = int(per_size.sum())
         samples = float(self.counts[0])
         if chunks == 0 or samples == 0:
-            return GhostLayerSize(g, 0, None, None, None, None, None)
+            return GhostLayerSize(
+                size=g,
+                chunks=0,
+                noise_mu=None,
+                noise_var=None,
+                iid_mu=None,
+                iid_var=None,
+                effective_size=None,
+            )
         s = sums
         cells = chunks * s.shape[1]
         noise_mu = float(s[0].sum() / cells)
@@ -167,7 +175,15 @@ class _NoiseProbe:
             expected = var_m * float((weights / sz).sum())
             if float(measured.mean()) > 0:
                 effective = g * float(expected.mean() / measured.mean())
-        return GhostLayerSize(g, chunks, noise_mu, noise_var, iid_mu, iid_var, effective)
+        return GhostLayerSize(
+            size=g,
+            chunks=chunks,
+            noise_mu=noise_mu,
+            noise_var=noise_var,
+            iid_mu=iid_mu,
+            iid_var=iid_var,
+            effective_size=effective,
+        )
 
 
 def _expected_abs_log_var(
@@ -187,7 +203,7 @@ def _expected_abs_log_var(
 
 @contextlib.contextmanager
 def ghost_forwards(
-    layers: dict[str, _BatchNorm], g: int, probes: dict[str, _NoiseProbe] | None = None
+    layers: Mapping[str, nn.Module], g: int, probes: dict[str, _NoiseProbe] | None = None
 ) -> Iterator[dict[str, list[int]]]:
     """Within the block, the given BN layers normalize every chunk of ``g`` samples with the
     chunk's own statistics, whatever their mode, through their own forward: the batch_norm
@@ -196,7 +212,7 @@ def ghost_forwards(
     still applies, and no buffer is touched. ``probes`` record the chunk statistics. Yields, per
     layer name, ``[forward calls, chunked calls]``. Each module's forward is restored on
     exit."""
-    by_module = {module: name for name, module in layers.items()}
+    by_module: dict[nn.Module, str] = {module: name for name, module in layers.items()}
 
     def chunked(name: str) -> Callable[[BatchNormCall], torch.Tensor]:
         probe = probes.get(name) if probes else None
@@ -241,7 +257,7 @@ def ghost_analysis(
     amp: str | torch.dtype | None = None,
     channels_last: bool = False,
     input_key: str | None = None,
-) -> Report:
+) -> GhostReport:
     """Normalization-batch-size analysis: chunk-statistics noise per layer and the model's
     outputs with batch statistics of chunks of each size g, against population statistics.
 
@@ -295,15 +311,15 @@ def ghost_analysis(
         targets = {name: collection.layers[name].module for name in pop}
         probes = {
             g: {
-                name: _NoiseProbe(mean, var, targets[name].eps, g)
+                name: _NoiseProbe(mean, var, layer_eps(targets[name]), g)
                 for name, (mean, var) in pop.items()
             }
             for g in run
         }
         population = {
             targets[name]: (
-                mean.to(targets[name].running_mean.dtype),
-                var.to(targets[name].running_var.dtype),
+                mean.to(collection.layers[name].running_mean.dtype),
+                var.to(collection.layers[name].running_var.dtype),
             )
             for name, (mean, var) in pop.items()
         }
@@ -419,7 +435,7 @@ def _min(values: list[float]) -> float | None:
     return min(values) if values else None
 
 
-def _median(values: list[float]) -> float | None:
+def _median(values: list[float | None]) -> float | None:
     vals = sorted(v for v in values if v is not None)
     if not vals:
         return None
@@ -441,7 +457,7 @@ def _report(
     classes: bool,
     forwards: int,
     unchunked: set[str],
-) -> Report:
+) -> GhostReport:
     results = {
         g: {name: p.result(g, probe_sums[g][name]) for name, p in ps.items()}
         for g, ps in probes.items()
@@ -451,31 +467,50 @@ def _report(
         if st.frozen:
             layers.append(
                 GhostLayer(
-                    name, st.num_features, "skipped",
-                    f"frozen BN ({type(st.module).__name__}): it normalizes with its stored "
-                    "statistics at every batch size",
+                    name=name,
+                    num_features=st.num_features,
+                    status=Status.SKIPPED,
+                    reason=f"frozen BN ({type(st.module).__name__}): it normalizes with its "
+                    "stored statistics at every batch size",
                 )
-            )  # fmt: skip
+            )
         elif name in unchunked:
             layers.append(
                 GhostLayer(
-                    name, st.num_features, "skipped",
-                    "its forward makes no batch_norm call with its running statistics, so it "
-                    "cannot be split into ghost batches (it normalized with population "
+                    name=name,
+                    num_features=st.num_features,
+                    status=Status.SKIPPED,
+                    reason="its forward makes no batch_norm call with its running statistics, "
+                    "so it cannot be split into ghost batches (it normalized with population "
                     "statistics)",
                 )
-            )  # fmt: skip
+            )
         elif name in probes[run[0]]:
-            per = tuple(results[g][name] for g in run)
             layers.append(
-                GhostLayer(name, st.num_features, "analysed", None, st.max_calls_per_forward, per)
+                GhostLayer(
+                    name=name,
+                    num_features=st.num_features,
+                    status=Status.ANALYSED,
+                    reason=None,
+                    calls_per_forward=st.max_calls_per_forward,
+                    sizes=tuple(results[g][name] for g in run),
+                )
             )
         else:
             layers.append(
-                GhostLayer(name, st.num_features, "not-called", "never ran on the data")
+                GhostLayer(
+                    name=name,
+                    num_features=st.num_features,
+                    status=Status.NOT_CALLED,
+                    reason="never ran on the data",
+                )
             )
     for sk in collection.skipped:
-        layers.append(GhostLayer(sk.name, sk.num_features, "skipped", sk.reason))
+        layers.append(
+            GhostLayer(
+                name=sk.name, num_features=sk.num_features, status=Status.SKIPPED, reason=sk.reason
+            )
+        )
     layers = collection.in_module_order(layers)
 
     population = ref_scores.metrics(samples, labelled)
@@ -483,10 +518,23 @@ def _report(
     for g in wanted:
         if g not in scores:
             size_rows.append(
-                GhostSize(g, "skipped",
-                          f"larger than the batch size ({batch_size}): a chunk cannot exceed "
-                          "the batch", 0, 0, 0, None, None, None, None, None, None, None)
-            )  # fmt: skip
+                GhostSize(
+                    size=g,
+                    status=Status.SKIPPED,
+                    note=f"larger than the batch size ({batch_size}): a chunk cannot exceed "
+                    "the batch",
+                    chunks=0,
+                    remainder_chunks=0,
+                    remainder_samples=0,
+                    agreement=None,
+                    kl=None,
+                    accuracy=None,
+                    loss=None,
+                    noise_mu=None,
+                    noise_var=None,
+                    effective_ratio=None,
+                )
+            )
             continue
         st = scores[g]
         per_layer = list(results[g].values())
@@ -507,21 +555,29 @@ def _report(
         note = _size_note(g, batch_size)
         size_rows.append(
             GhostSize(
-                g, "ok", note, chunks, rem_chunks, rem_samples,
-                st.value("agree") / samples if classes and samples else None,
-                st.value("kl") / samples if classes and samples else None,
-                metrics.accuracy, metrics.loss,
-                _median([r.noise_mu for r in per_layer]),
-                _median([r.noise_var for r in per_layer]),
-                _min([r.effective_size / g for r in per_layer if r.effective_size is not None]),
+                size=g,
+                status=Status.OK,
+                note=note,
+                chunks=chunks,
+                remainder_chunks=rem_chunks,
+                remainder_samples=rem_samples,
+                agreement=st.value("agree") / samples if classes and samples else None,
+                kl=st.value("kl") / samples if classes and samples else None,
+                accuracy=metrics.accuracy,
+                loss=metrics.loss,
+                noise_mu=_median([r.noise_mu for r in per_layer]),
+                noise_var=_median([r.noise_var for r in per_layer]),
+                effective_ratio=_min(
+                    [r.effective_size / g for r in per_layer if r.effective_size is not None]
+                ),
             )
-        )  # fmt: skip
+        )
     found = _findings(layers, size_rows, population, batch_size)
     verdict, verdict_text = _verdict(size_rows, population)
-    extra = {
+    extra: GhostExtra = {
         "verdict": verdict,
         "verdict_text": verdict_text,
-        "sizes": [row.to_dict() for row in size_rows],
+        "sizes": [cast(GhostSizeDict, row.to_dict()) for row in size_rows],
         "batch_size": batch_size,
         "batches": collection.batches,
         "samples": samples,
@@ -529,8 +585,18 @@ def _report(
         "population": population.to_dict(),
         "has_labels": labelled,
     }
-    arrays = {"size_rows": {"rows": size_rows}, "population": {"metrics": population}}
-    return Report("ghost", None, tuple(layers), tuple(found), extra, arrays)
+    arrays: dict[str, dict[str, Any]] = {
+        "size_rows": {"rows": size_rows},
+        "population": {"metrics": population},
+    }
+    return Report(
+        command="ghost",
+        checkpoint=None,
+        layers=tuple(layers),
+        findings=tuple(found),
+        extra=extra,
+        arrays=arrays,
+    )
 
 
 def _size_note(g: int, batch_size: int) -> str | None:
@@ -549,7 +615,7 @@ def too_noisy(row: GhostSize, population: Metrics) -> bool:
     """True when outputs with batch statistics at this size stray from population-statistics
     outputs: agreement below :data:`SMALL_NBS_AGREEMENT` or, with labels, accuracy lower by
     more than :data:`SMALL_NBS_ACCURACY_DROP`."""
-    if row.status != "ok":
+    if row.status != Status.OK:
         return False
     if row.accuracy is not None and population.accuracy is not None:
         if population.accuracy - row.accuracy > SMALL_NBS_ACCURACY_DROP:
@@ -561,7 +627,7 @@ def _findings(
     layers: list[GhostLayer], rows: list[GhostSize], population: Metrics, batch_size: int
 ) -> list[Finding]:
     out: list[Finding] = []
-    ok = [r for r in rows if r.status == "ok"]
+    ok = [r for r in rows if r.status == Status.OK]
     noisy = [r for r in ok if too_noisy(r, population)]
     if noisy:
         worst_g = max(r.size for r in noisy)
@@ -577,7 +643,7 @@ def _findings(
         g = ok[-1].size  # the largest size analysed: closest to how the model trains
         run_index = len(ok) - 1
         for layer in layers:
-            if layer.status != "analysed":
+            if layer.status != Status.ANALYSED:
                 continue
             res = layer.sizes[run_index]
             if res.effective_size is None or res.chunks < MIN_CHUNKS:
@@ -587,9 +653,9 @@ def _findings(
     return out
 
 
-def _verdict(rows: list[GhostSize], population: Metrics) -> tuple[str, str]:
+def _verdict(rows: list[GhostSize], population: Metrics) -> tuple[GhostVerdict, str]:
     """("none" | "fine" | "noisy", the first line of the report)."""
-    ok = [r for r in rows if r.status == "ok"]
+    ok = [r for r in rows if r.status == Status.OK]
     thresholds = (SMALL_NBS_AGREEMENT, SMALL_NBS_ACCURACY_DROP)
     if not ok:
         return "none", findings.ghost_verdict(None, None, None, *thresholds)

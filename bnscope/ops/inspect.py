@@ -6,7 +6,7 @@ whether that gap is more than the EMA's own noise; how much batch statistics sca
 data's batch size; whether outputs with batch statistics and with running statistics disagree
 (the train/test gap); and how the layers are used (not called, reused).
 
-Staleness (DESIGN §4). Per channel, with sigma = sqrt(var_pop + eps):
+Staleness (docs/statistics.md, section 5). Per channel, with sigma = sqrt(var_pop + eps):
 d_mu = |mu_EMA - mu_pop| / sigma and d_var = |log((var_EMA + eps) / (var_pop + eps))|. An EMA
 mu <- (1-m) mu + m mu_B of an unchanging model fed i.i.d. batches is itself a random variable:
 in the stationary state Var(mu_EMA) = m / (2 - m) Var(mu_B) (a geometric sum of independent
@@ -19,17 +19,37 @@ or it was estimated on other data. The variance z-score compares running_var wit
 the unbiased batch variances (what an EMA of them converges to, below var_pop by the spread of
 batch means) in units of sqrt(m / (2 - m) Var(var_B)).
 
-Cost: the data is read twice: once to collect population statistics (the Precise BN engine),
-then per batch three forwards on the same inputs: running statistics, population ("precise")
-statistics and batch statistics. The last two run on a private copy of the model, so the
-model passed in is left exactly as it was.
+Passes (docs/statistics.md, section 6.1). The data is read twice, and every forward runs the
+model passed in, not a copy of it (:func:`bnscope.engine.runner.placed` moves it to ``device``
+for the run when needed and gives every parameter and buffer slot its own tensor back):
+
+1. Collection (the Precise BN engine, :func:`bnscope.engine.collect.collect`): BN layers
+   normalize with batch statistics, everything else is in eval mode, and the engine reads each
+   call's batch moments without writing the model's buffers. This forward *is* the
+   batch-statistics variant: its outputs are kept with a fingerprint of each batch, up to
+   :data:`PAIR_BUDGET` bytes (:class:`_Pairing`).
+2. Comparison, every module in eval mode, per batch: one forward with the running statistics,
+   then one with the population ("precise") statistics, which
+   :func:`bnscope.engine.evaluate.using_statistics` puts into the non-frozen BN layers'
+   ``running_mean``/``running_var`` buffer slots for that forward only (the layers' own
+   tensors are put back, untouched, afterwards). The batch-statistics output is the kept one
+   when the fingerprints match; otherwise one more forward under
+   :func:`bnscope.engine.evaluate.batch_stats_mode` (BN layers in training mode on clones of
+   their buffers, so their EMA update never reaches the model's tensors).
+3. Only when the data came back in another order than in pass 1: the running- and
+   batch-statistics forwards again, paired batch by batch.
+
+So 3 forwards per batch when the order repeats and the output was kept; otherwise 4, or 5
+when the order changes only after the first batch (``extra["forwards"]`` counts them).
+Every module's mode, every parameter and every buffer of the model are as before on return,
+also when a forward raises.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -37,7 +57,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import findings
 from ..engine import sync
-from ..engine.collect import Call, Progress, check_batches, collect
+from ..engine.collect import Call, Collection, Progress, check_batches, collect
 from ..engine.evaluate import (
     Metrics,
     Scores,
@@ -53,7 +73,14 @@ from ..engine.evaluate import (
 from ..engine.runner import make_runner, placed
 from ..engine.stats import MomentAccumulator
 from ..errors import DataError
-from ..records import Finding, InspectLayer, Report
+from ..extras import (
+    Consistency,
+    InspectExtra,
+    InspectReport,
+    InspectVerdict,
+    StaticReport,
+)
+from ..records import Finding, InspectLayer, PreciseLayer, Report, Status
 from .precise import layer_eps, layer_records, population_stats, usage_findings
 from .static import static_inspect
 
@@ -244,7 +271,7 @@ def inspect(
     amp: str | torch.dtype | None = None,
     channels_last: bool = False,
     input_key: str | None = None,
-) -> Report:
+) -> InspectReport:
     """Dynamic report: EMA staleness, batch-statistics spread, train/test inconsistency, usage.
 
     ``data`` is the training data (what the running statistics should describe); it is read
@@ -326,8 +353,8 @@ def inspect(
         precise_records, precise_arrays = layer_records(collection, pop)
         precise_buffers = {
             collection.layers[name].module: (
-                mean.to(collection.layers[name].module.running_mean.dtype),
-                var.to(collection.layers[name].module.running_var.dtype),
+                mean.to(collection.layers[name].running_mean.dtype),
+                var.to(collection.layers[name].running_var.dtype),
             )
             for name, (mean, var) in pop.items()
             if not collection.layers[name].frozen  # bnscope precise keeps frozen statistics
@@ -405,7 +432,7 @@ def inspect(
     def per_sample(value: float) -> float | None:
         return value / samples if ok else None
 
-    consistency = {
+    consistency: Consistency = {
         "samples": samples,
         "has_labels": labelled,
         "metrics": {k: v.to_dict() for k, v in metrics.items()},
@@ -418,7 +445,7 @@ def inspect(
     layers, arrays = _layer_records(collection, precise_records, precise_arrays, spreads)
     findings = _findings(layers, static, precise_records, consistency, metrics)
     verdict, verdict_text = _verdict(layers, consistency, metrics)
-    extra = {
+    extra: InspectExtra = {
         "verdict": verdict,
         "verdict_text": verdict_text,
         "batches": collection.batches,
@@ -427,7 +454,14 @@ def inspect(
         "consistency": consistency,
         "static_layers": [layer.to_dict() for layer in static.layers],
     }
-    return Report("inspect", None, tuple(layers), tuple(findings), extra, arrays)
+    return Report(
+        command="inspect",
+        checkpoint=None,
+        layers=tuple(layers),
+        findings=tuple(findings),
+        extra=extra,
+        arrays=arrays,
+    )
 
 
 def _reduce_pass(
@@ -468,8 +502,8 @@ def _reduce_pass(
 
 
 def _layer_records(
-    collection: Any,
-    precise_records: list[Any],
+    collection: Collection,
+    precise_records: list[PreciseLayer],
     precise_arrays: dict[str, dict[str, Any]],
     spreads: dict[str, _Spread],
 ) -> tuple[list[InspectLayer], dict[str, dict[str, Any]]]:
@@ -480,25 +514,45 @@ def _layer_records(
     host = _spread_arrays(collection, spreads)
     for rec in precise_records:
         name = rec.name
-        if rec.status == "skipped":
-            records.append(InspectLayer(name, rec.num_features, "skipped", rec.reason))
+        if rec.status == Status.SKIPPED:
+            records.append(
+                InspectLayer(
+                    name=name,
+                    num_features=rec.num_features,
+                    status=Status.SKIPPED,
+                    reason=rec.reason,
+                )
+            )
             continue
         st = collection.layers[name]
         mod = st.module
         momentum = getattr(mod, "momentum", None)
-        if rec.status not in ("updated", "frozen"):
-            records.append(InspectLayer(name, rec.num_features, rec.status, rec.reason, momentum))
+        if rec.status not in (Status.UPDATED, Status.FROZEN):
+            records.append(
+                InspectLayer(
+                    name=name,
+                    num_features=rec.num_features,
+                    status=rec.status,
+                    reason=rec.reason,
+                    momentum=momentum,
+                )
+            )
             continue
         pa = precise_arrays[name]
         mean_r, var_r, mean_p, var_p = pa["old_mean"], pa["old_var"], pa["new_mean"], pa["new_var"]
         d_mu, d_var = pa["d_mu"], pa["d_var"]
         sigma2 = var_p + layer_eps(mod)
         sp = host.get(name)
-        factor = None if st.frozen else _ema_factor(mod, sp["tracked"] if sp else None)
+        factor = (
+            None
+            if st.frozen
+            else _ema_factor(cast(_BatchNorm, mod), sp["tracked"] if sp else None)
+        )
         calls = spreads[name].means.count if name in spreads else 0
-        var_mu_b = sp["var_mu_b"] if calls else torch.zeros_like(mean_p)
-        mean_uvar = sp["mean_uvar"] if calls else var_p
-        var_uvar = sp["var_uvar"] if calls else torch.zeros_like(var_p)
+        spread = sp if calls else None  # a layer with batch calls has its spread figures
+        var_mu_b = spread["var_mu_b"] if spread is not None else torch.zeros_like(mean_p)
+        mean_uvar = spread["mean_uvar"] if spread is not None else var_p
+        var_uvar = spread["var_uvar"] if spread is not None else torch.zeros_like(var_p)
         z_mu = z_var = noise_mu = spread_mu = spread_var = None
         if factor is not None and calls >= 2:
             z_mu = _z_rms(mean_r - mean_p, factor * var_mu_b, sigma2)
@@ -509,23 +563,38 @@ def _layer_records(
             spread_var = _median(var_uvar.sqrt() / mean_uvar.clamp_min(1e-30))
         zs = [z for z in (z_mu, z_var) if z is not None]
         reason = None
+        gap_mu, gap_var = rec.d_mu_median, rec.d_var_median
+        assert gap_mu is not None and gap_var is not None  # set for every layer that ran
         if st.frozen:  # no EMA to be stale or noisy: the stored statistics against this data
-            status, reason = "frozen", (
+            status, reason = Status.FROZEN, (
                 f"frozen BN ({type(mod).__name__}): stored statistics, compared with this data"
             )
-        elif max(rec.d_mu_median, rec.d_var_median) <= MATERIAL_GAP:
-            status = "ok"
+        elif max(gap_mu, gap_var) <= MATERIAL_GAP:
+            status = Status.OK
         elif not zs:
-            status = "unknown"
+            status = Status.UNKNOWN
         else:
-            status = "stale" if max(zs) > STALE_Z else "noisy"
+            status = Status.STALE if max(zs) > STALE_Z else Status.NOISY
         records.append(
             InspectLayer(
-                name, rec.num_features, status, reason, momentum, rec.calls_per_forward, calls,
-                rec.d_mu_max, rec.d_mu_median, rec.d_var_max, rec.d_var_median,
-                z_mu, z_var, noise_mu, spread_mu, spread_var,
+                name=name,
+                num_features=rec.num_features,
+                status=status,
+                reason=reason,
+                momentum=momentum,
+                calls_per_forward=rec.calls_per_forward,
+                batch_calls=calls,
+                d_mu_max=rec.d_mu_max,
+                d_mu_median=rec.d_mu_median,
+                d_var_max=rec.d_var_max,
+                d_var_median=rec.d_var_median,
+                z_mu=z_mu,
+                z_var=z_var,
+                ema_noise_mu=noise_mu,
+                batch_spread_mu=spread_mu,
+                batch_spread_var=spread_var,
             )
-        )  # fmt: skip
+        )
         worst = torch.argsort(d_mu, descending=True)[:TRACE_CHANNELS]
         trace = sp["trace"] if sp else torch.zeros(0, st.num_features)
         arrays[name] = {
@@ -540,7 +609,7 @@ def _layer_records(
     return records, arrays
 
 
-def _gap(consistency: dict[str, Any], metrics: dict[str, Metrics]) -> str | None:
+def _gap(consistency: Consistency, metrics: dict[str, Metrics]) -> str | None:
     """``"worse"`` when outputs with running statistics disagree with batch-statistics outputs
     and (with labels) are not better; ``"better"`` when eval mode is clearly the better one
     (noisy batch statistics, nothing to fix in eval); None when consistent."""
@@ -559,9 +628,9 @@ def _gap(consistency: dict[str, Any], metrics: dict[str, Metrics]) -> str | None
 
 def _findings(
     layers: list[InspectLayer],
-    static: Report,
-    precise_records: list[Any],
-    consistency: dict[str, Any],
+    static: StaticReport,
+    precise_records: list[PreciseLayer],
+    consistency: Consistency,
     metrics: dict[str, Metrics],
 ) -> list[Finding]:
     never = {f.layer for f in static.findings if f.code == "never-updated"}
@@ -571,7 +640,7 @@ def _findings(
         accuracy["running"], accuracy["precise"], consistency["agreement"]["precise"]
     )
     for layer in layers:
-        if layer.status == "stale" and layer.name not in never:
+        if layer.status == Status.STALE and layer.name not in never:
             z = max(z for z in (layer.z_mu, layer.z_var) if z is not None)
             out.append(
                 findings.stale_ema(
@@ -579,7 +648,7 @@ def _findings(
                     layer.momentum, fix,
                 )
             )  # fmt: skip
-        elif layer.status == "noisy":
+        elif layer.status == Status.NOISY:
             out.append(
                 findings.noisy_ema(
                     layer.name, layer.d_mu_median or 0.0, layer.d_var_median or 0.0,
@@ -589,7 +658,7 @@ def _findings(
     out += usage_findings(precise_records, "inspect")
     gap = _gap(consistency, metrics)
     if gap is not None:
-        stale = any(layer.status == "stale" for layer in layers)
+        stale = any(layer.status == Status.STALE for layer in layers)
         out.append(
             findings.train_test_gap(gap, stale, consistency["agreement"]["batch"], accuracy, fix)
         )
@@ -597,11 +666,14 @@ def _findings(
 
 
 def _verdict(
-    layers: list[InspectLayer], consistency: dict[str, Any], metrics: dict[str, Metrics]
-) -> tuple[str, str]:
-    stale = [layer.name for layer in layers if layer.status == "stale"]
-    noisy = [layer.name for layer in layers if layer.status == "noisy"]
-    analysed = [layer for layer in layers if layer.status not in ("not-called", "skipped")]
+    layers: list[InspectLayer], consistency: Consistency, metrics: dict[str, Metrics]
+) -> tuple[InspectVerdict, str]:
+    stale = [layer.name for layer in layers if layer.status == Status.STALE]
+    noisy = [layer.name for layer in layers if layer.status == Status.NOISY]
+    analysed = [
+        layer for layer in layers if layer.status not in (Status.NOT_CALLED, Status.SKIPPED)
+    ]
+    verdict: InspectVerdict
     if stale:
         verdict = "stale"
     elif _gap(consistency, metrics) == "worse":

@@ -10,7 +10,7 @@ fvcore's ``update_bn_stats`` and ``torch.optim.swa_utils.update_bn`` compute.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +20,8 @@ from .. import findings
 from ..engine import sync
 from ..engine.collect import Call, Collection, Progress, collect
 from ..engine.stats import log_var_ratio, normalized_mean_shift
-from ..records import Finding, PreciseLayer, Report
+from ..extras import PreciseExtra, PreciseReport
+from ..records import AdaptLayer, Finding, PreciseLayer, Report, Status
 
 ARRAY_KEYS = ("old_mean", "old_var", "new_mean", "new_var", "d_mu", "d_var")
 
@@ -47,11 +48,11 @@ def layer_records(
     names = [name for name in collection.layers if name in new_stats]
     parts: list[torch.Tensor] = []
     for name in names:
-        mod = collection.layers[name].module
+        st = collection.layers[name]
         mean, var = new_stats[name]
-        old_mean = mod.running_mean.detach().to(torch.float64)
-        old_var = mod.running_var.detach().to(torch.float64)
-        eps = layer_eps(mod)
+        old_mean = st.running_mean.detach().to(torch.float64)
+        old_var = st.running_var.detach().to(torch.float64)
+        eps = layer_eps(st.module)
         d_mu = normalized_mean_shift(old_mean, mean, var, eps)
         d_var = log_var_ratio(old_var, var, eps)
         summary = torch.stack([d_mu.max(), d_mu.median(), d_var.max(), d_var.median()])
@@ -66,33 +67,52 @@ def layer_records(
         mod = st.module
         if name in summaries:
             mu_max, mu_med, var_max, var_med = summaries[name]
-            status, reason = "updated", None
+            status, reason = Status.UPDATED, None
             if st.frozen:
                 status, reason = (
-                    ("updated", f"frozen BN ({type(mod).__name__}): re-estimated")
+                    (Status.UPDATED, f"frozen BN ({type(mod).__name__}): re-estimated")
                     if include_frozen
-                    else ("frozen", frozen_kept_reason(mod))
+                    else (Status.FROZEN, frozen_kept_reason(mod))
                 )
             rec = PreciseLayer(
-                name, st.num_features, status, reason, st.calls, st.max_calls_per_forward,
-                st.samples, st.acc.count, mu_max, mu_med, var_max, var_med,
-            )  # fmt: skip
+                name=name,
+                num_features=st.num_features,
+                status=status,
+                reason=reason,
+                calls=st.calls,
+                calls_per_forward=st.max_calls_per_forward,
+                samples=st.samples,
+                elements=st.acc.count,
+                d_mu_max=mu_max,
+                d_mu_median=mu_med,
+                d_var_max=var_max,
+                d_var_median=var_med,
+            )
         else:
             rec = PreciseLayer(
-                name, st.num_features, "not-called", "never ran on the data; statistics kept"
+                name=name,
+                num_features=st.num_features,
+                status=Status.NOT_CALLED,
+                reason="never ran on the data; statistics kept",
             )
         records.append(rec)
     for sk in collection.skipped:
-        records.append(PreciseLayer(sk.name, sk.num_features, "skipped", sk.reason))
+        records.append(
+            PreciseLayer(
+                name=sk.name, num_features=sk.num_features, status=Status.SKIPPED, reason=sk.reason
+            )
+        )
     return collection.in_module_order(records), arrays
 
 
-def usage_findings(records: list[PreciseLayer], operation: str) -> list[Finding]:
+def usage_findings(
+    records: Sequence[PreciseLayer | AdaptLayer], operation: str
+) -> list[Finding]:
     """``not-called`` and ``reused`` findings from collection records (``operation``: precise,
     adapt or inspect, whose advice for an unused layer differs)."""
     out: list[Finding] = []
     for rec in records:
-        if rec.status == "not-called":
+        if rec.status == Status.NOT_CALLED:
             out.append(findings.not_called(rec.name, operation))
         elif rec.calls_per_forward > 1:
             out.append(findings.reused(rec.name, rec.calls_per_forward))
@@ -119,7 +139,7 @@ def population_stats(collection: Collection) -> dict[str, tuple[torch.Tensor, to
     layer's buffers (one copy for all layers when the run used another device)."""
     called = [(name, st) for name, st in collection.layers.items() if st.called]
     tensors = [t for _, st in called for t in (st.acc.population_mean, st.acc.population_var)]
-    devices = [st.module.running_mean.device for _, st in called for _ in range(2)]
+    devices = [st.running_mean.device for _, st in called for _ in range(2)]
     moved = sync.to_devices(tensors, devices)
     return {name: (moved[2 * i], moved[2 * i + 1]) for i, (name, _) in enumerate(called)}
 
@@ -131,9 +151,9 @@ def write_stats(
     changes."""
     with torch.no_grad():
         for name, (mean, var) in stats.items():
-            mod = model_layers.layers[name].module
-            mod.running_mean.copy_(mean)
-            mod.running_var.copy_(var)
+            st = model_layers.layers[name]
+            st.running_mean.copy_(mean)
+            st.running_var.copy_(var)
 
 
 def precise_bn(
@@ -150,7 +170,7 @@ def precise_bn(
     channels_last: bool = False,
     input_key: str | None = None,
     include_frozen: bool = False,
-) -> Report:
+) -> PreciseReport:
     """Recompute every BN layer's running statistics exactly and write them in place.
 
     Population statistics over ``batches`` batches (all of ``data`` when None) with the model
@@ -187,7 +207,14 @@ def precise_bn(
     records, arrays = layer_records(collection, stats, include_frozen)
     write_stats(collection, writable(collection, stats, include_frozen))
     found = usage_findings(records, "precise")
-    extra: dict[str, Any] = {"batches": collection.batches, "samples": collection.samples}
+    extra: PreciseExtra = {"batches": collection.batches, "samples": collection.samples}
     if collection.world_size > 1:
         extra["world_size"] = collection.world_size
-    return Report("precise", None, tuple(records), tuple(found), extra, arrays)
+    return Report(
+        command="precise",
+        checkpoint=None,
+        layers=tuple(records),
+        findings=tuple(found),
+        extra=extra,
+        arrays=arrays,
+    )

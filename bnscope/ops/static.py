@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .. import findings
-from ..records import Finding, Report, StaticLayer
+from ..extras import StaticExtra, StaticReport
+from ..records import Finding, Report, StaticLayer, layer_label
 
 DEFAULT_MOMENTUM = 0.1
 DEFAULT_EPS = 1e-5
@@ -32,7 +33,7 @@ TINY_GAIN = 100.0
 DEAD_GAMMA = 1e-5
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BNBuffers:
     """The tensors of one BN layer as found in a state dict (names are the layer prefix)."""
 
@@ -73,7 +74,14 @@ def find_bn_buffers(state_dict: Mapping[str, Any]) -> list[BNBuffers]:
         if bias is not None and bias.shape != value.shape:
             bias = None
         layers.append(
-            BNBuffers(name or "(root)", value, var, opt("num_batches_tracked"), weight, bias)
+            BNBuffers(
+                name=layer_label(name),
+                running_mean=value,
+                running_var=var,
+                num_batches_tracked=opt("num_batches_tracked"),
+                weight=weight,
+                bias=bias,
+            )
         )
     return layers
 
@@ -105,11 +113,18 @@ def module_bn_buffers(model: nn.Module) -> list[BNBuffers]:
         eps = getattr(mod, "eps", None)
         out.append(
             BNBuffers(
-                name or "(root)", mean, var, tracked, weight, bias,
-                momentum=None if frozen else mod.momentum, momentum_known=True,
-                eps=float(eps) if isinstance(eps, (int, float)) else None, frozen=frozen,
+                name=layer_label(name),
+                running_mean=mean,
+                running_var=var,
+                num_batches_tracked=tracked,
+                weight=weight,
+                bias=bias,
+                momentum=mod.momentum if isinstance(mod, nn.modules.batchnorm._BatchNorm) else None,
+                momentum_known=True,
+                eps=float(eps) if isinstance(eps, (int, float)) else None,
+                frozen=frozen,
             )
-        )  # fmt: skip
+        )
     return out
 
 
@@ -140,7 +155,7 @@ def _layer_record(buf: BNBuffers, momentum: float | None, eps: float | None) -> 
     nonfinite = int((~torch.isfinite(mean)).sum() + (~torch.isfinite(var)).sum())
     negative = int((var < 0).sum())
     gamma = buf.weight.detach().to(torch.float64).cpu() if buf.weight is not None else None
-    if buf.weight is not None:
+    if gamma is not None:
         nonfinite += int((~torch.isfinite(gamma)).sum())
     if buf.bias is not None:
         nonfinite += int((~torch.isfinite(buf.bias.detach().to(torch.float64))).sum())
@@ -235,8 +250,8 @@ def static_inspect(
     eps: float | None = None,
     checkpoint: str | None = None,
     recompute_fix: str | None = None,
-    extra: dict[str, Any] | None = None,
-) -> Report:
+    extra: StaticExtra | None = None,
+) -> StaticReport:
     """Static BN report of a state dict or a module: per-layer records and findings.
 
     ``momentum`` and ``eps`` override PyTorch's defaults (0.1 and 1e-5) for a state dict; a
@@ -250,9 +265,15 @@ def static_inspect(
     layers = [_layer_record(b, momentum, eps) for b in buffers]
     fix = recompute_fix or "recompute the statistics: bnscope precise CKPT --model SPEC --data DATA"
     found = static_findings(layers, buffers, fix)
-    info: dict[str, Any] = {
+    info: StaticExtra = {
         "momentum_assumed": any(rec.momentum_assumed for rec in layers),
         "eps_assumed": any(rec.eps_assumed for rec in layers),
     }
     info.update(extra or {})
-    return Report("inspect", checkpoint, tuple(layers), tuple(found), info)
+    return Report(
+        command="inspect",
+        checkpoint=checkpoint,
+        layers=tuple(layers),
+        findings=tuple(found),
+        extra=info,
+    )

@@ -1,20 +1,89 @@
-"""matplotlib figures, built with ``matplotlib.figure.Figure`` (no pyplot state).
+"""matplotlib figures of computed records, to save or to compose into your own figures.
 
-Each function takes computed records and an optional ``fig``, returns the figure and never
-recomputes anything. matplotlib is imported inside the functions so that importing bnscope (and
-``bnscope --help``) stays fast.
+Each function takes records (a report's ``layers``, ``arrays`` or ``extra`` dicts), draws them
+and returns a :class:`Plot` (in the manner of scikit-learn's ``*Display`` objects): the
+figure, the Axes drawn on and the artists by name. None of them computes a statistic: every
+value drawn is read from the records given, at most transformed for display (log scales and
+their floors, batch means centred on the population mean in units of its sigma).
+
+Where they draw:
+
+- with nothing given, into a new ``matplotlib.figure.Figure`` (not pyplot: nothing global is
+  touched, nothing leaks) with constrained layout, sized for the number of layers, titled:
+  what ``--out`` writes;
+- multi-panel figures (``static_ranges``, ``change``, ``shift``, ``ghost_noise``,
+  ``staleness``, ``batch_means``) take ``fig=``, a Figure or a SubFigure (``fig.subfigures``),
+  and add their panels to it, with their title as its suptitle;
+- single-panel figures (``adapt_metrics``, ``nbs_curve``, ``consistency``) take ``ax=`` and
+  draw into that Axes only (``nbs_curve`` adds its twin KL axis there), or ``fig=`` (one Axes
+  added to it).
+
+Size, layout engine and figure-level legends are set only on a figure the function created;
+a figure passed in keeps its size and layout. matplotlib is imported inside the functions so
+that importing bnscope (and ``bnscope --help``) stays fast.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ..records import StaticLayer
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure, FigureBase
+
+
+@dataclass(frozen=True, eq=False)
+class Plot:
+    """What a figure function drew.
+
+    ``figure``: the root :class:`~matplotlib.figure.Figure` (what to save, also when the plot
+    was drawn into a SubFigure or a user's Axes); ``axes``: the Axes drawn on, in panel order
+    (a twin axis last); ``artists``: name -> artist or list of artists (each function's
+    docstring lists its names; a name is absent when there was nothing to draw)."""
+
+    figure: Figure
+    axes: tuple[Axes, ...]
+    artists: dict[str, Any]
+
+    def savefig(self, fname: Any, **kwargs: Any) -> None:
+        """``self.figure.savefig(fname, **kwargs)``."""
+        self.figure.savefig(fname, **kwargs)
+
+
+def _root(obj: Any) -> Figure:
+    """The root Figure of an Axes, SubFigure or Figure."""
     from matplotlib.figure import Figure
+
+    while not isinstance(obj, Figure):
+        obj = obj.figure
+    return obj
+
+
+def _panels(fig: FigureBase | None, figsize: tuple[float, float]) -> FigureBase:
+    """``fig``, or a new constrained-layout Figure of ``figsize``."""
+    if fig is not None:
+        return fig
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize, layout="constrained")
+
+
+def _one_axes(
+    ax: Axes | None, fig: FigureBase | None, figsize: tuple[float, float]
+) -> tuple[Axes, bool]:
+    """The Axes a single-panel figure draws into, and whether this call created its figure."""
+    if ax is not None and fig is not None:
+        raise ValueError("pass ax= or fig=, not both")
+    if ax is not None:
+        return ax, False
+    if fig is not None:
+        return fig.add_subplot(), False
+    return _panels(None, figsize).subplots(), True
 
 
 def _finite(x: float | None) -> float:
@@ -26,17 +95,19 @@ def _log_floor(values: Sequence[float]) -> float:
     return min(positive) / 10 if positive else 1e-6
 
 
-def _max_median(ax, layers: Sequence, x: list[int], stem: str, label: str) -> None:
+def _max_median(ax, layers: Sequence, x: list[int], stem: str, label: str) -> dict[str, Any]:
     """Max and median over channels of ``<stem>_max``/``<stem>_median`` at layer positions
-    ``x`` (log scale when positive), with the axis label and grid."""
+    ``x`` (log scale when positive), with the axis label and grid. Returns the two lines as
+    ``<stem>_max`` and ``<stem>_median``."""
     mx = [_finite(getattr(layers[i], f"{stem}_max")) for i in x]
     md = [_finite(getattr(layers[i], f"{stem}_median")) for i in x]
-    ax.plot(x, mx, "o-", color="C3", label="max over channels")
-    ax.plot(x, md, "s--", color="C0", label="median over channels")
+    (line_max,) = ax.plot(x, mx, "o-", color="C3", label="max over channels")
+    (line_median,) = ax.plot(x, md, "s--", color="C0", label="median over channels")
     if any(v > 0 for v in mx + md):
         ax.set_yscale("log")
     ax.set_ylabel(label, fontsize=8)
     ax.grid(True, alpha=0.3)
+    return {f"{stem}_max": line_max, f"{stem}_median": line_median}
 
 
 def _layer_axis(ax, layers: Sequence, xlabel: str = "BN layer (module order)") -> None:
@@ -48,95 +119,127 @@ def _layer_axis(ax, layers: Sequence, xlabel: str = "BN layer (module order)") -
     ax.set_xlabel(xlabel)
 
 
+def _by_depth_size(n: int, height: float) -> tuple[float, float]:
+    return (max(6.0, 0.35 * n + 3), height)
+
+
 def static_ranges_figure(
     layers: Sequence[StaticLayer],
-    fig: Figure | None = None,
+    fig: FigureBase | None = None,
     tiny_var: float | None = None,
     tiny_gain: float | None = None,
-) -> Figure:
+) -> Plot:
     """Per-layer running-statistic ranges by depth: running_mean, running_var and the eval-mode
     gain |gamma|/sqrt(var+eps), each as a min..max bar per layer (log scale for var and gain;
     zeros are drawn as 'x' at the bottom of the axis). Layers with tiny-variance or non-finite
-    findings are shaded; ``tiny_var``/``tiny_gain`` draw the thresholds used."""
-    from matplotlib.figure import Figure
+    findings are shaded; ``tiny_var``/``tiny_gain`` draw the thresholds used.
 
+    Three panels (``fig=``). Artists: ``running_mean``, ``running_var``, ``gain`` (the min..max
+    bars), ``range_ends`` (min/max markers), ``zeros``, ``thresholds``, ``shaded``, ``title``.
+    """
     n = len(layers)
-    fig = fig or Figure(figsize=(max(6.0, 0.35 * n + 3), 7.5), layout="constrained")
+    fig = _panels(fig, _by_depth_size(n, 7.5))
     axes = fig.subplots(3, 1, sharex=True)
     x = list(range(n))
     series = [
         (
             "running_mean",
+            "running_mean",
             [_finite(r.mean_min) for r in layers],
             [_finite(r.mean_max) for r in layers],
         ),
-        ("running_var", [_finite(r.var_min) for r in layers], [_finite(r.var_max) for r in layers]),
         (
+            "running_var",
+            "running_var",
+            [_finite(r.var_min) for r in layers],
+            [_finite(r.var_max) for r in layers],
+        ),
+        (
+            "gain",
             "gain |γ|/√(var+eps)",
             [_finite(r.gain_min) for r in layers],
             [_finite(r.gain_max) for r in layers],
         ),
     ]
+    artists: dict[str, Any] = {"range_ends": [], "zeros": [], "thresholds": [], "shaded": []}
     thresholds = [None, tiny_var, tiny_gain]
-    for i, (ax, (label, lo, hi)) in enumerate(zip(axes, series, strict=True)):
+    for i, (ax, (key, label, lo, hi)) in enumerate(zip(axes, series, strict=True)):
         log = i > 0 and any(v > 0 for v in lo + hi if math.isfinite(v))
         if log:
             floor = _log_floor(lo + hi)
-            if thresholds[i] is not None:
-                floor = min(floor, thresholds[i] / 10)
+            threshold = thresholds[i]
+            if threshold is not None:
+                floor = min(floor, threshold / 10)
             zeros = [(xi, floor) for xi, v in zip(x, lo, strict=True) if v <= 0]
             lo = [max(v, floor) if math.isfinite(v) else v for v in lo]
             hi = [max(v, floor) if math.isfinite(v) else v for v in hi]
             ax.set_yscale("log")
             if zeros:
-                ax.plot(*zip(*zeros, strict=True), "x", color="C3", label="zero (clipped)")
-        ax.vlines(x, lo, hi, color="C0", linewidth=3, label="min .. max over channels")
-        ax.plot(x, lo, "v", color="C0", markersize=4)
-        ax.plot(x, hi, "^", color="C0", markersize=4)
+                artists["zeros"] += ax.plot(
+                    *zip(*zeros, strict=True), "x", color="C3", label="zero (clipped)"
+                )
+        artists[key] = ax.vlines(
+            x, lo, hi, color="C0", linewidth=3, label="min .. max over channels"
+        )
+        artists["range_ends"] += ax.plot(x, lo, "v", color="C0", markersize=4)
+        artists["range_ends"] += ax.plot(x, hi, "^", color="C0", markersize=4)
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
     if tiny_var is not None:
-        axes[1].axhline(tiny_var, color="C3", linestyle="--", linewidth=1, label="tiny threshold")
+        artists["thresholds"].append(
+            axes[1].axhline(
+                tiny_var, color="C3", linestyle="--", linewidth=1, label="tiny threshold"
+            )
+        )
     if tiny_gain is not None:
-        axes[2].axhline(tiny_gain, color="C3", linestyle="--", linewidth=1, label="tiny threshold")
+        artists["thresholds"].append(
+            axes[2].axhline(
+                tiny_gain, color="C3", linestyle="--", linewidth=1, label="tiny threshold"
+            )
+        )
     for i, r in enumerate(layers):
         if r.tiny_var_channels or r.nonfinite_values or r.negative_var_channels:
             for ax in axes:
-                ax.axvspan(i - 0.4, i + 0.4, color="C3", alpha=0.12)
+                artists["shaded"].append(ax.axvspan(i - 0.4, i + 0.4, color="C3", alpha=0.12))
     axes[0].legend(loc="best", fontsize=7)
     axes[1].legend(loc="best", fontsize=7)
     _layer_axis(axes[-1], layers, "BN layer (module order); shaded: tiny or non-finite values")
-    fig.suptitle("Running statistics by depth")
-    return fig
+    artists["title"] = fig.suptitle("Running statistics by depth")
+    return Plot(_root(fig), tuple(axes), artists)
 
 
-def change_figure(layers: Sequence, fig: Figure | None = None, title: str | None = None) -> Figure:
+def change_figure(
+    layers: Sequence, fig: FigureBase | None = None, title: str | None = None
+) -> Plot:
     """Per-layer change of statistics by depth: d_mu and d_var (max and median over channels),
-    log scale. Layers that were not updated are left out of the lines."""
-    from matplotlib.figure import Figure
+    log scale. Layers that were not updated are left out of the lines.
 
-    n = len(layers)
-    fig = fig or Figure(figsize=(max(6.0, 0.35 * n + 3), 5.5), layout="constrained")
+    Two panels (``fig=``). Artists: ``d_mu_max``, ``d_mu_median``, ``d_var_max``,
+    ``d_var_median``, ``title``."""
+    fig = _panels(fig, _by_depth_size(len(layers), 5.5))
     ax_mu, ax_var = fig.subplots(2, 1, sharex=True)
     x = [i for i, r in enumerate(layers) if r.status == "updated"]
+    artists: dict[str, Any] = {}
     for ax, stem, label in (
         (ax_mu, "d_mu", "d_mu = |Δμ| / σ"),
         (ax_var, "d_var", "d_var = |log var ratio|"),
     ):
-        _max_median(ax, layers, x, stem, label)
+        artists.update(_max_median(ax, layers, x, stem, label))
         ax.legend(loc="best", fontsize=7)
     _layer_axis(ax_var, layers)
-    fig.suptitle(title or "Change of BN statistics by depth (old running vs new)")
-    return fig
+    artists["title"] = fig.suptitle(
+        title or "Change of BN statistics by depth (old running vs new)"
+    )
+    return Plot(_root(fig), (ax_mu, ax_var), artists)
 
 
-def shift_figure(layers: Sequence, fig: Figure | None = None) -> Figure:
+def shift_figure(layers: Sequence, fig: FigureBase | None = None) -> Plot:
     """Where the domain differs: median and max over channels of the symmetric KL, d_mu and
-    d_var between source and target statistics, by depth (log scale)."""
-    from matplotlib.figure import Figure
+    d_var between source and target statistics, by depth (log scale).
 
-    n = len(layers)
-    fig = fig or Figure(figsize=(max(6.0, 0.35 * n + 3), 7.0), layout="constrained")
+    Three panels (``fig=``). Artists: ``kl_max``, ``kl_median``, ``d_mu_max``, ``d_mu_median``,
+    ``d_var_max``, ``d_var_median``, ``title``."""
+    fig = _panels(fig, _by_depth_size(len(layers), 7.0))
     axes = fig.subplots(3, 1, sharex=True)
     x = [i for i, r in enumerate(layers) if r.status == "updated"]
     rows = (
@@ -144,31 +247,19 @@ def shift_figure(layers: Sequence, fig: Figure | None = None) -> Figure:
         ("d_mu", "d_mu = |Δμ| / σ_target"),
         ("d_var", "d_var = |log var ratio|"),
     )
+    artists: dict[str, Any] = {}
     for ax, (stem, label) in zip(axes, rows, strict=True):
-        _max_median(ax, layers, x, stem, label)
+        artists.update(_max_median(ax, layers, x, stem, label))
     axes[0].legend(loc="best", fontsize=7)
     _layer_axis(axes[-1], layers)
-    fig.suptitle("Domain shift by depth: source vs target statistics")
-    return fig
+    artists["title"] = fig.suptitle("Domain shift by depth: source vs target statistics")
+    return Plot(_root(fig), tuple(axes), artists)
 
 
-def adapt_metrics_figure(metrics: dict, fig: Figure | None = None) -> Figure:
-    """Bars: accuracy (with labels) or top-1 agreement with the source model (without) for
-    source statistics, adapted statistics and test-time batch statistics."""
-    from matplotlib.figure import Figure
-
-    keys = ("source", "adapted", "batch_stats")
-    labels = ("source stats", "adapted stats", "test-batch stats")
-    fig = fig or Figure(figsize=(5.5, 3.8), layout="constrained")
-    ax = fig.subplots()
-    if metrics.get("has_labels"):
-        values = [metrics["metrics"][k]["accuracy"] for k in keys]
-        ax.set_ylabel("accuracy")
-    else:
-        values = [metrics["agreement"][k] or 0.0 for k in keys]
-        ax.set_ylabel("top-1 agreement with source")
+def _bars(ax, labels: Sequence[str], values: list[float]) -> dict[str, Any]:
+    """Bars of ``values`` in C7/C2/C0, each labelled with its percentage."""
     bars = ax.bar(labels, values, color=["C7", "C2", "C0"])
-    for bar, v in zip(bars, values, strict=True):
+    texts = [
         ax.annotate(
             f"{100 * v:.1f}%",
             (bar.get_x() + bar.get_width() / 2, v),
@@ -176,35 +267,66 @@ def adapt_metrics_figure(metrics: dict, fig: Figure | None = None) -> Figure:
             va="bottom",
             fontsize=8,
         )
+        for bar, v in zip(bars, values, strict=True)
+    ]
+    return {"bars": bars, "labels": texts}
+
+
+def adapt_metrics_figure(
+    metrics: dict, fig: FigureBase | None = None, *, ax: Axes | None = None
+) -> Plot:
+    """Bars: accuracy (with labels) or top-1 agreement with the source model (without) for
+    source statistics, adapted statistics and test-time batch statistics.
+
+    One panel (``ax=`` or ``fig=``). Artists: ``bars`` (a BarContainer), ``labels`` (the
+    percentages), ``title``."""
+    keys = ("source", "adapted", "batch_stats")
+    labels = ("source stats", "adapted stats", "test-batch stats")
+    ax, _ = _one_axes(ax, fig, (5.5, 3.8))
+    if metrics.get("has_labels"):
+        values = [metrics["metrics"][k]["accuracy"] for k in keys]
+        ax.set_ylabel("accuracy")
+    else:
+        values = [metrics["agreement"][k] or 0.0 for k in keys]
+        ax.set_ylabel("top-1 agreement with source")
+    artists = _bars(ax, labels, values)
     ax.set_ylim(0, 1.05)
-    ax.set_title(f"Evaluation on {metrics.get('data', 'target data')}", fontsize=9)
-    return fig
+    artists["title"] = ax.set_title(
+        f"Evaluation on {metrics.get('data', 'target data')}", fontsize=9
+    )
+    return Plot(_root(ax), (ax,), artists)
 
 
-def ghost_noise_figure(layers: Sequence, fig: Figure | None = None) -> Figure:
+def ghost_noise_figure(layers: Sequence, fig: FigureBase | None = None) -> Plot:
     """Log-log noise of chunk statistics vs ghost size g, one line per analysed layer (colour =
     depth): mean |mu_k - mu_pop| / sigma (left) and mean |log var ratio| (right), with each
-    quantity's i.i.d. expectation for the median layer dashed in black (slope -1/2 for means)."""
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
+    quantity's i.i.d. expectation for the median layer dashed in black (slope -1/2 for means).
 
-    fig = fig or Figure(figsize=(10.0, 4.2), layout="constrained")
+    Two panels (``fig=``). Artists: ``noise_mu``, ``noise_var`` (one line per analysed layer),
+    ``iid_mu``, ``iid_var`` (when a layer was analysed), ``title``."""
+    from matplotlib import colormaps
+
+    fig = _panels(fig, (10.0, 4.2))
     axes = fig.subplots(1, 2)
     analysed = [layer for layer in layers if layer.status == "analysed" and layer.sizes]
     cmap = colormaps["viridis"]
     n = max(len(analysed) - 1, 1)
     keys = (("noise_mu", "iid_mu", "mean |μ_g − μ_pop| / σ"),
             ("noise_var", "iid_var", "mean |log var_g / var_pop|"))  # fmt: skip
+    artists: dict[str, Any] = {}
     for ax, (key, iid_key, label) in zip(axes, keys, strict=True):
+        artists[key] = []
         for i, layer in enumerate(analysed):
             g = [s.size for s in layer.sizes if getattr(s, key) is not None]
             y = [getattr(s, key) for s in layer.sizes if getattr(s, key) is not None]
-            ax.plot(g, y, "o-", color=cmap(i / n), lw=1, ms=3, label=layer.name)
+            artists[key] += ax.plot(g, y, "o-", color=cmap(i / n), lw=1, ms=3, label=layer.name)
         if analysed:
             mid = analysed[len(analysed) // 2]
             g = [s.size for s in mid.sizes if getattr(s, iid_key) is not None]
             y = [getattr(s, iid_key) for s in mid.sizes if getattr(s, iid_key) is not None]
-            ax.plot(g, y, "k--", lw=1.5, label=f"i.i.d. expectation ({mid.name})")
+            (artists[iid_key],) = ax.plot(
+                g, y, "k--", lw=1.5, label=f"i.i.d. expectation ({mid.name})"
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         if analysed:
@@ -216,116 +338,159 @@ def ghost_noise_figure(layers: Sequence, fig: Figure | None = None) -> Figure:
     if analysed:  # many layers: label only the i.i.d. line (colour already shows depth)
         handles = axes[0].lines if len(analysed) <= 12 else axes[0].lines[-1:]
         axes[0].legend(handles=handles, fontsize=6, loc="best")
-    fig.suptitle("Noise of chunk statistics around the population statistics, by layer")
-    return fig
+    artists["title"] = fig.suptitle(
+        "Noise of chunk statistics around the population statistics, by layer"
+    )
+    return Plot(_root(fig), tuple(axes), artists)
 
 
-def nbs_curve_figure(rows: Sequence[dict], population: dict, fig: Figure | None = None) -> Figure:
+def nbs_curve_figure(
+    rows: Sequence[dict],
+    population: dict,
+    fig: FigureBase | None = None,
+    *,
+    ax: Axes | None = None,
+) -> Plot:
     """The NBS curve: accuracy (with labels) or top-1 agreement with population statistics
     (without) at each ghost size, with population statistics as a horizontal line; KL on a
-    second axis."""
-    from matplotlib.figure import Figure
+    second axis.
 
-    fig = fig or Figure(figsize=(6.0, 4.0), layout="constrained")
-    ax = fig.subplots()
+    One panel (``ax=`` or ``fig=``), plus a twin axis for KL when there is a finite KL. The
+    legend goes below the plot on a figure this call created, inside the Axes otherwise.
+    Artists: ``batch_stats`` (the curve), ``population``, ``kl``, ``title``."""
+    ax, created = _one_axes(ax, fig, (6.0, 4.0))
     ok = [r for r in rows if r["status"] == "ok"]
     g = [r["size"] for r in ok]
     labelled = population.get("accuracy") is not None and all(r["accuracy"] is not None for r in ok)
+    artists: dict[str, Any] = {}
     if labelled:
-        ax.plot(g, [r["accuracy"] for r in ok], "o-", color="C0", label="batch statistics at g")
-        ax.axhline(population["accuracy"], color="C2", ls="--", label="population statistics")
-        ax.set_ylabel("accuracy")
-    else:
-        ax.plot(g, [_finite(r["agreement"]) for r in ok], "o-", color="C0",
-                label="agreement with population statistics")  # fmt: skip
-        ax.axhline(1.0, color="C2", ls="--", label="population statistics")
-        ax.set_ylabel("top-1 agreement")
+        y, reference = [r["accuracy"] for r in ok], population["accuracy"]
+        curve_label, ylabel = "batch statistics at g", "accuracy"
+    else:  # agreement with population statistics, which agree with themselves: 1
+        y, reference = [_finite(r["agreement"]) for r in ok], 1.0
+        curve_label, ylabel = "agreement with population statistics", "top-1 agreement"
+    (artists["batch_stats"],) = ax.plot(g, y, "o-", color="C0", label=curve_label)
+    artists["population"] = ax.axhline(
+        reference, color="C2", ls="--", label="population statistics"
+    )
+    ax.set_ylabel(ylabel)
     ax.set_xscale("log", base=2)
     ax.set_xticks(g)
     ax.set_xticklabels([str(v) for v in g])
     ax.set_xlabel("normalization batch size g")
     ax.grid(True, alpha=0.3)
-    handles = list(ax.lines)
+    handles = [artists["batch_stats"], artists["population"]]
+    axes = [ax]
     kl = [_finite(r["kl"]) for r in ok]
     if any(math.isfinite(v) for v in kl):
         ax2 = ax.twinx()
-        handles += ax2.plot(g, kl, "s:", color="C3", label="KL(p_pop || p_g)")
+        axes.append(ax2)
+        (artists["kl"],) = ax2.plot(g, kl, "s:", color="C3", label="KL(p_pop || p_g)")
+        handles.append(artists["kl"])
         ax2.set_ylabel("KL(p_pop || p_g)", color="C3")
-    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=7)
-    ax.set_title("Model outputs vs normalization batch size")
-    return fig
+    if created:
+        _root(ax).legend(handles=handles, loc="outside lower center", ncols=3, fontsize=7)
+    else:
+        ax.legend(handles=handles, loc="best", fontsize=7)
+    artists["title"] = ax.set_title("Model outputs vs normalization batch size")
+    return Plot(_root(ax), tuple(axes), artists)
 
 
-def staleness_figure(layers: Sequence, stale_z: float = 3.0, fig: Figure | None = None) -> Figure:
+def staleness_figure(layers: Sequence, stale_z: float = 3.0, fig: FigureBase | None = None) -> Plot:
     """Staleness by depth: d_mu and d_var (median and max over channels) between running and
     population statistics, and the z-score of the gap against EMA noise (RMS over channels)
-    with the ``stale_z`` threshold; stale layers are shaded."""
-    from matplotlib.figure import Figure
+    with the ``stale_z`` threshold; stale layers are shaded.
 
-    n = len(layers)
-    fig = fig or Figure(figsize=(max(6.0, 0.35 * n + 3), 7.5), layout="constrained")
+    Three panels (``fig=``). Artists: ``d_mu_max``, ``d_mu_median``, ``d_var_max``,
+    ``d_var_median``, ``z_mu``, ``z_var``, ``stale_threshold``, ``stale_spans`` (one per stale
+    layer and panel), ``title``."""
+    fig = _panels(fig, _by_depth_size(len(layers), 7.5))
     axes = fig.subplots(3, 1, sharex=True)
     x = [i for i, r in enumerate(layers) if r.d_mu_median is not None]
-    _max_median(axes[0], layers, x, "d_mu", "d_mu = |μ_EMA − μ_pop| / σ")
-    _max_median(axes[1], layers, x, "d_var", "d_var = |log var_EMA / var_pop|")
+    artists: dict[str, Any] = {}
+    artists.update(_max_median(axes[0], layers, x, "d_mu", "d_mu = |μ_EMA − μ_pop| / σ"))
+    artists.update(_max_median(axes[1], layers, x, "d_var", "d_var = |log var_EMA / var_pop|"))
     zx = [i for i in x if layers[i].z_mu is not None]
-    axes[2].plot(zx, [_finite(layers[i].z_mu) for i in zx], "o-", color="C1", label="z (mean)")
+    (artists["z_mu"],) = axes[2].plot(
+        zx, [_finite(layers[i].z_mu) for i in zx], "o-", color="C1", label="z (mean)"
+    )
     zv = [i for i in x if layers[i].z_var is not None]
-    axes[2].plot(zv, [_finite(layers[i].z_var) for i in zv], "s--", color="C4",
-                 label="z (variance)")  # fmt: skip
-    axes[2].axhline(stale_z, color="k", ls=":", label=f"stale above {stale_z:g}")
+    (artists["z_var"],) = axes[2].plot(
+        zv, [_finite(layers[i].z_var) for i in zv], "s--", color="C4", label="z (variance)"
+    )
+    artists["stale_threshold"] = axes[2].axhline(
+        stale_z, color="k", ls=":", label=f"stale above {stale_z:g}"
+    )
     axes[2].axhline(1.0, color="0.6", ls=":", lw=0.8)
     if any(layers[i].z_mu and layers[i].z_mu > 0 for i in zx):
         axes[2].set_yscale("log")
     axes[2].set_ylabel("gap / EMA noise (RMS z)", fontsize=8)
     axes[2].grid(True, alpha=0.3)
+    artists["stale_spans"] = []
     for i, r in enumerate(layers):
         if r.status == "stale":
             for ax in axes:
-                ax.axvspan(i - 0.4, i + 0.4, color="C3", alpha=0.08)
+                artists["stale_spans"].append(ax.axvspan(i - 0.4, i + 0.4, color="C3", alpha=0.08))
     axes[0].legend(loc="best", fontsize=7)
     axes[2].legend(loc="best", fontsize=7)
     _layer_axis(axes[-1], layers)
-    fig.suptitle("Running statistics vs this model's population statistics, by depth")
-    return fig
+    artists["title"] = fig.suptitle(
+        "Running statistics vs this model's population statistics, by depth"
+    )
+    return Plot(_root(fig), tuple(axes), artists)
 
 
-def batch_means_figure(layer: str, arrays: dict, fig: Figure | None = None) -> Figure:
+def batch_means_figure(layer: str, arrays: dict, fig: FigureBase | None = None) -> Plot:
     """For one layer's most stale channels: the distribution of batch means (in units of the
     population sigma, centred on the population mean) with the population mean (0) and the
-    running mean (EMA) marked."""
-    from matplotlib.figure import Figure
+    running mean (EMA) marked. ``arrays`` is the layer's entry of an inspect report's
+    ``arrays``: ``channels``, ``batch_means`` [batches, channels], ``running_mean``,
+    ``population_mean`` and ``population_sigma``.
 
+    One panel per channel (``fig=``). Artists: ``batch_means`` (one histogram's bars per
+    channel with batch means), ``population`` and ``running_mean`` (one line per channel),
+    ``title``."""
     channels = [int(c) for c in arrays["channels"]]
-    fig = fig or Figure(figsize=(2.6 * max(len(channels), 1) + 1, 3.2), layout="constrained")
+    fig = _panels(fig, (2.6 * max(len(channels), 1) + 1, 3.2))
     axes = fig.subplots(1, max(len(channels), 1), squeeze=False)[0]
     means = arrays["batch_means"]
+    artists: dict[str, Any] = {"batch_means": [], "population": [], "running_mean": []}
     for j, (ax, c) in enumerate(zip(axes, channels, strict=False)):
         sigma = float(arrays["population_sigma"][j])
         pop = float(arrays["population_mean"][j])
         ema = (float(arrays["running_mean"][j]) - pop) / sigma
         values = [(float(v) - pop) / sigma for v in means[:, j]] if len(means) else []
         if values:
-            ax.hist(values, bins=min(30, max(5, len(values) // 3)), color="C0", alpha=0.7,
-                    label="batch means")  # fmt: skip
-        ax.axvline(0.0, color="C2", lw=2, label="population")
-        ax.axvline(ema, color="C3", lw=2, ls="--", label="running (EMA)")
+            _, _, bars = ax.hist(
+                values,
+                bins=min(30, max(5, len(values) // 3)),
+                color="C0",
+                alpha=0.7,
+                label="batch means",
+            )
+            artists["batch_means"].append(bars)
+        artists["population"].append(ax.axvline(0.0, color="C2", lw=2, label="population"))
+        artists["running_mean"].append(
+            ax.axvline(ema, color="C3", lw=2, ls="--", label="running (EMA)")
+        )
         ax.set_title(f"channel {c}", fontsize=8)
         ax.set_xlabel("(μ − μ_pop) / σ", fontsize=8)
     axes[0].legend(fontsize=6, loc="best")
-    fig.suptitle(f"{layer}: batch means of the most stale channels")
-    return fig
+    artists["title"] = fig.suptitle(f"{layer}: batch means of the most stale channels")
+    return Plot(_root(fig), tuple(axes), artists)
 
 
-def consistency_figure(consistency: dict, fig: Figure | None = None) -> Figure:
+def consistency_figure(
+    consistency: dict, fig: FigureBase | None = None, *, ax: Axes | None = None
+) -> Plot:
     """Bars: accuracy (with labels) or top-1 agreement with eval-mode outputs (without) for
-    running statistics, precise statistics and batch statistics on the same batches."""
-    from matplotlib.figure import Figure
+    running statistics, precise statistics and batch statistics on the same batches.
 
+    One panel (``ax=`` or ``fig=``). Artists: ``bars`` (a BarContainer), ``labels`` (the
+    percentages), ``title``."""
     keys = ("running", "precise", "batch")
     labels = ("running stats\n(eval)", "precise stats", "batch stats\n(train mode)")
-    fig = fig or Figure(figsize=(5.5, 3.8), layout="constrained")
-    ax = fig.subplots()
+    ax, _ = _one_axes(ax, fig, (5.5, 3.8))
     if consistency.get("has_labels"):
         values = [consistency["metrics"][k]["accuracy"] for k in keys]
         ax.set_ylabel("accuracy")
@@ -333,10 +498,7 @@ def consistency_figure(consistency: dict, fig: Figure | None = None) -> Figure:
         agree = consistency["agreement"]
         values = [1.0, agree["precise"] or 0.0, agree["batch"] or 0.0]
         ax.set_ylabel("top-1 agreement with eval mode")
-    bars = ax.bar(labels, values, color=["C7", "C2", "C0"])
-    for bar, v in zip(bars, values, strict=True):
-        ax.annotate(f"{100 * v:.1f}%", (bar.get_x() + bar.get_width() / 2, v), ha="center",
-                    va="bottom", fontsize=8)  # fmt: skip
+    artists = _bars(ax, labels, values)
     ax.set_ylim(0, 1.08)
-    ax.set_title("Train/test consistency on the same batches", fontsize=9)
-    return fig
+    artists["title"] = ax.set_title("Train/test consistency on the same batches", fontsize=9)
+    return Plot(_root(ax), (ax,), artists)

@@ -29,7 +29,7 @@ figcaption { color: #555; font-size: .85em; }
 
 
 def figure_png(fig: Any, dpi: int = 110) -> bytes:
-    """A matplotlib figure as PNG bytes."""
+    """A matplotlib figure (or a :class:`~bnscope.render.figures.Plot`) as PNG bytes."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()

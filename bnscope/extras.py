@@ -1,0 +1,274 @@
+"""The command-specific keys of each report (``Report.extra``), as TypedDicts.
+
+Each command's report carries, next to its layers and findings, keys of its own (DESIGN §2:
+``output`` for a written checkpoint, ``sizes`` for ghost, ``metrics`` for evaluations ...).
+The operations in :mod:`bnscope.ops` put their figures there; a job on a checkpoint file
+(:func:`bnscope.open`, the CLI) adds where the inputs came from (:class:`SourceExtra`) and how
+the model ran (:class:`RunExtra`). Every TypedDict here is ``total=False``: a key is present
+when the report has it (``world_size`` only under ``torch.distributed``, ``metrics`` only with
+evaluation data, the :class:`SourceExtra` keys only for a checkpoint file).
+
+The ``Report`` aliases at the end name each command's report type:
+``PreciseReport = Report[PreciseLayer, PreciseExtra]``. These types describe the Python
+objects; the JSON document is the same data, with non-finite floats spelled as strings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeAlias, TypedDict
+
+from .records import (
+    AdaptLayer,
+    GhostLayer,
+    InspectLayer,
+    PreciseLayer,
+    Report,
+    StaticLayer,
+)
+
+__all__ = [
+    "AdaptExtra",
+    "AdaptMetrics",
+    "AdaptReport",
+    "ComparisonDict",
+    "Consistency",
+    "EvaluationDict",
+    "GhostExtra",
+    "GhostReport",
+    "GhostSizeDict",
+    "GhostVerdict",
+    "InspectExtra",
+    "InspectReport",
+    "InspectVerdict",
+    "MetricsDict",
+    "NetworkDict",
+    "NetworkInfo",
+    "PreciseExtra",
+    "PreciseMetrics",
+    "PreciseReport",
+    "RunExtra",
+    "SourceExtra",
+    "StaticExtra",
+    "StaticReport",
+    "VariantFigures",
+]
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class MetricsDict(TypedDict):
+    """:meth:`bnscope.engine.evaluate.Metrics.to_dict`: accuracy and mean cross-entropy over
+    ``samples`` labelled samples (None without labels or class scores)."""
+
+    samples: int
+    accuracy: float | None
+    loss: float | None
+
+
+class ComparisonDict(TypedDict):
+    """:meth:`bnscope.engine.evaluate.Comparison.to_dict`: two models on the same inputs
+    (``a`` before, ``b`` after)."""
+
+    a: MetricsDict
+    b: MetricsDict
+    has_labels: bool
+    agreement: float | None
+    kl: float | None
+    rel_diff: float
+
+
+class EvaluationDict(TypedDict):
+    """:meth:`bnscope.engine.evaluate.Evaluation.to_dict`: several variants of a model on the
+    same inputs; ``agreement``, ``kl`` and ``rel_diff`` against the first variant."""
+
+    metrics: dict[str, MetricsDict]
+    has_labels: bool
+    agreement: dict[str, float | None]
+    kl: dict[str, float | None]
+    rel_diff: dict[str, float]
+
+
+class PreciseMetrics(ComparisonDict):
+    """``metrics`` of a precise report: before (``a``) and after (``b``) on ``data``."""
+
+    data: str
+
+
+class AdaptMetrics(EvaluationDict):
+    """``metrics`` of an adapt report: variants ``source``, ``adapted`` and ``batch_stats``
+    on ``data`` (labelled target data)."""
+
+    data: str
+
+
+class VariantFigures(TypedDict):
+    """A figure (agreement, KL) of the batch-statistics and precise-statistics outputs against
+    the running-statistics outputs (None without class scores)."""
+
+    batch: float | None
+    precise: float | None
+
+
+class Consistency(TypedDict):
+    """``consistency`` of a dynamic inspect report: the same inputs with running, batch and
+    precise (population) statistics; ``metrics`` has the keys ``running``, ``batch`` and
+    ``precise``."""
+
+    samples: int
+    has_labels: bool
+    metrics: dict[str, MetricsDict]
+    agreement: VariantFigures
+    kl: VariantFigures
+
+
+class GhostSizeDict(TypedDict):
+    """One entry of a ghost report's ``sizes``: :meth:`bnscope.records.GhostSize.to_dict`
+    (``status`` is ``"ok"`` or ``"skipped"``)."""
+
+    size: int
+    status: str
+    note: str | None
+    chunks: int
+    remainder_chunks: int
+    remainder_samples: int
+    agreement: float | None
+    kl: float | None
+    accuracy: float | None
+    loss: float | None
+    noise_mu: float | None
+    noise_var: float | None
+    effective_ratio: float | None
+
+
+class NetworkDict(TypedDict):
+    """One network of a checkpoint holding several (an EMA copy next to the raw weights):
+    :meth:`bnscope.io.checkpoint.Network.to_dict`."""
+
+    key: str | None
+    prefix: str
+    bn_layers: int
+    ema: bool
+    used: bool
+
+
+class NetworkInfo(TypedDict, total=False):
+    """:meth:`bnscope.io.checkpoint.Checkpoint.network_info`: present only when the checkpoint
+    holds several networks. ``ema_key`` is the ``key`` of an EMA copy left unused."""
+
+    networks: list[NetworkDict]
+    ema_key: str | None
+
+
+#: the one-word verdict of a dynamic inspect report
+InspectVerdict: TypeAlias = Literal["stale", "gap", "noisy", "healthy"]
+#: the one-word verdict of a ghost report (``none``: no size could be analysed)
+GhostVerdict: TypeAlias = Literal["none", "fine", "noisy"]
+
+# --------------------------------------------------------------------------------------------
+# Keys every job on a checkpoint file adds
+
+
+class SourceExtra(NetworkInfo, total=False):
+    """Where a report's inputs came from (a job on a checkpoint file; :func:`bnscope.open`,
+    the CLI): the checkpoint ``format`` (``torch``, ``safetensors``, ``module``,
+    ``torchscript``), the ``key`` its state dict was under, the key ``prefix`` stripped, the
+    ``model`` spec and the ``project_file`` the options came from (None when none), plus
+    :class:`NetworkInfo` for a checkpoint holding several networks."""
+
+    format: str
+    key: str | None
+    prefix: str
+    model: str | None
+    project_file: str | None
+
+
+class RunExtra(SourceExtra, total=False):
+    """How a model-running job ran: the ``data`` description, samples left out of the last
+    batch (``dropped_samples``, ``dropped_reason``), ``device``, ``amp`` (``bf16``, ``fp16``
+    or None) and ``channels_last``."""
+
+    data: str
+    dropped_samples: int
+    dropped_reason: str | None
+    device: str
+    amp: str | None
+    channels_last: bool
+
+
+# --------------------------------------------------------------------------------------------
+# Per command
+
+
+class StaticExtra(SourceExtra, total=False):
+    """Static inspect (buffers only): whether PyTorch's default momentum or eps had to be
+    assumed for some layer."""
+
+    momentum_assumed: bool
+    eps_assumed: bool
+
+
+class InspectExtra(RunExtra, total=False):
+    """Dynamic inspect: the ``verdict`` and its sentence, ``batches``/``samples`` collected,
+    ``forwards`` run in all, the train/test ``consistency`` and the static layer records
+    (``static_layers``: :meth:`bnscope.records.StaticLayer.to_dict` of each)."""
+
+    verdict: InspectVerdict
+    verdict_text: str
+    batches: int
+    samples: int
+    forwards: int
+    consistency: Consistency
+    static_layers: list[dict[str, Any]]
+
+
+class PreciseExtra(RunExtra, total=False):
+    """Precise BN: ``batches``/``samples`` collected (pooled over ``world_size`` ranks under
+    ``torch.distributed``), before/after ``metrics`` with evaluation data, and the ``output``
+    checkpoint (None until written; a job sets it)."""
+
+    batches: int
+    samples: int
+    world_size: int
+    metrics: PreciseMetrics
+    output: str | None
+
+
+class AdaptExtra(RunExtra, total=False):
+    """Adaptive BN: ``batches``/``samples`` of target data, the ``prior`` (pseudo samples) and
+    ``shift_threshold`` of ``domain-shift``, ``world_size``, ``metrics`` with labelled target
+    data and the ``output`` checkpoint."""
+
+    batches: int
+    samples: int
+    prior: float
+    shift_threshold: float
+    world_size: int
+    metrics: AdaptMetrics
+    output: str | None
+
+
+class GhostExtra(RunExtra, total=False):
+    """Ghost-size analysis: the ``verdict`` and its sentence, one entry per requested size
+    (``sizes``), the data's ``batch_size``, ``batches``/``samples``/``forwards``, the
+    ``population``-statistics metrics and whether the data had labels (``has_labels``)."""
+
+    verdict: GhostVerdict
+    verdict_text: str
+    sizes: list[GhostSizeDict]
+    batch_size: int
+    batches: int
+    samples: int
+    forwards: int
+    population: MetricsDict
+    has_labels: bool
+
+
+# --------------------------------------------------------------------------------------------
+# Report types
+
+StaticReport: TypeAlias = Report[StaticLayer, StaticExtra]
+InspectReport: TypeAlias = Report[InspectLayer, InspectExtra]
+PreciseReport: TypeAlias = Report[PreciseLayer, PreciseExtra]
+AdaptReport: TypeAlias = Report[AdaptLayer, AdaptExtra]
+GhostReport: TypeAlias = Report[GhostLayer, GhostExtra]

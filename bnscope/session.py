@@ -1,0 +1,798 @@
+"""Whole jobs on a checkpoint file, exactly as the commands do them: ``bnscope.open``.
+
+A :class:`Job` is bound to one checkpoint and one :class:`Options` (the model, the data and
+how to run, resolved once). It loads the checkpoint, builds and fills the model and opens the
+data when an operation first needs them, runs :meth:`Job.inspect`, :meth:`Job.precise`,
+:meth:`Job.adapt` or :meth:`Job.ghost` with the commands' defaults, and returns a
+:class:`Result` whose :meth:`~Result.save` writes the structure-preserving checkpoint the CLI
+writes. ``bnscope.write_report(result.report, folder)`` (:mod:`bnscope.render`) writes the same
+report.json, figures and report.html as ``--out``. The CLI is a thin layer over this module:
+it resolves flags and the project file into :class:`Options`, calls a job, and renders.
+
+Nothing here prints: notices (an EMA copy left unused, samples left out of the last batch) go
+to ``notify`` and status lines to ``info`` (both default to nothing; the CLI passes its
+stderr writers). Messages name the library's parameters (``data=``, ``key=``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .extras import StaticExtra
+    from .io.checkpoint import Checkpoint
+    from .io.config import ProjectConfig
+    from .io.data import DataSource, ImageOptions
+    from .records import Report
+
+Notify = Callable[[str], None]
+Progress = Callable[[int, "int | None"], None]
+
+#: file-name tags of written checkpoints: ``ckpt.precise.pt``, ``ckpt.adapted.pt``
+OUTPUT_TAGS = {"precise": "precise", "adapt": "adapted"}
+#: the model spec reported for a trusted whole module loaded from the checkpoint
+WHOLE_MODULE = "(whole module from the checkpoint)"
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every option of a job, resolved once (the CLI: flags over the project file over these
+    defaults, which are the commands' defaults).
+
+    ``model`` is a spec (``pkg.module:factory``, ``file.py:factory``) or a built
+    ``nn.Module``; ``data``/``eval_data`` a spec (image folder, tensor file, factory) or any
+    iterable of batches (a ``DataLoader``); ``call`` a spec or a function ``call(model,
+    batch)``. ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ``amp`` None, ``bf16``
+    or ``fp16``. ``project_file`` is reported as where the values came from."""
+
+    key: str | None = None
+    trust: bool = False
+    model: Any = None
+    model_kwargs: str | dict[str, Any] | None = None
+    data: Any = None
+    eval_data: Any = None
+    batch_size: int = 32
+    workers: int = 0
+    input_key: str | None = None
+    call: Any = None
+    image_size: int | None = None
+    resize: int | None = None
+    channels: int = 3
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    seed: int = 0
+    drop_last: bool = False
+    device: str = "auto"
+    amp: str | None = None
+    channels_last: bool = False
+    project_file: Path | None = None
+
+    def image(self) -> ImageOptions:
+        from .io.data import ImageOptions
+
+        defaults = ImageOptions()
+        return ImageOptions(
+            image_size=self.image_size,
+            resize=self.resize,
+            channels=self.channels,
+            mean=self.mean or defaults.mean,
+            std=self.std or defaults.std,
+        )
+
+
+#: options a project file may not set: they are chosen per invocation
+NOT_IN_PROJECT_FILE = frozenset({"trust", "seed", "device", "project_file"})
+
+
+def resolve_options(
+    config: ProjectConfig, given: Mapping[str, Any], *, literal: Iterable[str] = ()
+) -> Options:
+    """The one place where given values (the command line's flags), the project file and the
+    defaults meet: each option is its given value when not None, else the project file's,
+    else the default of :class:`Options`; switches (``trust``, ``channels_last``) are on
+    when given or (``channels_last`` only) set in the file. Options in ``literal`` ignore the
+    project file (``adapt``: the file's ``data`` is the source training data, not the
+    target). ``project_file`` records where values came from: it is reported."""
+    defaults = Options()
+    skip = NOT_IN_PROJECT_FILE | set(literal)
+    values: dict[str, Any] = {}
+    for option in fields(Options):
+        name = option.name
+        if name == "project_file":
+            continue
+        value = given.get(name)
+        if name in ("trust", "channels_last"):
+            values[name] = bool(value) or (name not in skip and bool(config.get(name, False)))
+            continue
+        if value is None and name not in skip:
+            value = config.get(name)
+        values[name] = getattr(defaults, name) if value is None else value
+    for name in ("mean", "std"):
+        values[name] = parse_floats(values[name], name)
+    return Options(**values, project_file=config.path)
+
+
+@dataclass
+class LoadedModel:
+    """The model with the checkpoint's weights loaded, the key prefix stripped from them, and
+    the spec it came from (for the report)."""
+
+    module: nn.Module
+    prefix: str
+    spec: str | None
+
+
+@dataclass
+class Result:
+    """What an operation returns: its :class:`~bnscope.records.Report` (the ``--json``
+    document; ``bnscope.write_report(result, folder)`` writes it as ``--out`` does) and, for
+    precise and adapt, the new BN buffers, which :meth:`save` writes into a copy of the
+    checkpoint (same structure and format)."""
+
+    report: Report
+    job: Job
+    updates: dict[str, Any] = field(default_factory=dict)
+    output: Path | None = None  # where save() writes by default
+    force: bool = False
+
+    def save(self, path: str | Path | None = None, *, force: bool | None = None) -> Path:
+        """Write the checkpoint with the new statistics, as ``bnscope precise``/``adapt``
+        write it: atomically, never over the input, an existing file only with ``force=True``
+        (default: the job's). Default path: the one the operation was given, else next to the
+        input with ``.precise``/``.adapted`` before the suffix. The report's ``output`` is
+        updated."""
+        from .io.checkpoint import save_checkpoint
+
+        if self.report.command not in OUTPUT_TAGS:
+            raise UsageError(
+                f"a {self.report.command} result has no checkpoint to save",
+                "bnscope.write_report(result, folder) writes its report",
+            )
+        target = Path(path) if path is not None else self.output
+        if target is None:
+            raise UsageError(
+                "this job has no checkpoint file to write next to", "pass path= to save()"
+            )
+        written = save_checkpoint(
+            self.job.checkpoint, self.updates, target, force=self.force if force is None else force
+        )
+        self.report = replace(self.report, extra={**self.report.extra, "output": str(written)})
+        return written
+
+
+class Job:
+    """One checkpoint with its model and data (see the module docstring).
+
+    ``checkpoint`` may be None for a job whose model is a live ``nn.Module`` (nothing to load
+    or save)."""
+
+    def __init__(
+        self,
+        checkpoint: str | Path | None,
+        options: Options | None = None,
+        *,
+        notify: Notify | None = None,
+        info: Notify | None = None,
+    ) -> None:
+        self.path = Path(checkpoint) if checkpoint is not None else None
+        self.options = options or Options()
+        self.notify: Notify = notify or (lambda message: None)
+        self.info: Notify = info or (lambda message: None)
+        self._checkpoint: Checkpoint | None = None
+        self._model: LoadedModel | None = None
+        self._model_built = False
+        self._run: dict[str, Any] | None = None
+        self._device: tuple[str, str | None] | None = None
+
+    # -- inputs ---------------------------------------------------------------------------
+    @property
+    def checkpoint(self) -> Checkpoint:
+        """The loaded checkpoint (loaded on first use)."""
+        if self._checkpoint is None:
+            from .io.checkpoint import load_checkpoint
+
+            if self.path is None:
+                raise UsageError("this job has no checkpoint", "pass checkpoint= to bnscope.open")
+            self._checkpoint = load_checkpoint(
+                self.path, key=self.options.key, trust=self.options.trust
+            )
+        return self._checkpoint
+
+    def check_run(self) -> tuple[str, str | None]:
+        """``device`` and ``amp`` resolved and checked (before anything is loaded): a device
+        that does not exist or an autocast dtype it cannot run is one error up front."""
+        if self._device is None:
+            from .engine.runner import amp_spec, device_spec
+
+            device = device_spec(self.options.device)
+            self._device = (device, amp_spec(self.options.amp, device))
+        return self._device
+
+    def run_options(self) -> dict[str, Any]:
+        """``device``, ``amp``, ``channels_last``, ``call`` and ``input_key`` for the engine,
+        checked once (before anything is loaded)."""
+        if self._run is None:
+            device, amp = self.check_run()
+            self._run = {
+                "device": device,
+                "amp": amp,
+                "channels_last": bool(self.options.channels_last),
+                "call": self._call(),
+                "input_key": self.options.input_key,
+            }
+        return self._run
+
+    def _call(self) -> Any:
+        call = self.options.call
+        if call is None or callable(call):
+            return call
+        from .io.modelspec import resolve_spec
+
+        fn = resolve_spec(str(call), UsageError, "call")
+        if not callable(fn):
+            raise UsageError(
+                f"call={call} is a {type(fn).__name__}, not a function",
+                "point call= at a function call(model, batch) that returns the model's output",
+            )
+        return fn
+
+    def model(self) -> LoadedModel | None:
+        """The model filled with the checkpoint's weights (strict), or None without model
+        code (no ``model`` and no trusted whole module in the checkpoint). A checkpoint with
+        several networks: the one the model fits (the raw weights before an identical EMA
+        copy), with a notice about the EMA copy left unused."""
+        if self._model_built:
+            return self._model
+        from torch import nn
+
+        from .io.checkpoint import load_into_model
+        from .io.modelspec import build_model
+
+        spec, kwargs = self.options.model, self.options.model_kwargs
+        if isinstance(spec, nn.Module):
+            if kwargs:
+                raise UsageError("model_kwargs= given with a built model", "drop model_kwargs=")
+            prefix = ""
+            if self.path is not None:
+                prefix = load_into_model(spec, self.checkpoint.state_dict, key=self.checkpoint.key)
+                self._notice_ema(prefix)
+            self._model = LoadedModel(spec, prefix, type(spec).__name__)
+        elif spec is None:
+            ckpt = self.checkpoint
+            if kwargs:
+                raise UsageError("model_kwargs= given without model=", "add model=SPEC")
+            if ckpt.format == "module" and ckpt.module is not None:
+                self._model = LoadedModel(ckpt.module, "", WHOLE_MODULE)
+            else:
+                self._model = None
+        else:
+            ckpt = self.checkpoint
+            if ckpt.format == "torchscript":
+                raise UsageError(
+                    "a TorchScript archive cannot be loaded into a model= (its weights are "
+                    "inspected statically)",
+                    "drop model=, or save the model's state_dict() and use that",
+                )
+            module = build_model(str(spec), kwargs)
+            prefix = load_into_model(module, ckpt.state_dict, key=ckpt.key)
+            self._notice_ema(prefix)
+            self._model = LoadedModel(module, prefix, str(spec))
+        self._model_built = True
+        return self._model
+
+    def _notice_ema(self, prefix: str) -> None:
+        notice = self.checkpoint.ema_notice(prefix)
+        if notice:
+            self.notify(notice)
+
+    def _require_model(self, operation: str) -> LoadedModel:
+        loaded = self.model()
+        if loaded is None:
+            raise UsageError(
+                f"{operation} runs the model: it needs model=pkg.module:factory or "
+                "file.py:factory",
+                "pass model= (or set model in bnscope.toml)",
+            )
+        return loaded
+
+    def source(
+        self, data: Any, role: str = "data", *, shard: bool = True, shuffle: bool = True
+    ) -> DataSource:
+        """``data`` (a spec or an iterable of batches) as a :class:`~bnscope.io.data.DataSource`:
+        built-in specs are read shuffled (seeded by ``seed``: batch statistics need i.i.d.
+        batches) and in the same order on every reading; under ``torchrun`` each rank gets its
+        share when ``shard``. A last batch of 1 sample is left out (BatchNorm cannot normalize
+        it), every incomplete one with ``drop_last``; either is announced. ``role`` names the
+        option in messages (``data``, ``eval_data``)."""
+        from .engine.distributed import get_rank, get_world_size, is_initialized
+        from .io.data import DataSource, load_data
+
+        if data is None:
+            raise UsageError(f"{role}= is required here", f"pass {role}=SPEC")
+        if not isinstance(data, (str, Path)):
+            return DataSource(data, f"{type(data).__name__} object", "iterable", None, None)
+        o = self.options
+        rank, world_size = (get_rank(), get_world_size()) if shard and is_initialized() else (0, 1)
+        source = load_data(
+            str(data),
+            batch_size=o.batch_size,
+            workers=o.workers,
+            image=o.image(),
+            shuffle=shuffle,
+            seed=o.seed,
+            drop_last=o.drop_last,
+            drop_single=True,  # a last batch of 1 sample: BatchNorm cannot normalize it
+            rank=rank,
+            world_size=world_size,
+            same_order=True,  # inspect and ghost read it twice, inspect pairs the passes
+        )
+        self._notice_dropped(source, role, rank, world_size)
+        if world_size > 1 and source.kind == "factory" and not _factory_shards(str(data)):
+            self.notify(
+                f"{role}={data} does not take rank and world_size, so each of the {world_size} "
+                "ranks reads all of its batches (statistics stay exact; the work is repeated)"
+            )
+        return source
+
+    def _notice_dropped(self, source: DataSource, role: str, rank: int, world_size: int) -> None:
+        from .io.data import DROP_SINGLE
+
+        if source.kind == "factory":
+            if self.options.drop_last:
+                self.notify(
+                    f"drop_last=True does not apply to {role}= {source.description}: a data "
+                    "factory batches itself (let its DataLoader drop the incomplete last batch)"
+                )
+            return
+        if not source.dropped_samples:
+            return
+        total = (source.num_samples or 0) + source.dropped_samples
+        where = f" on rank {rank} of {world_size}" if world_size > 1 else ""
+        size = self.options.batch_size
+        if source.dropped_reason == DROP_SINGLE:
+            self.notify(
+                f"{role}=: left out the last batch of 1 sample{where} ({total} samples in "
+                f"batches of {size}): BatchNorm cannot normalize a single sample with batch "
+                "statistics (a batch_size= that leaves no batch of 1 uses every sample)"
+            )
+        else:
+            count = source.dropped_samples
+            self.info(
+                f"{role}=: drop_last=True left out the incomplete last batch of {count} "
+                f"sample{'s' if count != 1 else ''}{where} ({total} samples in batches of "
+                f"{size})"
+            )
+
+    def describe_run(self) -> str:
+        """"cuda:0, bf16 autocast, channels-last" for status lines."""
+        run = self.run_options()
+        parts = [run["device"]]
+        if run["amp"]:
+            parts.append(f"{run['amp']} autocast")
+        if run["channels_last"]:
+            parts.append("channels-last")
+        return ", ".join(parts)
+
+    def base_extra(self, loaded: LoadedModel, source: DataSource | None) -> dict[str, Any]:
+        """The report keys every model-running operation shares."""
+        run = self.run_options()
+        extra: dict[str, Any] = {}
+        if self.path is not None:
+            ckpt = self.checkpoint
+            extra.update({"format": ckpt.format, "key": ckpt.key, "prefix": loaded.prefix})
+            extra.update(ckpt.network_info(loaded.prefix))
+        extra.update(
+            {
+                "model": loaded.spec,
+                "project_file": str(self.options.project_file)
+                if self.options.project_file
+                else None,
+            }
+        )
+        if source is not None:
+            extra.update(
+                {
+                    "data": source.description,
+                    "dropped_samples": source.dropped_samples,
+                    "dropped_reason": source.dropped_reason,
+                }
+            )
+        extra.update(
+            {"device": run["device"], "amp": run["amp"], "channels_last": run["channels_last"]}
+        )
+        return extra
+
+    def _output(self, operation: str, output: str | Path | None, force: bool) -> Path | None:
+        """Where precise/adapt write, checked before anything runs (nothing runs if it would
+        be refused)."""
+        from .io.checkpoint import check_output, default_output_path
+
+        if self.path is None:
+            return Path(output) if output is not None else None
+        out = Path(output) if output is not None else default_output_path(
+            self.path, OUTPUT_TAGS[operation]
+        )
+        if self.path.exists():
+            check_output(self.path, out, force=force)
+        return out
+
+    def _checked_model(self, operation: str, include_frozen: bool | None) -> LoadedModel:
+        import torch
+
+        self.run_options()  # device, amp and call= are checked before anything is loaded
+        torch.manual_seed(self.options.seed)
+        loaded = self._require_model(operation)
+        require_batchnorm(loaded.module, operation, include_frozen)
+        return loaded
+
+    def _report(self, result: Report, extra: dict[str, Any]) -> Report:
+        from .records import Report
+
+        return Report(
+            command=result.command,
+            checkpoint=str(self.path) if self.path is not None else None,
+            layers=result.layers,
+            findings=result.findings,
+            extra=extra,
+            arrays=result.arrays,
+        )
+
+    # -- operations -------------------------------------------------------------------------
+    def _static(self) -> Report:
+        """The static report: from the buffers (and the model's momentum and eps when there
+        is model code); a checkpoint holding several networks is reported on the one the
+        model fits, without a model on the raw network, with every network listed."""
+        from .io.checkpoint import common_prefix, strip_prefix
+        from .ops.static import static_inspect
+
+        ckpt = self.checkpoint
+        loaded = self.model()
+        extra: StaticExtra = {
+            "format": ckpt.format,
+            "key": ckpt.key,
+            "prefix": loaded.prefix if loaded else "",
+            "model": loaded.spec if loaded else None,
+            "project_file": str(self.options.project_file) if self.options.project_file else None,
+        }
+        fix = recompute_fix(str(self.path), loaded.spec if loaded else None)
+        if loaded is not None:
+            extra.update(ckpt.network_info(loaded.prefix))
+            return static_inspect(
+                loaded.module, checkpoint=str(self.path), recompute_fix=fix, extra=extra
+            )
+        state = ckpt.state_dict
+        chosen = ckpt.default_network()  # several networks: the raw one
+        base = chosen.prefix if chosen is not None else ""
+        if chosen is not None:
+            state = ckpt.network_state(chosen)
+        prefix = common_prefix(state.keys())
+        extra["prefix"] = base + prefix
+        extra.update(ckpt.network_info(base + prefix))
+        self._notice_ema(base + prefix)
+        state = strip_prefix(state, prefix) if prefix else state
+        return static_inspect(state, checkpoint=str(self.path), recompute_fix=fix, extra=extra)
+
+    def inspect(
+        self,
+        batches: int | None = None,
+        *,
+        static: bool = False,
+        progress: Progress | None = None,
+    ) -> Result:
+        """The dynamic report (EMA staleness, train/test consistency, layer usage) when the
+        job has model code and ``data``, else (or with ``static=True``) the static one."""
+        if static or self.options.data is None:
+            return Result(self._static(), self)
+        self.run_options()
+        import torch
+
+        torch.manual_seed(self.options.seed)
+        loaded = self.model()
+        if loaded is None:
+            return Result(self._static(), self)
+        from .ops.inspect import inspect
+
+        source = self.source(self.options.data)
+        self.info(f"dynamic inspection on {source.description} ({self.describe_run()})")
+        result = inspect(
+            loaded.module, source, batches, progress=progress, **self.run_options()
+        )
+        return Result(
+            self._report(result, {**self.base_extra(loaded, source), **result.extra}), self
+        )
+
+    def precise(
+        self,
+        batches: int | None = None,
+        *,
+        output: str | Path | None = None,
+        force: bool = False,
+        include_frozen: bool = False,
+        progress: Progress | None = None,
+    ) -> Result:
+        """Precise BN on ``data`` (and, with ``eval_data``, accuracy and agreement before and
+        after). ``output`` (default: ``CKPT.precise.pt`` next to the input) is checked first;
+        :meth:`Result.save` writes it."""
+        from .engine.distributed import local_batchnorm
+        from .engine.evaluate import compare_models
+        from .ops.precise import precise_bn
+
+        if self.options.data is None:
+            raise UsageError("precise needs data= (the training data)", "pass data=SPEC")
+        self.run_options()
+        out = self._output("precise", output, force)
+        loaded = self._checked_model("precise", include_frozen)
+        source = self.source(self.options.data)
+        evaluation = self._evaluation()
+        original = copy.deepcopy(loaded.module) if evaluation is not None else None
+        self.info(f"Precise BN on {source.description} ({self.describe_run()})")
+        result = precise_bn(
+            loaded.module, source, batches, progress=progress, include_frozen=include_frozen,
+            **self.run_options(),
+        )  # fmt: skip
+        extra: dict[str, Any] = {**self.base_extra(loaded, source), **result.extra}
+        if evaluation is not None and original is not None:
+            self.info(f"evaluating before/after on {evaluation.description}")
+            with local_batchnorm(original, loaded.module):
+                comparison = compare_models(
+                    original, loaded.module, evaluation, **self.run_options()
+                )
+            extra["metrics"] = {"data": evaluation.description, **comparison.to_dict()}
+        extra["output"] = str(out) if out is not None else None
+        return Result(
+            self._report(result, extra), self,
+            bn_updates(loaded.module, result.layers, loaded.prefix), out, force,
+        )  # fmt: skip
+
+    def _evaluation(self, eval_data: Any = None) -> DataSource | None:
+        spec = eval_data if eval_data is not None else self.options.eval_data
+        if spec is None:
+            return None
+        # every rank evaluates all of it, so every rank computes the same metrics
+        return self.source(spec, "eval_data", shard=False)
+
+    def adapt(
+        self,
+        target: Any,
+        *,
+        prior: float = 0.0,
+        batches: int | None = None,
+        eval_data: Any = None,
+        output: str | Path | None = None,
+        force: bool = False,
+        include_frozen: bool = False,
+        progress: Progress | None = None,
+    ) -> Result:
+        """Adaptive BN on ``target`` (unlabeled target-domain data; the job's ``data`` is the
+        source training data and is not used), mixed with the source statistics as ``prior``
+        pseudo samples. ``eval_data`` (labelled target data) compares source statistics,
+        adapted statistics and test-time batch statistics."""
+        from .engine.distributed import local_batchnorm
+        from .engine.evaluate import evaluate_models
+        from .ops.adapt import adapt_bn
+
+        if target is None:
+            raise UsageError("adapt needs target= (unlabeled target-domain data)",
+                             "pass target=SPEC")  # fmt: skip
+        prior = float(prior)  # reported as a float, however given
+        if prior < 0:
+            raise UsageError(f"prior= must be >= 0, got {prior}", "e.g. prior=16")
+        self.run_options()
+        out = self._output("adapt", output, force)
+        loaded = self._checked_model("adapt", include_frozen)
+        source = self.source(target)
+        evaluation = self._evaluation(eval_data) if eval_data is not None else None
+        original = copy.deepcopy(loaded.module) if evaluation is not None else None
+        self.info(
+            f"Adaptive BN on {source.description} (prior {prior:g}, {self.describe_run()})"
+        )
+        result = adapt_bn(
+            loaded.module, source, prior, batches, progress=progress,
+            include_frozen=include_frozen, **self.run_options(),
+        )  # fmt: skip
+        extra: dict[str, Any] = {**self.base_extra(loaded, source), **result.extra}
+        if evaluation is not None and original is not None:
+            self.info(f"evaluating on {evaluation.description}")
+            models = {
+                "source": original,
+                "adapted": loaded.module,
+                "batch_stats": copy.deepcopy(original),
+            }
+            with local_batchnorm(*models.values()):
+                ev = evaluate_models(
+                    models, evaluation, modes={"batch_stats": "batch"}, **self.run_options()
+                )
+            extra["metrics"] = {"data": evaluation.description, **ev.to_dict()}
+            if not ev.has_labels:
+                self.notify(
+                    f"{evaluation.description} has no usable labels: reporting agreement with "
+                    "the source model instead of accuracy"
+                )
+        extra["output"] = str(out) if out is not None else None
+        return Result(
+            self._report(result, extra), self,
+            bn_updates(loaded.module, result.layers, loaded.prefix), out, force,
+        )  # fmt: skip
+
+    def ghost(
+        self,
+        sizes: Iterable[int] | str = (2, 4, 8, 16, 32),
+        batches: int | None = None,
+        *,
+        progress: Progress | None = None,
+    ) -> Result:
+        """The normalization-batch-size analysis on ``data``."""
+        from .ops.ghost import ghost_analysis, parse_sizes
+
+        wanted = parse_sizes(sizes)
+        if self.options.data is None:
+            raise UsageError("ghost needs data= (batches to split into ghost batches)",
+                             "pass data=SPEC")  # fmt: skip
+        loaded = self._checked_model("ghost", None)
+        source = self.source(self.options.data)
+        self.info(
+            f"ghost-size analysis on {source.description} ({self.describe_run()}), sizes {wanted}"
+        )
+        result = ghost_analysis(
+            loaded.module, source, wanted, batches, progress=progress, **self.run_options()
+        )
+        return Result(
+            self._report(result, {**self.base_extra(loaded, source), **result.extra}), self
+        )
+
+
+def open(  # noqa: A001 - the library's entry point, named as the README uses it
+    checkpoint: str | Path | None = None,
+    *,
+    model: str | nn.Module | None = None,
+    model_kwargs: str | dict[str, Any] | None = None,
+    data: Any = None,
+    eval_data: Any = None,
+    key: str | None = None,
+    trust: bool = False,
+    batch_size: int = 32,
+    workers: int = 0,
+    input_key: str | None = None,
+    call: str | Callable[..., Any] | None = None,
+    image_size: int | None = None,
+    resize: int | None = None,
+    channels: int = 3,
+    mean: str | Sequence[float] | None = None,
+    std: str | Sequence[float] | None = None,
+    seed: int = 0,
+    drop_last: bool = False,
+    device: str = "auto",
+    amp: str | None = None,
+    channels_last: bool = False,
+    notify: Notify | None = None,
+    info: Notify | None = None,
+) -> Job:
+    """A :class:`Job` on ``checkpoint`` (a checkpoint file; None with a live ``model``) with
+    the commands' options and defaults (see :class:`Options`). Nothing is loaded until an
+    operation needs it; ``device`` and ``amp`` are checked by the first operation before
+    anything runs. ``notify`` receives notices (an EMA copy left unused, samples left out),
+    ``info`` status lines.
+
+    >>> job = bnscope.open("runs/ckpt.pt", model="model.py:make_model", data="data/train")
+    >>> job.precise(batches=100).save()          # runs/ckpt.precise.pt, like bnscope precise
+    """
+    options = Options(
+        key=key,
+        trust=trust,
+        model=model,
+        model_kwargs=model_kwargs,
+        data=data,
+        eval_data=eval_data,
+        batch_size=batch_size,
+        workers=workers,
+        input_key=input_key,
+        call=call,
+        image_size=image_size,
+        resize=resize,
+        channels=channels,
+        mean=parse_floats(mean, "mean"),
+        std=parse_floats(std, "std"),
+        seed=seed,
+        drop_last=drop_last,
+        device=device,
+        amp=amp,
+        channels_last=channels_last,
+    )
+    return Job(checkpoint, options, notify=notify, info=info)
+
+
+def parse_floats(text: str | Sequence[float] | None, name: str) -> tuple[float, ...] | None:
+    """``'0.5,0.5,0.5'`` (or a list) -> ``(0.5, 0.5, 0.5)``."""
+    if text is None:
+        return None
+    if isinstance(text, str):
+        items: list[Any] = [t for t in text.replace(" ", "").split(",") if t]
+    else:
+        items = list(text)
+    try:
+        values = tuple(float(t) for t in items)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(
+            f"{name}= must be comma-separated numbers, got {text!r}", f"e.g. {name}=0.5,0.5,0.5"
+        ) from exc
+    if not values:
+        raise UsageError(f"{name}= is empty", f"e.g. {name}=0.5,0.5,0.5")
+    return values
+
+
+def recompute_fix(path: str, spec: str | None) -> str:
+    """The fix of static findings: the command that recomputes the statistics."""
+    model = spec if spec and not spec.startswith("(") else "SPEC"
+    return f"recompute the statistics: bnscope precise {path} --model {model} --data TRAIN_DATA"
+
+
+def require_batchnorm(model: Any, operation: str, include_frozen: bool | None = None) -> None:
+    """precise, adapt and ghost have nothing to do on a model without BN layers: one error
+    before anything runs. Frozen BN layers count; for precise and adapt
+    (``include_frozen`` not None) a model whose BN layers are all frozen needs
+    ``include_frozen=True``."""
+    from .engine.capture import is_batchnorm, is_frozen_batchnorm
+
+    frozen = [m for m in model.modules() if is_frozen_batchnorm(m)]
+    if any(is_batchnorm(m) for m in model.modules()):
+        return
+    if not frozen:
+        raise UsageError(
+            f"the model has no BatchNorm layer: {operation} has nothing to do",
+            "check model= (inspect on the checkpoint lists the BN layers it holds)",
+        )
+    kind = type(frozen[0]).__name__
+    if operation == "ghost":
+        raise UsageError(
+            f"every BN layer of the model is frozen ({len(frozen)} {kind}): frozen layers "
+            "normalize with their stored statistics at every batch size, so ghost has nothing "
+            "to analyse",
+            "inspect with data= measures frozen statistics against the data",
+        )
+    if include_frozen is False:
+        raise UsageError(
+            f"every BN layer of the model is frozen ({len(frozen)} {kind}): {operation} keeps "
+            "frozen statistics unless asked",
+            "pass include_frozen=True to re-estimate them (inspect with data= measures them "
+            "against the data)",
+        )
+
+
+def bn_updates(model: Any, layers: Any, prefix: str) -> dict[str, Any]:
+    """Checkpoint keys -> new running_mean/running_var of the layers with status updated."""
+    from .records import module_name
+
+    modules = dict(model.named_modules())
+    updates: dict[str, Any] = {}
+    for rec in layers:
+        if rec.status != "updated":
+            continue
+        name = module_name(rec.name)
+        mod = modules[name]
+        base = f"{prefix}{name}." if name else prefix
+        updates[f"{base}running_mean"] = mod.running_mean.detach().cpu()
+        updates[f"{base}running_var"] = mod.running_var.detach().cpu()
+    return updates
+
+
+def _factory_shards(spec: str) -> bool:
+    """Whether a data factory's signature takes ``rank`` and ``world_size``."""
+    import inspect
+
+    from .errors import DataError
+    from .io.modelspec import resolve_spec
+
+    try:
+        obj = resolve_spec(spec, DataError, "data")
+        params = inspect.signature(obj).parameters if callable(obj) else {}
+    except Exception:  # noqa: BLE001 - only for a notice
+        return True
+    return "rank" in params and "world_size" in params
