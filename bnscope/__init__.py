@@ -26,9 +26,11 @@ if TYPE_CHECKING:  # the same names as _API, for type checkers and IDEs
     from .engine.evaluate import compare_models, evaluate_models
     from .engine.stats import MomentAccumulator
     from .errors import BnscopeError, CheckpointError, DataError, ModelError, UsageError
-    from .io.checkpoint import load_checkpoint, load_into_model, save_checkpoint
+    from .io.checkpoint import load_checkpoint
     from .io.data import load_data
+    from .io.fitting import load_into_model
     from .io.modelspec import build_model
+    from .io.saving import save_checkpoint
     from .ops.adapt import adapt_bn
     from .ops.corruptions import corrupt
     from .ops.ghost import ghost_analysis
@@ -55,8 +57,8 @@ _API = {
     "corrupt": "bnscope.ops.corruptions",
     "compare_models": "bnscope.engine.evaluate",
     "load_checkpoint": "bnscope.io.checkpoint",
-    "save_checkpoint": "bnscope.io.checkpoint",
-    "load_into_model": "bnscope.io.checkpoint",
+    "save_checkpoint": "bnscope.io.saving",
+    "load_into_model": "bnscope.io.fitting",
     "load_data": "bnscope.io.data",
     "build_model": "bnscope.io.modelspec",
     "BNCapture": "bnscope.engine.capture",

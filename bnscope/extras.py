@@ -143,7 +143,7 @@ class GhostSizeDict(TypedDict):
 
 class NetworkDict(TypedDict):
     """One network of a checkpoint holding several (an EMA copy next to the raw weights):
-    :meth:`bnscope.io.checkpoint.Network.to_dict`."""
+    :meth:`bnscope.io.statedict.Network.to_dict`."""
 
     key: str | None
     prefix: str

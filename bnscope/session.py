@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from .extras import StaticExtra
     from .io.checkpoint import Checkpoint
     from .io.config import ProjectConfig
-    from .io.data import DataSource, ImageOptions
+    from .io.data import DataSource
+    from .io.images import ImageOptions
     from .records import Report
 
 Notify = Callable[[str], None]
@@ -76,7 +77,7 @@ class Options:
     project_file: Path | None = None
 
     def image(self) -> ImageOptions:
-        from .io.data import ImageOptions
+        from .io.images import ImageOptions
 
         defaults = ImageOptions()
         return ImageOptions(
@@ -149,7 +150,7 @@ class Result:
         (default: the job's). Default path: the one the operation was given, else next to the
         input with ``.precise``/``.adapted`` before the suffix. The report's ``output`` is
         updated."""
-        from .io.checkpoint import save_checkpoint
+        from .io.saving import save_checkpoint
 
         if self.report.command not in OUTPUT_TAGS:
             raise UsageError(
@@ -253,7 +254,7 @@ class Job:
             return self._model
         from torch import nn
 
-        from .io.checkpoint import load_into_model
+        from .io.fitting import load_into_model
         from .io.modelspec import build_model
 
         spec, kwargs = self.options.model, self.options.model_kwargs
@@ -413,7 +414,7 @@ class Job:
     def _output(self, operation: str, output: str | Path | None, force: bool) -> Path | None:
         """Where precise/adapt write, checked before anything runs (nothing runs if it would
         be refused)."""
-        from .io.checkpoint import check_output, default_output_path
+        from .io.saving import check_output, default_output_path
 
         if self.path is None:
             return Path(output) if output is not None else None
@@ -450,7 +451,8 @@ class Job:
         """The static report: from the buffers (and the model's momentum and eps when there
         is model code); a checkpoint holding several networks is reported on the one the
         model fits, without a model on the raw network, with every network listed."""
-        from .io.checkpoint import common_prefix, strip_prefix
+        from .io.fitting import strip_prefix
+        from .io.statedict import common_prefix
         from .ops.static import static_inspect
 
         ckpt = self.checkpoint

@@ -1,4 +1,5 @@
-"""Tests for bnscope.io.checkpoint: every supported checkpoint form, errors, and atomic saving."""
+"""Tests for bnscope.io.checkpoint, statedict, fitting and saving: every supported checkpoint
+form, errors, and atomic saving."""
 
 from __future__ import annotations
 
@@ -19,19 +20,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from bnscope.errors import CheckpointError, ModelError
-from bnscope.io.checkpoint import (
-    KNOWN_PREFIXES,
-    WRAPPER_KEYS,
-    Checkpoint,
-    common_prefix,
-    default_output_path,
-    load_checkpoint,
-    load_into_model,
-    locate_state_dict,
-    match_to_model,
-    save_checkpoint,
-    strip_prefix,
-)
+from bnscope.io.checkpoint import Checkpoint, load_checkpoint
+from bnscope.io.fitting import load_into_model, match_to_model, strip_prefix
+from bnscope.io.saving import default_output_path, save_checkpoint
+from bnscope.io.statedict import KNOWN_PREFIXES, WRAPPER_KEYS, common_prefix, locate_state_dict
 
 BN_KEYS = ("1.running_mean", "1.running_var")
 

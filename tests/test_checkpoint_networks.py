@@ -16,13 +16,10 @@ import torch
 from torch import nn
 
 from bnscope.errors import CheckpointError, ModelError
-from bnscope.io.checkpoint import (
-    Network,
-    find_networks,
-    load_checkpoint,
-    load_into_model,
-    save_checkpoint,
-)
+from bnscope.io.checkpoint import load_checkpoint
+from bnscope.io.fitting import load_into_model
+from bnscope.io.saving import save_checkpoint
+from bnscope.io.statedict import Network, find_networks
 
 from .conftest import tiny_spec, trained_tiny
 from .test_cli_inspect import one_error_line, run

@@ -91,7 +91,7 @@ def test_parameter_table_is_the_published_cifar10c_one():
 
 
 def test_image_suffixes_match_the_data_loader():
-    from bnscope.io.data import IMAGE_SUFFIXES
+    from bnscope.io.images import IMAGE_SUFFIXES
 
     assert set(bc.IMAGE_SUFFIXES) == set(IMAGE_SUFFIXES)
 

@@ -1,4 +1,5 @@
-"""Tests for bnscope.io.data: --data specs, batches, errors. All data is generated in tmp_path."""
+"""Tests for bnscope.io.data, images, tensorfiles, factories and batches: --data specs, batches,
+errors. All data is generated in tmp_path."""
 
 from __future__ import annotations
 
@@ -17,16 +18,9 @@ from PIL import Image
 from torch import nn
 
 from bnscope.errors import DataError
-from bnscope.io.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DataSource,
-    ImageFolderDataset,
-    ImageOptions,
-    load_data,
-    move_to,
-    split_batch,
-)
+from bnscope.io.batches import move_to, split_batch
+from bnscope.io.data import DataSource, load_data
+from bnscope.io.images import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, ImageOptions
 
 MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)
 STD = torch.tensor(IMAGENET_STD, dtype=torch.float32)

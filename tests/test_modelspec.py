@@ -41,7 +41,7 @@ def test_is_python_spec(spec, expected):
 )
 def test_one_grammar_for_model_data_and_call_specs(spec, parts, tmp_path, monkeypatch):
     """Data factory specs are told from paths with modelspec's grammar (no second parser)."""
-    from bnscope.io.data import _factory_parts
+    from bnscope.io.factories import _factory_parts
     from bnscope.io.modelspec import split_spec
 
     monkeypatch.chdir(tmp_path)  # none of these is an existing path here

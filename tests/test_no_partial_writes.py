@@ -4,7 +4,7 @@ unchanged (docs/cli.md, section 11: temporary file, then rename).
 - Ctrl-C (a real SIGINT to ``python -m bnscope``) while ``precise``/``adapt`` read the data, and
   a data factory that raises ``KeyboardInterrupt`` itself: exit 130, one line, nothing written.
 - A data factory that raises ``RuntimeError`` after two batches: exit 2, one line, nothing.
-- :func:`bnscope.io.checkpoint.save_checkpoint` when the disk fills up (or the rename or fsync
+- :func:`bnscope.io.saving.save_checkpoint` when the disk fills up (or the rename or fsync
   fails, or Ctrl-C arrives) in the middle of writing: a one-line error naming the cause, no
   target, no temporary file; the same through the CLI.
 - An output folder that cannot be written to, through the CLI: exit 2, one line.
@@ -24,11 +24,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import bnscope.io.checkpoint as checkpoint_mod
+import bnscope.io.saving as saving_mod
 from bnscope.cli import app
 from bnscope.errors import BnscopeError, CheckpointError
-from bnscope.io.checkpoint import load_checkpoint, save_checkpoint
+from bnscope.io.checkpoint import load_checkpoint
 from bnscope.io.outputs import save_figure, write_text
+from bnscope.io.saving import save_checkpoint
 
 from .conftest import sha256, tiny_spec, trained_tiny
 
@@ -292,9 +293,9 @@ def test_save_checkpoint_disk_full(env, stage, monkeypatch):
     if stage == "write":
         monkeypatch.setattr(torch, "save", disk_full_save)
     elif stage == "fsync":
-        monkeypatch.setattr(checkpoint_mod.os, "fsync", enospc)
+        monkeypatch.setattr(saving_mod.os, "fsync", enospc)
     else:
-        monkeypatch.setattr(checkpoint_mod.os, "replace", enospc)
+        monkeypatch.setattr(saving_mod.os, "replace", enospc)
     with pytest.raises(CheckpointError) as info:
         save_checkpoint(ckpt, _updates(ckpt), target)
     line = info.value.line()
@@ -312,7 +313,7 @@ def test_save_checkpoint_safetensors_disk_full(tmp_path, monkeypatch):
     save_file({k: v.contiguous() for k, v in trained_tiny(steps=2).state_dict().items()}, src)
     digest = sha256(src)
     ckpt = load_checkpoint(src)
-    monkeypatch.setattr(checkpoint_mod.os, "fsync", enospc)
+    monkeypatch.setattr(saving_mod.os, "fsync", enospc)
     with pytest.raises(CheckpointError, match="No space left on device"):
         save_checkpoint(ckpt, _updates(ckpt), tmp_path / "w.out.safetensors")
     monkeypatch.undo()
@@ -404,7 +405,7 @@ def test_cli_unwritable_output_folder(env, command, how, monkeypatch):
             raise PermissionError(errno.EACCES, "Permission denied", kwargs.get("dir"))
 
         (run_dir / "ro").mkdir()
-        monkeypatch.setattr(checkpoint_mod.tempfile, "NamedTemporaryFile", denied)
+        monkeypatch.setattr(saving_mod.tempfile, "NamedTemporaryFile", denied)
         target, fragment = run_dir / "ro" / "out.pt", "Permission denied"
     before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
     digest = sha256(ckpt)

@@ -179,7 +179,7 @@ def test_job_keys_are_declared():
         assert run <= _keys(typed)
     assert {"metrics", "output"} <= _keys(extras.PreciseExtra) & _keys(extras.AdaptExtra)
     assert _keys(extras.SourceExtra) <= _keys(extras.StaticExtra)
-    from bnscope.io.checkpoint import Network
+    from bnscope.io.statedict import Network
 
     assert set(Network(key="k", prefix="p.", bn_layers=1).to_dict()) == _keys(extras.NetworkDict)
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import DataError, UsageError
-from ..io.data import split_batch
+from ..io.batches import split_batch
 from . import distributed
 from .capture import BNCapture, LayerStats, NonFiniteInput, RowObserver, SkippedLayer
 from .runner import Call, Runner, default_call, make_runner, model_device, placed

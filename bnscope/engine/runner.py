@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import DataError, UsageError
-from ..io.data import LABEL_KEYS, move_to, split_batch
+from ..io.batches import LABEL_KEYS, move_to, split_batch
 
 Call = Callable[[nn.Module, Any], Any]
 
@@ -38,7 +38,7 @@ AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.floa
 def default_call(model: nn.Module, batch: Any, input_key: str | None = None) -> Any:
     """The model on a batch as bnscope runs it when no ``call`` is given: the batch's inputs by
     :class:`BatchProtocol` (in ``forward``'s order; a dict batch's ``input_key`` entry when
-    set). The batch is not moved: :meth:`Runner.prepare` (or :func:`bnscope.io.data.move_to`)
+    set). The batch is not moved: :meth:`Runner.prepare` (or :func:`bnscope.io.batches.move_to`)
     does that first."""
     args, kwargs, _ = BatchProtocol.for_model(model, input_key).split(batch)
     return model(*args, **kwargs)
@@ -54,8 +54,8 @@ class BatchProtocol:
       ``forward(a, b)``), then the labels when the next item is a tensor;
     - a dict gives ``input_key``'s entry when set; otherwise, when every parameter ``forward``
       requires is a key, ``model(**entries)`` with every key that ``forward`` names; otherwise
-      the first of :data:`bnscope.io.data.INPUT_KEYS`. Labels come from the first of
-      :data:`bnscope.io.data.LABEL_KEYS` that is not an input.
+      the first of :data:`bnscope.io.batches.INPUT_KEYS`. Labels come from the first of
+      :data:`bnscope.io.batches.LABEL_KEYS` that is not an input.
 
     The sample count of a batch is the leading size of its first input tensor.
     """

@@ -101,7 +101,7 @@ SEVERITY_PARAMS: dict[str, tuple[Any, ...]] = {
     "jpeg_compression": (80, 65, 58, 50, 40),
 }
 
-#: Files :func:`corrupt_folder` treats as images (the same set as ``bnscope.io.data``).
+#: Files :func:`corrupt_folder` treats as images (the same set as ``bnscope.io.images``).
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 )

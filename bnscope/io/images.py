@@ -1,0 +1,308 @@
+"""Image folders as datasets: finding, decoding, resizing and normalizing the images.
+
+A folder of images is a ``--data`` spec (docs/cli.md, section 8): class subfolders give labels
+(ImageFolder layout), a flat folder gives none. Images are decoded with Pillow inside DataLoader
+workers, converted to RGB (or to one channel), resized and center-cropped as torchvision's
+``Resize``/``CenterCrop`` do, and normalized, as :class:`ImageOptions` says.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from bnscope.errors import DataError
+from bnscope.io._messages import _exc_line
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_SUFFIXES",
+    "ImageOptions",
+    "ImageFolderDataset",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+_DIR_FIX = (
+    "put images in class subfolders (DIR/CLASS/IMG) or directly in DIR, "
+    "or tensor shards (.pt .pth .npy .npz) directly in DIR"
+)
+_SIZE_FIX = "pass image_size=N to resize and crop"
+
+
+# --------------------------------------------------------------------------------------------
+# Options
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How image folders are decoded and preprocessed.
+
+    ``image_size`` is the center-crop size; ``None`` means no resize or crop, and then every
+    image must have the same size. ``resize`` is the length the shorter side is resized to
+    before the crop (default ``round(image_size * 8 / 7)``, so 224 -> 256). ``channels`` is 3
+    (RGB) or 1 (grayscale, Pillow mode ``"L"``). ``mean``/``std`` normalize each channel; with
+    one channel a 3-tuple is averaged, and a 1-tuple applies to every channel.
+    """
+
+    image_size: int | None = None
+    resize: int | None = None
+    channels: int = 3
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def resize_to(self) -> int | None:
+        """The shorter-side length images are resized to (``None`` without ``image_size``)."""
+        if self.image_size is None:
+            return None
+        if self.resize is not None:
+            return self.resize
+        return int(round(self.image_size * 8 / 7))
+
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """``(mean, std)`` with exactly ``channels`` entries each."""
+        return (
+            _per_channel(self.mean, self.channels, "mean"),
+            _per_channel(self.std, self.channels, "std"),
+        )
+
+    def validate(self) -> None:
+        """Raise :class:`DataError` when the options cannot be applied."""
+        if self.channels not in (1, 3):
+            raise DataError(
+                f"unsupported number of image channels: {self.channels}",
+                "use channels=3 (RGB) or channels=1 (grayscale)",
+            )
+        if self.image_size is not None and self.image_size < 1:
+            raise DataError(
+                f"image size must be positive, got {self.image_size}", "pass image_size=N >= 1"
+            )
+        if self.resize is not None:
+            if self.image_size is None:
+                raise DataError(
+                    "a resize length was given without an image size",
+                    "pass image_size=N as well (the center-crop size)",
+                )
+            if self.resize < self.image_size:
+                raise DataError(
+                    f"resize length {self.resize} is smaller than the image size "
+                    f"{self.image_size}, so the crop would not fit",
+                    "pass a resize length >= the image size, or leave it at its default",
+                )
+        _, std = self.normalization()
+        if any(not s > 0 for s in std):
+            raise DataError(f"std must be positive, got {tuple(self.std)}", "pass std= values > 0")
+
+
+def _per_channel(values: Sequence[float], channels: int, name: str) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    if channels == 1 and len(values) == 3:
+        return (sum(values) / 3.0,)
+    raise DataError(
+        f"{name}= has {len(values)} values but images have {channels} channels",
+        f"pass one value or {channels} values to {name}=",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Errors raised inside DataLoader workers
+
+
+class _SampleError(DataError):
+    """A :class:`DataError` raised while reading one sample, possibly in a worker process.
+
+    torch re-raises a worker's exception in the main process as ``type(exc)(text)``, where
+    ``text`` is "Caught ... in DataLoader worker process N." followed by the worker's whole
+    traceback. This class recovers the original one-line message and fix from the traceback's
+    last line, so the user still sees one clean line. Fixes given to it contain no ``"; "``.
+    """
+
+    def __init__(self, message: str, fix: str | None = None) -> None:
+        if fix is None and message.startswith("Caught "):
+            message, fix = _unwrap_worker_text(message)
+        super().__init__(message, fix)
+
+
+def _unwrap_worker_text(text: str) -> tuple[str, str | None]:
+    lines = [line for line in text.splitlines() if line.strip()]
+    last = lines[-1] if lines else text
+    marker = f"{_SampleError.__name__}: "
+    if marker not in last:
+        return text, None
+    line = last.split(marker, 1)[1].strip()
+    message, sep, fix = line.rpartition("; ")
+    if not sep:
+        return line, None
+    return message, fix
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _is_image(name: str) -> bool:
+    return not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def _walk_images(folder: Path) -> list[Path]:
+    """Image files under ``folder``, recursively, in torchvision's order; hidden entries skipped."""
+    found: list[Path] = []
+    for root, _, files in sorted(os.walk(folder, followlinks=True)):
+        if any(_is_hidden(part) for part in Path(root).relative_to(folder).parts):
+            continue
+        found.extend(Path(root) / name for name in sorted(files) if _is_image(name))
+    return found
+
+
+def _has_images(folder: Path) -> bool:
+    """Whether any image file lies under ``folder``; stops at the first one."""
+    for _, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not _is_hidden(d)]
+        if any(_is_image(name) for name in files):
+            return True
+    return False
+
+
+def _scan_image_folder(root: Path) -> tuple[list[Path], list[int] | None, list[str] | None]:
+    """``(files, labels, classes)``; labels and classes are ``None`` for a flat folder."""
+    loose: list[Path] = []
+    subdirs: list[Path] = []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if _is_hidden(entry.name):
+            continue
+        if entry.is_dir():
+            subdirs.append(Path(entry.path))
+        elif entry.is_file() and _is_image(entry.name):
+            loose.append(Path(entry.path))
+    per_class = {d.name: _walk_images(d) for d in subdirs}
+    with_images = [name for name, files in per_class.items() if files]
+    if loose and with_images:
+        raise DataError(
+            f"{root} mixes loose images ({len(loose)}, e.g. {loose[0].name}) with class "
+            f"subfolders ({len(with_images)}, e.g. {with_images[0]})",
+            "put every image in a class subfolder (labelled) or all directly in the folder "
+            "(unlabelled)",
+        )
+    if loose:
+        return loose, None, None
+    if not with_images:
+        raise DataError(f"no images found in {root}", _DIR_FIX.replace("DIR", str(root)))
+    classes = sorted(per_class)
+    files: list[Path] = []
+    labels: list[int] = []
+    for index, name in enumerate(classes):
+        files.extend(per_class[name])
+        labels.extend([index] * len(per_class[name]))
+    return files, labels, classes
+
+
+_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+_READ_FIX = "remove or replace the file, or point data= at a folder without it"
+
+
+def _read_error(path: Path, exc: BaseException) -> _SampleError:
+    if isinstance(exc, UnidentifiedImageError):
+        detail = "not an image, or a format Pillow cannot read"
+    else:
+        detail = _exc_line(exc)
+    return _SampleError(f"cannot read image {path} ({detail})", _READ_FIX)
+
+
+def _open_image(path: Path, mode: str) -> Image.Image:
+    """Decode ``path`` fully and convert it to ``mode``, as torchvision's ``pil_loader``."""
+    try:
+        with Image.open(path) as img:
+            return img.convert(mode)
+    except _READ_ERRORS as exc:
+        raise _read_error(path, exc) from exc
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` from the header alone."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except _READ_ERRORS as exc:
+        raise _read_error(path, exc) from exc
+
+
+def _resize_center_crop(img: Image.Image, size: int, resize: int) -> Image.Image:
+    """torchvision ``Resize(resize)`` (bilinear) then ``CenterCrop(size)`` on a PIL image."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = resize, int(resize * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    left = int(round((new_w - size) / 2.0))
+    top = int(round((new_h - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+class ImageFolderDataset(Dataset):
+    """Images under ``root``: class subfolders (labelled) or loose images (unlabelled).
+
+    Files are found when the dataset is built; they are decoded in ``__getitem__`` (so in
+    DataLoader workers). An item is ``(x, label)`` for a labelled folder and ``x`` for a flat
+    one; ``x`` is a float32 CHW tensor, normalized. Without ``image_size`` every image must have
+    the size of the first one; the first mismatch raises :class:`DataError`.
+    """
+
+    def __init__(self, root: str | Path, options: ImageOptions = ImageOptions()) -> None:
+        options.validate()
+        self.root = Path(root)
+        self.options = options
+        self.files, self.labels, self.classes = _scan_image_folder(self.root)
+        self._mode = "RGB" if options.channels == 3 else "L"
+        mean, std = options.normalization()
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self._reference: tuple[Path, tuple[int, int]] | None = None
+        if options.image_size is None:
+            self._reference = (self.files[0], _image_size(self.files[0]))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Any:
+        path = self.files[index]
+        img = _open_image(path, self._mode)
+        size = self.options.image_size
+        if size is not None:
+            resize = self.options.resize_to()
+            assert resize is not None
+            img = _resize_center_crop(img, size, resize)
+        elif self._reference is not None and img.size != self._reference[1]:
+            ref_path, (rw, rh) = self._reference
+            raise _SampleError(
+                f"images have different sizes: {ref_path} is {rw}x{rh}, "
+                f"{path} is {img.size[0]}x{img.size[1]}",
+                _SIZE_FIX,
+            )
+        array = np.asarray(img, dtype=np.float32) / 255.0
+        if array.ndim == 2:
+            array = array[:, :, None]
+        x = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+        x = (x - self._mean) / self._std
+        if self.labels is None:
+            return x
+        return x, self.labels[index]
