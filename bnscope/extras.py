@@ -1,7 +1,8 @@
 """The command-specific keys of each report (``Report.extra``), as TypedDicts.
 
-Each command's report carries, next to its layers and findings, keys of its own (DESIGN §2:
-``output`` for a written checkpoint, ``sizes`` for ghost, ``metrics`` for evaluations ...).
+Each command's report carries, next to its layers and findings, keys of its own (docs/cli.md,
+section 5, "JSON output": ``output`` for a written checkpoint, ``sizes`` for ghost, ``metrics``
+for evaluations ...).
 The operations in :mod:`bnscope.ops` put their figures there; a job on a checkpoint file
 (:func:`bnscope.open`, the CLI) adds where the inputs came from (:class:`SourceExtra`) and how
 the model ran (:class:`RunExtra`). Every TypedDict here is ``total=False``: a key is present
