@@ -3,12 +3,18 @@
 The one grammar of these specs (:func:`split_spec`), used for ``--model`` (a factory returning
 an ``nn.Module``), for Python ``--data`` specs and for ``--call`` functions, and by the project
 file to tell specs from paths.
+A model spec whose module is ``torchvision`` or ``timm`` names a model of that library's
+registry (``torchvision:resnet50``, ``timm:resnet50``), built by
+``torchvision.models.get_model`` or ``timm.create_model`` with the model's keyword arguments
+(:func:`library_factory`); neither library is needed otherwise.
 Import errors, missing attributes and exceptions raised by the factory all become one-line
 :class:`~bnscope.errors.BnscopeError` subclasses naming the spec.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -133,6 +139,78 @@ def resolve_spec(spec: str, error: type[BnscopeError] = ModelError, what: str = 
     return obj
 
 
+#: model registries a ``--model`` spec may name: ``LIBRARY:NAME`` -> how it is installed
+LIBRARY_MODELS = {"torchvision": "torchvision", "timm": "timm"}
+
+
+def library_spec(spec: str) -> tuple[str, str] | None:
+    """``(library, name)`` for a model spec of a library's registry (``timm:resnet50``), else
+    None. The same grammar as every spec (:func:`split_spec`): ``C:\\x`` is a path and
+    ``torchvision.models:resnet50`` an ordinary ``pkg.module:factory`` spec."""
+    parts = split_spec(spec)
+    if parts is None or parts[0] not in LIBRARY_MODELS:
+        return None
+    return parts
+
+
+def _import_library(library: str, spec: str) -> Any:
+    """Import ``library`` for ``spec``; not installed, or installed but failing to import (a
+    build made for another torch), is one line naming the library and how to install it."""
+    package = LIBRARY_MODELS[library]
+    try:
+        return importlib.import_module(library)
+    except ModuleNotFoundError as exc:
+        if exc.name == library:
+            raise ModelError(
+                f"model={spec} names a {library} model, but {library} is not installed",
+                f"install it (pip install {package}), or name a factory of your own: "
+                "model=pkg.module:factory",
+            ) from exc
+        failure: BaseException = exc
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        failure = exc
+    import torch
+
+    raise ModelError(
+        f"model={spec}: importing {library} failed ({_one_line(failure)})",
+        f"install a {library} that works with torch {torch.__version__} "
+        f"(pip install --upgrade {package}; torchvision must be the build made for this torch)",
+    ) from failure
+
+
+def library_factory(spec: str) -> Any:
+    """The factory of a ``torchvision:NAME`` or ``timm:NAME`` model spec: NAME's builder from
+    ``torchvision.models.get_model`` or ``timm.create_model`` (weights are not downloaded
+    unless the keyword arguments ask for them: ``weights``, ``pretrained``). A NAME that is not
+    in the registry but is an attribute of the package resolves as any ``pkg.module:attr``
+    (``timm:create_model``); anything else is one line with the closest model names."""
+    parts = library_spec(spec)
+    if parts is None:
+        raise ValueError(f"{spec!r} is not a torchvision:NAME or timm:NAME spec")
+    library, name = parts
+    package = _import_library(library, spec)
+    if library == "torchvision":
+        registry = importlib.import_module("torchvision.models")
+        if name.lower() in registry.list_models():
+            return functools.partial(registry.get_model, name.lower())
+    else:
+        registry = package
+        if package.is_model(name):
+            return functools.partial(package.create_model, name)
+    if hasattr(package, name.split(".")[0]):  # an attribute of the package, as before
+        return resolve_spec(spec, ModelError, "model")
+    names = list(registry.list_models())
+    close = difflib.get_close_matches(name.lower(), names, n=3, cutoff=0.6)
+    where = "torchvision.models" if library == "torchvision" else library
+    listing = f"{where}.list_models() lists all {len(names)}"
+    raise ModelError(
+        f"model={spec}: {library} has no model {name!r}",
+        f"did you mean {', '.join(close)}? ({listing})" if close else listing,
+    )
+
+
 def parse_kwargs(text: str | dict[str, Any] | None, option: str = "model_kwargs") -> dict:
     """Parse a JSON object of keyword arguments (a dict passes through)."""
     if text is None or text == "":
@@ -179,11 +257,15 @@ def call_factory(factory: Any, kwargs: dict[str, Any], spec: str, what: str = "m
 
 
 def build_model(spec: str, kwargs: str | dict[str, Any] | None = None) -> Any:
-    """Resolve ``spec``, call it with ``kwargs`` and check it returns an ``nn.Module``."""
+    """Resolve ``spec`` (``pkg.module:factory``, ``file.py:factory``, ``torchvision:NAME``,
+    ``timm:NAME``), call it with ``kwargs`` and check it returns an ``nn.Module``."""
     from torch import nn
 
     params = parse_kwargs(kwargs)
-    factory = resolve_spec(spec, ModelError, "model")
+    if library_spec(spec) is not None:
+        factory = library_factory(spec)
+    else:
+        factory = resolve_spec(spec, ModelError, "model")
     if isinstance(factory, nn.Module):
         if params:
             raise ModelError(

@@ -17,27 +17,10 @@ import bnscope
 from bnscope.engine import capture
 from bnscope.engine.collect import collect
 
+from ..reallibs import real_libraries
 from .test_standins import assert_exact, bn_inputs_reference
 
-
-def _libraries() -> tuple[object, object] | None:
-    for name, schema in (
-        ("torchvision::nms", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"),
-        ("torchvision::qnms", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"),
-    ):
-        try:
-            torch.library.define(name, schema)
-        except RuntimeError:
-            pass  # defined already (by torchvision itself, or by an earlier import here)
-    try:
-        import timm
-        import torchvision
-    except Exception:  # noqa: BLE001 - absent or not importable: skip
-        return None
-    return timm, torchvision
-
-
-LIBS = _libraries()
+LIBS = real_libraries()
 pytestmark = pytest.mark.skipif(LIBS is None, reason="timm/torchvision not importable here")
 
 
