@@ -6,8 +6,8 @@ data when an operation first needs them, runs :meth:`Job.inspect`, :meth:`Job.pr
 :meth:`Job.adapt` or :meth:`Job.ghost` with the commands' defaults, and returns a
 :class:`Result` whose :meth:`~Result.save` writes the structure-preserving checkpoint the CLI
 writes. ``bnscope.write_report(result.report, folder)`` (:mod:`bnscope.render`) writes the same
-report.json, figures and report.html as ``--out``. The CLI is a thin layer over this module:
-it resolves flags and the project file into :class:`Options`, calls a job, and renders.
+report.json, figures and report.html as ``--report-dir``. The CLI is a thin layer over this
+module: it resolves flags and the project file into :class:`Options`, calls a job, and renders.
 
 Nothing here prints: notices (an EMA copy left unused, samples left out of the last batch) go
 to ``notify`` and status lines to ``info`` (both default to nothing; the CLI passes its
@@ -134,9 +134,9 @@ class LoadedModel:
 @dataclass
 class Result:
     """What an operation returns: its :class:`~bnscope.records.Report` (the ``--json``
-    document; ``bnscope.write_report(result, folder)`` writes it as ``--out`` does) and, for
-    precise and adapt, the new BN buffers, which :meth:`save` writes into a copy of the
-    checkpoint (same structure and format)."""
+    document; ``bnscope.write_report(result, folder)`` writes it as ``--report-dir`` does)
+    and, for precise and adapt, the new BN buffers, which :meth:`save` writes into a copy of
+    the checkpoint (same structure and format)."""
 
     report: Report
     job: Job

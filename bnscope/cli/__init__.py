@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from . import (  # noqa: F401 (importing registers the commands)
     adapt_cmd,
+    completion_cmd,
     corrupt_cmd,
     demo_cmd,
     ghost_cmd,

@@ -6,9 +6,8 @@ from typing import Annotated
 
 import typer
 
-from ..io.outputs import check_out_dir
 from . import options as o
-from .app import app
+from .app import BnscopeCommand, app
 from .inputs import JobFlags, open_job
 from .runtime import (
     Ui,
@@ -19,6 +18,7 @@ from .runtime import (
     finish,
     progress_bar,
     project_config,
+    report_folder,
 )
 
 HELP = (
@@ -34,7 +34,7 @@ HELP = (
 )
 
 
-@app.command("adapt", help=HELP)
+@app.command("adapt", help=HELP, cls=BnscopeCommand)
 def adapt_command(
     checkpoint: o.Checkpoint = None,
     key: o.Key = None,
@@ -47,6 +47,7 @@ def adapt_command(
         float,
         typer.Option(
             "--prior",
+            metavar="N",
             help="Pseudo sample count N of the source statistics (lambda = N/(N+n), n = target "
             "samples); 0 = pure target statistics.",
             min=0.0,
@@ -70,14 +71,15 @@ def adapt_command(
     seed: o.Seed = 0,
     output: o.Output = None,
     force: o.Force = False,
-    out: o.OutDir = None,
+    report_dir: o.ReportDir = None,
+    out: o.OutAlias = None,
     json_: o.Json = False,
     quiet: o.Quiet = False,
     fail_on: o.FailOn = None,
     debug: o.Debug = False,
 ) -> None:
     ui = Ui(json=json_, quiet=quiet)
-    check_out_dir(out)  # before anything runs
+    report_dir = report_folder(ui, report_dir, out, force=force, output=output)
     level = check_fail_on(fail_on)
     flags = JobFlags(
         key=key, trust=trust_checkpoint, model=model, model_kwargs=model_kwargs, data=data,
@@ -94,5 +96,5 @@ def adapt_command(
         )  # fmt: skip
     if begin_output():  # rank 0 writes and shows, once every rank got here
         result.save()
-        emit_report(ui, result.report, out)
+        emit_report(ui, result.report, report_dir, force=force)
     finish(exit_code_for(result.report, level))

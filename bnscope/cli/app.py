@@ -7,18 +7,23 @@ adds the traceback. Under ``torchrun`` that line is shown once, by the failing r
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from .. import __version__
 from ..errors import BnscopeError
 from .runtime import DistributedSession, Outcome
 
 PROG = "bnscope"
+#: the environment variable of the shell-completion protocol (``bnscope completion SHELL``)
+COMPLETE_VAR = "_BNSCOPE_COMPLETE"
+#: shells whose completion scripts ``bnscope completion`` prints
+SHELLS = ("bash", "zsh", "fish", "powershell", "pwsh")
 
 
 def _error_line(message: str, stream: Any = None) -> None:
@@ -28,6 +33,63 @@ def _error_line(message: str, stream: Any = None) -> None:
     stream = stream if stream is not None else sys.stderr
     stream.write(f"{PROG}: error: {text}\n")
     stream.flush()
+
+
+class _Argument(TyperArgument):
+    """An argument whose help row shows its metavar (``CKPT``), not a Python type (``<str>``)."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None
+
+
+def _conventional(param: Any) -> Any:
+    """A parameter's help row as command-line tools write it: a switch (``--force``,
+    ``--help``) shows no value, an argument its metavar and no type."""
+    if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+        param.metavar = ""
+    elif type(param) is TyperArgument:
+        param.__class__ = _Argument
+    return param
+
+
+class BnscopeCommand(TyperCommand):
+    """A command whose help shows metavars (``--batches N``, ``[CKPT]``) and bare switches."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            _conventional(param)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _conventional(super().get_help_option(ctx))
+
+
+def completion_request(complete_var: str | None = None) -> str | None:
+    """The shell-completion instruction in the environment (``complete_bash``), or None.
+
+    Both spellings of the protocol are accepted: typer's (``complete_bash``, which the scripts
+    of ``bnscope completion`` use) and click's (``bash_complete``, ``bash_source``); the
+    environment is set to typer's, and typer's completion classes are registered."""
+    var = complete_var or COMPLETE_VAR
+    instruction = os.environ.get(var)
+    if not instruction:
+        return None
+    first, _, second = instruction.partition("_")
+    if first in SHELLS and second in ("complete", "source"):
+        instruction = f"{second}_{first}"
+        os.environ[var] = instruction
+    from typer.completion import completion_init
+
+    completion_init()
+    return instruction
+
+
+def completion_script(shell: str) -> str:
+    """The script that makes ``shell`` complete bnscope's commands and options."""
+    from typer.completion import completion_init, get_completion_script
+
+    completion_init()
+    return get_completion_script(prog_name=PROG, complete_var=COMPLETE_VAR, shell=shell)
 
 
 class BnscopeGroup(TyperGroup):
@@ -46,6 +108,14 @@ class BnscopeGroup(TyperGroup):
         **extra: Any,
     ) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
+        if completion_request(complete_var) is not None:  # answered, then exits
+            return super().main(
+                args=argv,
+                prog_name=prog_name or PROG,
+                complete_var=complete_var,
+                standalone_mode=standalone_mode,
+                **extra,
+            )
         debug = "--debug" in argv
         try:
             session = DistributedSession.start()
@@ -64,6 +134,14 @@ class BnscopeGroup(TyperGroup):
         if not standalone_mode:
             return code
         sys.exit(code)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            _conventional(param)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _conventional(super().get_help_option(ctx))
 
     def _invoke(
         self,
@@ -115,7 +193,8 @@ app = typer.Typer(
     "model and its training data: stale EMA, train/test gap). precise: exact population "
     "statistics (Precise BN). adapt: statistics for a new domain (Adaptive BN). ghost: how the "
     "model depends on the normalization batch size. corrupt: a corrupted copy of an image "
-    "folder. demo: all of it on built-in data.",
+    "folder. demo: all of it on built-in data. completion: tab completion for bash, zsh and "
+    "fish.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -132,7 +211,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     version: bool = typer.Option(
-        False, "--version", help="Print the version and exit.", callback=_version, is_eager=True
+        False,
+        "--version",
+        "-V",
+        help="Print the version and exit.",
+        callback=_version,
+        is_eager=True,
     ),
 ) -> None:
     """Diagnose and fix BatchNorm statistics in PyTorch checkpoints."""

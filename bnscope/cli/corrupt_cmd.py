@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from . import options as o
-from .app import app
+from .app import BnscopeCommand, app
 from .runtime import Ui, progress_bar
 
 HELP = (
@@ -22,14 +22,33 @@ HELP = (
 )
 
 
-@app.command("corrupt", help=HELP)
+def complete_corruption(incomplete: str) -> list[str]:
+    """Shell completion of --corruption (imports the corruptions only when asked)."""
+    from ..ops.corruptions import CORRUPTIONS
+
+    return [name for name in CORRUPTIONS if name.startswith(incomplete)]
+
+
+@app.command("corrupt", help=HELP, cls=BnscopeCommand)
 def corrupt_command(
-    src: Annotated[str, typer.Argument(help="Image folder to read.", show_default=False)],
-    dst: Annotated[str, typer.Argument(help="Folder to create.", show_default=False)],
+    src: Annotated[
+        str, typer.Argument(metavar="SRC", help="Image folder to read.", show_default=False)
+    ],
+    dst: Annotated[
+        str, typer.Argument(metavar="DST", help="Folder to create.", show_default=False)
+    ],
     corruption: Annotated[
-        str, typer.Option("--corruption", help="Corruption name (see above).")
+        str,
+        typer.Option(
+            "--corruption",
+            metavar="NAME",
+            help="Corruption name (see above).",
+            autocompletion=complete_corruption,
+        ),
     ] = "gaussian_noise",
-    severity: Annotated[int, typer.Option("--severity", help="Severity 1 (mild) to 5.")] = 3,
+    severity: Annotated[
+        int, typer.Option("--severity", metavar="N", help="Severity 1 (mild) to 5.")
+    ] = 3,
     seed: o.Seed = 0,
     force: Annotated[
         bool, typer.Option("--force", help="Replace DST if it exists and is not empty.")

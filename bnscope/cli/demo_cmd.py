@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from . import options as o
-from .app import app
+from .app import BnscopeCommand, app
 from .options import as_flags
 from .runtime import Ui
 
@@ -24,11 +24,12 @@ HELP = (
 )
 
 
-@app.command("demo", help=HELP)
+@app.command("demo", help=HELP, cls=BnscopeCommand)
 def demo_command(
     folder: Annotated[
         str | None,
         typer.Argument(
+            metavar="DIR",
             help="Folder to create (default: a new ./bnscope-demo, ./bnscope-demo-2, ...).",
             show_default=False,
         ),
@@ -141,12 +142,12 @@ def next_steps(
         "running averages lag the final weights; Precise BN recomputes them exactly.",
         "Try next (bnscope.toml in the folder supplies checkpoint, model and data):",
         f"  cd {folder}",
-        "  bnscope inspect --out report/                    # report.html with the figures",
+        "  bnscope inspect --report-dir report/             # report.html with the figures",
         "  bnscope precise --batches 20 --force --json      # machine-readable result",
         "  bnscope inspect ckpt.precise.pt                  # no stale layers any more",
         "  bnscope inspect --static                         # buffers only, no model run",
         "  bnscope adapt ckpt.precise.pt --data corrupted/train --prior 100 --force",
         "  bnscope corrupt data/val blurred/ --corruption defocus_blur --severity 4",
-        "  bnscope ghost ckpt.precise.pt --data data/val --sizes 2,4,8,16,32 --out nbs/",
+        "  bnscope ghost ckpt.precise.pt --data data/val --sizes 2,4,8,16,32 --report-dir nbs/",
     ]
     return "\n".join(lines)

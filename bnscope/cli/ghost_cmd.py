@@ -6,9 +6,8 @@ from typing import Annotated
 
 import typer
 
-from ..io.outputs import check_out_dir
 from . import options as o
-from .app import app
+from .app import BnscopeCommand, app
 from .inputs import JobFlags, open_job
 from .runtime import (
     Ui,
@@ -19,6 +18,7 @@ from .runtime import (
     finish,
     progress_bar,
     project_config,
+    report_folder,
 )
 
 HELP = (
@@ -34,7 +34,7 @@ HELP = (
 )
 
 
-@app.command("ghost", help=HELP)
+@app.command("ghost", help=HELP, cls=BnscopeCommand)
 def ghost_command(
     checkpoint: o.Checkpoint = None,
     key: o.Key = None,
@@ -46,6 +46,7 @@ def ghost_command(
         str,
         typer.Option(
             "--sizes",
+            metavar="LIST",
             help="Comma-separated ghost sizes g (samples per normalization batch, each >= 2). "
             "Sizes above --batch-size are reported as skipped.",
         ),
@@ -65,7 +66,9 @@ def ghost_command(
     amp: o.Amp = None,
     channels_last: o.ChannelsLast = False,
     seed: o.Seed = 0,
-    out: o.OutDir = None,
+    force: o.ReportForce = False,
+    report_dir: o.ReportDir = None,
+    out: o.OutAlias = None,
     json_: o.Json = False,
     quiet: o.Quiet = False,
     fail_on: o.FailOn = None,
@@ -74,7 +77,7 @@ def ghost_command(
     from ..ops.ghost import parse_sizes
 
     ui = Ui(json=json_, quiet=quiet)
-    check_out_dir(out)  # before anything runs
+    report_dir = report_folder(ui, report_dir, out, force=force)  # before anything runs
     level = check_fail_on(fail_on)
     wanted = parse_sizes(sizes)
     flags = JobFlags(
@@ -88,5 +91,5 @@ def ghost_command(
     with progress_bar(ui, "analysing", total) as progress:
         report = job.ghost(wanted, batches, progress=progress).report
     if begin_output():  # under torchrun: rank 0, once every rank is done
-        emit_report(ui, report, out)
+        emit_report(ui, report, report_dir, force=force)
     finish(exit_code_for(report, level))

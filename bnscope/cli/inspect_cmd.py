@@ -8,10 +8,9 @@ from typing import Annotated
 import typer
 
 from ..errors import UsageError
-from ..io.outputs import check_out_dir
 from ..render.reports import is_dynamic
 from . import options as o
-from .app import app
+from .app import BnscopeCommand, app
 from .inputs import JobFlags, open_job
 from .runtime import (
     Ui,
@@ -22,6 +21,7 @@ from .runtime import (
     finish,
     progress_bar,
     project_config,
+    report_folder,
 )
 
 HELP = (
@@ -32,14 +32,14 @@ HELP = (
     "also from bnscope.toml): the dynamic report. Per layer, how far the running statistics "
     "are from this model's population statistics and whether that is beyond the EMA's own "
     "noise (stale) or not (noisy); outputs with batch, running and precise statistics on the "
-    "same batches (the train/test gap); layers never called or called twice. --out writes "
-    "report.json, figures and a self-contained report.html.\n\nExamples: bnscope inspect "
+    "same batches (the train/test gap); layers never called or called twice. --report-dir "
+    "writes report.json, figures and a self-contained report.html.\n\nExamples: bnscope inspect "
     "runs/ckpt.pt --json; bnscope inspect runs/ckpt.pt --model model.py:make_model --data "
-    "data/train --batches 50 --out report/"
+    "data/train --batches 50 --report-dir report/"
 )
 
 
-@app.command("inspect", help=HELP)
+@app.command("inspect", help=HELP, cls=BnscopeCommand)
 def inspect_command(
     checkpoint: o.Checkpoint = None,
     key: o.Key = None,
@@ -71,14 +71,16 @@ def inspect_command(
     amp: o.Amp = None,
     channels_last: o.ChannelsLast = False,
     seed: o.Seed = 0,
-    out: o.OutDir = None,
+    force: o.ReportForce = False,
+    report_dir: o.ReportDir = None,
+    out: o.OutAlias = None,
     json_: o.Json = False,
     quiet: o.Quiet = False,
     fail_on: o.FailOn = None,
     debug: o.Debug = False,
 ) -> None:
     ui = Ui(json=json_, quiet=quiet)
-    check_out_dir(out)  # before anything runs
+    report_dir = report_folder(ui, report_dir, out, force=force)  # before anything runs
     level = check_fail_on(fail_on)
     if eval_data is not None:
         raise UsageError(
@@ -101,7 +103,7 @@ def inspect_command(
         with progress_bar(ui, "inspecting", total) as progress:
             report = job.inspect(batches, progress=progress).report
     if begin_output():  # under torchrun: rank 0, once every rank is done
-        emit_report(ui, report, out)
+        emit_report(ui, report, report_dir, force=force)
     if data is not None and not static and not is_dynamic(report):
         raise UsageError(  # no model code for the dynamic report asked for
             "--data needs --model for a state-dict checkpoint: the dynamic report runs "

@@ -1,11 +1,14 @@
 """Option declarations shared by the commands (typer ``Annotated`` aliases).
 
 Defaults are ``None`` where the project file may supply a value, so that flags can override it.
+Every option that takes a value names it with a metavar (``PATH``, ``SPEC``, ``N``, ``DIR``);
+switches show none (:class:`bnscope.cli.app.BnscopeCommand`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -24,7 +27,7 @@ FLAGS: dict[str, str] = {
     "key": "--key",
     "trust": "--trust-checkpoint",
     "force": "--force",
-    "out": "--out",
+    "report_dir": "--report-dir",
     "output": "-o",
     "prior": "--prior",
     "target": "--data",
@@ -65,6 +68,15 @@ def as_flags(text: str) -> str:
 
     return _PARAM.sub(flag, text)
 
+def complete_from(*values: str) -> Callable[[str], list[str]]:
+    """Shell completion of an option that takes one of ``values``."""
+
+    def complete(incomplete: str) -> list[str]:
+        return [value for value in values if value.startswith(incomplete)]
+
+    return complete
+
+
 P_INPUT = "Inputs"
 P_DATA = "Data"
 P_OUT = "Output"
@@ -73,6 +85,7 @@ P_RUN = "Run"
 Checkpoint = Annotated[
     str | None,
     typer.Argument(
+        metavar="CKPT",
         help="Checkpoint file (.pt/.pth/.ckpt, .safetensors, TorchScript); "
         "default: 'checkpoint' from the project file (bnscope.toml or pyproject.toml).",
         show_default=False,
@@ -82,6 +95,7 @@ Key = Annotated[
     str | None,
     typer.Option(
         "--key",
+        metavar="KEY",
         help="Entry of the checkpoint dict that holds the state dict "
         "(default: found automatically: state_dict, model, model_state_dict, net, module). "
         "PATH:PREFIX selects the entries under a key prefix of it, e.g. one of several "
@@ -103,7 +117,9 @@ Model = Annotated[
     str | None,
     typer.Option(
         "--model",
-        help="Model factory: pkg.module:factory or path/to/file.py:factory.",
+        metavar="SPEC",
+        help="Model factory: pkg.module:factory or path/to/file.py:factory, or a model of "
+        "torchvision or timm by name: torchvision:resnet50, timm:resnet50.",
         rich_help_panel=P_INPUT,
     ),
 ]
@@ -111,7 +127,9 @@ ModelKwargs = Annotated[
     str | None,
     typer.Option(
         "--model-kwargs",
-        help="JSON object of keyword arguments for the model factory.",
+        metavar="JSON",
+        help="JSON object of keyword arguments for the model factory, e.g. "
+        "'{\"num_classes\": 10}'.",
         rich_help_panel=P_INPUT,
     ),
 ]
@@ -119,6 +137,7 @@ Data = Annotated[
     str | None,
     typer.Option(
         "--data",
+        metavar="SPEC",
         help="Data: image folder, tensor file/folder (.pt .npy .npz), or "
         "pkg.module:factory / file.py:factory returning batches.",
         rich_help_panel=P_DATA,
@@ -128,6 +147,7 @@ EvalData = Annotated[
     str | None,
     typer.Option(
         "--eval-data",
+        metavar="SPEC",
         help="Data to evaluate on before and after (same forms as --data).",
         rich_help_panel=P_DATA,
     ),
@@ -136,6 +156,7 @@ BatchSize = Annotated[
     int | None,
     typer.Option(
         "--batch-size",
+        metavar="N",
         help="Batch size for built-in data specs (default 32).",
         min=1,
         rich_help_panel=P_DATA,
@@ -145,6 +166,7 @@ Batches = Annotated[
     int | None,
     typer.Option(
         "--batches",
+        metavar="N",
         help="Number of batches to use (default: all of the data); per rank under torchrun, "
         "where each rank reads its own share of --data.",
         min=1,
@@ -167,6 +189,7 @@ Workers = Annotated[
     int | None,
     typer.Option(
         "--workers",
+        metavar="N",
         help="DataLoader worker processes (default 0: load in-process).",
         min=0,
         rich_help_panel=P_DATA,
@@ -176,6 +199,7 @@ CallSpec = Annotated[
     str | None,
     typer.Option(
         "--call",
+        metavar="SPEC",
         help="How the model runs on a batch: pkg.module:fn or file.py:fn, a function "
         "fn(model, batch) returning the model's output (several inputs, unusual batches). "
         "Default: the batch's inputs in the order of the model's forward.",
@@ -195,13 +219,17 @@ IncludeFrozen = Annotated[
 InputKey = Annotated[
     str | None,
     typer.Option(
-        "--input-key", help="Key of the model input when batches are dicts.", rich_help_panel=P_DATA
+        "--input-key",
+        metavar="KEY",
+        help="Key of the model input when batches are dicts.",
+        rich_help_panel=P_DATA,
     ),
 ]
 ImageSize = Annotated[
     int | None,
     typer.Option(
         "--image-size",
+        metavar="N",
         help="Image folders: center-crop size (after resizing the "
         "shorter side). Default: keep the images' own size.",
         min=1,
@@ -212,6 +240,7 @@ Resize = Annotated[
     int | None,
     typer.Option(
         "--resize",
+        metavar="N",
         help="Image folders: shorter side before the crop (default: image size * 8/7).",
         min=1,
         rich_help_panel=P_DATA,
@@ -221,6 +250,7 @@ Channels = Annotated[
     int | None,
     typer.Option(
         "--channels",
+        metavar="N",
         help="Image folders: 3 (RGB, default) or 1 (grayscale).",
         min=1,
         max=3,
@@ -231,6 +261,7 @@ Mean = Annotated[
     str | None,
     typer.Option(
         "--mean",
+        metavar="LIST",
         help="Image folders: per-channel mean to subtract, comma-separated "
         "(default ImageNet 0.485,0.456,0.406).",
         rich_help_panel=P_DATA,
@@ -240,6 +271,7 @@ Std = Annotated[
     str | None,
     typer.Option(
         "--std",
+        metavar="LIST",
         help="Image folders: per-channel std to divide by, comma-separated "
         "(default ImageNet 0.229,0.224,0.225).",
         rich_help_panel=P_DATA,
@@ -248,13 +280,19 @@ Std = Annotated[
 Device = Annotated[
     str | None,
     typer.Option(
-        "--device", help="auto, cpu, cuda or cuda:N (default auto).", rich_help_panel=P_RUN
+        "--device",
+        metavar="DEVICE",
+        help="auto, cpu, cuda or cuda:N (default auto).",
+        rich_help_panel=P_RUN,
+        autocompletion=complete_from("auto", "cpu", "cuda"),
     ),
 ]
 Amp = Annotated[
     str | None,
     typer.Option(
         "--amp",
+        metavar="bf16|fp16",
+        autocompletion=complete_from("bf16", "fp16"),
         help="Run every forward bnscope makes (collection and evaluation) under autocast: "
         "bf16 or fp16. Statistics stay exact for the tensors that reach the BN layers.",
         rich_help_panel=P_RUN,
@@ -270,24 +308,60 @@ ChannelsLast = Annotated[
     ),
 ]
 Seed = Annotated[
-    int, typer.Option("--seed", help="Random seed (data order, sampling).", rich_help_panel=P_RUN)
+    int,
+    typer.Option(
+        "--seed", metavar="N", help="Random seed (data order, sampling).", rich_help_panel=P_RUN
+    ),
 ]
 Output = Annotated[
     str | None,
     typer.Option(
         "-o",
         "--output",
+        metavar="PATH",
         help="Path of the checkpoint to write (default: next to the "
-        "input, with a tag before the suffix). Never the input itself.",
+        "input, with a tag before the suffix). Never the input itself. The report folder is "
+        "--report-dir.",
         rich_help_panel=P_OUT,
     ),
 ]
 Force = Annotated[
-    bool, typer.Option("--force", help="Overwrite an existing output file.", rich_help_panel=P_OUT)
+    bool,
+    typer.Option(
+        "--force",
+        help="Overwrite existing outputs: the checkpoint file, and an earlier report in "
+        "--report-dir.",
+        rich_help_panel=P_OUT,
+    ),
 ]
-OutDir = Annotated[
+ReportForce = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Replace an earlier report in --report-dir (its files are removed).",
+        rich_help_panel=P_OUT,
+    ),
+]
+ReportDir = Annotated[
     str | None,
-    typer.Option("--out", help="Folder for report.json and figures (PNG).", rich_help_panel=P_OUT),
+    typer.Option(
+        "--report-dir",
+        metavar="DIR",
+        help="Folder to write the report into: report.json and the figures (PNG). It holds one "
+        "report: a folder with an earlier report is refused without --force.",
+        rich_help_panel=P_OUT,
+    ),
+]
+#: the old spelling of --report-dir, easy to mistake for -o/--output: hidden, and it warns
+OutAlias = Annotated[
+    str | None,
+    typer.Option(
+        "--out",
+        metavar="DIR",
+        help="Deprecated spelling of --report-dir.",
+        hidden=True,
+        rich_help_panel=P_OUT,
+    ),
 ]
 Json = Annotated[
     bool,
@@ -307,7 +381,9 @@ FailOn = Annotated[
     str | None,
     typer.Option(
         "--fail-on",
+        metavar="LEVEL",
         help="Exit 1 when a finding is at or above this severity: info, warning or error.",
+        autocompletion=complete_from("info", "warning", "error"),
         rich_help_panel=P_OUT,
     ),
 ]

@@ -229,20 +229,65 @@ class DistributedSession:
         return outcome.code if outcome.failed and outcome.code else 2
 
 
-def emit_report(ui: Ui, report: Report, out: str | None) -> None:
-    """The one way a command shows its result: with ``--out`` first the report folder
-    (:func:`bnscope.render.reports.write_report`: report.json, figures, report.html); then
-    stdout gets exactly one JSON document with ``--json``, else the report's view; the files
-    written are listed on stderr for a person at a terminal."""
+def report_folder(
+    ui: Ui,
+    report_dir: str | None,
+    out: str | None = None,
+    *,
+    force: bool = False,
+    output: str | None = None,
+) -> str | None:
+    """The command's report folder, checked before anything runs: ``--report-dir``, or its
+    deprecated spelling ``--out`` (with a warning), refused when it is named like a
+    checkpoint, names the checkpoint given as ``-o``, or holds an earlier report without
+    ``--force`` (:func:`bnscope.render.reports.check_report_dir`)."""
+    if out is not None:
+        if report_dir is not None:
+            raise UsageError(
+                "--out is the old spelling of --report-dir, and both were given",
+                "drop --out",
+            )
+        ui.warn(
+            "--out is deprecated and will be removed: use --report-dir for the report folder "
+            "(-o/--output is the checkpoint)"
+        )
+        report_dir = out
+    if report_dir is None:
+        return None
+    if output is not None and os.path.abspath(output) == os.path.abspath(report_dir):
+        raise UsageError(
+            f"--report-dir {report_dir} and -o {output} name the same path: -o is the "
+            "checkpoint file, --report-dir the folder for the report",
+            "give them different paths",
+        )
+    from ..render.reports import check_report_dir
+
+    check_report_dir(report_dir, force=force)
+    return report_dir
+
+
+def emit_report(ui: Ui, report: Report, report_dir: str | None, *, force: bool = False) -> None:
+    """The one way a command shows its result: with ``--report-dir`` first the report folder
+    (:func:`bnscope.render.reports.write_report`: report.json, figures, report.html; an
+    earlier report there is replaced with ``--force``, and a status line says so); then
+    stdout gets exactly one JSON document with ``--json`` (the folder's report.json, with its
+    ``report_files``), else the report's view; the files written are listed on stderr for a
+    person at a terminal."""
     from ..render.jsonout import report_json
 
-    written = []
-    if out is not None:
+    written: list[Path] = []
+    if report_dir is not None:
         from ..render.reports import write_report
+        from .options import as_flags
 
-        written = write_report(report, out)
+        written = write_report(
+            report, report_dir, force=force, notify=lambda message: ui.info(as_flags(message))
+        )
     if ui.json:
-        ui.out.file.write(report_json(report))
+        from ..render.reports import report_document
+
+        files = [p.name for p in written] if report_dir is not None else None
+        ui.out.file.write(report_json(report_document(report, files)))
         ui.out.file.flush()
     else:
         from ..render.reports import report_view

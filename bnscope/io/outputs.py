@@ -1,14 +1,23 @@
 """Atomic file output: temporary file in the target folder, then ``os.replace``.
 
 A failure or interrupt at any point leaves neither a partial file nor a temporary file.
+
+The report folder (``report_dir=``, ``--report-dir``) holds one report: :func:`check_report_dir`
+refuses a folder named like a checkpoint file and a folder that holds an earlier report (unless
+``force=True``), and :func:`write_report_dir` replaces an earlier report as a whole: every new
+file is written before any earlier file is touched, and the earlier report's files that the new
+one does not write are removed, so files of two runs never share a folder. ``report.json`` is
+the manifest: its ``report_files`` lists the files of its report.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,52 +73,204 @@ def save_figure(fig: Any, target: str | Path, dpi: int = 120) -> Path:
     return Path(target)
 
 
-def check_out_dir(out: str | Path | None) -> None:
-    """Refuse an ``--out`` folder that cannot be created, before anything runs (so a long run
-    never ends with nothing but an error, and no checkpoint is written next to a bad --out):
-    an existing file in its place, or a file where one of its parent folders should be."""
-    if out is None:
-        return
-    path = Path(out)
+#: suffixes of checkpoint files: a report folder named like one is refused (the checkpoint is
+#: ``output=``, the report folder ``report_dir=``: a folder named ``fixed.pt`` is a mix-up)
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors", ".bin")
+#: the report's own document, which lists the report's files under ``report_files``
+MANIFEST = "report.json"
+
+
+@dataclass(frozen=True)
+class EarlierReport:
+    """A report found in a report folder: the ``command`` and ``checkpoint`` its report.json
+    names (None when unknown) and the names of its files in the folder."""
+
+    folder: Path
+    command: str | None
+    checkpoint: str | None
+    files: tuple[str, ...]
+
+    def describe(self) -> str:
+        """``'an earlier inspect report of runs/ck.pt (report.json, running_stats.png)'``"""
+        what = f"an earlier {self.command} report" if self.command else "an earlier report"
+        if self.checkpoint:
+            what += f" of {self.checkpoint}"
+        shown = ", ".join(self.files[:4])
+        if len(self.files) > 4:
+            shown += f" and {len(self.files) - 4} more"
+        return f"{what} ({shown})"
+
+
+@dataclass(frozen=True)
+class ReportWrite:
+    """What :func:`write_report_dir` did: the files written (in the order given), the files of
+    the earlier report that it removed (not part of the new report), and that report."""
+
+    written: list[Path]
+    removed: list[Path]
+    earlier: EarlierReport | None
+
+
+def _plain_name(name: object) -> bool:
+    """A file name inside the folder (never a path out of it)."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+    )
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def earlier_report(folder: str | Path, known: Iterable[str] = ()) -> EarlierReport | None:
+    """The report already in ``folder``, or None: its report.json (whatever wrote it) with the
+    files its ``report_files`` lists, and any file named in ``known`` (the names bnscope
+    writes into report folders: reports of older versions listed no files)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    names: dict[str, None] = {}
+    command = checkpoint = None
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        names[MANIFEST] = None
+        doc = _read_manifest(manifest)
+        if doc is not None and str(doc.get("schema", "")).startswith("bnscope."):
+            command = doc.get("command") if isinstance(doc.get("command"), str) else None
+            ckpt = doc.get("checkpoint")
+            checkpoint = ckpt if isinstance(ckpt, str) else None
+            listed = doc.get("report_files")
+            for name in listed if isinstance(listed, list) else ():
+                if _plain_name(name):
+                    names[name] = None
+    for name in known:
+        names[name] = None
+    present = tuple(n for n in names if (folder / n).is_file() or (folder / n).is_symlink())
+    if not present:
+        return None
+    return EarlierReport(folder, command, checkpoint, present)
+
+
+def check_report_dir(
+    report_dir: str | Path, *, force: bool = False, known: Iterable[str] = ()
+) -> EarlierReport | None:
+    """Refuse a report folder before anything runs (so a long run never ends with nothing but
+    an error, and no checkpoint is written beside a bad report folder): a name that ends in a
+    checkpoint suffix (``fixed.pt``: the checkpoint is ``output=``), a file in its place or in
+    place of a parent folder, and, without ``force``, a folder that holds an earlier report.
+    Returns that earlier report (which ``force`` replaces), or None."""
+    path = Path(report_dir)
+    suffix = path.suffix.lower()
+    if suffix in CHECKPOINT_SUFFIXES:
+        raise UsageError(
+            f"report_dir={path} ends in {suffix} like a checkpoint file, but report_dir= names "
+            "the folder for report.json and the figures",
+            "name a folder, e.g. report_dir=report/ (the checkpoint to write is output=PATH)",
+        )
     if path.exists() and not path.is_dir():
-        raise UsageError(f"out={path} exists and is not a folder", "choose a folder path")
+        raise UsageError(
+            f"report_dir={path} exists and is not a folder", "name a folder for the report"
+        )
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise UsageError(
-                    f"cannot create out= folder {path} ({parent} is a file)",
+                    f"cannot create report_dir= folder {path} ({parent} is a file)",
                     "choose a folder you can write to",
                 )
             break
+    earlier = earlier_report(path, known)
+    if earlier is not None and not force:
+        raise UsageError(
+            f"report_dir={path} already holds {earlier.describe()}, and a report folder holds "
+            "one report",
+            "pass force=True to replace that report, or choose another report_dir=",
+        )
+    return earlier
 
 
-def prepare_out_dir(out: str | Path) -> Path:
-    """Create the ``--out`` folder (and parents); a file in its place is an error."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"out={out} exists and is not a folder", "choose a folder path")
+def _make_folder(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns the folders created (deepest
+    last), so that a failure can remove them again."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(
-            f"cannot create out= folder {out} ({exc.strerror or exc})",
+            f"cannot create report_dir= folder {folder} ({exc.strerror or exc})",
             "choose a folder you can write to",
         ) from exc
-    return out
+    return list(reversed(missing))
+
+
+def _new_file_mode() -> int:
+    """Permissions a newly created file gets (temporary files are created 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_report_dir(
-    out: str | Path,
-    report_text: str,
-    figures: dict[str, Any],
-    texts: dict[str, str] | None = None,
-) -> list[Path]:
-    """Write ``report.json``, each figure (``name -> Figure``) as ``name.png`` and each extra
-    text file (``file name -> text``, e.g. ``report.html``) into ``out``, each atomically."""
-    folder = prepare_out_dir(out)
-    written = [write_text(folder / "report.json", report_text)]
-    for name, fig in figures.items():
-        written.append(save_figure(fig, folder / f"{name}.png"))
-    for name, text in (texts or {}).items():
-        written.append(write_text(folder / name, text))
-    return written
+    report_dir: str | Path,
+    files: Mapping[str, bytes],
+    *,
+    force: bool = False,
+    known: Iterable[str] = (),
+) -> ReportWrite:
+    """Write the report ``files`` (``name -> bytes``, :data:`MANIFEST` among them) into the
+    folder ``report_dir`` (created with its parents if needed), after
+    :func:`check_report_dir` (``force`` replaces an earlier report).
+
+    Every file is first written to a temporary file in the folder and synced; only then are
+    the earlier report's files that the new report does not write removed, and the temporary
+    files renamed into place, the manifest last. A failure while writing (a full disk, an
+    interrupt) leaves the folder as it was: no new file, no temporary file, the earlier report
+    untouched, and a folder this call created removed again."""
+    folder = Path(report_dir)
+    names = list(files)
+    bad = [n for n in names if not _plain_name(n)]
+    if bad:
+        raise ValueError(f"report file names must be plain names, got {bad!r}")
+    earlier = check_report_dir(folder, force=force, known=known)
+    created = _make_folder(folder)
+    temps: dict[str, Path] = {}
+    removed: list[Path] = []
+    try:
+        mode = _new_file_mode()
+        for name in names:
+            fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+            temps[name] = Path(tmp_name)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(files[name])
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp_name, mode)
+        for name in earlier.files if earlier is not None else ():
+            if name not in files:
+                (folder / name).unlink(missing_ok=True)
+                removed.append(folder / name)
+        order = [n for n in names if n != MANIFEST] + [n for n in names if n == MANIFEST]
+        for name in order:
+            os.replace(temps.pop(name), folder / name)
+    except BaseException as exc:
+        for tmp in temps.values():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        for made in reversed(created):
+            with contextlib.suppress(OSError):
+                made.rmdir()  # only when still empty
+        if isinstance(exc, OSError):
+            raise UsageError(
+                f"cannot write the report in {folder} ({exc.strerror or exc})",
+                "check the disk and the folder's permissions",
+            ) from exc
+        raise
+    return ReportWrite([folder / n for n in names], removed, earlier)

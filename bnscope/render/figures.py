@@ -10,7 +10,7 @@ Where they draw:
 
 - with nothing given, into a new ``matplotlib.figure.Figure`` (not pyplot: nothing global is
   touched, nothing leaks) with constrained layout, sized for the number of layers, titled:
-  what ``--out`` writes;
+  what ``--report-dir`` writes;
 - multi-panel figures (``static_ranges``, ``change``, ``shift``, ``ghost_noise``,
   ``staleness``, ``batch_means``) take ``fig=``, a Figure or a SubFigure (``fig.subfigures``),
   and add their panels to it, with their title as its suptitle;

@@ -1,4 +1,4 @@
-"""A report as the user sees it: the terminal view, the figures and the ``--out`` folder.
+"""A report as the user sees it: the terminal view, the figures and the report folder.
 
 One entry point per view, for every command's report (static and dynamic inspect, precise,
 adapt, ghost), used by the CLI and by Python users alike:
@@ -7,21 +7,42 @@ adapt, ghost), used by the CLI and by Python users alike:
 - :func:`report_figures` -> ``name -> (caption, Figure)`` (drawn from the report's records,
   never recomputed; each is the ``.figure`` of a :mod:`bnscope.render.figures` function's
   :class:`~bnscope.render.figures.Plot`, whose functions also draw into your own Axes);
-- :func:`write_report` writes ``report.json`` (the ``--json`` document), each figure as
-  ``name.png`` and, for the dynamic inspect report, ``report.html`` into a folder, each file
-  atomically: exactly what ``--out`` writes.
+- :func:`write_report` writes ``report.json`` (the ``--json`` document, listing the report's
+  files), each figure as ``name.png`` and, for the dynamic inspect report, ``report.html``
+  into a folder that holds one report (:mod:`bnscope.io.outputs`): exactly what
+  ``--report-dir`` writes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from ..io.outputs import EarlierReport
     from ..records import Report
     from ..session import Result
+
+#: every file bnscope writes into a report folder, for any report (``report_figures`` names
+#: plus ``.png``); a folder holding one of them holds an earlier report
+REPORT_FILES = (
+    "report.json",
+    "report.html",
+    "running_stats.png",
+    "staleness.png",
+    "batch_means.png",
+    "train_test.png",
+    "precise_change.png",
+    "domain_shift.png",
+    "adapt_metrics.png",
+    "ghost_noise.png",
+    "nbs_curve.png",
+)
+#: dots per inch of the PNG files in a report folder
+PNG_DPI = 120
 
 
 def is_dynamic(report: Report) -> bool:
@@ -128,23 +149,63 @@ def _dynamic_figures(report: Report) -> dict[str, tuple[str, Figure]]:
     return made
 
 
-def write_report(report: Report | Result, out: str | Path) -> list[Path]:
-    """Write ``report`` (or a job's result) into the folder ``out`` as ``--out`` does
-    (created if needed): ``report.json``, the figures as PNG and, for a dynamic inspect
-    report, ``report.html``. Returns the paths written, each written atomically."""
-    from ..io.outputs import write_report_dir
+def report_document(report: Report, files: Sequence[str] | None = None) -> dict[str, Any]:
+    """The ``--json`` document of ``report``; with the files of its report folder (``files``),
+    the same document ends with ``report_files``, as ``report.json`` does."""
+    doc = report.to_dict()
+    if files is not None:
+        doc["report_files"] = list(files)
+    return doc
+
+
+def check_report_dir(report_dir: str | Path, *, force: bool = False) -> EarlierReport | None:
+    """Refuse ``report_dir`` before anything runs, as :func:`write_report` would: a name like
+    a checkpoint file, a file in its place, an earlier report without ``force=True`` (see
+    :func:`bnscope.io.outputs.check_report_dir`). Returns the earlier report, or None."""
+    from ..io.outputs import check_report_dir as check
+
+    return check(report_dir, force=force, known=REPORT_FILES)
+
+
+def write_report(
+    report: Report | Result,
+    report_dir: str | Path,
+    *,
+    force: bool = False,
+    notify: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Write ``report`` (or a job's result) into the folder ``report_dir`` as
+    ``--report-dir`` does (created if needed): ``report.json`` (listing the report's files
+    under ``report_files``), the figures as PNG and, for a dynamic inspect report,
+    ``report.html``. Returns the paths written.
+
+    A report folder holds one report: a folder that already holds one is refused unless
+    ``force=True``, which replaces it (its files that this report does not write are
+    removed, and ``notify`` is told). Every file is written before the earlier report is
+    touched (:func:`bnscope.io.outputs.write_report_dir`)."""
+    from ..io.outputs import MANIFEST, write_report_dir
     from ..session import Result
+    from .html import figure_png
     from .jsonout import report_json
 
     if isinstance(report, Result):
         report = report.report
 
     made = report_figures(report)
-    figures = {name: fig for name, (_, fig) in made.items()}
-    texts: dict[str, str] = {}
+    files: dict[str, bytes] = {MANIFEST: b""}
+    for name, (_, fig) in made.items():
+        files[f"{name}.png"] = figure_png(fig, dpi=PNG_DPI)
     if is_dynamic(report):
-        from .html import figure_png, inspect_html
+        from .html import inspect_html
 
         pngs = {name: (caption, figure_png(fig)) for name, (caption, fig) in made.items()}
-        texts["report.html"] = inspect_html(report, pngs)
-    return write_report_dir(out, report_json(report), figures, texts)
+        files["report.html"] = inspect_html(report, pngs).encode("utf-8")
+    files[MANIFEST] = report_json(report_document(report, list(files))).encode("utf-8")
+    done = write_report_dir(report_dir, files, force=force, known=REPORT_FILES)
+    if done.earlier is not None and notify is not None:
+        removed = ", ".join(p.name for p in done.removed)
+        notify(
+            f"report_dir={Path(report_dir)}: replaced {done.earlier.describe()}"
+            + (f"; removed {removed}, which this report does not have" if removed else "")
+        )
+    return done.written

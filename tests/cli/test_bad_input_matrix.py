@@ -6,7 +6,7 @@ asserts the contract of docs/cli.md, section 4: exit code 2; stderr is exactly o
 ``bnscope: error: ...`` naming the problem and no traceback; stdout empty (except for
 ``inspect --data`` without ``--model``, which prints the static report first on purpose); and
 nothing written or changed anywhere in the tree (recursive listing and sha256 of every file,
-before and after), so ``-o``/``--out`` targets never appear and inputs stay byte-identical.
+before and after), so ``-o``/``--report-dir`` targets never appear and inputs stay byte-identical.
 
 Known bugs are strict xfails whose reason says what is wrong and where.
 """
@@ -156,6 +156,7 @@ class Case:
     cwd: str = ""  # folder of the tree to run in (project files)
     static_report: bool = False  # stdout holds the static report before the error line
     prepare: Callable[[Path, pytest.MonkeyPatch], None] | None = None
+    warnings: int = 0  # warning lines before the error line (a deprecated option)
 
 
 def argv(command: str, *extra: str, ckpt: str = f"{W}/ck.pt", model: str | None = TINY,
@@ -481,11 +482,29 @@ for command, tag in [("precise", "precise"), ("adapt", "adapted")]:
 for command in ALL_COMMANDS:  # checked before anything runs: no checkpoint written either
     case(
         f"out-is-a-file-{command}",
-        argv(command, "--out", f"{W}/notes.txt"),
+        argv(command, "--report-dir", f"{W}/notes.txt"),
         "exists and is not a folder",
     )
-    case(f"out-under-a-file-{command}", argv(command, "--out", f"{W}/notes.txt/rep"),
-         "cannot create --out folder")  # fmt: skip
+    case(f"out-under-a-file-{command}", argv(command, "--report-dir", f"{W}/notes.txt/rep"),
+         "cannot create --report-dir folder")  # fmt: skip
+    for flag in ("--report-dir", "--out"):  # --out: the deprecated spelling warns first
+        case(f"report-dir-named-like-a-checkpoint{flag[1:5]}-{command}",
+             argv(command, flag, f"{W}/fixed.pt"), "ends in .pt like a checkpoint file",
+             warnings=1 if flag == "--out" else 0)  # fmt: skip
+    case(
+        f"report-dir-holds-an-earlier-report-{command}",
+        argv(command, "--report-dir", f"{W}/rep"),
+        "already holds an earlier ghost report",
+        prepare=lambda w, m: ((w / "rep").mkdir(), (w / "rep" / "report.json").write_text(
+            '{"schema": "bnscope.ghost/1", "command": "ghost", "report_files": ["report.json"]}'
+        )),
+    )  # fmt: skip
+for command in ("precise", "adapt"):
+    case(
+        f"o-and-report-dir-the-same-{command}",
+        argv(command, "-o", f"{W}/new", "--report-dir", f"{W}/new"),
+        "name the same path",
+    )
 
 # -- project files ---------------------------------------------------------------------------
 
@@ -526,15 +545,16 @@ def test_bad_input(c: Case, source_tree: Path, tmp_path: Path, monkeypatch: pyte
     assert res.exit_code == 2, (res.exit_code, res.exception, res.stdout, res.stderr)
     assert "Traceback" not in res.stderr
     lines = res.stderr.splitlines()
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("bnscope: error: "), lines[0]
-    assert c.fragment in lines[0], lines[0]
+    assert len(lines) == 1 + c.warnings, res.stderr
+    assert all(line.startswith("bnscope: warning: ") for line in lines[:-1]), res.stderr
+    assert lines[-1].startswith("bnscope: error: "), lines[-1]
+    assert c.fragment in lines[-1], lines[-1]
     if c.static_report:
         assert "BatchNorm layers" in res.stdout
     else:
         assert res.stdout == ""
     after = snapshot(work)
-    assert sorted(set(after) - set(before)) == []  # nothing written (-o, --out, temp files)
+    assert sorted(set(after) - set(before)) == []  # nothing written (-o, --report-dir, temp files)
     assert sorted(set(before) - set(after)) == []  # nothing removed
     changed = sorted(p for p in before if before[p] != after[p])
     assert changed == []  # inputs byte-identical

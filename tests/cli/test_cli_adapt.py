@@ -28,7 +28,7 @@ def test_adapt_writes_target_stats_and_reports(precise_env):
         "--eval-data",
         data,
         "--json",
-        "--out",
+        "--report-dir",
         tmp / "rep",
     )
     assert res.exit_code == 0, res.stderr

@@ -23,7 +23,7 @@ def test_ghost_table_json_and_figures(precise_env):
     assert "g=32: larger than the batch size (16)" in out
     assert res.stderr == ""
 
-    res = run(*args, "--sizes", "2,4,8,32", "--json", "--out", tmp / "rep")
+    res = run(*args, "--sizes", "2,4,8,32", "--json", "--report-dir", tmp / "rep")
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["schema"] == "bnscope.ghost/1" and doc["checkpoint"] == str(ckpt)

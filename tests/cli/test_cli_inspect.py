@@ -1,4 +1,5 @@
-"""`bnscope inspect` through the CLI: exit codes, stdout/stderr split, JSON, --out, bad input."""
+"""`bnscope inspect` through the CLI: exit codes, stdout/stderr split, JSON, --report-dir, bad
+input."""
 
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def test_with_model_uses_real_momentum(tmp_path):
 
 def test_out_dir_writes_report_and_figure(tiny_ckpt, tmp_path):
     out = tmp_path / "report"
-    res = run("inspect", tiny_ckpt, "--out", out, "--json")
+    res = run("inspect", tiny_ckpt, "--report-dir", out, "--json")
     assert res.exit_code == 0, res.stderr
     assert json.loads((out / "report.json").read_text()) == json.loads(res.stdout)
     png = (out / "running_stats.png").read_bytes()
@@ -96,8 +97,8 @@ def test_out_dir_writes_report_and_figure(tiny_ckpt, tmp_path):
 
 
 def test_no_status_lines_when_not_a_terminal(tiny_ckpt, tmp_path):
-    for extra in ([], ["--quiet"], ["--json"]):
-        res = run("inspect", tiny_ckpt, "--out", tmp_path / "o", *extra)
+    for i, extra in enumerate(([], ["--quiet"], ["--json"])):
+        res = run("inspect", tiny_ckpt, "--report-dir", tmp_path / f"o{i}", *extra)
         assert res.exit_code == 0 and res.stderr == ""
 
 
@@ -179,7 +180,7 @@ def _truncated(tmp_path: Path) -> Path:
 def test_bad_checkpoints(tmp_path, make, fragment):
     path = make(tmp_path)
     before = sorted(tmp_path.iterdir())
-    one_error_line(run("inspect", path, "--out", tmp_path / "out"), fragment)
+    one_error_line(run("inspect", path, "--report-dir", tmp_path / "out"), fragment)
     assert sorted(tmp_path.iterdir()) == before  # nothing written
 
 
@@ -200,7 +201,7 @@ def test_model_errors(tiny_ckpt, tmp_path):
 
 def test_input_is_never_modified(tiny_ckpt, tmp_path):
     digest = sha256(tiny_ckpt)
-    run("inspect", tiny_ckpt, "--out", tmp_path / "o", "--json")
+    run("inspect", tiny_ckpt, "--report-dir", tmp_path / "o", "--json")
     assert sha256(tiny_ckpt) == digest
 
 

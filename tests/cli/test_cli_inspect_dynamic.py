@@ -23,7 +23,7 @@ def test_dynamic_table_json_and_report_dir(precise_env):
     verdict = res.stdout.splitlines()[0]
     assert "Train/test consistency" in res.stdout and "BN layers, worst first" in res.stdout
 
-    res = run(*args, "--json", "--out", tmp / "rep")
+    res = run(*args, "--json", "--report-dir", tmp / "rep")
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["schema"] == "bnscope.inspect/1" and doc["checkpoint"] == str(ckpt)
@@ -80,7 +80,7 @@ def test_dynamic_bad_input(precise_env):
 def test_report_html_renders_in_headless_chromium(precise_env):
     tmp, ckpt, data, _, _ = precise_env
     res = run("inspect", ckpt, "--model", tiny_spec(), "--data", data, "--batch-size", "16",
-              "--out", tmp / "rep")  # fmt: skip
+              "--report-dir", tmp / "rep")  # fmt: skip
     assert res.exit_code == 0, res.stderr
     page = (tmp / "rep" / "report.html").resolve().as_uri()
     browser = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",

@@ -70,7 +70,7 @@ def test_precise_eval_and_out_dir(precise_env):
         data,
         "-o",
         tmp / "new.pt",
-        "--out",
+        "--report-dir",
         tmp / "rep",
     )
     assert res.exit_code == 0, res.stderr

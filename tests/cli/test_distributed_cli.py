@@ -244,7 +244,7 @@ def test_a_rank_failing_after_collection_stops_the_writing(env):
     tmp, ckpt = env
     res, _ = torchrun(
         "precise", ckpt, "--model", f"{HERE}:make_two_branch", "--data", tmp / "d.pt",
-        "--eval-data", f"{HERE}:eval_data_bad_on_rank_1", "-o", tmp / "out.pt", "--out",
+        "--eval-data", f"{HERE}:eval_data_bad_on_rank_1", "-o", tmp / "out.pt", "--report-dir",
         tmp / "report", cwd=tmp,
     )  # fmt: skip
     assert res.returncode != 0
@@ -286,10 +286,10 @@ def test_factory_sharding_is_read_from_the_signature():
 
 
 def test_ghost_and_inspect_under_torchrun(env):
-    """One report from rank 0 covering both ranks' shards, --out written once."""
+    """One report from rank 0 covering both ranks' shards, --report-dir written once."""
     tmp, ckpt = env
     model = ["--model", f"{HERE}:make_two_branch", "--data", tmp / "d.pt", "--batch-size", "16"]
-    res, _ = torchrun("ghost", ckpt, *model, "--sizes", "2,4,32", "--json", "--out",
+    res, _ = torchrun("ghost", ckpt, *model, "--sizes", "2,4,32", "--json", "--report-dir",
                       tmp / "g", cwd=tmp)  # fmt: skip
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)

@@ -440,7 +440,7 @@ def test_cli_precise_with_key_updates_only_the_ema(lightning, data, key: str) ->
 def test_cli_commands_announce_the_ema(timm, data, command: str) -> None:
     args = ["--sizes", "4,8"] if command == "ghost" else []
     res = run(command, timm, "--model", tiny_spec(), "--data", data, "--batches", "2", *args,
-              "--json", "--out", timm.parent / f"out-{command}")  # fmt: skip
+              "--json", "--report-dir", timm.parent / f"out-{command}")  # fmt: skip
     assert res.exit_code == 0, res.stderr
     assert warnings_in(res.stderr) == [
         "bnscope: warning: this checkpoint also holds an EMA copy ('state_dict_ema', "

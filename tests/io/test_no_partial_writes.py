@@ -365,7 +365,7 @@ def test_cli_disk_full(env, command, monkeypatch):
 
 
 def test_report_files_disk_full(tmp_path, monkeypatch):
-    """--out files (outputs.write_text / save_figure) are atomic too."""
+    """Files written one by one (outputs.write_text / save_figure) are atomic too."""
     from matplotlib.figure import Figure
 
     monkeypatch.setattr(os, "fsync", enospc)

@@ -65,7 +65,7 @@ def test_open_runs_all_four_operations_and_saves_like_the_cli(demo: Path, tmp_pa
     # static inspect: from the buffers alone
     out = tmp_path / "static"
     same_as_cli(
-        ["inspect", ckpt, "--out", out],
+        ["inspect", ckpt, "--report-dir", out],
         lambda: bnscope.write_report(bnscope.open(ckpt).inspect(), out),
         [out],
         tmp_path,
@@ -75,7 +75,7 @@ def test_open_runs_all_four_operations_and_saves_like_the_cli(demo: Path, tmp_pa
     # dynamic inspect: report.json, figures and report.html
     out = tmp_path / "inspect"
     same_as_cli(
-        ["inspect", ckpt, *common, "--data", train, "--out", out],
+        ["inspect", ckpt, *common, "--data", train, "--report-dir", out],
         lambda: bnscope.write_report(job(data=train).inspect(batches=3), out),
         [out],
         tmp_path,
@@ -91,11 +91,12 @@ def test_open_runs_all_four_operations_and_saves_like_the_cli(demo: Path, tmp_pa
         bnscope.write_report(result, out)
 
     same_as_cli(
-        ["precise", ckpt, *common, "--data", train, "--eval-data", val, "-o", new, "--out", out],
+        ["precise", ckpt, *common, "--data", train, "--eval-data", val, "-o", new,
+         "--report-dir", out],
         precise,
         [new, out],
         tmp_path,
-    )
+    )  # fmt: skip
     assert json.loads((out / "report.json").read_text())["output"] == str(new)
 
     # adapt on the validation images as the "target" domain, with a prior
@@ -108,7 +109,7 @@ def test_open_runs_all_four_operations_and_saves_like_the_cli(demo: Path, tmp_pa
 
     same_as_cli(
         ["adapt", ckpt, *common, "--data", val, "--eval-data", val, "--prior", "16",
-         "-o", new, "--out", out],
+         "-o", new, "--report-dir", out],
         adapt,
         [new, out],
         tmp_path,
@@ -117,7 +118,7 @@ def test_open_runs_all_four_operations_and_saves_like_the_cli(demo: Path, tmp_pa
     # ghost: the NBS analysis
     out = tmp_path / "ghost"
     same_as_cli(
-        ["ghost", ckpt, *common, "--data", val, "--sizes", "2,4,8", "--out", out],
+        ["ghost", ckpt, *common, "--data", val, "--sizes", "2,4,8", "--report-dir", out],
         lambda: bnscope.write_report(job(data=val).ghost([2, 4, 8], batches=3), out),
         [out],
         tmp_path,
