@@ -25,7 +25,10 @@ that importing bnscope (and ``bnscope --help``) stays fast.
 
 from __future__ import annotations
 
+import functools
 import math
+import statistics
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -35,6 +38,16 @@ from ..records import StaticLayer
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure, FigureBase
+
+
+#: where the figures read each evaluation's variants in a report's ``metrics``: (key, bar
+#: label). The one place that names these keys.
+PRECISE_VARIANTS = (("a", "before\n(running stats)"), ("b", "after\n(precise stats)"))
+ADAPT_VARIANTS = (
+    ("source", "source stats"),
+    ("adapted", "adapted stats"),
+    ("batch_stats", "test-batch stats"),
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,6 +99,29 @@ def _one_axes(
     return _panels(None, figsize).subplots(), True
 
 
+@functools.cache
+def _plain_log_formatter_class() -> type:
+    """A LogFormatterSciNotation that writes its labels as plain numbers (``0.05``, ``3``,
+    ``1e-05``) instead of ``5×10⁻²``; which ticks get a label is still matplotlib's choice
+    (decades only over several decades, some minor ticks over one)."""
+    from matplotlib.ticker import LogFormatterSciNotation
+
+    class PlainLogFormatter(LogFormatterSciNotation):
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return self.fix_minus(f"{x:g}") if super().__call__(x, pos) else ""
+
+    return PlainLogFormatter
+
+
+def _log_scale(ax: Axes, axis: str = "y", base: float = 10) -> None:
+    """Put ``ax``'s ``axis`` ("x" or "y") on a log scale with readable tick labels."""
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log", base=base)
+    plain = _plain_log_formatter_class()
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    target.set_major_formatter(plain(base))
+    target.set_minor_formatter(plain(base, labelOnlyBase=False))
+
+
 def _finite(x: float | None) -> float:
     return x if x is not None and math.isfinite(x) else math.nan
 
@@ -104,7 +140,7 @@ def _max_median(ax, layers: Sequence, x: list[int], stem: str, label: str) -> di
     (line_max,) = ax.plot(x, mx, "o-", color="C3", label="max over channels")
     (line_median,) = ax.plot(x, md, "s--", color="C0", label="median over channels")
     if any(v > 0 for v in mx + md):
-        ax.set_yscale("log")
+        _log_scale(ax)
     ax.set_ylabel(label, fontsize=8)
     ax.grid(True, alpha=0.3)
     return {f"{stem}_max": line_max, f"{stem}_median": line_median}
@@ -173,7 +209,7 @@ def static_ranges_figure(
             zeros = [(xi, floor) for xi, v in zip(x, lo, strict=True) if v <= 0]
             lo = [max(v, floor) if math.isfinite(v) else v for v in lo]
             hi = [max(v, floor) if math.isfinite(v) else v for v in hi]
-            ax.set_yscale("log")
+            _log_scale(ax)
             if zeros:
                 artists["zeros"] += ax.plot(
                     *zip(*zeros, strict=True), "x", color="C3", label="zero (clipped)"
@@ -209,15 +245,30 @@ def static_ranges_figure(
 
 
 def change_figure(
-    layers: Sequence, fig: FigureBase | None = None, title: str | None = None
+    layers: Sequence,
+    fig: FigureBase | None = None,
+    title: str | None = None,
+    *,
+    metrics: dict | None = None,
 ) -> Plot:
     """Per-layer change of statistics by depth: d_mu and d_var (max and median over channels),
-    log scale. Layers that were not updated are left out of the lines.
+    log scale. Layers that were not updated are left out of the lines. With ``metrics`` (a
+    precise report's ``extra["metrics"]``, from evaluation data), a third panel on the right
+    has bars before and after: accuracy with labels, otherwise top-1 agreement with the model
+    before (an unknown value gets no bar and the label "n/a").
 
-    Two panels (``fig=``). Artists: ``d_mu_max``, ``d_mu_median``, ``d_var_max``,
-    ``d_var_median``, ``title``."""
-    fig = _panels(fig, _by_depth_size(len(layers), 5.5))
-    ax_mu, ax_var = fig.subplots(2, 1, sharex=True)
+    Two panels (``fig=``), three with ``metrics``. Artists: ``d_mu_max``, ``d_mu_median``,
+    ``d_var_max``, ``d_var_median``, ``title``, and with ``metrics``: ``bars`` (a
+    BarContainer: before, after), ``labels`` (the percentages), ``metrics_title``."""
+    width, height = _by_depth_size(len(layers), 5.5)
+    fig = _panels(fig, (width + 3.0, height) if metrics else (width, height))
+    if metrics:
+        grid = fig.add_gridspec(2, 2, width_ratios=(width, 3.0))
+        ax_mu = fig.add_subplot(grid[0, 0])
+        ax_var = fig.add_subplot(grid[1, 0], sharex=ax_mu)
+        ax_mu.tick_params(labelbottom=False)
+    else:
+        ax_mu, ax_var = fig.subplots(2, 1, sharex=True)
     x = [i for i, r in enumerate(layers) if r.status == "updated"]
     artists: dict[str, Any] = {}
     for ax, stem, label in (
@@ -227,18 +278,41 @@ def change_figure(
         artists.update(_max_median(ax, layers, x, stem, label))
         ax.legend(loc="best", fontsize=7)
     _layer_axis(ax_var, layers)
+    axes = [ax_mu, ax_var]
+    if metrics:
+        ax_eval = fig.add_subplot(grid[:, 1])
+        axes.append(ax_eval)
+        (before, _), (after, _) = PRECISE_VARIANTS
+        values: list[float | None]
+        if metrics.get("has_labels"):
+            values = [metrics[before]["accuracy"], metrics[after]["accuracy"]]
+            ax_eval.set_ylabel("accuracy")
+        else:
+            agreement = metrics.get("agreement")
+            values = [None if agreement is None else 1.0, agreement]
+            ax_eval.set_ylabel("top-1 agreement with the model before")
+        artists.update(_bars(ax_eval, [label for _, label in PRECISE_VARIANTS], values))
+        ax_eval.set_ylim(0, 1.08)
+        data = metrics.get("data") or "evaluation data"
+        artists["metrics_title"] = ax_eval.set_title(
+            textwrap.fill(f"Evaluation on {data}", 34), fontsize=8
+        )
     artists["title"] = fig.suptitle(
         title or "Change of BN statistics by depth (old running vs new)"
     )
-    return Plot(_root(fig), (ax_mu, ax_var), artists)
+    return Plot(_root(fig), tuple(axes), artists)
 
 
-def shift_figure(layers: Sequence, fig: FigureBase | None = None) -> Plot:
+def shift_figure(
+    layers: Sequence, fig: FigureBase | None = None, *, shift_threshold: float | None = None
+) -> Plot:
     """Where the domain differs: median and max over channels of the symmetric KL, d_mu and
-    d_var between source and target statistics, by depth (log scale).
+    d_var between source and target statistics, by depth (log scale). ``shift_threshold``
+    (an adapt report's ``extra["shift_threshold"]``) draws the line that a layer's median KL
+    must exceed for a ``domain-shift`` finding.
 
     Three panels (``fig=``). Artists: ``kl_max``, ``kl_median``, ``d_mu_max``, ``d_mu_median``,
-    ``d_var_max``, ``d_var_median``, ``title``."""
+    ``d_var_max``, ``d_var_median``, ``shift_threshold`` (when given), ``title``."""
     fig = _panels(fig, _by_depth_size(len(layers), 7.0))
     axes = fig.subplots(3, 1, sharex=True)
     x = [i for i, r in enumerate(layers) if r.status == "updated"]
@@ -250,25 +324,41 @@ def shift_figure(layers: Sequence, fig: FigureBase | None = None) -> Plot:
     artists: dict[str, Any] = {}
     for ax, (stem, label) in zip(axes, rows, strict=True):
         artists.update(_max_median(ax, layers, x, stem, label))
+    if shift_threshold is not None:
+        artists["shift_threshold"] = axes[0].axhline(
+            shift_threshold, color="k", ls=":", lw=1.2,
+            label=f"domain shift: median above {shift_threshold:g}",
+        )  # fmt: skip
     axes[0].legend(loc="best", fontsize=7)
     _layer_axis(axes[-1], layers)
     artists["title"] = fig.suptitle("Domain shift by depth: source vs target statistics")
     return Plot(_root(fig), tuple(axes), artists)
 
 
-def _bars(ax, labels: Sequence[str], values: list[float]) -> dict[str, Any]:
-    """Bars of ``values`` in C7/C2/C0, each labelled with its percentage."""
-    bars = ax.bar(labels, values, color=["C7", "C2", "C0"])
+def _agreement_with(agreement: dict, compared: Sequence[str]) -> float | None:
+    """The reference variant's top-1 agreement with itself: 1 when agreement is defined (some
+    compared variant has one: the outputs are class scores), otherwise unknown."""
+    return 1.0 if any(agreement.get(k) is not None for k in compared) else None
+
+
+def _bars(ax: Axes, labels: Sequence[str], values: Sequence[float | None]) -> dict[str, Any]:
+    """Bars of ``values`` in C7/C2/C0, each labelled with its percentage; a value that is not
+    known (None) gets no bar, only the label "n/a" on the baseline."""
+    known = [math.nan if v is None else v for v in values]
+    bars = ax.bar(labels, known, color=["C7", "C2", "C0"][: len(values)])
     texts = [
         ax.annotate(
-            f"{100 * v:.1f}%",
-            (bar.get_x() + bar.get_width() / 2, v),
+            "n/a" if v is None else f"{100 * v:.1f}%",
+            (bar.get_x() + bar.get_width() / 2, 0.0 if v is None else v),
             ha="center",
             va="bottom",
             fontsize=8,
+            color="0.4" if v is None else "black",
         )
         for bar, v in zip(bars, values, strict=True)
     ]
+    ax.set_xlim(-0.6, len(values) - 0.4)  # an absent (NaN) bar keeps its place and tick
+    ax.set_xlabel("BN statistics used", fontsize=8)
     return {"bars": bars, "labels": texts}
 
 
@@ -276,20 +366,19 @@ def adapt_metrics_figure(
     metrics: dict, fig: FigureBase | None = None, *, ax: Axes | None = None
 ) -> Plot:
     """Bars: accuracy (with labels) or top-1 agreement with the source model (without) for
-    source statistics, adapted statistics and test-time batch statistics.
+    source statistics, adapted statistics and test-time batch statistics; an unknown value
+    (None) gets no bar and the label "n/a".
 
     One panel (``ax=`` or ``fig=``). Artists: ``bars`` (a BarContainer), ``labels`` (the
     percentages), ``title``."""
-    keys = ("source", "adapted", "batch_stats")
-    labels = ("source stats", "adapted stats", "test-batch stats")
     ax, _ = _one_axes(ax, fig, (5.5, 3.8))
     if metrics.get("has_labels"):
-        values = [metrics["metrics"][k]["accuracy"] for k in keys]
+        values = [metrics["metrics"][k]["accuracy"] for k, _ in ADAPT_VARIANTS]
         ax.set_ylabel("accuracy")
     else:
-        values = [metrics["agreement"][k] or 0.0 for k in keys]
+        values = [metrics["agreement"][k] for k, _ in ADAPT_VARIANTS]
         ax.set_ylabel("top-1 agreement with source")
-    artists = _bars(ax, labels, values)
+    artists = _bars(ax, [label for _, label in ADAPT_VARIANTS], values)
     ax.set_ylim(0, 1.05)
     artists["title"] = ax.set_title(
         f"Evaluation on {metrics.get('data', 'target data')}", fontsize=9
@@ -297,47 +386,89 @@ def adapt_metrics_figure(
     return Plot(_root(ax), (ax,), artists)
 
 
+def _size_line(layer: Any, key: str) -> tuple[list[int], list[float]]:
+    """``(g, value)`` of a ghost layer's sizes where ``key`` is set."""
+    pairs = [(s.size, getattr(s, key)) for s in layer.sizes if getattr(s, key) is not None]
+    return [g for g, _ in pairs], [v for _, v in pairs]
+
+
 def ghost_noise_figure(layers: Sequence, fig: FigureBase | None = None) -> Plot:
-    """Log-log noise of chunk statistics vs ghost size g, one line per analysed layer (colour =
-    depth): mean |mu_k - mu_pop| / sigma (left) and mean |log var ratio| (right), with each
-    quantity's i.i.d. expectation for the median layer dashed in black (slope -1/2 for means).
+    """Log-log noise of chunk statistics vs ghost size g, one solid line per analysed layer
+    (colour = depth): mean |mu_k - mu_pop| / sigma (left) and mean |log var ratio| (right).
+    Each layer's own i.i.d. expectation (docs/statistics.md, section 7.4) is dashed in the
+    same colour, so each layer is compared with what independent samples would give it; a grey
+    dotted guide of slope -1/2 (proportional to g^-1/2, through the median expectation at the
+    smallest size) shows the slope the expectation follows when a layer's per-sample spread
+    does not change with g (the first layer; deeper layers' inputs depend on g through the
+    layers before).
 
     Two panels (``fig=``). Artists: ``noise_mu``, ``noise_var`` (one line per analysed layer),
-    ``iid_mu``, ``iid_var`` (when a layer was analysed), ``title``."""
+    ``iid_mu``, ``iid_var`` (one dashed line per analysed layer with an expectation),
+    ``slope_mu``, ``slope_var`` (the g^-1/2 guides; present when some layer has an
+    expectation), ``title``. The legend goes below the panels on a figure this call created,
+    inside the left panel otherwise."""
     from matplotlib import colormaps
+    from matplotlib.lines import Line2D
 
+    created = fig is None
     fig = _panels(fig, (10.0, 4.2))
     axes = fig.subplots(1, 2)
     analysed = [layer for layer in layers if layer.status == "analysed" and layer.sizes]
     cmap = colormaps["viridis"]
     n = max(len(analysed) - 1, 1)
-    keys = (("noise_mu", "iid_mu", "mean |μ_g − μ_pop| / σ"),
-            ("noise_var", "iid_var", "mean |log var_g / var_pop|"))  # fmt: skip
+    keys = (("noise_mu", "iid_mu", "slope_mu", "mean |μ_g − μ_pop| / σ"),
+            ("noise_var", "iid_var", "slope_var", "mean |log var_g / var_pop|"))  # fmt: skip
     artists: dict[str, Any] = {}
-    for ax, (key, iid_key, label) in zip(axes, keys, strict=True):
-        artists[key] = []
+    for ax, (key, iid_key, slope_key, label) in zip(axes, keys, strict=True):
+        artists[key], artists[iid_key] = [], []
+        starts: list[float] = []
         for i, layer in enumerate(analysed):
-            g = [s.size for s in layer.sizes if getattr(s, key) is not None]
-            y = [getattr(s, key) for s in layer.sizes if getattr(s, key) is not None]
-            artists[key] += ax.plot(g, y, "o-", color=cmap(i / n), lw=1, ms=3, label=layer.name)
-        if analysed:
-            mid = analysed[len(analysed) // 2]
-            g = [s.size for s in mid.sizes if getattr(s, iid_key) is not None]
-            y = [getattr(s, iid_key) for s in mid.sizes if getattr(s, iid_key) is not None]
-            (artists[iid_key],) = ax.plot(
-                g, y, "k--", lw=1.5, label=f"i.i.d. expectation ({mid.name})"
+            colour = cmap(0.85 * i / n)  # viridis without its palest yellow
+            artists[key] += ax.plot(
+                *_size_line(layer, key), "o-", color=colour, lw=1.2, ms=3, label=layer.name
             )
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        if analysed:
-            ticks = [s.size for s in analysed[0].sizes]
-            ax.set_xticks(ticks, [str(t) for t in ticks])
+            g, y = _size_line(layer, iid_key)
+            if g:
+                artists[iid_key] += ax.plot(g, y, "--", color=colour, lw=1, alpha=0.8)
+                starts.append(y[0])
+        sizes = sorted({s.size for layer in analysed for s in layer.sizes})
+        if starts and len(sizes) > 1:
+            y0 = statistics.median(starts)
+            (artists[slope_key],) = ax.plot(
+                sizes, [y0 * (g / sizes[0]) ** -0.5 for g in sizes], ":", color="0.45", lw=1.5
+            )
+        _log_scale(ax, "x", 2)
+        _log_scale(ax, "y")
+        if sizes:
+            ax.set_xticks(sizes, [str(t) for t in sizes])
         ax.set_xlabel("ghost size g (samples per normalization batch)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-    if analysed:  # many layers: label only the i.i.d. line (colour already shows depth)
-        handles = axes[0].lines if len(analysed) <= 12 else axes[0].lines[-1:]
-        axes[0].legend(handles=handles, fontsize=6, loc="best")
+    if not artists["iid_mu"]:
+        del artists["iid_mu"]
+    if not artists["iid_var"]:
+        del artists["iid_var"]
+    if analysed:  # many layers: the line styles only (colour already shows depth)
+        handles: list[Any] = list(artists["noise_mu"]) if len(analysed) <= 12 else [
+            Line2D([], [], color=cmap(0.42), marker="o", ms=3, lw=1.2,
+                   label=f"measured (colour: {analysed[0].name} … {analysed[-1].name})")
+        ]  # fmt: skip
+        if "iid_mu" in artists:
+            handles.append(
+                Line2D([], [], color="0.3", ls="--", lw=1,
+                       label="i.i.d. expectation (dashed, the layer's colour)")
+            )  # fmt: skip
+        if "slope_mu" in artists:
+            handles.append(
+                Line2D([], [], color="0.45", ls=":", lw=1.5, label="∝ $g^{-1/2}$ (slope −1/2)")
+            )
+        if created:
+            _root(fig).legend(
+                handles=handles, loc="outside lower center", ncols=min(len(handles), 4),
+                fontsize=7,
+            )  # fmt: skip
+        else:
+            axes[0].legend(handles=handles, fontsize=6, loc="best")
     artists["title"] = fig.suptitle(
         "Noise of chunk statistics around the population statistics, by layer"
     )
@@ -396,20 +527,39 @@ def nbs_curve_figure(
     return Plot(_root(ax), tuple(axes), artists)
 
 
-def staleness_figure(layers: Sequence, stale_z: float = 3.0, fig: FigureBase | None = None) -> Plot:
-    """Staleness by depth: d_mu and d_var (median and max over channels) between running and
-    population statistics, and the z-score of the gap against EMA noise (RMS over channels)
-    with the ``stale_z`` threshold; stale layers are shaded.
+def staleness_figure(
+    layers: Sequence,
+    stale_z: float = 3.0,
+    fig: FigureBase | None = None,
+    *,
+    material_gap: float = 0.05,
+) -> Plot:
+    """Staleness by depth, with both criteria of a ``stale`` layer (docs/statistics.md,
+    section 5.5): d_mu and d_var (median and max over channels) between running and
+    population statistics, with the ``material_gap`` line that the *median* of d_mu or of
+    d_var must exceed, and the z-score of the gap against EMA noise (RMS over channels) with
+    the ``stale_z`` line that z must exceed. Layers whose status is ``stale`` are shaded
+    (both criteria met); pass the thresholds the report was made with
+    (:data:`bnscope.ops.inspect.MATERIAL_GAP`, :data:`bnscope.ops.inspect.STALE_Z`).
 
     Three panels (``fig=``). Artists: ``d_mu_max``, ``d_mu_median``, ``d_var_max``,
-    ``d_var_median``, ``z_mu``, ``z_var``, ``stale_threshold``, ``stale_spans`` (one per stale
-    layer and panel), ``title``."""
+    ``d_var_median``, ``z_mu``, ``z_var``, ``material_threshold`` (one line on each d panel),
+    ``stale_threshold``, ``noise_level`` (z = 1), ``stale_spans`` (one per stale layer and
+    panel), ``title``."""
     fig = _panels(fig, _by_depth_size(len(layers), 7.5))
     axes = fig.subplots(3, 1, sharex=True)
     x = [i for i, r in enumerate(layers) if r.d_mu_median is not None]
-    artists: dict[str, Any] = {}
-    artists.update(_max_median(axes[0], layers, x, "d_mu", "d_mu = |μ_EMA − μ_pop| / σ"))
-    artists.update(_max_median(axes[1], layers, x, "d_var", "d_var = |log var_EMA / var_pop|"))
+    artists: dict[str, Any] = {"material_threshold": []}
+    panels = ((axes[0], "d_mu", "d_mu = |μ_EMA − μ_pop| / σ"),
+              (axes[1], "d_var", "d_var = |log var_EMA / var_pop|"))  # fmt: skip
+    for ax, stem, label in panels:
+        artists.update(_max_median(ax, layers, x, stem, label))
+        artists["material_threshold"].append(
+            ax.axhline(
+                material_gap, color="k", ls=":", lw=1.2,
+                label=f"material: median above {material_gap:g}",
+            )
+        )  # fmt: skip
     zx = [i for i in x if layers[i].z_mu is not None]
     (artists["z_mu"],) = axes[2].plot(
         zx, [_finite(layers[i].z_mu) for i in zx], "o-", color="C1", label="z (mean)"
@@ -419,33 +569,44 @@ def staleness_figure(layers: Sequence, stale_z: float = 3.0, fig: FigureBase | N
         zv, [_finite(layers[i].z_var) for i in zv], "s--", color="C4", label="z (variance)"
     )
     artists["stale_threshold"] = axes[2].axhline(
-        stale_z, color="k", ls=":", label=f"stale above {stale_z:g}"
+        stale_z, color="k", ls=":", lw=1.2, label=f"stale: z above {stale_z:g}"
     )
-    axes[2].axhline(1.0, color="0.6", ls=":", lw=0.8)
-    if any(layers[i].z_mu and layers[i].z_mu > 0 for i in zx):
-        axes[2].set_yscale("log")
+    artists["noise_level"] = axes[2].axhline(
+        1.0, color="0.6", ls=":", lw=0.8, label="z = 1: EMA noise"
+    )
+    zs = [_finite(layers[i].z_mu) for i in zx] + [_finite(layers[i].z_var) for i in zv]
+    if any(z > 0 for z in zs):
+        _log_scale(axes[2])
     axes[2].set_ylabel("gap / EMA noise (RMS z)", fontsize=8)
     axes[2].grid(True, alpha=0.3)
     artists["stale_spans"] = []
     for i, r in enumerate(layers):
         if r.status == "stale":
             for ax in axes:
-                artists["stale_spans"].append(ax.axvspan(i - 0.4, i + 0.4, color="C3", alpha=0.08))
-    axes[0].legend(loc="best", fontsize=7)
+                artists["stale_spans"].append(
+                    ax.axvspan(
+                        i - 0.4, i + 0.4, color="C3", alpha=0.1,
+                        label=None if artists["stale_spans"] else "stale (both criteria)",
+                    )
+                )  # fmt: skip
+    axes[0].legend(loc="best", fontsize=7)  # the d_var panel has the same styles
     axes[2].legend(loc="best", fontsize=7)
-    _layer_axis(axes[-1], layers)
+    _layer_axis(axes[-1], layers, "BN layer (module order); shaded: stale")
     artists["title"] = fig.suptitle(
         "Running statistics vs this model's population statistics, by depth"
     )
     return Plot(_root(fig), tuple(axes), artists)
 
 
-def batch_means_figure(layer: str, arrays: dict, fig: FigureBase | None = None) -> Plot:
-    """For one layer's most stale channels: the distribution of batch means (in units of the
-    population sigma, centred on the population mean) with the population mean (0) and the
-    running mean (EMA) marked. ``arrays`` is the layer's entry of an inspect report's
-    ``arrays``: ``channels``, ``batch_means`` [batches, channels], ``running_mean``,
-    ``population_mean`` and ``population_sigma``.
+def batch_means_figure(
+    layer: str, arrays: dict, fig: FigureBase | None = None, *, status: str | None = None
+) -> Plot:
+    """For one layer's most stale channels (largest d_mu): the distribution of batch means
+    (in units of the population sigma, centred on the population mean) with the population
+    mean (0) and the running mean (EMA) marked. ``arrays`` is the layer's entry of an inspect
+    report's ``arrays``: ``channels``, ``batch_means`` [batches, channels], ``running_mean``,
+    ``population_mean`` and ``population_sigma``. ``status``, the layer's status in the
+    report, goes into the title.
 
     One panel per channel (``fig=``). Artists: ``batch_means`` (one histogram's bars per
     channel with batch means), ``population`` and ``running_mean`` (one line per channel),
@@ -474,9 +635,14 @@ def batch_means_figure(layer: str, arrays: dict, fig: FigureBase | None = None) 
             ax.axvline(ema, color="C3", lw=2, ls="--", label="running (EMA)")
         )
         ax.set_title(f"channel {c}", fontsize=8)
-        ax.set_xlabel("(μ − μ_pop) / σ", fontsize=8)
+        ax.set_xlabel("batch mean (μ_B − μ_pop) / σ", fontsize=8)
+        ax.set_ylabel("batches", fontsize=8)
     axes[0].legend(fontsize=6, loc="best")
-    artists["title"] = fig.suptitle(f"{layer}: batch means of the most stale channels")
+    named = f"{layer} ({status})" if status else layer
+    artists["title"] = fig.suptitle(
+        f"{named}: batch means of the channels whose running mean is furthest from the "
+        "population mean"
+    )
     return Plot(_root(fig), tuple(axes), artists)
 
 
@@ -484,19 +650,21 @@ def consistency_figure(
     consistency: dict, fig: FigureBase | None = None, *, ax: Axes | None = None
 ) -> Plot:
     """Bars: accuracy (with labels) or top-1 agreement with eval-mode outputs (without) for
-    running statistics, precise statistics and batch statistics on the same batches.
+    running statistics, precise statistics and batch statistics on the same batches; an
+    unknown agreement (outputs that are not class scores) gets no bar and the label "n/a".
 
     One panel (``ax=`` or ``fig=``). Artists: ``bars`` (a BarContainer), ``labels`` (the
     percentages), ``title``."""
     keys = ("running", "precise", "batch")
     labels = ("running stats\n(eval)", "precise stats", "batch stats\n(train mode)")
     ax, _ = _one_axes(ax, fig, (5.5, 3.8))
+    values: list[float | None]
     if consistency.get("has_labels"):
         values = [consistency["metrics"][k]["accuracy"] for k in keys]
         ax.set_ylabel("accuracy")
     else:
-        agree = consistency["agreement"]
-        values = [1.0, agree["precise"] or 0.0, agree["batch"] or 0.0]
+        values = [_agreement_with(consistency["agreement"], ("precise", "batch"))]
+        values += [consistency["agreement"][k] for k in ("precise", "batch")]
         ax.set_ylabel("top-1 agreement with eval mode")
     artists = _bars(ax, labels, values)
     ax.set_ylim(0, 1.08)

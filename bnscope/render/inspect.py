@@ -52,10 +52,16 @@ def _severity_key(layer: InspectLayer) -> float:
     return order.get(layer.status, 0.0) * 10 + gap
 
 
+def worst_first(layers: Sequence[InspectLayer]) -> list[InspectLayer]:
+    """The layers in the order of the layers table: stale, noisy, not-called, unknown, then
+    the rest, each by its larger median gap (d_mu or d_var), largest first."""
+    return sorted(layers, key=_severity_key, reverse=True)
+
+
 def layers_table(layers: Sequence[InspectLayer], limit: int = WORST_LAYERS) -> Table:
     """The worst layers first: status, gap to the population (median/max d_mu, d_var), the gap
     in units of EMA noise (z), and the spread of batch statistics at the data's batch size."""
-    ordered = sorted(layers, key=_severity_key, reverse=True)[:limit]
+    ordered = worst_first(layers)[:limit]
     more = len(layers) - len(ordered)
     title = "BN layers, worst first" + (f" (top {len(ordered)} of {len(layers)})" if more else "")
     table = Table(title=title, title_justify="left")

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from ..io.outputs import EarlierReport
-    from ..records import Report
+    from ..records import InspectLayer, Report
     from ..session import Result
 
 #: every file bnscope writes into a report folder, for any report (``report_figures`` names
@@ -95,13 +95,24 @@ def report_figures(report: Report) -> dict[str, tuple[str, Figure]]:
         made.update(_dynamic_figures(report))
     elif report.command == "precise":
         if report.layers:
+            metrics = report.extra.get("metrics")
             made["precise_change"] = (
-                "How much each layer's statistics changed.",
-                f.change_figure(report.layers).figure,
+                "How much each layer's statistics changed"
+                + (", and the evaluation before and after." if metrics else "."),
+                f.change_figure(report.layers, metrics=metrics).figure,
             )
     elif report.command == "adapt":
         if report.layers:
-            made["domain_shift"] = ("Domain shift per layer.", f.shift_figure(report.layers).figure)
+            threshold = report.extra.get("shift_threshold")
+            made["domain_shift"] = (
+                "Domain shift per layer"
+                + (
+                    f" (a domain-shift finding above a median KL of {threshold:g})."
+                    if threshold is not None
+                    else "."
+                ),
+                f.shift_figure(report.layers, shift_threshold=threshold).figure,
+            )
         if report.extra.get("metrics"):
             made["adapt_metrics"] = (
                 "Source, adapted and test-batch statistics on the evaluation data.",
@@ -120,33 +131,46 @@ def report_figures(report: Report) -> dict[str, tuple[str, Figure]]:
 
 
 def _dynamic_figures(report: Report) -> dict[str, tuple[str, Figure]]:
-    from ..ops.inspect import STALE_Z
+    from ..ops.inspect import MATERIAL_GAP, STALE_Z
     from .figures import batch_means_figure, consistency_figure, staleness_figure
+    from .inspect import worst_first
 
     made: dict[str, tuple[str, Figure]] = {}
     if report.layers:
         made["staleness"] = (
-            "Running vs population statistics by depth: d_mu, d_var and the gap in units of "
-            "EMA noise (stale layers shaded).",
-            staleness_figure(report.layers, STALE_Z).figure,
+            f"Running vs population statistics by depth: d_mu and d_var (a layer's gap is "
+            f"material when a median exceeds {MATERIAL_GAP:g}) and the gap in units of EMA "
+            f"noise (stale when z exceeds {STALE_Z:g}); stale layers, which meet both, are "
+            "shaded.",
+            staleness_figure(report.layers, STALE_Z, material_gap=MATERIAL_GAP).figure,
         )
-    ranked = sorted(
-        (r for r in report.layers if r.name in report.arrays and r.d_mu_max is not None),
-        key=lambda r: r.d_mu_max,
-        reverse=True,
-    )
-    if ranked:
-        worst = ranked[0].name
+    layer = _batch_means_layer(report, worst_first(report.layers))
+    if layer is not None:
+        stale = layer.status == "stale"
         made["batch_means"] = (
-            f"Batch means of the most stale channels of {worst}, with the population mean and "
-            "the running mean (EMA).",
-            batch_means_figure(worst, report.arrays[worst]).figure,
+            f"Batch means of the channels of {layer.name} whose running mean is furthest from "
+            "the population mean, with the population mean and the running mean (EMA)"
+            + (
+                f"; {layer.name} is the most stale layer."
+                if stale
+                else f"; no layer is stale, {layer.name} ({layer.status}) is first in the table."
+            ),
+            batch_means_figure(layer.name, report.arrays[layer.name], status=layer.status).figure,
         )
     made["train_test"] = (
         "The same batches with running, precise and batch statistics.",
         consistency_figure(report.extra["consistency"]).figure,
     )
     return made
+
+
+def _batch_means_layer(report: Report, ordered: list[InspectLayer]) -> InspectLayer | None:
+    """The layer whose batch means are drawn: the first stale layer in the table's order (the
+    most stale one), or the table's first layer with batch means when none is stale."""
+    drawable = [r for r in ordered if r.name in report.arrays]
+    stale = [r for r in drawable if r.status == "stale"]
+    chosen = stale or drawable
+    return chosen[0] if chosen else None
 
 
 def report_document(report: Report, files: Sequence[str] | None = None) -> dict[str, Any]:

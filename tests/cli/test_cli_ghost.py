@@ -85,13 +85,16 @@ def test_ghost_noise_figure_artists():
             sizes=(),
         )
     )
-    fig = ghost_noise_figure(layers).figure
-    left, right = fig.axes
-    assert len(left.lines) == 3  # two layers + the i.i.d. line
+    plot = ghost_noise_figure(layers)
+    left, right = plot.figure.axes
+    # per analysed layer: its measured line and its i.i.d. expectation; then the -1/2 guide
+    assert len(left.lines) == 5
     assert list(left.lines[0].get_xdata()) == [2, 4, 8]
     assert list(left.lines[0].get_ydata()) == [0.4, 0.28, 0.2]
-    assert left.lines[-1].get_label().startswith("i.i.d.")
-    assert list(right.lines[1].get_ydata()) == [0.4, 0.28, 0.2]  # noise_var of layer b
+    assert [line.get_label() for line in plot.artists["noise_mu"]] == ["a", "b"]
+    assert len(plot.artists["iid_mu"]) == 2 and plot.artists["slope_mu"] is left.lines[-1]
+    assert list(plot.artists["noise_var"][1].get_ydata()) == [0.4, 0.28, 0.2]  # layer b
+    assert plot.artists["noise_var"][1].axes is right
     assert left.get_xscale() == "log" and left.get_yscale() == "log"
 
 

@@ -5,10 +5,13 @@ are (nothing recomputed, nothing mutated)."""
 from __future__ import annotations
 
 import copy
+import functools
 import io
+import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from matplotlib.figure import Figure
@@ -19,9 +22,11 @@ from bnscope.records import (
     GhostLayerSize,
     InspectLayer,
     PreciseLayer,
+    Report,
     StaticLayer,
 )
 from bnscope.render import figures as F
+from bnscope.render.reports import report_figures
 
 
 def static_layer(name: str, **kw: Any) -> StaticLayer:
@@ -175,10 +180,26 @@ CONSISTENCY = {
     "agreement": {"precise": 0.7, "batch": 0.6},
 }
 
+PRECISE_METRICS = {
+    "data": "val/",
+    "a": {"samples": 200, "accuracy": 0.885, "loss": 0.3},
+    "b": {"samples": 200, "accuracy": 0.965, "loss": 0.1},
+    "has_labels": True,
+    "agreement": 0.915,
+    "kl": 0.18,
+    "rel_diff": 0.3,
+}
+
 # name -> (function, positional arguments, panels, default figure size)
 CASES: dict[str, tuple[Callable[..., F.Plot], tuple, int, tuple[float, float]]] = {
     "static_ranges": (F.static_ranges_figure, (STATIC,), 3, (6.0, 7.5)),
     "change": (F.change_figure, (PRECISE,), 2, (6.0, 5.5)),
+    "change_metrics": (
+        functools.partial(F.change_figure, metrics=PRECISE_METRICS),
+        (PRECISE,),
+        3,
+        (9.0, 5.5),
+    ),
     "shift": (F.shift_figure, (ADAPT,), 3, (6.0, 7.0)),
     "adapt_metrics": (F.adapt_metrics_figure, (ADAPT_METRICS,), 1, (5.5, 3.8)),
     "ghost_noise": (F.ghost_noise_figure, (GHOST,), 2, (10.0, 4.2)),
@@ -310,6 +331,20 @@ def test_shift_plots_the_record_values():
     a = F.shift_figure(ADAPT).artists
     assert ydata(a["kl_max"]) == [5.55, 0.555] and ydata(a["kl_median"]) == [6.66, 0.666]
     assert ydata(a["d_var_median"]) == [0.44, 4.4]
+    assert "shift_threshold" not in a
+
+
+def test_shift_draws_the_domain_shift_threshold_of_the_report():
+    plot = F.shift_figure(ADAPT, shift_threshold=0.25)
+    line = plot.artists["shift_threshold"]
+    assert line.axes is plot.axes[0] and ydata(line) == [0.25, 0.25]
+    report = Report(
+        command="adapt", checkpoint=None, layers=ADAPT, findings=(),
+        extra={"shift_threshold": 0.125},
+    )  # fmt: skip
+    caption, fig = report_figures(report)["domain_shift"]
+    assert [float(v) for v in fig.axes[0].lines[-1].get_ydata()] == [0.125, 0.125]
+    assert "0.125" in caption
 
 
 def test_staleness_plots_the_record_values():
@@ -320,6 +355,86 @@ def test_staleness_plots_the_record_values():
     assert ydata(a["z_mu"]) == [77.0, 1.5] and ydata(a["z_var"]) == [0.25, 33.0]
     assert ydata(a["stale_threshold"]) == [2.5, 2.5]
     assert len(a["stale_spans"]) == 3  # the stale layer, on each panel
+
+
+def test_staleness_draws_both_criteria_of_stale():
+    plot = F.staleness_figure(INSPECT, stale_z=2.5, material_gap=0.07)
+    a = plot.artists
+    top, mid, bottom = plot.axes
+    # the median gap must exceed material_gap (d_mu and d_var panels) ...
+    assert [ydata(line) for line in a["material_threshold"]] == [[0.07, 0.07]] * 2
+    assert [line.axes for line in a["material_threshold"]] == [top, mid]
+    # ... and z must exceed stale_z (z panel)
+    assert a["stale_threshold"].axes is bottom and ydata(a["stale_threshold"]) == [2.5, 2.5]
+    legend = [t.get_text() for t in top.get_legend().get_texts()]
+    assert "material: median above 0.07" in legend and "stale (both criteria)" in legend
+    assert "stale: z above 2.5" in [t.get_text() for t in bottom.get_legend().get_texts()]
+    # shaded: the layers whose status is stale, and only those
+    centres = {round(s.get_x() + s.get_width() / 2) for s in a["stale_spans"]}
+    assert centres == {i for i, r in enumerate(INSPECT) if r.status == "stale"}
+
+
+def test_staleness_of_a_report_uses_the_thresholds_of_the_table():
+    from bnscope.ops.inspect import MATERIAL_GAP, STALE_Z
+
+    fig = report_figures(inspect_report(INSPECT_RANKED))["staleness"][1]
+    top, mid, bottom = fig.axes
+    assert [float(top.lines[-1].get_ydata()[0]), float(mid.lines[-1].get_ydata()[0])] == [
+        MATERIAL_GAP,
+        MATERIAL_GAP,
+    ]
+    assert [float(line.get_ydata()[0]) for line in bottom.lines[2:]] == [STALE_Z, 1.0]
+
+
+def inspect_layer(name: str, status: str, d_mu_median: float, d_var_median: float, **kw):
+    base: dict[str, Any] = dict(
+        name=name, num_features=4, status=status, d_mu_max=2 * d_mu_median,
+        d_mu_median=d_mu_median, d_var_max=2 * d_var_median, d_var_median=d_var_median,
+        z_mu=5.0, z_var=5.0,
+    )  # fmt: skip
+    base.update(kw)
+    return InspectLayer(**base)
+
+
+# the ok layer has by far the largest d_mu_max; the table puts worst.stale first (its larger
+# median gap, d_var), then mild.stale, then the noisy layer
+INSPECT_RANKED = (
+    inspect_layer("big.ok", "ok", 0.01, 0.01, d_mu_max=9.0),
+    inspect_layer("mild.stale", "stale", 0.06, 0.02),
+    inspect_layer("loud.noisy", "noisy", 0.5, 0.5, z_mu=1.0, z_var=1.0),
+    inspect_layer("worst.stale", "stale", 0.03, 0.2),
+    InspectLayer(name="aux.bn", num_features=4, status="not-called"),
+)
+
+
+def inspect_report(layers) -> Report:
+    return Report(
+        command="inspect",
+        checkpoint=None,
+        layers=tuple(layers),
+        findings=(),
+        extra={"consistency": CONSISTENCY},
+        arrays={r.name: ARRAYS for r in layers if r.d_mu_median is not None},
+    )
+
+
+def test_batch_means_of_a_report_show_the_most_stale_layer_of_the_table():
+    from bnscope.render.inspect import layers_table
+
+    table = layers_table(INSPECT_RANKED)
+    rows = zip(table.columns[0].cells, [str(c) for c in table.columns[1].cells], strict=True)
+    assert next(name for name, status in rows if status == "stale") == "worst.stale"
+    caption, fig = report_figures(inspect_report(INSPECT_RANKED))["batch_means"]
+    assert fig._suptitle.get_text().startswith("worst.stale (stale): ")
+    assert "worst.stale is the most stale layer" in caption
+
+
+def test_batch_means_without_a_stale_layer_name_the_layers_status():
+    layers = [r for r in INSPECT_RANKED if r.status != "stale"]
+    caption, fig = report_figures(inspect_report(layers))["batch_means"]
+    # the table's first layer, the noisy one, and the title does not call it stale
+    assert fig._suptitle.get_text().startswith("loud.noisy (noisy): ")
+    assert "no layer is stale" in caption
 
 
 def test_batch_means_only_centres_and_scales_the_arrays():
@@ -350,7 +465,53 @@ def test_ghost_noise_plots_the_layer_sizes():
     a = F.ghost_noise_figure(GHOST).artists
     assert [ydata(line) for line in a["noise_mu"]] == [[0.4, 0.28, 0.2], [0.2, 0.14, 0.1]]
     assert ydata(a["noise_var"][1]) == [0.4, 0.28, 0.2]
-    assert ydata(a["iid_mu"]) == pytest.approx([0.22, 0.154, 0.11])  # layer b's iid_mu
+
+
+def test_ghost_noise_draws_each_layers_iid_expectation_in_its_colour():
+    a = F.ghost_noise_figure(GHOST).artists
+    # one dashed expectation per layer, its own values, in the colour of its measured line
+    assert [ydata(line) for line in a["iid_mu"]] == [
+        pytest.approx([0.44, 0.308, 0.22]),
+        pytest.approx([0.22, 0.154, 0.11]),
+    ]
+    assert [ydata(line) for line in a["iid_var"]] == [
+        pytest.approx([0.92, 0.644, 0.46]),
+        pytest.approx([0.46, 0.322, 0.23]),
+    ]
+    for key in ("mu", "var"):
+        for measured, iid in zip(a[f"noise_{key}"], a[f"iid_{key}"], strict=True):
+            assert iid.get_color() == measured.get_color() and iid.get_linestyle() == "--"
+            assert list(iid.get_xdata()) == [2, 4, 8]
+
+
+@pytest.mark.parametrize("key", ["mu", "var"])
+def test_ghost_noise_guide_has_slope_minus_one_half_on_log_axes(key):
+    plot = F.ghost_noise_figure(GHOST)
+    guide = plot.artists[f"slope_{key}"]
+    ax = guide.axes
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    g = np.asarray(guide.get_xdata(), dtype=float)
+    y = np.asarray(guide.get_ydata(), dtype=float)
+    assert list(g) == [2, 4, 8]
+    assert np.diff(np.log(y)) / np.diff(np.log(g)) == pytest.approx([-0.5, -0.5])
+    # through the median over layers of the expectation at the smallest size
+    first = [0.44, 0.22] if key == "mu" else [0.92, 0.46]
+    assert y[0] == pytest.approx(float(np.median(first)))
+
+
+def test_ghost_noise_without_expectations_has_no_guide():
+    layers = [
+        GhostLayer(
+            name="a", num_features=4, status="analysed",
+            sizes=tuple(
+                GhostLayerSize(size=g, chunks=8, noise_mu=0.1, noise_var=0.2, iid_mu=None,
+                               iid_var=None, effective_size=None)
+                for g in (2, 4)
+            ),
+        )
+    ]  # fmt: skip
+    a = F.ghost_noise_figure(layers).artists
+    assert "iid_mu" not in a and "slope_mu" not in a and len(a["noise_mu"]) == 1
 
 
 def test_bars_plot_the_metrics():
@@ -368,3 +529,122 @@ def test_static_ranges_plots_the_ranges():
     assert [list(z.get_xdata()) for z in a["zeros"]] == [[1]]  # bn2's zero variance
     assert ydata(a["thresholds"][0]) == [1e-4, 1e-4]
     assert len(a["shaded"]) == 3  # the tiny-variance layer, on each panel
+
+
+def test_change_with_metrics_has_before_and_after_accuracy_bars():
+    plot = F.change_figure(PRECISE, metrics=PRECISE_METRICS)
+    a = plot.artists
+    assert len(plot.axes) == 3 and a["bars"].patches[0].axes is plot.axes[2]
+    assert [p.get_height() for p in a["bars"]] == [0.885, 0.965]
+    assert [t.get_text() for t in a["labels"]] == ["88.5%", "96.5%"]
+    ticks = [t.get_text() for t in plot.axes[2].get_xticklabels()]
+    assert [t.split("\n")[0] for t in ticks] == ["before", "after"]
+    assert plot.axes[2].get_ylabel() == "accuracy"
+    assert "val/" in a["metrics_title"].get_text()
+    # the depth panels are unchanged
+    assert ydata(a["d_mu_median"]) == [0.0456, 6.54]
+
+
+def test_change_without_metrics_has_no_bars():
+    plot = F.change_figure(PRECISE)
+    assert len(plot.axes) == 2 and "bars" not in plot.artists
+    assert not any(ax.patches for ax in plot.axes)
+
+
+def test_change_metrics_without_labels_show_agreement_or_na():
+    unlabelled = {**PRECISE_METRICS, "has_labels": False}
+    unlabelled["a"] = unlabelled["b"] = {"samples": 200, "accuracy": None, "loss": None}
+    plot = F.change_figure(PRECISE, metrics=unlabelled)
+    assert [p.get_height() for p in plot.artists["bars"]] == [1.0, 0.915]
+    assert plot.axes[2].get_ylabel() == "top-1 agreement with the model before"
+    plot = F.change_figure(PRECISE, metrics={**unlabelled, "agreement": None})
+    assert all(math.isnan(p.get_height()) for p in plot.artists["bars"])
+    assert [t.get_text() for t in plot.artists["labels"]] == ["n/a", "n/a"]
+
+
+def precise_report(metrics: dict | None) -> Report:
+    extra = {"metrics": metrics} if metrics else {}
+    return Report(command="precise", checkpoint=None, layers=PRECISE, findings=(), extra=extra)
+
+
+def test_precise_report_figure_has_the_evaluation_only_with_metrics():
+    caption, fig = report_figures(precise_report(PRECISE_METRICS))["precise_change"]
+    assert len(fig.axes) == 3 and "before and after" in caption
+    heights = [p.get_height() for p in fig.axes[2].patches]
+    assert heights == [0.885, 0.965]
+    caption, fig = report_figures(precise_report(None))["precise_change"]
+    assert len(fig.axes) == 2 and "before and after" not in caption
+
+
+def test_unknown_agreement_is_drawn_as_na_not_as_zero():
+    metrics = {
+        **ADAPT_METRICS,
+        "has_labels": False,
+        "agreement": {"source": 1.0, "adapted": 0.4, "batch_stats": None},
+    }
+    a = F.adapt_metrics_figure(metrics).artists
+    heights = [p.get_height() for p in a["bars"]]
+    assert heights[:2] == [1.0, 0.4] and math.isnan(heights[2])
+    assert [t.get_text() for t in a["labels"]] == ["100.0%", "40.0%", "n/a"]
+    one = {**CONSISTENCY, "has_labels": False, "agreement": {"precise": 0.7, "batch": None}}
+    plot = F.consistency_figure(one)
+    a = plot.artists
+    heights = [p.get_height() for p in a["bars"]]
+    assert heights[:2] == [1.0, 0.7] and math.isnan(heights[2])
+    assert [t.get_text() for t in a["labels"]] == ["100.0%", "70.0%", "n/a"]
+    # the absent bar keeps its place: its tick and its "n/a" are in view
+    left, right = plot.axes[0].get_xlim()
+    assert left < a["labels"][2].xy[0] < right
+    assert len(plot.axes[0].get_xticklabels()) == 3
+    # no class scores: nothing is known, not even the reference's agreement with itself
+    none = {**CONSISTENCY, "has_labels": False, "agreement": {"precise": None, "batch": None}}
+    a = F.consistency_figure(none).artists
+    assert all(math.isnan(p.get_height()) for p in a["bars"])
+    assert [t.get_text() for t in a["labels"]] == ["n/a"] * 3
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_every_axis_is_labelled(name):
+    fn, args, _, _ = CASES[name]
+    plot = fn(*args)
+    for ax in plot.axes:
+        assert ax.get_ylabel(), f"{name}: an Axes without a y label"
+        if not ax.get_xlabel():  # a panel sharing x with a labelled one below it
+            siblings = [o for o in ax.get_shared_x_axes().get_siblings(ax) if o is not ax]
+            assert any(o.get_xlabel() for o in siblings), f"{name}: an Axes without an x label"
+
+
+LOG_FIGURES = {"static_ranges", "change", "change_metrics", "shift", "ghost_noise", "staleness",
+               "nbs_curve"}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_log_axes_have_plain_number_tick_labels(name):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fn, args, _, _ = CASES[name]
+    plot = fn(*args)
+    FigureCanvasAgg(plot.figure).draw()
+    logs = 0
+    for ax in plot.axes:
+        for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
+            if scale != "log":
+                continue
+            logs += 1
+            texts = [t.get_text() for t in axis.get_ticklabels(which="both") if t.get_text()]
+            assert texts, f"{name}: a log axis without tick labels"
+            for text in texts:  # 0.05, 3, 1e-05: no mathtext such as 5×10^{-2}
+                assert "$" not in text and "×" not in text, text
+                float(text.replace("\N{MINUS SIGN}", "-"))
+    assert (logs > 0) == (name in LOG_FIGURES)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_default_png_is_deterministic(name):
+    fn, args, _, _ = CASES[name]
+    pngs = []
+    for _ in range(2):
+        buf = io.BytesIO()
+        fn(*args).savefig(buf, format="png", dpi=40)
+        pngs.append(buf.getvalue())
+    assert pngs[0] == pngs[1]
