@@ -280,14 +280,14 @@ def adapt_metrics_figure(
 
     One panel (``ax=`` or ``fig=``). Artists: ``bars`` (a BarContainer), ``labels`` (the
     percentages), ``title``."""
-    keys = ("source", "adapted", "batch_stats")
+    keys = ("running", "adapted", "batch")
     labels = ("source stats", "adapted stats", "test-batch stats")
     ax, _ = _one_axes(ax, fig, (5.5, 3.8))
     if metrics.get("has_labels"):
-        values = [metrics["metrics"][k]["accuracy"] for k in keys]
+        values = [metrics["variants"][k]["accuracy"] for k in keys]
         ax.set_ylabel("accuracy")
     else:
-        values = [metrics["agreement"][k] or 0.0 for k in keys]
+        values = [metrics["variants"][k]["agreement"] or 0.0 for k in keys]
         ax.set_ylabel("top-1 agreement with source")
     artists = _bars(ax, labels, values)
     ax.set_ylim(0, 1.05)
@@ -492,11 +492,10 @@ def consistency_figure(
     labels = ("running stats\n(eval)", "precise stats", "batch stats\n(train mode)")
     ax, _ = _one_axes(ax, fig, (5.5, 3.8))
     if consistency.get("has_labels"):
-        values = [consistency["metrics"][k]["accuracy"] for k in keys]
+        values = [consistency["variants"][k]["accuracy"] for k in keys]
         ax.set_ylabel("accuracy")
     else:
-        agree = consistency["agreement"]
-        values = [1.0, agree["precise"] or 0.0, agree["batch"] or 0.0]
+        values = [consistency["variants"][k]["agreement"] or 0.0 for k in keys]
         ax.set_ylabel("top-1 agreement with eval mode")
     artists = _bars(ax, labels, values)
     ax.set_ylim(0, 1.08)

@@ -119,12 +119,11 @@ ADAPT = (
 ADAPT_METRICS = {
     "data": "target/",
     "has_labels": True,
-    "metrics": {
-        "source": {"accuracy": 0.31},
-        "adapted": {"accuracy": 0.77},
-        "batch_stats": {"accuracy": 0.52},
+    "variants": {
+        "running": {"accuracy": 0.31, "agreement": 1.0},
+        "adapted": {"accuracy": 0.77, "agreement": 0.4},
+        "batch": {"accuracy": 0.52, "agreement": 0.6},
     },
-    "agreement": {"source": 1.0, "adapted": 0.4, "batch_stats": 0.6},
 }
 GHOST = (ghost_layer("a", [0.4, 0.28, 0.2]), ghost_layer("b", [0.2, 0.14, 0.1]))
 NBS_ROWS = [
@@ -167,12 +166,11 @@ ARRAYS = {
 }
 CONSISTENCY = {
     "has_labels": True,
-    "metrics": {
-        "running": {"accuracy": 0.4},
-        "precise": {"accuracy": 0.9},
-        "batch": {"accuracy": 0.8},
+    "variants": {
+        "running": {"accuracy": 0.4, "agreement": 1.0},
+        "precise": {"accuracy": 0.9, "agreement": 0.7},
+        "batch": {"accuracy": 0.8, "agreement": 0.6},
     },
-    "agreement": {"precise": 0.7, "batch": 0.6},
 }
 
 # name -> (function, positional arguments, panels, default figure size)
