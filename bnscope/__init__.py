@@ -12,6 +12,7 @@ the real signatures through the imports under ``TYPE_CHECKING``)::
     res = bnscope.precise_bn(model, loader, batches=100)  # exact population statistics, in place
     gho = bnscope.ghost_analysis(model, loader, sizes=[2, 4, 8, 16, 32])  # NBS analysis
     bnscope.load_checkpoint("ckpt.pt")                    # any supported checkpoint form
+    bnscope.schema("precise")                             # the JSON Schema of its documents
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 if TYPE_CHECKING:  # the same names as _API, for type checkers and IDEs
     from .engine.capture import BNCapture
@@ -39,6 +40,7 @@ if TYPE_CHECKING:  # the same names as _API, for type checkers and IDEs
     from .ops.static import static_inspect
     from .records import Finding, Report
     from .render.reports import report_view, write_report
+    from .schemas import schema
     from .session import Job, Options, Result, open
 
 _API = {
@@ -65,6 +67,7 @@ _API = {
     "MomentAccumulator": "bnscope.engine.stats",
     "Report": "bnscope.records",
     "Finding": "bnscope.records",
+    "schema": "bnscope.schemas",
     "BnscopeError": "bnscope.errors",
     "CheckpointError": "bnscope.errors",
     "ModelError": "bnscope.errors",
@@ -97,6 +100,7 @@ __all__ = [
     "MomentAccumulator",
     "Report",
     "Finding",
+    "schema",
     "BnscopeError",
     "CheckpointError",
     "ModelError",

@@ -2,7 +2,7 @@
 
 Each command's report carries, next to its layers and findings, keys of its own (docs/cli.md,
 section 5, "JSON output": ``output`` for a written checkpoint, ``sizes`` for ghost, ``metrics``
-for evaluations ...).
+for evaluations, in one layout for every command: :class:`ReportMetrics`).
 The operations in :mod:`bnscope.ops` put their figures there; a job on a checkpoint file
 (:func:`bnscope.open`, the CLI) adds where the inputs came from (:class:`SourceExtra`) and how
 the model ran (:class:`RunExtra`). Every TypedDict here is ``total=False``: a key is present
@@ -29,10 +29,8 @@ from .records import (
 
 __all__ = [
     "AdaptExtra",
-    "AdaptMetrics",
     "AdaptReport",
     "ComparisonDict",
-    "Consistency",
     "EvaluationDict",
     "GhostExtra",
     "GhostReport",
@@ -45,13 +43,13 @@ __all__ = [
     "NetworkDict",
     "NetworkInfo",
     "PreciseExtra",
-    "PreciseMetrics",
     "PreciseReport",
+    "ReportMetrics",
     "RunExtra",
     "SourceExtra",
     "StaticExtra",
     "StaticReport",
-    "VariantFigures",
+    "VariantMetrics",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -79,48 +77,41 @@ class ComparisonDict(TypedDict):
     rel_diff: float
 
 
+class VariantMetrics(TypedDict):
+    """One variant of a model (named after the statistics its BN layers normalize with) on
+    the evaluation inputs: accuracy and mean cross-entropy with labels (else None), and top-1
+    ``agreement``, mean ``kl`` and relative output change ``rel_diff`` against the reference
+    variant (1, 0 and 0 for the reference itself; ``agreement``/``kl`` None without class
+    scores). The same keys in every variant of every report (docs/statistics.md, section 9)."""
+
+    accuracy: float | None
+    loss: float | None
+    agreement: float | None
+    kl: float | None
+    rel_diff: float
+
+
 class EvaluationDict(TypedDict):
-    """:meth:`bnscope.engine.evaluate.Evaluation.to_dict`: several variants of a model on the
-    same inputs; ``agreement``, ``kl`` and ``rel_diff`` against the first variant."""
-
-    metrics: dict[str, MetricsDict]
-    has_labels: bool
-    agreement: dict[str, float | None]
-    kl: dict[str, float | None]
-    rel_diff: dict[str, float]
-
-
-class PreciseMetrics(ComparisonDict):
-    """``metrics`` of a precise report: before (``a``) and after (``b``) on ``data``."""
-
-    data: str
-
-
-class AdaptMetrics(EvaluationDict):
-    """``metrics`` of an adapt report: variants ``source``, ``adapted`` and ``batch_stats``
-    on ``data`` (labelled target data)."""
-
-    data: str
-
-
-class VariantFigures(TypedDict):
-    """A figure (agreement, KL) of the batch-statistics and precise-statistics outputs against
-    the running-statistics outputs (None without class scores)."""
-
-    batch: float | None
-    precise: float | None
-
-
-class Consistency(TypedDict):
-    """``consistency`` of a dynamic inspect report: the same inputs with running, batch and
-    precise (population) statistics; ``metrics`` has the keys ``running``, ``batch`` and
-    ``precise``."""
+    """The keys of every :class:`ReportMetrics`: several variants of a model on the same
+    ``samples``, each against the ``reference`` variant. ``variants`` keys: ``running`` (the
+    checkpoint's running statistics), ``precise`` (population statistics of the data),
+    ``adapted`` (Adaptive BN's statistics), ``batch`` (each batch's own statistics)."""
 
     samples: int
     has_labels: bool
-    metrics: dict[str, MetricsDict]
-    agreement: VariantFigures
-    kl: VariantFigures
+    reference: str
+    variants: dict[str, VariantMetrics]
+
+
+class ReportMetrics(EvaluationDict, total=False):
+    """``metrics`` of a report (:meth:`bnscope.engine.evaluate.Evaluation.to_dict`), the same
+    layout in every command (docs/cli.md, section 5), with the description of the ``data`` it
+    was measured on (a job on a checkpoint file adds it). The variants per command:
+    ``precise`` running and precise (on the evaluation data), ``adapt`` running (the source
+    statistics), adapted and batch (on labelled target data), dynamic ``inspect`` running,
+    precise and batch (on the data), ``ghost`` precise (the reference of its ``sizes``)."""
+
+    data: str
 
 
 class GhostSizeDict(TypedDict):
@@ -133,10 +124,11 @@ class GhostSizeDict(TypedDict):
     chunks: int
     remainder_chunks: int
     remainder_samples: int
-    agreement: float | None
-    kl: float | None
     accuracy: float | None
     loss: float | None
+    agreement: float | None
+    kl: float | None
+    rel_diff: float | None
     noise_mu: float | None
     noise_var: float | None
     effective_ratio: float | None
@@ -211,48 +203,52 @@ class StaticExtra(SourceExtra, total=False):
 
 class InspectExtra(RunExtra, total=False):
     """Dynamic inspect: the ``verdict`` and its sentence, ``batches``/``samples`` collected,
-    ``forwards`` run in all, the train/test ``consistency`` and the static layer records
-    (``static_layers``: :meth:`bnscope.records.StaticLayer.to_dict` of each)."""
+    ``forwards`` run in all, the train/test ``metrics`` (running, precise and batch statistics
+    on the same batches) and the static layer records (``static_layers``:
+    :meth:`bnscope.records.StaticLayer.to_dict` of each)."""
 
     verdict: InspectVerdict
     verdict_text: str
     batches: int
     samples: int
     forwards: int
-    consistency: Consistency
+    metrics: ReportMetrics
     static_layers: list[dict[str, Any]]
 
 
 class PreciseExtra(RunExtra, total=False):
     """Precise BN: ``batches``/``samples`` collected (pooled over ``world_size`` ranks under
-    ``torch.distributed``), before/after ``metrics`` with evaluation data, and the ``output``
-    checkpoint (None until written; a job sets it)."""
+    ``torch.distributed``), before/after ``metrics`` with evaluation data (variants ``running``
+    and ``precise``), and the ``output`` checkpoint (None until written; a job sets it)."""
 
     batches: int
     samples: int
     world_size: int
-    metrics: PreciseMetrics
+    metrics: ReportMetrics
     output: str | None
 
 
 class AdaptExtra(RunExtra, total=False):
     """Adaptive BN: ``batches``/``samples`` of target data, the ``prior`` (pseudo samples) and
     ``shift_threshold`` of ``domain-shift``, ``world_size``, ``metrics`` with labelled target
-    data and the ``output`` checkpoint."""
+    data (variants ``running``, the source statistics, ``adapted`` and ``batch``) and the
+    ``output`` checkpoint."""
 
     batches: int
     samples: int
     prior: float
     shift_threshold: float
     world_size: int
-    metrics: AdaptMetrics
+    metrics: ReportMetrics
     output: str | None
 
 
 class GhostExtra(RunExtra, total=False):
     """Ghost-size analysis: the ``verdict`` and its sentence, one entry per requested size
-    (``sizes``), the data's ``batch_size``, ``batches``/``samples``/``forwards``, the
-    ``population``-statistics metrics and whether the data had labels (``has_labels``)."""
+    (``sizes``, each with the model's metrics at that size against population statistics),
+    the data's ``batch_size``, ``batches``/``samples``/``forwards``, and ``metrics`` with
+    population statistics (variant ``precise``, the reference) and whether the data had labels
+    (``has_labels``)."""
 
     verdict: GhostVerdict
     verdict_text: str
@@ -261,8 +257,7 @@ class GhostExtra(RunExtra, total=False):
     batches: int
     samples: int
     forwards: int
-    population: MetricsDict
-    has_labels: bool
+    metrics: ReportMetrics
 
 
 # --------------------------------------------------------------------------------------------

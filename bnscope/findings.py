@@ -8,9 +8,9 @@ changed in one place. The rules that raise each code are in ``docs/statistics.md
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from .extras import InspectVerdict, VariantFigures
+from .extras import InspectVerdict
 from .fmt import pct, percent
 from .records import Finding, Severity
 
@@ -289,9 +289,11 @@ def inspect_verdict(
     noisy: Sequence[str],
     analysed: int,
     accuracy: dict[str, float | None],
-    agreement: VariantFigures,
+    agreement: Mapping[str, float | None],
 ) -> str:
-    """The first line of the dynamic report, for ``verdict`` stale, gap, noisy or healthy."""
+    """The first line of the dynamic report, for ``verdict`` stale, gap, noisy or healthy;
+    ``accuracy`` and ``agreement`` (with running statistics) per variant: ``running``,
+    ``precise`` and ``batch``."""
     if accuracy.get("running") is not None:
         figures = (
             f" Accuracy on this data: running statistics {pct(accuracy['running'])}, precise "

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any, ClassVar, Generic, TypeVar
 
+from .version import __version__
+
 if sys.version_info >= (3, 11):
     from enum import StrEnum
 else:  # pragma: no cover - Python 3.10
@@ -34,7 +36,22 @@ else:  # pragma: no cover - Python 3.10
             return format(str(self.value), format_spec)
 
 
-SCHEMA_VERSION = 1
+#: the layout version of every JSON document (``schema``: ``"bnscope.<command>/2"``; docs/cli.md,
+#: section 5). It changes when a key is renamed or removed or changes meaning; the JSON Schema
+#: of each document ships in :mod:`bnscope.schemas`. 2: one metrics layout for every command
+#: (``metrics.variants``), ``bnscope_version`` in every document.
+SCHEMA_VERSION = 2
+
+
+def schema_id(command: str) -> str:
+    """The ``schema`` of a ``command``'s JSON document: ``"bnscope.<command>/2"``."""
+    return f"bnscope.{command}/{SCHEMA_VERSION}"
+
+
+def document_header(command: str) -> dict[str, Any]:
+    """The keys every JSON document starts with: ``schema``, ``bnscope_version`` (the version
+    that wrote it) and ``command``."""
+    return {"schema": schema_id(command), "bnscope_version": __version__, "command": command}
 
 
 class Severity(StrEnum):
@@ -222,7 +239,8 @@ class Report(Generic[L_co, X_co]):
     """A command's result: per-layer records, findings and command-specific keys.
 
     ``to_dict()`` is the JSON document of docs/cli.md, section 5 (``schema``
-    ``"bnscope.<command>/1"``).
+    ``"bnscope.<command>/2"``, ``bnscope_version``, ``command``, then the rest; its JSON
+    Schema is :func:`bnscope.schema` of the command).
     Generic over the layer record and the extra keys: ``Report[PreciseLayer, PreciseExtra]``
     (aliases in :mod:`bnscope.extras`: ``PreciseReport`` ...); a bare ``Report`` is
     ``Report[Any, Any]``.
@@ -238,7 +256,7 @@ class Report(Generic[L_co, X_co]):
 
     @property
     def schema(self) -> str:
-        return f"bnscope.{self.command}/{SCHEMA_VERSION}"
+        return schema_id(self.command)
 
     def worst_severity(self) -> Severity | None:
         """The highest severity among the findings, or None when there are none."""
@@ -248,8 +266,7 @@ class Report(Generic[L_co, X_co]):
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "schema": self.schema,
-            "command": self.command,
+            **document_header(self.command),
             "checkpoint": self.checkpoint,
             "layers": [layer.to_dict() for layer in self.layers],
             "findings": [f.to_dict() for f in self.findings],
@@ -436,8 +453,11 @@ class GhostSize(_LayerRecord):
     remainder chunk) or ``skipped`` (g larger than the data's batch size; ``note`` says so, the
     counts are 0 and the figures None). ``remainder_chunks``/``remainder_samples`` count the
     chunks smaller than g (batch size not a multiple of g), which are normalized on their own.
-    ``agreement`` is the fraction of equal top-1 predictions, ``kl`` the mean KL(p_pop || p_g);
-    ``accuracy``/``loss`` need labels.
+    The model's figures are the metric keys of every report's ``metrics`` variants
+    (docs/statistics.md, section 9), against population statistics (the ghost report's
+    ``metrics.reference``, ``precise``): ``accuracy``/``loss`` need labels, ``agreement`` is the
+    fraction of equal top-1 predictions, ``kl`` the mean KL(p_pop || p_g) and ``rel_diff`` the
+    relative L2 change ||out_g - out_pop|| / ||out_pop|| of the raw outputs.
     ``noise_mu``/``noise_var`` are medians over layers; ``effective_ratio`` is the lowest
     ``effective_size / g`` over layers (the layer whose chunks are most correlated). A
     single-sample remainder merged into the previous chunk counts as a remainder chunk too.
@@ -451,10 +471,11 @@ class GhostSize(_LayerRecord):
     chunks: int
     remainder_chunks: int
     remainder_samples: int
-    agreement: float | None
-    kl: float | None
     accuracy: float | None
     loss: float | None
+    agreement: float | None
+    kl: float | None
+    rel_diff: float | None
     noise_mu: float | None
     noise_var: float | None
     effective_ratio: float | None

@@ -411,6 +411,14 @@ class Job:
         )
         return extra
 
+    def _run_extra(self, loaded: LoadedModel, source: DataSource, result: Report) -> dict[str, Any]:
+        """:meth:`base_extra` and the operation's own keys; its ``metrics`` (measured on
+        ``source``) get the data's description, as precise and adapt give theirs."""
+        extra: dict[str, Any] = {**self.base_extra(loaded, source), **result.extra}
+        if "metrics" in extra:
+            extra["metrics"] = {"data": source.description, **extra["metrics"]}
+        return extra
+
     def _output(self, operation: str, output: str | Path | None, force: bool) -> Path | None:
         """Where precise/adapt write, checked before anything runs (nothing runs if it would
         be refused)."""
@@ -507,9 +515,7 @@ class Job:
         result = inspect(
             loaded.module, source, batches, progress=progress, **self.run_options()
         )
-        return Result(
-            self._report(result, {**self.base_extra(loaded, source), **result.extra}), self
-        )
+        return Result(self._report(result, self._run_extra(loaded, source, result)), self)
 
     def precise(
         self,
@@ -524,7 +530,7 @@ class Job:
         after). ``output`` (default: ``CKPT.precise.pt`` next to the input) is checked first;
         :meth:`Result.save` writes it."""
         from .engine.distributed import local_batchnorm
-        from .engine.evaluate import compare_models
+        from .engine.evaluate import evaluate_models
         from .ops.precise import precise_bn
 
         if self.options.data is None:
@@ -543,11 +549,10 @@ class Job:
         extra: dict[str, Any] = {**self.base_extra(loaded, source), **result.extra}
         if evaluation is not None and original is not None:
             self.info(f"evaluating before/after on {evaluation.description}")
-            with local_batchnorm(original, loaded.module):
-                comparison = compare_models(
-                    original, loaded.module, evaluation, **self.run_options()
-                )
-            extra["metrics"] = {"data": evaluation.description, **comparison.to_dict()}
+            models = {"running": original, "precise": loaded.module}
+            with local_batchnorm(*models.values()):
+                ev = evaluate_models(models, evaluation, **self.run_options())
+            extra["metrics"] = {"data": evaluation.description, **ev.to_dict()}
         extra["output"] = str(out) if out is not None else None
         return Result(
             self._report(result, extra), self,
@@ -604,13 +609,13 @@ class Job:
         if evaluation is not None and original is not None:
             self.info(f"evaluating on {evaluation.description}")
             models = {
-                "source": original,
+                "running": original,  # the source statistics
                 "adapted": loaded.module,
-                "batch_stats": copy.deepcopy(original),
+                "batch": copy.deepcopy(original),
             }
             with local_batchnorm(*models.values()):
                 ev = evaluate_models(
-                    models, evaluation, modes={"batch_stats": "batch"}, **self.run_options()
+                    models, evaluation, modes={"batch": "batch"}, **self.run_options()
                 )
             extra["metrics"] = {"data": evaluation.description, **ev.to_dict()}
             if not ev.has_labels:
@@ -646,9 +651,7 @@ class Job:
         result = ghost_analysis(
             loaded.module, source, wanted, batches, progress=progress, **self.run_options()
         )
-        return Result(
-            self._report(result, {**self.base_extra(loaded, source), **result.extra}), self
-        )
+        return Result(self._report(result, self._run_extra(loaded, source, result)), self)
 
 
 def open(  # noqa: A001 - the library's entry point, named as the README uses it

@@ -1,7 +1,9 @@
-"""Running the CLI in-process in tests: ``run(...)`` and the one-error-line contract."""
+"""Running the CLI in-process in tests: ``run(...)``, which checks every ``--json`` document
+against its JSON Schema, and the one-error-line contract."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -9,17 +11,24 @@ from typer.testing import CliRunner
 
 from bnscope.cli import app
 
+from .schemacheck import check_document
+
 runner = CliRunner()
 
 
 def run(*args: str, cwd: Path | None = None):
+    """Run ``bnscope ARGS``; with ``--json``, what it printed must be one document that
+    validates against the schema it names."""
     old = os.getcwd()
     if cwd is not None:
         os.chdir(cwd)
     try:
-        return runner.invoke(app, [str(a) for a in args])
+        result = runner.invoke(app, [str(a) for a in args])
     finally:
         os.chdir(old)
+    if "--json" in map(str, args) and result.stdout.lstrip().startswith("{"):
+        check_document(json.loads(result.stdout))
+    return result
 
 
 def one_error_line(result, fragment: str) -> None:

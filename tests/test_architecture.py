@@ -2,8 +2,9 @@
 
 Layers, lowest first:
 
-- base: ``errors``, ``records``, ``extras``, ``nn``, ``fmt``, ``findings`` (result records, the
-  finding catalog, number formats, the BN modules);
+- base: ``errors``, ``records``, ``extras``, ``nn``, ``fmt``, ``findings``, ``version``,
+  ``schemas`` (result records, the finding catalog, number formats, the BN modules, the version,
+  the JSON Schemas of the documents);
 - io: ``bnscope/io`` (checkpoints, data specs, model specs, the project file, atomic files);
 - engine: ``bnscope/engine`` (batch protocol, capture, accumulators, collection, evaluation);
 - ops: ``bnscope/ops`` (static and dynamic inspect, precise, adapt, ghost, corruptions);
@@ -41,6 +42,8 @@ LAYER_OF = {
     "nn": "base",
     "fmt": "base",
     "findings": "base",
+    "version": "base",
+    "schemas": "base",
     "io": "io",
     "engine": "engine",
     "ops": "ops",
@@ -56,7 +59,10 @@ ROOT_ALLOWED = {("bnscope.cli.app", "__version__")}
 #: user-interface libraries: only render and cli may import them
 UI_LIBRARIES = ("rich", "typer", "click", "matplotlib")
 #: base modules that never import torch at module level
-NO_TORCH = ("bnscope.errors", "bnscope.records", "bnscope.findings", "bnscope.fmt")
+NO_TORCH = (
+    "bnscope.errors", "bnscope.records", "bnscope.findings", "bnscope.fmt", "bnscope.version",
+    "bnscope.schemas", "bnscope.schemas.build",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

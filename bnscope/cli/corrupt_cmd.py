@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..records import document_header
 from . import options as o
 from .app import BnscopeCommand, app
 from .runtime import Ui, progress_bar
@@ -64,8 +65,7 @@ def corrupt_command(
         n = corrupt_folder(src, dst, corruption, severity, seed=seed, force=force,
                            progress=progress)  # fmt: skip
     doc = {
-        "schema": "bnscope.corrupt/1",
-        "command": "corrupt",
+        **document_header("corrupt"),
         "source": src,
         "output": dst,
         "corruption": corruption,
@@ -74,7 +74,7 @@ def corrupt_command(
         "images": n,
     }
     if json_:
-        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     else:
         ui.out.print(
             f"Wrote {n} images to {dst} ({corruption}, severity {severity}, seed {seed}).",

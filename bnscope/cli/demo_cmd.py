@@ -105,9 +105,9 @@ def next_steps(
 ) -> str:
     """What the demo found and what to try next (plain text)."""
     lines = [f"Demo folder: {folder} (model.py, data/, corrupted/, ckpt.pt, bnscope.toml)."]
-    if inspected and inspected.get("consistency"):
+    if inspected and inspected.get("metrics"):
         stale = [x["name"] for x in inspected["layers"] if x["status"] == "stale"]
-        acc = {k: v["accuracy"] for k, v in inspected["consistency"]["metrics"].items()}
+        acc = {k: v["accuracy"] for k, v in inspected["metrics"]["variants"].items()}
         if stale and acc["running"] is not None:
             lines.append(
                 f"bnscope inspect found {len(stale)} stale BN layers ({', '.join(stale)}) and "
@@ -116,23 +116,23 @@ def next_steps(
             )
     m = precise.get("metrics")
     if m and m.get("has_labels"):
-        a, b = m["a"]["accuracy"], m["b"]["accuracy"]
+        a, b = m["variants"]["running"]["accuracy"], m["variants"]["precise"]["accuracy"]
         lines.append(
             f"Validation accuracy with the checkpoint's running statistics: {100 * a:.1f}%; "
             f"with Precise BN statistics: {100 * b:.1f}%."
         )
     m = adapted.get("metrics")
     if m and m.get("has_labels"):
-        acc = {k: v["accuracy"] for k, v in m["metrics"].items()}
+        acc = {k: v["accuracy"] for k, v in m["variants"].items()}
         lines.append(
-            f"On noisy images (corrupted/val): {100 * acc['source']:.1f}% with the source "
+            f"On noisy images (corrupted/val): {100 * acc['running']:.1f}% with the source "
             f"statistics, {100 * acc['adapted']:.1f}% after bnscope adapt, "
-            f"{100 * acc['batch_stats']:.1f}% with test-batch statistics."
+            f"{100 * acc['batch']:.1f}% with test-batch statistics."
         )
-    if ghost and ghost.get("has_labels"):
+    if ghost and ghost["metrics"]["has_labels"]:
         rows = [r for r in ghost["sizes"] if r["status"] == "ok"]
         curve = ", ".join(f"g={r['size']} {100 * r['accuracy']:.1f}%" for r in rows)
-        pop = ghost["population"]["accuracy"]
+        pop = ghost["metrics"]["variants"]["precise"]["accuracy"]
         lines.append(
             f"NBS curve on data/val (batch statistics of g samples): {curve}; population "
             f"statistics {100 * pop:.1f}%."

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..records import document_header
 from .run import DEMO_CORRUPTION, DEMO_GHOST_SIZES, DemoBuild, build_demo, write_corrupted
 
 if TYPE_CHECKING:
@@ -40,8 +41,7 @@ class Walkthrough:
             "ghost": self.ghost.to_dict(),
         }
         return {
-            "schema": "bnscope.demo/1",
-            "command": "demo",
+            **document_header("demo"),
             "checkpoint": str(self.built.checkpoint),
             "layers": reports["inspect"]["layers"],
             "findings": [f for doc in reports.values() for f in doc["findings"]],

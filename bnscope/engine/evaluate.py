@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import DataError
-from ..extras import ComparisonDict, EvaluationDict, MetricsDict
+from ..extras import ComparisonDict, MetricsDict, ReportMetrics, VariantMetrics
 from . import sync
 from .collect import check_batches
 from .runner import Runner, make_runner, placed
@@ -254,10 +254,23 @@ def using_statistics(
             module._buffers["running_var"] = old_var
 
 
+def relative_difference(diff2: float, ref2: float) -> float:
+    """``rel_diff`` from the summed squared difference and the reference's squared sum:
+    sqrt(diff2 / ref2), or sqrt(diff2) when the reference is all zero (docs/statistics.md,
+    section 9)."""
+    return math.sqrt(diff2 / ref2) if ref2 > 0 else math.sqrt(diff2)
+
+
 @dataclass(frozen=True)
 class Evaluation:
-    """Several variants of a model on the same inputs. ``metrics`` per variant; ``agreement``,
-    ``kl`` and ``rel_diff`` of every other variant against the first one (the reference)."""
+    """Several variants of a model on the same inputs (the same ``samples``). ``metrics`` per
+    variant; ``agreement``, ``kl`` and ``rel_diff`` of every variant against the first one,
+    the reference (which scores 1, 0 and 0 against itself).
+
+    Variants are named after the statistics their BN layers normalize with, the same names
+    in every report (docs/cli.md, section 5): ``running`` (the checkpoint's running
+    statistics), ``precise`` (population statistics of the data), ``adapted`` (Adaptive BN's)
+    and ``batch`` (each batch's own statistics)."""
 
     metrics: dict[str, Metrics]
     has_labels: bool
@@ -265,13 +278,33 @@ class Evaluation:
     kl: dict[str, float | None]
     rel_diff: dict[str, float]
 
-    def to_dict(self) -> EvaluationDict:
+    @property
+    def reference(self) -> str:
+        """The variant the others are compared with (the first)."""
+        return next(iter(self.metrics))
+
+    @property
+    def samples(self) -> int:
+        return next(iter(self.metrics.values())).samples
+
+    def variant(self, name: str) -> VariantMetrics:
+        """One variant's metrics: the same keys for every variant of every report."""
+        m = self.metrics[name]
         return {
-            "metrics": {k: v.to_dict() for k, v in self.metrics.items()},
+            "accuracy": m.accuracy,
+            "loss": m.loss,
+            "agreement": self.agreement[name],
+            "kl": self.kl[name],
+            "rel_diff": self.rel_diff[name],
+        }
+
+    def to_dict(self) -> ReportMetrics:
+        """The ``metrics`` of a report (without ``data``, which a job adds)."""
+        return {
+            "samples": self.samples,
             "has_labels": self.has_labels,
-            "agreement": dict(self.agreement),
-            "kl": dict(self.kl),
-            "rel_diff": dict(self.rel_diff),
+            "reference": self.reference,
+            "variants": {name: self.variant(name) for name in self.metrics},
         }
 
 
@@ -340,8 +373,7 @@ def evaluate_models(
     read_scores(scores.values())
 
     def rel(k: str) -> float:
-        diff2, ref2 = scores[k].value("diff2"), scores[k].value("ref2")
-        return math.sqrt(diff2 / ref2) if ref2 > 0 else math.sqrt(diff2)
+        return relative_difference(scores[k].value("diff2"), scores[k].value("ref2"))
 
     return Evaluation(
         metrics={k: scores[k].metrics(samples, labelled) for k in names},

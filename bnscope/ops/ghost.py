@@ -29,10 +29,10 @@ number of i.i.d. samples whose mean would be as noisy as the chunk means are. Sa
 a source (frames of one video, crops of one image, one class per batch) make it lower than g.
 
 The model's outputs with batch statistics of chunks of g are compared with its outputs with
-population statistics (eval mode) on the same inputs: top-1 agreement, KL, and accuracy/loss
-with labels; that is the NBS curve. Population statistics come from the Precise BN engine in
-the same run, so the analysis costs one collection pass, then per batch one forward with
-population statistics plus one per size.
+population statistics (eval mode) on the same inputs: top-1 agreement, KL, the relative
+output change, and accuracy/loss with labels; that is the NBS curve. Population statistics
+come from the Precise BN engine in the same run, so the analysis costs one collection pass,
+then per batch one forward with population statistics plus one per size.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from .. import findings
 from ..engine import sync
 from ..engine.collect import Call, Progress, check_batches, collect
 from ..engine.evaluate import (
+    Evaluation,
     Metrics,
     Scores,
     batch_kind,
@@ -57,6 +58,7 @@ from ..engine.evaluate import (
     labelled_batches,
     logits_of,
     read_scores,
+    relative_difference,
     using_statistics,
 )
 from ..engine.intercept import BatchNormCall, redirected
@@ -526,10 +528,11 @@ def _report(
                     chunks=0,
                     remainder_chunks=0,
                     remainder_samples=0,
-                    agreement=None,
-                    kl=None,
                     accuracy=None,
                     loss=None,
+                    agreement=None,
+                    kl=None,
+                    rel_diff=None,
                     noise_mu=None,
                     noise_var=None,
                     effective_ratio=None,
@@ -561,10 +564,11 @@ def _report(
                 chunks=chunks,
                 remainder_chunks=rem_chunks,
                 remainder_samples=rem_samples,
-                agreement=st.value("agree") / samples if classes and samples else None,
-                kl=st.value("kl") / samples if classes and samples else None,
                 accuracy=metrics.accuracy,
                 loss=metrics.loss,
+                agreement=st.value("agree") / samples if classes and samples else None,
+                kl=st.value("kl") / samples if classes and samples else None,
+                rel_diff=relative_difference(st.value("diff2"), st.value("ref2")),
                 noise_mu=_median([r.noise_mu for r in per_layer]),
                 noise_var=_median([r.noise_var for r in per_layer]),
                 effective_ratio=_min(
@@ -582,8 +586,13 @@ def _report(
         "batches": collection.batches,
         "samples": samples,
         "forwards": forwards,
-        "population": population.to_dict(),
-        "has_labels": labelled,
+        "metrics": Evaluation(  # population statistics, the reference of every size
+            metrics={"precise": population},
+            has_labels=labelled,
+            agreement={"precise": 1.0 if classes else None},
+            kl={"precise": 0.0 if classes else None},
+            rel_diff={"precise": 0.0},
+        ).to_dict(),
     }
     arrays: dict[str, dict[str, Any]] = {
         "size_rows": {"rows": size_rows},

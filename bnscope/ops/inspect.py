@@ -59,7 +59,7 @@ from .. import findings
 from ..engine import sync
 from ..engine.collect import Call, Collection, Progress, check_batches, collect
 from ..engine.evaluate import (
-    Metrics,
+    Evaluation,
     Scores,
     batch_kind,
     batch_stats_mode,
@@ -68,13 +68,13 @@ from ..engine.evaluate import (
     labelled_batches,
     logits_of,
     read_scores,
+    relative_difference,
     using_statistics,
 )
 from ..engine.runner import make_runner, placed
 from ..engine.stats import MomentAccumulator
 from ..errors import DataError
 from ..extras import (
-    Consistency,
     InspectExtra,
     InspectReport,
     InspectVerdict,
@@ -279,8 +279,9 @@ def inspect(
     :class:`~bnscope.records.InspectLayer` records in module order, findings (``stale-ema``,
     ``train-test-gap``, ``small-nbs`` for noisy EMAs, ``not-called``, ``reused`` and the static
     ones: ``ema-warmup``, ``never-updated``, ``tiny-variance``, ``dead-channel``,
-    ``non-finite``), and ``extra["consistency"]`` with metrics for running, batch and precise
-    statistics. ``device``, ``amp`` and ``channels_last`` as in :func:`bnscope.precise_bn`.
+    ``non-finite``), and ``extra["metrics"]`` with the variants running, precise and batch
+    statistics on the same batches (reference: running). ``device``, ``amp`` and
+    ``channels_last`` as in :func:`bnscope.precise_bn`.
 
     Forwards per batch: 3 when the data comes back in the same order (the collection forward
     is the batch-statistics forward; the second pass adds running and population statistics,
@@ -419,39 +420,53 @@ def inspect(
         )
     forwards += collection.batches  # the collection pass (already pooled over ranks)
     read_scores([*scores.values(), batch_scores])
-    agree_batch = scores["paired"].value("agree") + scores["direct"].value("agree")
-    kl_batch = scores["paired"].value("kl") + scores["direct"].value("kl")
-    labelled = labelled and first_pass["labelled"]
-    metrics = {
-        "running": scores["running"].metrics(samples, labelled),
-        "batch": batch_scores.metrics(samples, labelled),
-        "precise": scores["precise"].metrics(samples, labelled),
+    # the batch-statistics outputs were compared with running-statistics outputs in pairs
+    # (kept outputs) or directly (one more forward): their sums add up
+    batch_sums = {
+        key: scores["paired"].value(key) + scores["direct"].value(key)
+        for key in ("agree", "kl", "diff2", "ref2")
     }
+    labelled = labelled and first_pass["labelled"]
     ok = classes and samples
 
     def per_sample(value: float) -> float | None:
         return value / samples if ok else None
 
-    consistency: Consistency = {
-        "samples": samples,
-        "has_labels": labelled,
-        "metrics": {k: v.to_dict() for k, v in metrics.items()},
-        "agreement": {
-            "batch": per_sample(agree_batch),
-            "precise": per_sample(scores["precise"].value("agree")),
+    evaluation = Evaluation(
+        metrics={
+            "running": scores["running"].metrics(samples, labelled),
+            "precise": scores["precise"].metrics(samples, labelled),
+            "batch": batch_scores.metrics(samples, labelled),
         },
-        "kl": {"batch": per_sample(kl_batch), "precise": per_sample(scores["precise"].value("kl"))},
-    }
+        has_labels=labelled,
+        agreement={
+            "running": 1.0 if ok else None,
+            "precise": per_sample(scores["precise"].value("agree")),
+            "batch": per_sample(batch_sums["agree"]),
+        },
+        kl={
+            "running": 0.0 if ok else None,
+            "precise": per_sample(scores["precise"].value("kl")),
+            "batch": per_sample(batch_sums["kl"]),
+        },
+        rel_diff={
+            "running": 0.0,
+            "precise": relative_difference(
+                scores["precise"].value("diff2"), scores["precise"].value("ref2")
+            ),
+            "batch": relative_difference(batch_sums["diff2"], batch_sums["ref2"]),
+        },
+    )
     layers, arrays = _layer_records(collection, precise_records, precise_arrays, spreads)
-    findings = _findings(layers, static, precise_records, consistency, metrics)
-    verdict, verdict_text = _verdict(layers, consistency, metrics)
+    findings = _findings(layers, static, precise_records, evaluation)
+    verdict, verdict_text = _verdict(layers, evaluation)
     extra: InspectExtra = {
         "verdict": verdict,
         "verdict_text": verdict_text,
         "batches": collection.batches,
         "samples": collection.samples,
         "forwards": forwards,
-        "consistency": consistency,
+        "metrics": evaluation.to_dict(),
         "static_layers": [layer.to_dict() for layer in static.layers],
     }
     return Report(
@@ -609,12 +624,12 @@ def _layer_records(
     return records, arrays
 
 
-def _gap(consistency: Consistency, metrics: dict[str, Metrics]) -> str | None:
+def _gap(evaluation: Evaluation) -> str | None:
     """``"worse"`` when outputs with running statistics disagree with batch-statistics outputs
     and (with labels) are not better; ``"better"`` when eval mode is clearly the better one
     (noisy batch statistics, nothing to fix in eval); None when consistent."""
-    agreement = consistency["agreement"]["batch"]
-    acc_r, acc_b = metrics["running"].accuracy, metrics["batch"].accuracy
+    agreement = evaluation.agreement["batch"]
+    acc_r, acc_b = evaluation.metrics["running"].accuracy, evaluation.metrics["batch"].accuracy
     if acc_r is not None and acc_b is not None:
         if acc_b - acc_r > TRAIN_TEST_ACCURACY:
             return "worse"
@@ -630,14 +645,13 @@ def _findings(
     layers: list[InspectLayer],
     static: StaticReport,
     precise_records: list[PreciseLayer],
-    consistency: Consistency,
-    metrics: dict[str, Metrics],
+    evaluation: Evaluation,
 ) -> list[Finding]:
     never = {f.layer for f in static.findings if f.code == "never-updated"}
     out: list[Finding] = list(static.findings)
-    accuracy = {k: v.accuracy for k, v in metrics.items()}
+    accuracy = {k: v.accuracy for k, v in evaluation.metrics.items()}
     fix = findings.precise_effect(
-        accuracy["running"], accuracy["precise"], consistency["agreement"]["precise"]
+        accuracy["running"], accuracy["precise"], evaluation.agreement["precise"]
     )
     for layer in layers:
         if layer.status == Status.STALE and layer.name not in never:
@@ -656,18 +670,16 @@ def _findings(
                 )
             )  # fmt: skip
     out += usage_findings(precise_records, "inspect")
-    gap = _gap(consistency, metrics)
+    gap = _gap(evaluation)
     if gap is not None:
         stale = any(layer.status == Status.STALE for layer in layers)
         out.append(
-            findings.train_test_gap(gap, stale, consistency["agreement"]["batch"], accuracy, fix)
+            findings.train_test_gap(gap, stale, evaluation.agreement["batch"], accuracy, fix)
         )
     return out
 
 
-def _verdict(
-    layers: list[InspectLayer], consistency: Consistency, metrics: dict[str, Metrics]
-) -> tuple[InspectVerdict, str]:
+def _verdict(layers: list[InspectLayer], evaluation: Evaluation) -> tuple[InspectVerdict, str]:
     stale = [layer.name for layer in layers if layer.status == Status.STALE]
     noisy = [layer.name for layer in layers if layer.status == Status.NOISY]
     analysed = [
@@ -676,13 +688,13 @@ def _verdict(
     verdict: InspectVerdict
     if stale:
         verdict = "stale"
-    elif _gap(consistency, metrics) == "worse":
+    elif _gap(evaluation) == "worse":
         verdict = "gap"
     elif noisy:
         verdict = "noisy"
     else:
         verdict = "healthy"
-    accuracy = {k: v.accuracy for k, v in metrics.items()}
+    accuracy = {k: v.accuracy for k, v in evaluation.metrics.items()}
     return verdict, findings.inspect_verdict(
-        verdict, stale, noisy, len(analysed), accuracy, consistency["agreement"]
+        verdict, stale, noisy, len(analysed), accuracy, evaluation.agreement
     )

@@ -42,11 +42,11 @@ if TYPE_CHECKING:
 
 #: where the figures read each evaluation's variants in a report's ``metrics``: (key, bar
 #: label). The one place that names these keys.
-PRECISE_VARIANTS = (("a", "before\n(running stats)"), ("b", "after\n(precise stats)"))
+PRECISE_VARIANTS = (("running", "before\n(running stats)"), ("precise", "after\n(precise stats)"))
 ADAPT_VARIANTS = (
-    ("source", "source stats"),
+    ("running", "source stats"),
     ("adapted", "adapted stats"),
-    ("batch_stats", "test-batch stats"),
+    ("batch", "test-batch stats"),
 )
 
 
@@ -284,12 +284,12 @@ def change_figure(
         axes.append(ax_eval)
         (before, _), (after, _) = PRECISE_VARIANTS
         values: list[float | None]
+        variants = metrics["variants"]
         if metrics.get("has_labels"):
-            values = [metrics[before]["accuracy"], metrics[after]["accuracy"]]
+            values = [variants[before]["accuracy"], variants[after]["accuracy"]]
             ax_eval.set_ylabel("accuracy")
         else:
-            agreement = metrics.get("agreement")
-            values = [None if agreement is None else 1.0, agreement]
+            values = [variants[before]["agreement"], variants[after]["agreement"]]
             ax_eval.set_ylabel("top-1 agreement with the model before")
         artists.update(_bars(ax_eval, [label for _, label in PRECISE_VARIANTS], values))
         ax_eval.set_ylim(0, 1.08)
@@ -335,12 +335,6 @@ def shift_figure(
     return Plot(_root(fig), tuple(axes), artists)
 
 
-def _agreement_with(agreement: dict, compared: Sequence[str]) -> float | None:
-    """The reference variant's top-1 agreement with itself: 1 when agreement is defined (some
-    compared variant has one: the outputs are class scores), otherwise unknown."""
-    return 1.0 if any(agreement.get(k) is not None for k in compared) else None
-
-
 def _bars(ax: Axes, labels: Sequence[str], values: Sequence[float | None]) -> dict[str, Any]:
     """Bars of ``values`` in C7/C2/C0, each labelled with its percentage; a value that is not
     known (None) gets no bar, only the label "n/a" on the baseline."""
@@ -372,11 +366,12 @@ def adapt_metrics_figure(
     One panel (``ax=`` or ``fig=``). Artists: ``bars`` (a BarContainer), ``labels`` (the
     percentages), ``title``."""
     ax, _ = _one_axes(ax, fig, (5.5, 3.8))
+    values: list[float | None]
     if metrics.get("has_labels"):
-        values = [metrics["metrics"][k]["accuracy"] for k, _ in ADAPT_VARIANTS]
+        values = [metrics["variants"][k]["accuracy"] for k, _ in ADAPT_VARIANTS]
         ax.set_ylabel("accuracy")
     else:
-        values = [metrics["agreement"][k] for k, _ in ADAPT_VARIANTS]
+        values = [metrics["variants"][k]["agreement"] for k, _ in ADAPT_VARIANTS]
         ax.set_ylabel("top-1 agreement with source")
     artists = _bars(ax, [label for _, label in ADAPT_VARIANTS], values)
     ax.set_ylim(0, 1.05)
@@ -660,11 +655,10 @@ def consistency_figure(
     ax, _ = _one_axes(ax, fig, (5.5, 3.8))
     values: list[float | None]
     if consistency.get("has_labels"):
-        values = [consistency["metrics"][k]["accuracy"] for k in keys]
+        values = [consistency["variants"][k]["accuracy"] for k in keys]
         ax.set_ylabel("accuracy")
     else:
-        values = [_agreement_with(consistency["agreement"], ("precise", "batch"))]
-        values += [consistency["agreement"][k] for k in ("precise", "batch")]
+        values = [consistency["variants"][k]["agreement"] for k in keys]
         ax.set_ylabel("top-1 agreement with eval mode")
     artists = _bars(ax, labels, values)
     ax.set_ylim(0, 1.08)

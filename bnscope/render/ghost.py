@@ -100,12 +100,13 @@ def ghost_report(report: Report) -> Group:
     """The whole ``ghost`` output."""
     extra = report.extra
     parts: list[Any] = [header(report), verdict(report)]
-    parts.append(sizes_table(extra.get("sizes", []), extra.get("population", {})))
+    metrics = extra["metrics"]  # the reference: population ("precise") statistics
+    parts.append(sizes_table(extra.get("sizes", []), metrics["variants"]["precise"]))
     worst = worst_layers_table(report.layers)
     if worst is not None:
         parts.append(worst)
     parts.append(findings_table(report.findings))
-    note = "" if extra.get("has_labels") else " No labels: agreement and KL only."
+    note = "" if metrics.get("has_labels") else " No labels: agreement and KL only."
     parts.append(
         Text(
             f"{extra.get('batches')} batches of {extra.get('batch_size')} "

@@ -66,22 +66,24 @@ def inspect_html(report: Report, figures: dict[str, tuple[str, bytes]]) -> str:
         ("data", extra.get("data")),
         ("batches / samples", f"{extra.get('batches')} / {extra.get('samples')}"),
         ("project file", extra.get("project_file")),
+        ("written by", f"bnscope {doc['bnscope_version']} ({doc['schema']})"),
     ]
     parts.append(
         "<p class='meta'>"
         + "<br>".join(f"{escape(k)}: {escape(str(v))}" for k, v in meta if v)
         + "</p>"
     )
-    c = extra["consistency"]
+    c = extra["metrics"]
+    per = c["variants"]
     rows = []
     if c.get("has_labels"):
-        rows.append(["accuracy", *[pct(c["metrics"][k]["accuracy"]) for k in
+        rows.append(["accuracy", *[pct(per[k]["accuracy"]) for k in
                                    ("running", "precise", "batch")]])  # fmt: skip
-        rows.append(["loss", *[num(c["metrics"][k]["loss"], 4) for k in
+        rows.append(["loss", *[num(per[k]["loss"], 4) for k in
                                ("running", "precise", "batch")]])  # fmt: skip
-    rows.append(["top-1 agreement with eval", "100.0%", pct(c["agreement"]["precise"]),
-                 pct(c["agreement"]["batch"])])  # fmt: skip
-    rows.append(["KL(eval || variant)", "0", num(c["kl"]["precise"]), num(c["kl"]["batch"])])
+    rows.append(["top-1 agreement with eval", "100.0%", pct(per["precise"]["agreement"]),
+                 pct(per["batch"]["agreement"])])  # fmt: skip
+    rows.append(["KL(eval || variant)", "0", num(per["precise"]["kl"]), num(per["batch"]["kl"])])
     parts.append("<h2>Train/test consistency</h2>")
     parts.append(
         _table(
@@ -146,6 +148,10 @@ def inspect_html(report: Report, figures: dict[str, tuple[str, bytes]]) -> str:
         "<p class='meta'>d_mu = |mu_EMA − mu_pop| / sigma; d_var = |log((var_EMA + eps) / "
         "(var_pop + eps))|; z = the gap in units of the EMA's own noise sqrt(m/(2−m) Var(mu_B)) "
         "(RMS over channels: about 1 for a merely noisy EMA); batch spread = sd of batch means "
-        "/ sigma at the data's batch size. Written by bnscope.</p></body></html>"
+        "/ sigma at the data's batch size.</p>"
+    )
+    parts.append(
+        f"<p class='meta' id='version'>Written by bnscope {escape(doc['bnscope_version'])}."
+        "</p></body></html>"
     )
     return "\n".join(parts)

@@ -27,22 +27,20 @@ VARIANTS = (
 )
 
 
-def consistency_table(consistency: dict[str, Any]) -> Table:
-    """Running vs precise vs batch statistics on the same inputs."""
+def consistency_table(metrics: dict[str, Any]) -> Table:
+    """Running vs precise vs batch statistics on the same inputs (the report's ``metrics``)."""
     table = Table(title="Train/test consistency on the same batches", title_justify="left")
     table.add_column("metric")
     for _, label in VARIANTS:
         table.add_column(label, justify="right")
-    per = consistency["metrics"]
-    if consistency.get("has_labels"):
+    per = metrics["variants"]
+    if metrics.get("has_labels"):
         table.add_row("accuracy", *[pct(per[k]["accuracy"]) for k, _ in VARIANTS])
         table.add_row("loss", *[num(per[k]["loss"], 4) for k, _ in VARIANTS])
-    agree = consistency["agreement"]
-    kl = consistency["kl"]
-    table.add_row("top-1 agreement with eval", "100.0%", pct(agree["precise"]),
-                  pct(agree["batch"]))  # fmt: skip
-    table.add_row("KL(eval || variant)", "0", num(kl["precise"]), num(kl["batch"]))
-    table.add_row("samples", *[str(per[k]["samples"]) for k, _ in VARIANTS])
+    table.add_row("top-1 agreement with eval", "100.0%", pct(per["precise"]["agreement"]),
+                  pct(per["batch"]["agreement"]))  # fmt: skip
+    table.add_row("KL(eval || variant)", "0", num(per["precise"]["kl"]), num(per["batch"]["kl"]))
+    table.add_row("samples", *[str(metrics["samples"]) for _ in VARIANTS])
     return table
 
 
@@ -101,7 +99,7 @@ def inspect_report(report: Report) -> Group:
     """The whole dynamic ``inspect`` output."""
     extra = report.extra
     verdict = Text(extra["verdict_text"], style=VERDICT_STYLE.get(extra["verdict"], ""))
-    parts: list[Any] = [verdict, header(report), consistency_table(extra["consistency"])]
+    parts: list[Any] = [verdict, header(report), consistency_table(extra["metrics"])]
     parts.append(layers_table(report.layers))
     parts.append(findings_table(report.findings))
     parts.append(

@@ -47,7 +47,7 @@ PNG_DPI = 120
 
 def is_dynamic(report: Report) -> bool:
     """Whether an inspect report is the dynamic one (the model ran on data)."""
-    return report.command == "inspect" and "consistency" in report.extra
+    return report.command == "inspect" and "metrics" in report.extra
 
 
 def report_view(report: Report) -> Any:
@@ -125,7 +125,9 @@ def report_figures(report: Report) -> dict[str, tuple[str, Figure]]:
         )
         made["nbs_curve"] = (
             "Accuracy and agreement against the normalization batch size.",
-            f.nbs_curve_figure(report.extra["sizes"], report.extra["population"]).figure,
+            f.nbs_curve_figure(
+                report.extra["sizes"], report.extra["metrics"]["variants"]["precise"]
+            ).figure,
         )
     return made
 
@@ -159,7 +161,7 @@ def _dynamic_figures(report: Report) -> dict[str, tuple[str, Figure]]:
         )
     made["train_test"] = (
         "The same batches with running, precise and batch statistics.",
-        consistency_figure(report.extra["consistency"]).figure,
+        consistency_figure(report.extra["metrics"]).figure,
     )
     return made
 

@@ -198,15 +198,15 @@ def metrics_table(metrics: dict[str, Any], before: str = "before", after: str = 
     table.add_column("metric")
     table.add_column(before, justify="right")
     table.add_column(after, justify="right")
-    a, b = metrics["a"], metrics["b"]
+    a, b = metrics["variants"]["running"], metrics["variants"]["precise"]
     if metrics.get("has_labels"):
         table.add_row("accuracy", pct(a["accuracy"], 2), pct(b["accuracy"], 2))
         table.add_row("loss", num(a["loss"], 4), num(b["loss"], 4))
-    if metrics.get("agreement") is not None:
-        table.add_row(f"top-1 agreement with {before}", "100.00%", pct(metrics["agreement"], 2))
-        table.add_row(f"KL({before} || {after})", "0", num(metrics["kl"]))
-    table.add_row("relative output change", "0", num(metrics["rel_diff"]))
-    table.add_row("samples", str(a["samples"]), str(b["samples"]))
+    if b["agreement"] is not None:
+        table.add_row(f"top-1 agreement with {before}", "100.00%", pct(b["agreement"], 2))
+        table.add_row(f"KL({before} || {after})", "0", num(b["kl"]))
+    table.add_row("relative output change", "0", num(b["rel_diff"]))
+    table.add_row("samples", str(metrics["samples"]), str(metrics["samples"]))
     title = Text(f"Evaluation on {metrics.get('data', 'the evaluation data')}", style="italic")
     return Group(title, table)
 
@@ -269,9 +269,9 @@ def shift_table(layers: Sequence[Any], title: str = "Domain shift per layer") ->
 
 
 ADAPT_VARIANTS = (
-    ("source", "source stats"),
+    ("running", "source stats"),
     ("adapted", "adapted stats"),
-    ("batch_stats", "test-batch stats"),
+    ("batch", "test-batch stats"),
 )
 
 
@@ -281,20 +281,20 @@ def adapt_metrics_table(metrics: dict[str, Any]) -> Group:
     table.add_column("metric")
     for _, label in ADAPT_VARIANTS:
         table.add_column(label, justify="right")
-    per = metrics["metrics"]
+    per = metrics["variants"]
     if metrics.get("has_labels"):
         table.add_row("accuracy", *[pct(per[k]["accuracy"], 2) for k, _ in ADAPT_VARIANTS])
         table.add_row("loss", *[num(per[k]["loss"], 4) for k, _ in ADAPT_VARIANTS])
-    if metrics["agreement"].get("source") is not None:
+    if per["running"]["agreement"] is not None:
         table.add_row(
             "top-1 agreement with source",
-            *[pct(metrics["agreement"][k], 2) for k, _ in ADAPT_VARIANTS],
+            *[pct(per[k]["agreement"], 2) for k, _ in ADAPT_VARIANTS],
         )
-        table.add_row("KL(source || variant)", *[num(metrics["kl"][k]) for k, _ in ADAPT_VARIANTS])
+        table.add_row("KL(source || variant)", *[num(per[k]["kl"]) for k, _ in ADAPT_VARIANTS])
     table.add_row(
-        "relative output change", *[num(metrics["rel_diff"][k]) for k, _ in ADAPT_VARIANTS]
+        "relative output change", *[num(per[k]["rel_diff"]) for k, _ in ADAPT_VARIANTS]
     )
-    table.add_row("samples", *[str(per[k]["samples"]) for k, _ in ADAPT_VARIANTS])
+    table.add_row("samples", *[str(metrics["samples"]) for _ in ADAPT_VARIANTS])
     note = "" if metrics.get("has_labels") else " (no labels: agreement only)"
     title = Text(
         f"Evaluation on {metrics.get('data', 'the evaluation data')}{note}", style="italic"

@@ -33,13 +33,14 @@ def test_adapt_writes_target_stats_and_reports(precise_env):
     )
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
-    assert doc["schema"] == "bnscope.adapt/1" and doc["output"] == str(tmp / "ck.adapted.pt")
+    assert doc["schema"] == "bnscope.adapt/2" and doc["output"] == str(tmp / "ck.adapted.pt")
     assert doc["prior"] == 0 and doc["samples"] == 64
     assert {lay["name"] for lay in doc["layers"]} == {"1", "4"}
     assert any(f["code"] == "domain-shift" for f in doc["findings"])
     m = doc["metrics"]
-    assert set(m["metrics"]) == {"source", "adapted", "batch_stats"}
-    assert m["has_labels"] is True and m["agreement"]["source"] == 1.0
+    assert list(m["variants"]) == ["running", "adapted", "batch"]
+    assert m["has_labels"] is True and m["variants"]["running"]["agreement"] == 1.0
+    assert m["reference"] == "running" and m["data"].startswith("tensor file")
     out = torch.load(tmp / "ck.adapted.pt", weights_only=True)["model"]
     with torch.no_grad():
         h = model[0](target).double()
@@ -117,7 +118,7 @@ def test_corrupt_command(tmp_path):
     )
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
-    assert doc["images"] == 3 and doc["schema"] == "bnscope.corrupt/1"
+    assert doc["images"] == 3 and doc["schema"] == "bnscope.corrupt/2"
     assert sorted(p.name for p in (tmp_path / "dst" / "cls").iterdir()) == [
         "0.png",
         "1.png",

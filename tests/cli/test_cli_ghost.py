@@ -26,10 +26,13 @@ def test_ghost_table_json_and_figures(precise_env):
     res = run(*args, "--sizes", "2,4,8,32", "--json", "--report-dir", tmp / "rep")
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
-    assert doc["schema"] == "bnscope.ghost/1" and doc["checkpoint"] == str(ckpt)
+    assert doc["schema"] == "bnscope.ghost/2" and doc["checkpoint"] == str(ckpt)
     assert [r["size"] for r in doc["sizes"]] == [2, 4, 8, 32]
     assert [r["status"] for r in doc["sizes"]] == ["ok", "ok", "ok", "skipped"]
-    assert doc["batch_size"] == 16 and doc["samples"] == 90 and doc["has_labels"] is True
+    assert doc["batch_size"] == 16 and doc["samples"] == 90 and doc["metrics"]["has_labels"]
+    assert doc["metrics"]["reference"] == "precise" and list(doc["metrics"]["variants"]) == [
+        "precise"
+    ]
     # 90 samples in batches of 16: five full batches and one of 10
     assert doc["sizes"][2]["chunks"] == 5 * 2 + 2 and doc["sizes"][2]["remainder_samples"] == 2
     assert [lay["name"] for lay in doc["layers"]] == ["1", "4"]

@@ -27,7 +27,7 @@ def test_json_is_one_document(tiny_ckpt):
     res = run("inspect", tiny_ckpt, "--json")
     assert res.exit_code == 0
     doc = json.loads(res.stdout)
-    assert doc["schema"] == "bnscope.inspect/1"
+    assert doc["schema"] == "bnscope.inspect/2"
     assert doc["command"] == "inspect"
     assert doc["checkpoint"] == str(tiny_ckpt)
     assert [lay["name"] for lay in doc["layers"]] == ["1", "4"]

@@ -26,9 +26,9 @@ def test_dynamic_table_json_and_report_dir(precise_env):
     res = run(*args, "--json", "--report-dir", tmp / "rep")
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
-    assert doc["schema"] == "bnscope.inspect/1" and doc["checkpoint"] == str(ckpt)
+    assert doc["schema"] == "bnscope.inspect/2" and doc["checkpoint"] == str(ckpt)
     assert [lay["name"] for lay in doc["layers"]] == ["1", "4"]
-    assert doc["consistency"]["samples"] == 90 and doc["consistency"]["has_labels"] is True
+    assert doc["metrics"]["samples"] == 90 and doc["metrics"]["has_labels"] is True
     files = sorted(p.name for p in (tmp / "rep").iterdir())
     assert files == [
         "batch_means.png", "report.html", "report.json", "staleness.png", "train_test.png",

@@ -25,7 +25,7 @@ def test_precise_writes_exact_stats_and_keeps_structure(precise_env):
     )
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
-    assert doc["schema"] == "bnscope.precise/1" and doc["command"] == "precise"
+    assert doc["schema"] == "bnscope.precise/2" and doc["command"] == "precise"
     out = tmp / "ck.precise.pt"
     assert doc["output"] == str(out)
     assert doc["batches"] == 6 and doc["samples"] == 90
@@ -78,9 +78,11 @@ def test_precise_eval_and_out_dir(precise_env):
     assert "Wrote" in res.stdout
     doc = json.loads((tmp / "rep" / "report.json").read_text())
     m = doc["metrics"]
-    assert m["has_labels"] is True
-    assert 0 <= m["a"]["accuracy"] <= 1 and 0 <= m["b"]["accuracy"] <= 1
-    assert m["agreement"] is not None and m["kl"] >= 0
+    assert m["has_labels"] is True and m["reference"] == "running" and m["samples"] == 90
+    before, after = m["variants"]["running"], m["variants"]["precise"]
+    assert 0 <= before["accuracy"] <= 1 and 0 <= after["accuracy"] <= 1
+    assert after["agreement"] is not None and after["kl"] >= 0 and after["rel_diff"] > 0
+    assert (before["agreement"], before["kl"], before["rel_diff"]) == (1.0, 0.0, 0.0)
     assert (tmp / "rep" / "precise_change.png").read_bytes().startswith(b"\x89PNG")
     assert (tmp / "new.pt").exists()
 
@@ -91,8 +93,8 @@ def test_precise_eval_without_labels_reports_agreement(precise_env):
     torch.save(x, unl)
     res = run("precise", ckpt, "--model", tiny_spec(), "--data", unl, "--eval-data", unl, "--json")
     m = json.loads(res.stdout)["metrics"]
-    assert m["has_labels"] is False and m["a"]["accuracy"] is None
-    assert 0 <= m["agreement"] <= 1
+    assert m["has_labels"] is False and m["variants"]["running"]["accuracy"] is None
+    assert 0 <= m["variants"]["precise"]["agreement"] <= 1
 
 
 def test_precise_batches_limits(precise_env):

@@ -104,7 +104,7 @@ def test_models_with_several_inputs(tmp_path: Path):
             doc = json.loads(res.stdout)
             assert doc["samples"] == 48, (command, data)
             if command == "inspect":
-                assert doc["consistency"]["has_labels"] == (data != "odd")
+                assert doc["metrics"]["has_labels"] == (data != "odd")
     common = ["--model", spec("TwoInputs"), "-o", tmp_path / "new.pt"]
     one_error_line(run("precise", tmp_path / "two.pt", *common, "--data", f"{pairs}:odd"),
                    "missing 1 required positional argument")  # fmt: skip

@@ -105,6 +105,14 @@ def torchrun(*args: object, cwd: Path) -> tuple[subprocess.CompletedProcess, flo
     return res, time.monotonic() - t0
 
 
+def check_document(doc: dict) -> None:
+    """The document validates against its JSON Schema (imported here: this file is also
+    loaded as a model spec, outside the tests package)."""
+    from ..schemacheck import check_document as check
+
+    check(doc)
+
+
 def single(*args: object, cwd: Path):
     """The same command in this process (no process group)."""
     from typer.testing import CliRunner
@@ -168,8 +176,10 @@ def test_precise_under_torchrun_equals_single_process(env):
     for got, exp in zip(doc["layers"], want["layers"], strict=True):
         assert (got["name"], got["calls"], got["samples"]) == (exp["name"], exp["calls"], 91)
         assert got["d_mu_max"] == pytest.approx(exp["d_mu_max"], rel=1e-5)
-    assert doc["metrics"]["b"]["accuracy"] == want["metrics"]["b"]["accuracy"]
-    assert doc["metrics"]["agreement"] == want["metrics"]["agreement"]
+    for name, exp in want["metrics"]["variants"].items():
+        got = doc["metrics"]["variants"][name]
+        assert (got["accuracy"], got["agreement"]) == (exp["accuracy"], exp["agreement"]), name
+    check_document(doc)  # world_size: only under torchrun
 
     one = torch.load(tmp / "one.pt", weights_only=True)
     two = torch.load(tmp / "two.pt", weights_only=True)
@@ -207,8 +217,9 @@ def test_adapt_syncbatchnorm_whole_module_under_torchrun(tmp_path):
     doc, want = json.loads(res.stdout), json.loads(ref.stdout)
     assert doc["samples"] == want["samples"] == 60
     assert doc["layers"][0]["weight_source"] == pytest.approx(16 / 76)
-    for variant, metrics in want["metrics"]["metrics"].items():
-        assert doc["metrics"]["metrics"][variant] == pytest.approx(metrics, rel=1e-5), variant
+    for variant, metrics in want["metrics"]["variants"].items():
+        assert doc["metrics"]["variants"][variant] == pytest.approx(metrics, rel=1e-5), variant
+    check_document(doc)
 
     one = torch.load(tmp_path / "one.pt", weights_only=False)
     two = torch.load(tmp_path / "two.pt", weights_only=False)
@@ -293,7 +304,8 @@ def test_ghost_and_inspect_under_torchrun(env):
                       tmp / "g", cwd=tmp)  # fmt: skip
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
-    assert doc["samples"] == 91 and doc["has_labels"] is True
+    assert doc["samples"] == 91 and doc["metrics"]["has_labels"] is True
+    check_document(doc)
     assert [r["status"] for r in doc["sizes"]] == ["ok", "ok", "skipped"]
     assert all(0 <= r["agreement"] <= 1 for r in doc["sizes"][:2])
     assert sorted(p.name for p in (tmp / "g").iterdir()) == [
@@ -304,7 +316,8 @@ def test_ghost_and_inspect_under_torchrun(env):
     doc = json.loads(res.stdout)
     ref = single("inspect", ckpt, *model, "--json", cwd=tmp)
     want = json.loads(ref.stdout)
-    assert doc["consistency"]["samples"] == want["consistency"]["samples"] == 91
+    assert doc["metrics"]["samples"] == want["metrics"]["samples"] == 91
+    check_document(doc)
     assert [x["batch_calls"] for x in doc["layers"]] == [6, 6]  # 46 + 45 samples by 16
     for got, exp in zip(doc["layers"], want["layers"], strict=True):
         assert got["d_mu_max"] == pytest.approx(exp["d_mu_max"], rel=1e-4)

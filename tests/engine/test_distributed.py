@@ -405,6 +405,6 @@ def test_inspect_two_ranks_equal_one_process(ranks):
     want = ref.to_dict()
     i0, i1 = ranks[0]["inspect"], ranks[1]["inspect"]
     assert i0 == i1
-    assert i0["consistency"]["samples"] == 49
+    assert i0["metrics"]["samples"] == 49
     assert {lay["name"]: lay["batch_calls"] for lay in i0["layers"]}["bn1"] == 5
     approx_equal({k: v for k, v in i0.items() if k != "world_size"}, want)

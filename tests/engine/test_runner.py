@@ -112,12 +112,13 @@ def test_channels_last_under_inspect_and_ghost_match_the_default_layout():
     batches = data()
     r1 = bnscope.inspect(copy.deepcopy(model), batches)
     r2 = bnscope.inspect(copy.deepcopy(model), batches, channels_last=True)
-    c1, c2 = r1.extra["consistency"], r2.extra["consistency"]
-    run1, run2 = c1["metrics"]["running"], c2["metrics"]["running"]
-    assert run1["samples"] == run2["samples"]
+    c1, c2 = r1.extra["metrics"], r2.extra["metrics"]
+    run1, run2 = c1["variants"]["running"], c2["variants"]["running"]
+    assert c1["samples"] == c2["samples"]
     assert run1["accuracy"] == pytest.approx(run2["accuracy"], abs=0.05)
     assert run1["loss"] == pytest.approx(run2["loss"], rel=1e-5)  # another conv algorithm
-    assert c1["agreement"]["precise"] == pytest.approx(c2["agreement"]["precise"], abs=0.05)
+    pre1, pre2 = c1["variants"]["precise"], c2["variants"]["precise"]
+    assert pre1["agreement"] == pytest.approx(pre2["agreement"], abs=0.05)
     g1 = bnscope.ghost_analysis(copy.deepcopy(model), batches, sizes=[2, 4])
     g2 = bnscope.ghost_analysis(copy.deepcopy(model), batches, sizes=[2, 4], channels_last=True)
     for s1, s2 in zip(g1.extra["sizes"], g2.extra["sizes"], strict=True):
@@ -128,7 +129,7 @@ def test_inspect_ghost_adapt_and_evaluate_run_under_autocast():
     model = net()
     batches = data()
     rep = bnscope.inspect(copy.deepcopy(model), batches, amp="bf16")
-    assert rep.extra["consistency"]["samples"] == 48
+    assert rep.extra["metrics"]["samples"] == 48
     rep = bnscope.ghost_analysis(copy.deepcopy(model), batches, sizes=[2, 8], amp="bf16")
     assert [s["status"] for s in rep.extra["sizes"]] == ["ok", "ok"]
     m = copy.deepcopy(model)
@@ -233,8 +234,8 @@ def test_inspect_runs_3_forwards_per_batch_when_the_order_repeats():
     batches = data(6)
     rep = bnscope.inspect(copy.deepcopy(model), batches)
     assert rep.extra["forwards"] == 18
-    c = rep.extra["consistency"]
-    assert c["agreement"]["batch"] == pytest.approx(direct_batch_agreement(model, batches))
+    c = rep.extra["metrics"]["variants"]
+    assert c["batch"]["agreement"] == pytest.approx(direct_batch_agreement(model, batches))
 
 
 @pytest.mark.parametrize(("loader", "per_batch"), [(Reshuffled, 4), (LateSwap, 5)])
@@ -245,12 +246,12 @@ def test_inspect_pairs_only_identical_batches(loader: type, per_batch: int):
     batches = data(6)
     rep = bnscope.inspect(copy.deepcopy(model), loader(batches))
     assert rep.extra["forwards"] == per_batch * 6
-    c = rep.extra["consistency"]
-    assert c["agreement"]["batch"] == pytest.approx(direct_batch_agreement(model, batches))
-    same = bnscope.inspect(copy.deepcopy(model), batches).extra["consistency"]
+    c = rep.extra["metrics"]["variants"]
+    assert c["batch"]["agreement"] == pytest.approx(direct_batch_agreement(model, batches))
+    same = bnscope.inspect(copy.deepcopy(model), batches).extra["metrics"]["variants"]
     for key in ("running", "batch", "precise"):  # sums in another order: float rounding
-        assert c["metrics"][key] == pytest.approx(same["metrics"][key], rel=1e-6)
-    assert c["kl"]["batch"] == pytest.approx(same["kl"]["batch"], rel=1e-9)
+        assert c[key] == pytest.approx(same[key], rel=1e-6)
+    assert c["batch"]["kl"] == pytest.approx(same["batch"]["kl"], rel=1e-9)
 
 
 def test_inspect_keeps_outputs_within_its_budget(monkeypatch: pytest.MonkeyPatch):
@@ -264,10 +265,12 @@ def test_inspect_keeps_outputs_within_its_budget(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(dynamic, "PAIR_BUDGET", 2 * one_batch)
     rep = bnscope.inspect(copy.deepcopy(model), batches)
     assert rep.extra["forwards"] == 6 + 2 * 6 + 4
-    assert rep.extra["consistency"]["agreement"] == full.extra["consistency"]["agreement"]
-    assert rep.extra["consistency"]["kl"]["batch"] == pytest.approx(
-        full.extra["consistency"]["kl"]["batch"], rel=1e-9
-    )
+    got, want = rep.extra["metrics"]["variants"], full.extra["metrics"]["variants"]
+    assert {k: v["agreement"] for k, v in got.items()} == {
+        k: v["agreement"] for k, v in want.items()
+    }
+    for key in ("kl", "rel_diff"):
+        assert got["batch"][key] == pytest.approx(want["batch"][key], rel=1e-9)
 
 
 def test_ghost_runs_k_plus_2_forwards_per_batch():

@@ -222,9 +222,10 @@ def test_sync_batchnorm_act_keeps_its_activation_under_a_process_group():
             torch.testing.assert_close(b[int(n)].running_var, a[int(n)].running_var)
     assert nn.SyncBatchNorm.forward.__name__ == "forward"  # the class is put back
     assert "forward" not in synced[1].__dict__
-    ra = bnscope.inspect(copy.deepcopy(plain), data).extra["consistency"]
-    rb = bnscope.inspect(copy.deepcopy(synced), data).extra["consistency"]
-    assert ra["agreement"] == pytest.approx(rb["agreement"])
+    ra = bnscope.inspect(copy.deepcopy(plain), data).extra["metrics"]["variants"]
+    rb = bnscope.inspect(copy.deepcopy(synced), data).extra["metrics"]["variants"]
+    for name, variant in ra.items():
+        assert variant["agreement"] == pytest.approx(rb[name]["agreement"]), name
     ga = bnscope.ghost_analysis(copy.deepcopy(plain), data, sizes=[4]).extra["sizes"]
     gb = bnscope.ghost_analysis(copy.deepcopy(synced), data, sizes=[4]).extra["sizes"]
     assert ga[0]["agreement"] == pytest.approx(gb[0]["agreement"])
@@ -415,7 +416,7 @@ def test_models_with_several_inputs_through_every_operation(form: str):
     rep = bnscope.adapt_bn(m, data, call=call)
     assert rep.extra["samples"] == 60
     rep = bnscope.inspect(copy.deepcopy(model), data, call=call)
-    c = rep.extra["consistency"]
+    c = rep.extra["metrics"]
     assert c["samples"] == 60
     assert c["has_labels"] == (form != "call")  # a call= batch's labels are not known
     rep = bnscope.ghost_analysis(copy.deepcopy(model), data, sizes=[4, 12], call=call)

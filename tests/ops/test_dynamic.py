@@ -11,6 +11,7 @@ from bnscope.errors import DataError, UsageError
 from bnscope.ops.inspect import STALE_Z, inspect
 from bnscope.ops.precise import precise_bn
 
+from ..schemacheck import check_document
 from ..statecheck import assert_same_state, snapshot
 
 
@@ -139,25 +140,38 @@ def test_train_test_comparison_matches_direct_computation():
     with torch.no_grad():
         model.c2.weight.mul_(1.5)
     rep = inspect(model, data)
-    c = rep.extra["consistency"]
+    c = rep.extra["metrics"]
+    v = c["variants"]
     x = torch.cat([b[0] for b in data])
     y = torch.cat([b[1] for b in data])
     with torch.no_grad():
         model.eval()
-        running = model(x).argmax(1)
-    assert c["metrics"]["running"]["accuracy"] == pytest.approx(
-        float((running == y).float().mean())
-    )
+        running_out = model(x)
+        running = running_out.argmax(1)
+    assert v["running"]["accuracy"] == pytest.approx(float((running == y).float().mean()))
+    assert (v["running"]["agreement"], v["running"]["kl"], v["running"]["rel_diff"]) == (
+        1.0, 0.0, 0.0,
+    )  # fmt: skip
     twin = Net()
     twin.load_state_dict(model.state_dict())
     twin.eval()
     for m in (twin.b1, twin.b2, twin.shared, twin.head_bn):
         m.train()
     with torch.no_grad():
-        batch = torch.cat([twin(xb).argmax(1) for xb, _ in data])
-    assert c["metrics"]["batch"]["accuracy"] == pytest.approx(float((batch == y).float().mean()))
-    assert c["agreement"]["batch"] == pytest.approx(float((batch == running).float().mean()))
-    assert c["has_labels"] is True and c["samples"] == len(y)
+        batch_out = torch.cat([twin(xb) for xb, _ in data])
+    batch = batch_out.argmax(1)
+    assert v["batch"]["accuracy"] == pytest.approx(float((batch == y).float().mean()))
+    assert v["batch"]["agreement"] == pytest.approx(float((batch == running).float().mean()))
+    # ||out_batch - out_running|| / ||out_running|| over every output value
+    rel = (batch_out.double() - running_out.double()).norm() / running_out.double().norm()
+    assert v["batch"]["rel_diff"] == pytest.approx(float(rel), rel=1e-5)
+    kl = torch.nn.functional.kl_div(
+        batch_out.double().log_softmax(1), running_out.double().log_softmax(1),
+        log_target=True, reduction="batchmean",
+    )  # fmt: skip
+    assert v["batch"]["kl"] == pytest.approx(float(kl), rel=1e-5)
+    assert c["has_labels"] is True and c["samples"] == len(y) and c["reference"] == "running"
+    assert list(v) == ["running", "precise", "batch"] and "data" not in c  # a job adds it
 
 
 def test_state_restored_on_success_and_failure():
@@ -195,10 +209,11 @@ def test_report_document():
     data = make_data(4)
     rep = inspect(ema_trained(data), data, batches=3)
     doc = rep.to_dict()
-    assert doc["schema"] == "bnscope.inspect/1"
+    assert doc["schema"] == "bnscope.inspect/2"
     assert doc["layers"][0].keys() >= {"name", "num_features", "d_mu_median", "z_mu", "status"}
     assert doc["verdict"] in ("stale", "gap", "noisy", "healthy") and doc["verdict_text"]
-    assert doc["batches"] == 3 and doc["consistency"]["samples"] == 96
+    assert doc["batches"] == 3 and doc["metrics"]["samples"] == 96
+    check_document(doc)  # a library report: no job keys
 
 
 def test_public_api_name():

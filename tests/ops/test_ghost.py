@@ -18,6 +18,7 @@ from bnscope.ops.ghost import (
     parse_sizes,
 )
 
+from ..schemacheck import check_document
 from ..statecheck import assert_same_state, snapshot
 
 
@@ -170,7 +171,7 @@ def test_small_nbs_is_reported_for_noisy_sizes():
     rep = ghost_analysis(model, data, sizes=[2, 512])
     rows = {r["size"]: r for r in rep.extra["sizes"]}
     assert rows[2]["agreement"] < 0.95 and rows[512]["agreement"] > 0.95
-    assert rep.extra["population"]["accuracy"] > rows[2]["accuracy"] + 0.02
+    assert rep.extra["metrics"]["variants"]["precise"]["accuracy"] > rows[2]["accuracy"] + 0.02
     small = [f for f in rep.findings if f.code == "small-nbs"]
     assert len(small) == 1
     assert small[0].severity == "info"  # 2 is below the data's batch size (512)
@@ -185,7 +186,7 @@ def test_small_nbs_at_the_batch_size_is_a_warning():
     rep = ghost_analysis(model, data, sizes=[2, 4])
     small = [f for f in rep.findings if f.code == "small-nbs"]
     assert small and small[0].severity == "warning" and "batch size" in small[0].message
-    assert rep.extra["has_labels"] is False
+    assert rep.extra["metrics"]["has_labels"] is False
     assert all(r["accuracy"] is None for r in rep.extra["sizes"])
 
 
@@ -286,7 +287,8 @@ def test_report_document_and_progress():
         progress=lambda done, total: calls.append((done, total)),
     )  # fmt: skip
     doc = rep.to_dict()
-    assert doc["schema"] == "bnscope.ghost/1"
+    assert doc["schema"] == "bnscope.ghost/2"
+    check_document(doc)  # a library report: no job keys
     assert [r["size"] for r in doc["sizes"]] == [2, 4]
     assert doc["layers"][0]["sizes"][0].keys() >= {"size", "noise_mu", "iid_mu", "effective_size"}
     assert calls[-1] == (6, 6) and calls[0] == (1, 6)

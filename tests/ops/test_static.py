@@ -11,6 +11,8 @@ from torch import nn
 from bnscope.ops.static import find_bn_buffers, static_inspect
 from bnscope.records import FINDING_CODES, Finding
 
+from ..schemacheck import check_document
+
 
 def model(n: int = 3) -> nn.Module:
     return nn.Sequential(*[m for _ in range(n) for m in (nn.Linear(4, 4), nn.BatchNorm1d(4))])
@@ -151,7 +153,8 @@ def test_untracked_layers_are_skipped_in_modules():
 def test_report_schema_and_codes():
     rep = static_inspect(model(1).state_dict(), checkpoint="x.pt")
     d = rep.to_dict()
-    assert d["schema"] == "bnscope.inspect/1"
+    assert d["schema"] == "bnscope.inspect/2"
+    check_document(d)
     assert d["command"] == "inspect" and d["checkpoint"] == "x.pt"
     assert {"name", "num_features"} <= set(d["layers"][0])
     for f in d["findings"]:

@@ -124,12 +124,11 @@ ADAPT = (
 ADAPT_METRICS = {
     "data": "target/",
     "has_labels": True,
-    "metrics": {
-        "source": {"accuracy": 0.31},
-        "adapted": {"accuracy": 0.77},
-        "batch_stats": {"accuracy": 0.52},
+    "variants": {
+        "running": {"accuracy": 0.31, "agreement": 1.0},
+        "adapted": {"accuracy": 0.77, "agreement": 0.4},
+        "batch": {"accuracy": 0.52, "agreement": 0.6},
     },
-    "agreement": {"source": 1.0, "adapted": 0.4, "batch_stats": 0.6},
 }
 GHOST = (ghost_layer("a", [0.4, 0.28, 0.2]), ghost_layer("b", [0.2, 0.14, 0.1]))
 NBS_ROWS = [
@@ -172,23 +171,33 @@ ARRAYS = {
 }
 CONSISTENCY = {
     "has_labels": True,
-    "metrics": {
-        "running": {"accuracy": 0.4},
-        "precise": {"accuracy": 0.9},
-        "batch": {"accuracy": 0.8},
+    "variants": {
+        "running": {"accuracy": 0.4, "agreement": 1.0},
+        "precise": {"accuracy": 0.9, "agreement": 0.7},
+        "batch": {"accuracy": 0.8, "agreement": 0.6},
     },
-    "agreement": {"precise": 0.7, "batch": 0.6},
 }
 
 PRECISE_METRICS = {
     "data": "val/",
-    "a": {"samples": 200, "accuracy": 0.885, "loss": 0.3},
-    "b": {"samples": 200, "accuracy": 0.965, "loss": 0.1},
+    "samples": 200,
     "has_labels": True,
-    "agreement": 0.915,
-    "kl": 0.18,
-    "rel_diff": 0.3,
+    "reference": "running",
+    "variants": {
+        "running": {"accuracy": 0.885, "loss": 0.3, "agreement": 1.0, "kl": 0.0, "rel_diff": 0.0},
+        "precise": {"accuracy": 0.965, "loss": 0.1, "agreement": 0.915, "kl": 0.18,
+                    "rel_diff": 0.3},
+    },
 }
+
+
+def unlabelled_variants(metrics: dict, agreement: dict) -> dict:
+    """``metrics`` without labels: accuracy and loss unknown, top-1 agreement as given."""
+    variants = {
+        k: {**v, "accuracy": None, "loss": None, "agreement": agreement[k]}
+        for k, v in metrics["variants"].items()
+    }
+    return {**metrics, "has_labels": False, "variants": variants}
 
 # name -> (function, positional arguments, panels, default figure size)
 CASES: dict[str, tuple[Callable[..., F.Plot], tuple, int, tuple[float, float]]] = {
@@ -413,7 +422,7 @@ def inspect_report(layers) -> Report:
         checkpoint=None,
         layers=tuple(layers),
         findings=(),
-        extra={"consistency": CONSISTENCY},
+        extra={"metrics": CONSISTENCY},
         arrays={r.name: ARRAYS for r in layers if r.d_mu_median is not None},
     )
 
@@ -552,12 +561,12 @@ def test_change_without_metrics_has_no_bars():
 
 
 def test_change_metrics_without_labels_show_agreement_or_na():
-    unlabelled = {**PRECISE_METRICS, "has_labels": False}
-    unlabelled["a"] = unlabelled["b"] = {"samples": 200, "accuracy": None, "loss": None}
+    unlabelled = unlabelled_variants(PRECISE_METRICS, {"running": 1.0, "precise": 0.915})
     plot = F.change_figure(PRECISE, metrics=unlabelled)
     assert [p.get_height() for p in plot.artists["bars"]] == [1.0, 0.915]
     assert plot.axes[2].get_ylabel() == "top-1 agreement with the model before"
-    plot = F.change_figure(PRECISE, metrics={**unlabelled, "agreement": None})
+    unknown = unlabelled_variants(PRECISE_METRICS, {"running": None, "precise": None})
+    plot = F.change_figure(PRECISE, metrics=unknown)
     assert all(math.isnan(p.get_height()) for p in plot.artists["bars"])
     assert [t.get_text() for t in plot.artists["labels"]] == ["n/a", "n/a"]
 
@@ -577,16 +586,12 @@ def test_precise_report_figure_has_the_evaluation_only_with_metrics():
 
 
 def test_unknown_agreement_is_drawn_as_na_not_as_zero():
-    metrics = {
-        **ADAPT_METRICS,
-        "has_labels": False,
-        "agreement": {"source": 1.0, "adapted": 0.4, "batch_stats": None},
-    }
+    metrics = unlabelled_variants(ADAPT_METRICS, {"running": 1.0, "adapted": 0.4, "batch": None})
     a = F.adapt_metrics_figure(metrics).artists
     heights = [p.get_height() for p in a["bars"]]
     assert heights[:2] == [1.0, 0.4] and math.isnan(heights[2])
     assert [t.get_text() for t in a["labels"]] == ["100.0%", "40.0%", "n/a"]
-    one = {**CONSISTENCY, "has_labels": False, "agreement": {"precise": 0.7, "batch": None}}
+    one = unlabelled_variants(CONSISTENCY, {"running": 1.0, "precise": 0.7, "batch": None})
     plot = F.consistency_figure(one)
     a = plot.artists
     heights = [p.get_height() for p in a["bars"]]
@@ -597,7 +602,7 @@ def test_unknown_agreement_is_drawn_as_na_not_as_zero():
     assert left < a["labels"][2].xy[0] < right
     assert len(plot.axes[0].get_xticklabels()) == 3
     # no class scores: nothing is known, not even the reference's agreement with itself
-    none = {**CONSISTENCY, "has_labels": False, "agreement": {"precise": None, "batch": None}}
+    none = unlabelled_variants(CONSISTENCY, {"running": None, "precise": None, "batch": None})
     a = F.consistency_figure(none).artists
     assert all(math.isnan(p.get_height()) for p in a["bars"])
     assert [t.get_text() for t in a["labels"]] == ["n/a"] * 3

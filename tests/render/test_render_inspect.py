@@ -41,15 +41,15 @@ LAYERS = (
     ),
 )  # fmt: skip
 CONSISTENCY = {
+    "data": "image folder data/train",
     "samples": 1280,
     "has_labels": True,
-    "metrics": {
-        "running": {"samples": 1280, "accuracy": 0.885, "loss": 0.31},
-        "precise": {"samples": 1280, "accuracy": 0.965, "loss": 0.11},
-        "batch": {"samples": 1280, "accuracy": 0.95, "loss": 0.15},
+    "reference": "running",
+    "variants": {
+        "running": {"accuracy": 0.885, "loss": 0.31, "agreement": 1.0, "kl": 0.0, "rel_diff": 0.0},
+        "precise": {"accuracy": 0.965, "loss": 0.11, "agreement": 0.9, "kl": 0.2, "rel_diff": 0.3},
+        "batch": {"accuracy": 0.95, "loss": 0.15, "agreement": 0.88, "kl": 0.25, "rel_diff": 0.4},
     },
-    "agreement": {"precise": 0.9, "batch": 0.88},
-    "kl": {"precise": 0.2, "batch": 0.25},
 }
 FINDINGS = (
     Finding(
@@ -79,7 +79,7 @@ REPORT = Report(
         "verdict_text": "Stale running statistics: 1 of 3 BN layers (layer1.bn); run precise.",
         "batches": 40,
         "samples": 1280,
-        "consistency": CONSISTENCY,
+        "metrics": CONSISTENCY,
     },
 )
 

@@ -1,0 +1,554 @@
+"""The JSON Schemas (draft 2020-12) of bnscope's JSON documents, described once here.
+
+Each ``<command>.schema.json`` beside this module is written from :func:`build` by
+``python -m bnscope.schemas.build``; ``tests/base/test_schemas.py`` fails when a file differs
+from what :func:`build` gives, when a record field, extra key, status, finding code or
+corruption is missing from a schema, and when a real document of any command does not
+validate. Every file is self-contained: the parts shared between documents (findings, layer
+records, the metrics layout, the keys a job adds) are copied into its ``$defs``.
+
+Strictness: every object whose keys are fixed has ``additionalProperties: false`` and lists
+the keys that are always present as ``required``, so a renamed or dropped key fails validation.
+The keys only a job on a checkpoint file adds (docs/cli.md, section 5) are optional, but come
+as a group (``dependentRequired``): a document from :func:`bnscope.open` or the CLI has all
+of them, one from a library operation on a live model none. Floats may be the strings
+``"nan"``, ``"inf"`` and ``"-inf"`` (the documents never hold a NaN literal).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..records import SCHEMA_VERSION
+from . import COMMANDS
+
+Schema = dict[str, Any]
+
+DIALECT = "https://json-schema.org/draft/2020-12/schema"
+HERE = Path(__file__).resolve().parent
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def ref(name: str) -> Schema:
+    return {"$ref": f"#/$defs/{name}"}
+
+
+def nullable(schema: Schema) -> Schema:
+    """``schema`` or null."""
+    if isinstance(schema.get("type"), str):
+        return {**schema, "type": [schema["type"], "null"]}
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def obj(
+    properties: dict[str, Schema],
+    required: list[str] | None = None,
+    description: str | None = None,
+) -> Schema:
+    """A closed object: only ``properties``; all of them required unless ``required`` says."""
+    out: Schema = {"type": "object"}
+    if description:
+        out["description"] = description
+    out["properties"] = properties
+    out["required"] = list(properties) if required is None else required
+    out["additionalProperties"] = False
+    return out
+
+
+def array(items: Schema) -> Schema:
+    return {"type": "array", "items": items}
+
+
+def enum(values: list[str | None], description: str | None = None) -> Schema:
+    out: Schema = {"description": description} if description else {}
+    out["enum"] = values
+    return out
+
+
+STRING: Schema = {"type": "string"}
+OPT_STRING = nullable(STRING)
+BOOL: Schema = {"type": "boolean"}
+INT: Schema = {"type": "integer"}
+COUNT: Schema = {"type": "integer", "minimum": 0}
+REAL = ref("real")
+OPT_REAL = nullable(REAL)
+FRACTION = ref("fraction")
+OPT_FRACTION = nullable(FRACTION)
+
+#: the statuses of each layer record kind (records.py, ``STATUSES``)
+STATUSES: dict[str, list[str | None]] = {
+    "precise_layer": ["updated", "frozen", "not-called", "skipped"],
+    "adapt_layer": ["updated", "frozen", "not-called", "skipped"],
+    "inspect_layer": ["ok", "stale", "noisy", "unknown", "frozen", "not-called", "skipped"],
+    "ghost_layer": ["analysed", "not-called", "skipped"],
+    "ghost_size": ["ok", "skipped"],
+}
+#: records.FINDING_CODES
+FINDING_CODES: list[str | None] = [
+    "no-batchnorm", "never-updated", "ema-warmup", "tiny-variance", "dead-channel",
+    "non-finite", "not-called", "reused", "stale-ema", "train-test-gap", "small-nbs",
+    "non-iid-batches", "domain-shift",
+]  # fmt: skip
+#: ops.corruptions.CORRUPTIONS
+CORRUPTIONS: list[str | None] = [
+    "gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "contrast", "brightness",
+    "gaussian_blur", "defocus_blur", "pixelate", "jpeg_compression",
+]  # fmt: skip
+#: the variants of each command's ``metrics`` and the reference among them
+VARIANTS = {
+    "precise": (["running", "precise"], "running"),
+    "adapt": (["running", "adapted", "batch"], "running"),
+    "inspect": (["running", "precise", "batch"], "running"),
+    "ghost": (["precise"], "precise"),
+}
+
+
+def _status(record: str) -> Schema:
+    return enum(STATUSES[record])
+
+
+def _record_head(record: str) -> dict[str, Schema]:
+    return {
+        "name": {"type": "string", "description": '"(root)" for a model that is a BN layer'},
+        "num_features": COUNT,
+        "status": _status(record),
+        "reason": OPT_STRING,
+    }
+
+
+DEFS: dict[str, Schema] = {
+    "real": {
+        "description": 'a float; non-finite values are the strings "nan", "inf" and "-inf"',
+        "anyOf": [{"type": "number"}, {"enum": ["nan", "inf", "-inf"]}],
+    },
+    "fraction": {"type": "number", "minimum": 0, "maximum": 1},
+    "finding": obj(
+        {
+            "code": enum(FINDING_CODES),
+            "severity": enum(["info", "warning", "error"]),
+            "layer": OPT_STRING,
+            "message": STRING,
+            "fix": STRING,
+        },
+        description="one finding (docs/statistics.md, section 8)",
+    ),
+    "network": obj(
+        {"key": OPT_STRING, "prefix": STRING, "bn_layers": COUNT, "ema": BOOL, "used": BOOL},
+        description="one network of a checkpoint that holds several",
+    ),
+    "static_layer": obj(
+        {
+            "name": _record_head("precise_layer")["name"],
+            "num_features": COUNT,
+            "num_batches_tracked": nullable(INT),
+            "momentum": OPT_REAL,
+            "momentum_assumed": BOOL,
+            "eps": REAL,
+            "eps_assumed": BOOL,
+            "ema_init_weight": OPT_REAL,
+            "affine": BOOL,
+            "mean_min": REAL,
+            "mean_max": REAL,
+            "var_min": REAL,
+            "var_max": REAL,
+            "gain_min": OPT_REAL,
+            "gain_max": OPT_REAL,
+            "dead_channels": COUNT,
+            "tiny_var_channels": COUNT,
+            "nonfinite_values": COUNT,
+            "negative_var_channels": COUNT,
+            "frozen": BOOL,
+        },
+        description="records.StaticLayer",
+    ),
+    "precise_layer": obj(
+        {
+            **_record_head("precise_layer"),
+            "calls": COUNT,
+            "calls_per_forward": COUNT,
+            "samples": COUNT,
+            "elements": COUNT,
+            "d_mu_max": OPT_REAL,
+            "d_mu_median": OPT_REAL,
+            "d_var_max": OPT_REAL,
+            "d_var_median": OPT_REAL,
+        },
+        description="records.PreciseLayer",
+    ),
+    "adapt_layer": obj(
+        {
+            **_record_head("adapt_layer"),
+            "calls": COUNT,
+            "calls_per_forward": COUNT,
+            "samples": COUNT,
+            "weight_source": nullable(FRACTION),
+            "d_mu_max": OPT_REAL,
+            "d_mu_median": OPT_REAL,
+            "d_var_max": OPT_REAL,
+            "d_var_median": OPT_REAL,
+            "kl_max": OPT_REAL,
+            "kl_median": OPT_REAL,
+        },
+        description="records.AdaptLayer",
+    ),
+    "inspect_layer": obj(
+        {
+            **_record_head("inspect_layer"),
+            "momentum": OPT_REAL,
+            "calls_per_forward": COUNT,
+            "batch_calls": COUNT,
+            "d_mu_max": OPT_REAL,
+            "d_mu_median": OPT_REAL,
+            "d_var_max": OPT_REAL,
+            "d_var_median": OPT_REAL,
+            "z_mu": OPT_REAL,
+            "z_var": OPT_REAL,
+            "ema_noise_mu": OPT_REAL,
+            "batch_spread_mu": OPT_REAL,
+            "batch_spread_var": OPT_REAL,
+        },
+        description="records.InspectLayer",
+    ),
+    "ghost_layer_size": obj(
+        {
+            "size": COUNT,
+            "chunks": COUNT,
+            "noise_mu": OPT_REAL,
+            "noise_var": OPT_REAL,
+            "iid_mu": OPT_REAL,
+            "iid_var": OPT_REAL,
+            "effective_size": OPT_REAL,
+        },
+        description="records.GhostLayerSize",
+    ),
+    "ghost_layer": obj(
+        {
+            **_record_head("ghost_layer"),
+            "calls_per_forward": COUNT,
+            "sizes": array(ref("ghost_layer_size")),
+        },
+        description="records.GhostLayer",
+    ),
+    "ghost_size": obj(
+        {
+            "size": COUNT,
+            "status": _status("ghost_size"),
+            "note": OPT_STRING,
+            "chunks": COUNT,
+            "remainder_chunks": COUNT,
+            "remainder_samples": COUNT,
+            "accuracy": OPT_FRACTION,
+            "loss": OPT_REAL,
+            "agreement": OPT_FRACTION,
+            "kl": OPT_REAL,
+            "rel_diff": OPT_REAL,
+            "noise_mu": OPT_REAL,
+            "noise_var": OPT_REAL,
+            "effective_ratio": OPT_REAL,
+        },
+        description="records.GhostSize: the model at one ghost size, against population "
+        "statistics (the metric keys of a variant, None for a skipped size)",
+    ),
+    "variant": obj(
+        {
+            "accuracy": OPT_FRACTION,
+            "loss": OPT_REAL,
+            "agreement": OPT_FRACTION,
+            "kl": OPT_REAL,
+            "rel_diff": REAL,
+        },
+        description="one variant against the reference variant (docs/statistics.md, "
+        "section 9): accuracy and loss need labels, agreement and kl class scores",
+    ),
+    "demo_build": obj(
+        {
+            "folder": STRING,
+            "checkpoint": STRING,
+            "model_file": STRING,
+            "train": STRING,
+            "val": STRING,
+            "counts": {"type": "object", "additionalProperties": COUNT},
+            "history": array({"type": "object", "additionalProperties": REAL}),
+            "seconds": {"type": "object", "additionalProperties": REAL},
+        },
+        description="what bnscope demo built",
+    ),
+}
+
+# --------------------------------------------------------------------------------------------
+# Documents
+
+
+def _header(command: str) -> dict[str, Schema]:
+    return {
+        "schema": {"const": f"bnscope.{command}/{SCHEMA_VERSION}"},
+        "bnscope_version": {
+            "type": "string",
+            "pattern": "^[0-9]+\\.[0-9]+",
+            "description": "the bnscope version that wrote the document",
+        },
+        "command": {"const": command},
+    }
+
+
+def _report_head(command: str, layer: str) -> dict[str, Schema]:
+    return {
+        **_header(command),
+        "checkpoint": nullable(STRING),
+        "layers": array(ref(layer)),
+        "findings": array(ref("finding")),
+    }
+
+
+SOURCE_KEYS: dict[str, Schema] = {
+    "format": enum(["torch", "safetensors", "module", "torchscript"]),
+    "key": OPT_STRING,
+    "prefix": STRING,
+    "model": OPT_STRING,
+    "project_file": OPT_STRING,
+    "networks": array(ref("network")),
+    "ema_key": OPT_STRING,
+}
+RUN_KEYS: dict[str, Schema] = {
+    "data": STRING,
+    "dropped_samples": COUNT,
+    "dropped_reason": OPT_STRING,
+    "device": STRING,
+    "amp": enum(["bf16", "fp16", None]),
+    "channels_last": BOOL,
+}
+HEAD_REQUIRED = ["schema", "bnscope_version", "command", "checkpoint", "layers", "findings"]
+#: the keys a job adds come together
+NETWORK_GROUP = {"networks": ["ema_key"], "ema_key": ["networks"]}
+RUN_GROUPS = {
+    "format": ["key", "prefix"],
+    "device": ["model", "project_file", "amp", "channels_last"],
+    "data": ["dropped_samples", "dropped_reason"],
+    **NETWORK_GROUP,
+}
+
+
+def _metrics(command: str) -> Schema:
+    """The ``metrics`` layout, the same in every command; its variants differ."""
+    variants, reference = VARIANTS[command]
+    data_always = command in ("precise", "adapt")  # only a job evaluates
+    return obj(
+        {
+            "data": {"type": "string", "description": "the data the metrics were measured on"},
+            "samples": COUNT,
+            "has_labels": BOOL,
+            "reference": {"const": reference},
+            "variants": obj(
+                {name: ref("variant") for name in variants},
+                description="named after the statistics the BN layers normalize with",
+            ),
+        },
+        required=(["data"] if data_always else []) + ["samples", "has_labels", "reference",
+                                                       "variants"],  # fmt: skip
+    )
+
+
+def _document(
+    command: str,
+    layer: str,
+    own: dict[str, Schema],
+    own_required: list[str],
+    groups: dict[str, list[str]],
+    run: bool = True,
+) -> Schema:
+    properties = {**_report_head(command, layer), **SOURCE_KEYS, **(RUN_KEYS if run else {})}
+    properties.update(own)
+    # written with a report folder (--report-dir; write_report): the files of that folder
+    properties["report_files"] = {
+        **array(STRING),
+        "uniqueItems": True,
+        "description": "the files of the report folder this document was written into",
+    }
+    out = obj(properties, required=HEAD_REQUIRED + own_required)
+    out["dependentRequired"] = groups
+    if run and "metrics" in own_required:  # a job names the data of the metrics too
+        out["if"] = {"required": ["data"]}
+        out["then"] = {"properties": {"metrics": {"required": ["data"]}}}
+    return out
+
+
+def document_defs() -> dict[str, Schema]:
+    """The schema of each kind of report document, by name."""
+    return {
+        "inspect_static": _document(
+            "inspect",
+            "static_layer",
+            {"momentum_assumed": BOOL, "eps_assumed": BOOL},
+            ["momentum_assumed", "eps_assumed"],
+            {"format": ["key", "prefix", "model", "project_file"], **NETWORK_GROUP},
+            run=False,
+        ),
+        "inspect_dynamic": _document(
+            "inspect",
+            "inspect_layer",
+            {
+                "verdict": enum(["stale", "gap", "noisy", "healthy"]),
+                "verdict_text": STRING,
+                "batches": COUNT,
+                "samples": COUNT,
+                "forwards": COUNT,
+                "metrics": _metrics("inspect"),
+                "static_layers": array(ref("static_layer")),
+            },
+            ["verdict", "verdict_text", "batches", "samples", "forwards", "metrics",
+             "static_layers"],  # fmt: skip
+            RUN_GROUPS,
+        ),
+        "precise": _document(
+            "precise",
+            "precise_layer",
+            {
+                "batches": COUNT,
+                "samples": COUNT,
+                "world_size": {"type": "integer", "minimum": 2},
+                "metrics": _metrics("precise"),
+                "output": OPT_STRING,
+            },
+            ["batches", "samples"],
+            {**RUN_GROUPS, "device": [*RUN_GROUPS["device"], "output"]},
+        ),
+        "adapt": _document(
+            "adapt",
+            "adapt_layer",
+            {
+                "batches": COUNT,
+                "samples": COUNT,
+                "prior": {"type": "number", "minimum": 0},
+                "shift_threshold": REAL,
+                "world_size": {"type": "integer", "minimum": 2},
+                "metrics": _metrics("adapt"),
+                "output": OPT_STRING,
+            },
+            ["batches", "samples", "prior", "shift_threshold"],
+            {**RUN_GROUPS, "device": [*RUN_GROUPS["device"], "output"]},
+        ),
+        "ghost": _document(
+            "ghost",
+            "ghost_layer",
+            {
+                "verdict": enum(["none", "fine", "noisy"]),
+                "verdict_text": STRING,
+                "sizes": array(ref("ghost_size")),
+                "batch_size": {"type": "integer", "minimum": 1},
+                "batches": COUNT,
+                "samples": COUNT,
+                "forwards": COUNT,
+                "metrics": _metrics("ghost"),
+            },
+            ["verdict", "verdict_text", "sizes", "batch_size", "batches", "samples", "forwards",
+             "metrics"],  # fmt: skip
+            RUN_GROUPS,
+        ),
+    }
+
+
+def _corrupt() -> Schema:
+    return obj(
+        {
+            **_header("corrupt"),
+            "source": STRING,
+            "output": STRING,
+            "corruption": enum(CORRUPTIONS),
+            "severity": {"type": "integer", "minimum": 1, "maximum": 5},
+            "seed": INT,
+            "images": COUNT,
+        }
+    )
+
+
+def _demo() -> Schema:
+    return obj(
+        {
+            **_header("demo"),
+            "checkpoint": STRING,
+            "layers": array(ref("inspect_layer")),
+            "findings": array(ref("finding")),
+            "demo": ref("demo_build"),
+            "inspect": ref("inspect_dynamic"),
+            "precise": ref("precise"),
+            "adapt": ref("adapt"),
+            "ghost": ref("ghost"),
+        }
+    )
+
+
+DESCRIPTIONS = {
+    "inspect": "bnscope inspect: the static report (from the buffers) or, with a model and "
+    "data, the dynamic one (it has a verdict)",
+    "precise": "bnscope precise: Precise BN",
+    "adapt": "bnscope adapt: Adaptive BN",
+    "ghost": "bnscope ghost: the normalization-batch-size analysis",
+    "corrupt": "bnscope corrupt: a corrupted copy of an image folder",
+    "demo": "bnscope demo: the demo's build and the documents of the commands it ran",
+}
+
+
+def _refs(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        found = {node["$ref"].rsplit("/", 1)[1]} if "$ref" in node else set()
+        for value in node.values():
+            found |= _refs(value)
+        return found
+    if isinstance(node, list):
+        return set().union(*(_refs(v) for v in node)) if node else set()
+    return set()
+
+
+def build(command: str) -> Schema:
+    """The JSON Schema of ``command``'s documents (``bnscope.<command>/<SCHEMA_VERSION>``)."""
+    docs = document_defs()
+    pool = {**DEFS, **docs}
+    if command == "inspect":
+        body: Schema = {
+            "if": {"required": ["verdict"]},
+            "then": ref("inspect_dynamic"),
+            "else": ref("inspect_static"),
+        }
+    elif command in docs:
+        body = docs[command]
+    elif command == "corrupt":
+        body = _corrupt()
+    elif command == "demo":
+        body = _demo()
+    else:
+        raise ValueError(f"no schema for command {command!r}")
+    defs: dict[str, Schema] = {}
+    todo = _refs(body)
+    while todo:
+        name = todo.pop()
+        if name not in defs:
+            defs[name] = pool[name]
+            todo |= _refs(pool[name]) - set(defs)
+    root: Schema = {
+        "$schema": DIALECT,
+        "title": f"bnscope.{command}/{SCHEMA_VERSION}",
+        "description": DESCRIPTIONS[command],
+        **body,
+    }
+    if defs:
+        root["$defs"] = {name: defs[name] for name in sorted(defs)}
+    return root
+
+
+def schema_text(command: str) -> str:
+    """The text of ``<command>.schema.json``."""
+    return json.dumps(build(command), indent=2) + "\n"
+
+
+def main() -> None:
+    """Write every ``<command>.schema.json`` beside this module."""
+    for command in COMMANDS:
+        (HERE / f"{command}.schema.json").write_text(schema_text(command), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
