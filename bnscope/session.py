@@ -202,10 +202,25 @@ class Job:
 
             if self.path is None:
                 raise UsageError("this job has no checkpoint", "pass checkpoint= to bnscope.open")
+            if self.options.trust:
+                self._model_folder_importable()
             self._checkpoint = load_checkpoint(
                 self.path, key=self.options.key, trust=self.options.trust
             )
         return self._checkpoint
+
+    def _model_folder_importable(self) -> None:
+        """A ``file.py:factory`` model spec's folder goes on ``sys.path`` before a trusted
+        checkpoint is unpickled: a whole module saved from that folder imports its code (a
+        ``model.py`` next to the factory) from there."""
+        spec = self.options.model
+        if not isinstance(spec, str):
+            return
+        from .io.modelspec import add_to_sys_path, split_spec
+
+        parts = split_spec(spec)
+        if parts is not None and parts[0].endswith(".py") and Path(parts[0]).is_file():
+            add_to_sys_path(Path(parts[0]).resolve().parent)
 
     def check_run(self) -> tuple[str, str | None]:
         """``device`` and ``amp`` resolved and checked (before anything is loaded): a device
@@ -305,14 +320,22 @@ class Job:
         return loaded
 
     def source(
-        self, data: Any, role: str = "data", *, shard: bool = True, shuffle: bool = True
+        self,
+        data: Any,
+        role: str = "data",
+        *,
+        shard: bool = True,
+        shuffle: bool = True,
+        classes: Sequence[str] | None = None,
     ) -> DataSource:
         """``data`` (a spec or an iterable of batches) as a :class:`~bnscope.io.data.DataSource`:
         built-in specs are read shuffled (seeded by ``seed``: batch statistics need i.i.d.
         batches) and in the same order on every reading; under ``torchrun`` each rank gets its
         share when ``shard``. A last batch of 1 sample is left out (BatchNorm cannot normalize
-        it), every incomplete one with ``drop_last``; either is announced. ``role`` names the
-        option in messages (``data``, ``eval_data``)."""
+        it), every incomplete one with ``drop_last``; either is announced, and so are class
+        folders named like dataset splits. ``classes``: the model's class names, which the
+        class folders of an image folder are matched to by name. ``role`` names the option in
+        messages (``data``, ``eval_data``)."""
         from .engine.distributed import get_rank, get_world_size, is_initialized
         from .io.data import DataSource, load_data
 
@@ -334,8 +357,16 @@ class Job:
             rank=rank,
             world_size=world_size,
             same_order=True,  # inspect and ghost read it twice, inspect pairs the passes
+            classes=classes,
         )
         self._notice_dropped(source, role, rank, world_size)
+        if source.split_folders:
+            names = ", ".join(source.split_folders)
+            self.notify(
+                f"{role}={data} has class folders named like dataset splits ({names}): each "
+                f"is read as one class of images; point {role}= at one split, e.g. "
+                f"{Path(str(data)) / source.split_folders[0]}"
+            )
         if world_size > 1 and source.kind == "factory" and not _factory_shards(str(data)):
             self.notify(
                 f"{role}={data} does not take rank and world_size, so each of the {world_size} "
@@ -371,6 +402,60 @@ class Job:
                 f"sample{'s' if count != 1 else ''}{where} ({total} samples in batches of "
                 f"{size})"
             )
+
+    def class_names(self) -> list[str] | None:
+        """The model's class names when the checkpoint carries them (see
+        :attr:`bnscope.io.checkpoint.Checkpoint.class_names`), else None."""
+        if self.path is None:
+            return None
+        return self.checkpoint.class_names
+
+    def _eval_classes(self, train: DataSource | None = None) -> list[str] | None:
+        """The class names ``eval_data``'s class folders are matched to: the checkpoint's,
+        else those of the training data: ``train`` (precise's ``data``) or the job's
+        ``data`` (adapt: the source training data) when it is a labelled image folder."""
+        names = self.class_names()
+        if names is not None:
+            return names
+        if train is not None:
+            return train.classes
+        spec = self.options.data
+        if isinstance(spec, (str, Path)):
+            from .io.images import folder_classes
+
+            return folder_classes(spec)
+        return None
+
+    def _notice_labels(self, source: DataSource, role: str, has_labels: bool, hint: str) -> bool:
+        """A labelled image folder whose class folders were not matched by name and that the
+        model does not output one class score per folder for: its labels were set aside (see
+        :func:`bnscope.engine.evaluate.batch_kind`). Announced; True when it was."""
+        if has_labels or source.classes is None or source.matched:
+            return False
+        n = len(source.classes)
+        self.notify(
+            f"{role}=: the labels of its {n} class folders were not used (no accuracy or "
+            f"loss): the model does not output {n} class scores and its class names are "
+            "unknown, so folder i (in name order) need not be the model's class i; to use them, "
+            f"store the class names in the checkpoint (a 'classes' list){hint}, or add an empty "
+            "folder for each missing class"
+        )
+        return True
+
+    def _notice_unreadable(self, source: DataSource | None, role: str) -> None:
+        """Images left out because they could not be decoded: counted and named."""
+        if source is None:
+            return
+        bad = source.unreadable()
+        if not bad:
+            return
+        shown = "; ".join(f"{path} ({reason})" for path, reason in list(bad.items())[:3])
+        more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+        s = "s" if len(bad) != 1 else ""
+        self.notify(
+            f"{role}=: left out {len(bad)} image{s} that could not be read: {shown}{more} "
+            "(remove or replace them)"
+        )
 
     def describe_run(self) -> str:
         """"cuda:0, bf16 autocast, channels-last" for status lines."""
@@ -510,11 +595,14 @@ class Job:
             return Result(self._static(), self)
         from .ops.inspect import inspect
 
-        source = self.source(self.options.data)
+        source = self.source(self.options.data, classes=self.class_names())
         self.info(f"dynamic inspection on {source.description} ({self.describe_run()})")
         result = inspect(
-            loaded.module, source, batches, progress=progress, **self.run_options()
-        )
+            loaded.module, source, batches, progress=progress,
+            num_classes=_unmatched_classes(source), **self.run_options(),
+        )  # fmt: skip
+        self._notice_unreadable(source, "data")
+        self._notice_labels(source, "data", result.extra["metrics"]["has_labels"], "")
         return Result(self._report(result, self._run_extra(loaded, source, result)), self)
 
     def precise(
@@ -539,7 +627,7 @@ class Job:
         out = self._output("precise", output, force)
         loaded = self._checked_model("precise", include_frozen)
         source = self.source(self.options.data)
-        evaluation = self._evaluation()
+        evaluation = self._evaluation(reference=self._eval_classes(source))
         original = copy.deepcopy(loaded.module) if evaluation is not None else None
         self.info(f"Precise BN on {source.description} ({self.describe_run()})")
         result = precise_bn(
@@ -551,20 +639,31 @@ class Job:
             self.info(f"evaluating before/after on {evaluation.description}")
             models = {"running": original, "precise": loaded.module}
             with local_batchnorm(*models.values()):
-                ev = evaluate_models(models, evaluation, **self.run_options())
+                ev = evaluate_models(
+                    models, evaluation,
+                    num_classes=_unmatched_classes(evaluation), **self.run_options(),
+                )  # fmt: skip
             extra["metrics"] = {"data": evaluation.description, **ev.to_dict()}
+            self._notice_labels(
+                evaluation, "eval_data", ev.has_labels,
+                ", pass data= the training image folder with its class folders",
+            )  # fmt: skip
+        self._notice_unreadable(source, "data")
+        self._notice_unreadable(evaluation, "eval_data")
         extra["output"] = str(out) if out is not None else None
         return Result(
             self._report(result, extra), self,
             bn_updates(loaded.module, result.layers, loaded.prefix), out, force,
         )  # fmt: skip
 
-    def _evaluation(self, eval_data: Any = None) -> DataSource | None:
+    def _evaluation(
+        self, eval_data: Any = None, *, reference: list[str] | None = None
+    ) -> DataSource | None:
         spec = eval_data if eval_data is not None else self.options.eval_data
         if spec is None:
             return None
         # every rank evaluates all of it, so every rank computes the same metrics
-        return self.source(spec, "eval_data", shard=False)
+        return self.source(spec, "eval_data", shard=False, classes=reference)
 
     def adapt(
         self,
@@ -596,7 +695,11 @@ class Job:
         out = self._output("adapt", output, force)
         loaded = self._checked_model("adapt", include_frozen)
         source = self.source(target)
-        evaluation = self._evaluation(eval_data) if eval_data is not None else None
+        evaluation = (
+            self._evaluation(eval_data, reference=self._eval_classes())
+            if eval_data is not None
+            else None
+        )
         original = copy.deepcopy(loaded.module) if evaluation is not None else None
         self.info(
             f"Adaptive BN on {source.description} (prior {prior:g}, {self.describe_run()})"
@@ -615,14 +718,23 @@ class Job:
             }
             with local_batchnorm(*models.values()):
                 ev = evaluate_models(
-                    models, evaluation, modes={"batch": "batch"}, **self.run_options()
-                )
+                    models, evaluation, modes={"batch": "batch"},
+                    num_classes=_unmatched_classes(evaluation), **self.run_options(),
+                )  # fmt: skip
             extra["metrics"] = {"data": evaluation.description, **ev.to_dict()}
-            if not ev.has_labels:
+            hint = (
+                ", make the job's data the source training image folder (for bnscope adapt: "
+                "data in the project file)"
+            )
+            if not ev.has_labels and not self._notice_labels(
+                evaluation, "eval_data", False, hint
+            ):
                 self.notify(
                     f"{evaluation.description} has no usable labels: reporting agreement with "
                     "the source model instead of accuracy"
                 )
+        self._notice_unreadable(source, "data")
+        self._notice_unreadable(evaluation, "eval_data")
         extra["output"] = str(out) if out is not None else None
         return Result(
             self._report(result, extra), self,
@@ -644,13 +756,16 @@ class Job:
             raise UsageError("ghost needs data= (batches to split into ghost batches)",
                              "pass data=SPEC")  # fmt: skip
         loaded = self._checked_model("ghost", None)
-        source = self.source(self.options.data)
+        source = self.source(self.options.data, classes=self.class_names())
         self.info(
             f"ghost-size analysis on {source.description} ({self.describe_run()}), sizes {wanted}"
         )
         result = ghost_analysis(
-            loaded.module, source, wanted, batches, progress=progress, **self.run_options()
-        )
+            loaded.module, source, wanted, batches, progress=progress,
+            num_classes=_unmatched_classes(source), **self.run_options(),
+        )  # fmt: skip
+        self._notice_unreadable(source, "data")
+        self._notice_labels(source, "data", result.extra["metrics"]["has_labels"], "")
         return Result(self._report(result, self._run_extra(loaded, source, result)), self)
 
 
@@ -786,6 +901,14 @@ def bn_updates(model: Any, layers: Any, prefix: str) -> dict[str, Any]:
         updates[f"{base}running_mean"] = mod.running_mean.detach().cpu()
         updates[f"{base}running_var"] = mod.running_var.detach().cpu()
     return updates
+
+
+def _unmatched_classes(source: DataSource) -> int | None:
+    """How many class folders a labelled image folder has when they were not matched to the
+    model's class names (their labels are then only positions in name order), else None."""
+    if source.classes is None or source.matched:
+        return None
+    return len(source.classes)
 
 
 def _factory_shards(spec: str) -> bool:

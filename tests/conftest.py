@@ -88,3 +88,42 @@ def precise_env(tmp_path):
     data = tmp_path / "d.pt"
     torch.save({"x": x, "y": y}, data)
     return tmp_path, ckpt, data, model, x
+
+
+#: the classes of :func:`color_folder`, in label order (the red value of class i is
+#: ``tests.models.class_red(i)``: ``tests.models.ColorClassifier`` predicts them exactly)
+COLOR_CLASSES = ("circle", "cross", "stripes", "triangle")
+
+
+def color_folder(root: Path, classes=COLOR_CLASSES, per_class: int = 2) -> Path:
+    """An image folder with one class folder per name: solid 4x4 images whose red value is
+    that of the name's position in :data:`COLOR_CLASSES` (a name outside them: the next
+    positions)."""
+    from PIL import Image
+
+    from .models import class_red
+
+    extra = [c for c in classes if c not in COLOR_CLASSES]
+    order = list(COLOR_CLASSES) + extra
+    for name in classes:
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", (4, 4), (class_red(order.index(name)), 0, 0)).save(
+                folder / f"{i}.png"
+            )
+    return root
+
+
+def color_ckpt(path: Path, *, classes: bool) -> Path:
+    """The state dict of ``ColorClassifier(4)``, with the class names (``classes``) or not."""
+    from .models import ColorClassifier
+
+    state = ColorClassifier(4).state_dict()
+    torch.save({"state_dict": state, **({"classes": list(COLOR_CLASSES)} if classes else {})},
+               path)  # fmt: skip
+    return path
+
+
+def color_spec() -> str:
+    return f"{MODELS}:ColorClassifier"

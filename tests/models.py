@@ -48,3 +48,26 @@ def make_mlp(features: int = 6, num_classes: int = 3) -> nn.Module:
     return nn.Sequential(
         nn.Linear(features, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, num_classes)
     )
+
+
+#: the red value (0..255) of the solid images of class i for :class:`ColorClassifier`
+def class_red(i: int) -> int:
+    return 40 * i + 20
+
+
+class ColorClassifier(nn.Module):
+    """Class i for a solid image whose red value is ``class_red(i)`` (ImageNet-normalized
+    inputs), through one BN layer that is the identity at its initial statistics: with the
+    right labels its accuracy is exactly 1."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        import torch
+
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        red = torch.tensor([class_red(i) for i in range(num_classes)], dtype=torch.float32)
+        self.register_buffer("centers", (red / 255 - 0.485) / 0.229)
+
+    def forward(self, x):
+        v = self.bn(x).mean((2, 3))[:, :1]
+        return -(v - self.centers).square() * 100

@@ -82,13 +82,15 @@ def adapt_command(
     report_dir = report_folder(ui, report_dir, out, force=force, output=output)
     level = check_fail_on(fail_on)
     flags = JobFlags(
-        key=key, trust=trust_checkpoint, model=model, model_kwargs=model_kwargs, data=data,
+        key=key, trust=trust_checkpoint, model=model, model_kwargs=model_kwargs,
         eval_data=eval_data, batch_size=batch_size, workers=workers, input_key=input_key,
         call=call, image_size=image_size, resize=resize, channels=channels, mean=mean, std=std,
         seed=seed, drop_last=drop_last, device=device, amp=amp, channels_last=channels_last,
     )  # fmt: skip
-    # --data and --eval-data are taken literally: the project file's are the source domain's
-    job = open_job(ui, project_config(), checkpoint, flags, literal=("data", "eval_data"))
+    # --data (the target) and --eval-data are taken literally: the project file's describe the
+    # source domain. Its data stays the job's data (the source training data, not read): its
+    # class folders name the model's classes for --eval-data.
+    job = open_job(ui, project_config(), checkpoint, flags, literal=("eval_data",))
     with progress_bar(ui, "collecting target statistics", batches) as progress:
         result = job.adapt(
             data, prior=prior, batches=batches, eval_data=eval_data, output=output, force=force,

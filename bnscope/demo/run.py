@@ -140,7 +140,16 @@ def build_demo(
 
     ckpt = folder / "ckpt.pt"
     with atomic_path(ckpt) as tmp:
-        torch.save({"state_dict": model.state_dict(), "epoch": n_epochs, "history": history}, tmp)
+        # the class names in label order: evaluation folders are matched to them by name
+        torch.save(
+            {
+                "state_dict": model.state_dict(),
+                "classes": loader.classes,
+                "epoch": n_epochs,
+                "history": history,
+            },
+            tmp,
+        )
     write_text(folder / "bnscope.toml", PROJECT_FILE)
     return DemoBuild(
         folder,

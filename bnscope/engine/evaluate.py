@@ -24,6 +24,8 @@ from .collect import check_batches
 from .runner import Runner, make_runner, placed
 
 F64 = torch.float64
+#: the target cross-entropy leaves out: where labels outside the outputs' classes are put
+_IGNORE = -100
 
 
 @contextlib.contextmanager
@@ -79,14 +81,18 @@ class Comparison:
 class Scores:
     """What one variant's outputs scored so far, kept on the device (no host read per batch):
     top-1 correct and summed cross-entropy against labels, top-1 agreement and summed
-    KL(softmax(ref) || softmax(out)) against a reference output, and the summed squared
-    difference from the reference (with the reference's own squared sum). ``labelled`` (host)
-    counts the labelled samples. :func:`read_scores` reads any number of them at once."""
+    KL(softmax(ref) || softmax(out)) against a reference output, the summed squared
+    difference from the reference (with the reference's own squared sum), and the number of
+    labels that are not class indices of the outputs (``bad``: below 0 or at least K, checked
+    by :func:`check_label_range` once the sums are read). ``labelled`` (host) counts the
+    labelled samples and ``outputs`` (host) the class scores K of the last labelled batch.
+    :func:`read_scores` reads any number of them at once."""
 
-    FIELDS = ("correct", "loss", "agree", "kl", "diff2", "ref2")
+    FIELDS = ("correct", "loss", "agree", "kl", "diff2", "ref2", "bad")
 
     def __init__(self) -> None:
         self.labelled = 0
+        self.outputs: int | None = None
         self.sums: torch.Tensor | None = None
         self.host: dict[str, float] | None = None
 
@@ -100,17 +106,25 @@ class Scores:
         """One batch: ``labels`` when they are usable class labels for ``out`` ([N, K]),
         ``ref`` the reference output of the same inputs (agreement and KL for [N, K] scores)."""
         zero = torch.zeros((), dtype=F64, device=out.device)
-        correct = loss = agree = kl = diff2 = ref2 = zero
+        correct = loss = agree = kl = diff2 = ref2 = bad = zero
         if labels is not None:
             self.labelled += labels.numel()
+            self.outputs = out.shape[1]
+            # a label outside 0..K-1 is counted, never indexed: cross_entropy would raise on
+            # the CPU and stop the process with a device-side assert on CUDA
+            outside = (labels < 0) | (labels >= out.shape[1])
             correct = (out.argmax(1) == labels).sum().to(F64)
-            loss = F.cross_entropy(out.float(), labels, reduction="sum").to(F64)
+            target = labels.long().masked_fill(outside, _IGNORE)
+            loss = F.cross_entropy(
+                out.float(), target, reduction="sum", ignore_index=_IGNORE
+            ).to(F64)
+            bad = outside.sum().to(F64)
         if ref is not None:
             diff2 = (ref.double() - out.double()).square().sum()
             ref2 = ref.double().square().sum()
             if ref.ndim == 2 and ref.shape[1] > 1:
                 agree, kl = agreement_and_kl(ref, out)
-        part = torch.stack([correct, loss, agree, kl, diff2, ref2])
+        part = torch.stack([correct, loss, agree, kl, diff2, ref2, bad])
         self.sums = part if self.sums is None else self.sums.add_(part)
         self.host = None
 
@@ -183,9 +197,17 @@ def labelled_batches(
         yield batch, runner.labels(batch)
 
 
-def batch_kind(ref: torch.Tensor, labels: Any) -> tuple[int, bool, bool]:
+def batch_kind(
+    ref: torch.Tensor, labels: Any, num_classes: int | None = None, role: str = "data"
+) -> tuple[int, bool, bool]:
     """For one batch's reference output: (samples, whether outputs are [N, K] class scores,
-    whether ``labels`` are usable integer class labels for them)."""
+    whether ``labels`` are usable integer class labels for them).
+
+    ``num_classes`` is how many classes the labels index when the data knows it but not which
+    of the model's outputs they are (an image folder's class folders, numbered in name order):
+    more than K is a :class:`DataError` naming ``role`` (the labels cannot be the model's
+    classes), fewer and the labels are not used (which K - ``num_classes`` classes are missing
+    is unknown, so label i need not be output i). Checked on the host, from shapes only."""
     n = ref.shape[0] if ref.ndim else 1
     is_cls = ref.ndim == 2 and ref.shape[1] > 1
     ok_labels = (
@@ -193,9 +215,35 @@ def batch_kind(ref: torch.Tensor, labels: Any) -> tuple[int, bool, bool]:
         and is_cls
         and labels.ndim == 1
         and not labels.is_floating_point()
+        and not labels.is_complex()
         and labels.shape[0] == n
     )
+    if ok_labels and num_classes is not None:
+        k = ref.shape[1]
+        if num_classes > k:
+            raise DataError(
+                f"{role}= has labels of {num_classes} classes but the model outputs {k} class "
+                "scores",
+                f"point {role}= at data of the model's classes (at most {k} class folders, "
+                "named as in training), or check model= and model_kwargs=",
+            )
+        ok_labels = num_classes == k
     return n, is_cls, ok_labels
+
+
+def check_label_range(scores: Scores, role: str = "data") -> None:
+    """After :func:`read_scores`: a :class:`DataError` naming ``role`` when some label was not
+    a class index of the outputs (below 0, or K or more for K class scores)."""
+    bad = int(scores.value("bad"))
+    if not bad:
+        return
+    k = scores.outputs
+    classes = f"the model's {k} classes (0 to {k - 1})" if k else "the model's classes"
+    raise DataError(
+        f"{role}= has labels outside {classes}: {bad} of {scores.labelled} labels",
+        f"labels must be class indices of the model's outputs: check {role}= (and its class "
+        "folders) against model= and model_kwargs=",
+    )
 
 
 def agreement_and_kl(ref: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,6 +367,7 @@ def evaluate_models(
     amp: str | torch.dtype | None = None,
     channels_last: bool = False,
     input_key: str | None = None,
+    num_classes: int | None = None,
 ) -> Evaluation:
     """Run every model on the same batches, each in its mode: ``"eval"`` (running statistics,
     the default) or ``"batch"`` (BN with test-batch statistics, see :func:`batch_stats_mode`).
@@ -329,6 +378,11 @@ def evaluate_models(
     the first model's), ``amp`` and ``channels_last`` as in :func:`bnscope.precise_bn`; the
     models are put there for the run and left as they were. Sums stay on the device and are
     read once, at the end.
+
+    Labels must be class indices of the outputs: one outside 0..K-1 is a :class:`DataError`
+    (counted on the device, raised once the sums are read). ``num_classes`` as in
+    :func:`batch_kind`: the labels of an image folder whose class folders were not matched to
+    the model's classes by name.
     """
     check_batches(batches)
     if not models:
@@ -361,7 +415,7 @@ def evaluate_models(
                 ):
                     outs[k] = logits_of(runner(models[k], batch))
             ref = outs[first]
-            n, is_cls, ok_labels = batch_kind(ref, labels)
+            n, is_cls, ok_labels = batch_kind(ref, labels, num_classes, "eval_data")
             classes = classes and is_cls
             samples += n
             labelled = labelled and ok_labels
@@ -371,6 +425,7 @@ def evaluate_models(
     if done == 0:
         raise DataError("the evaluation data yielded no batches", "check eval_data=")
     read_scores(scores.values())
+    check_label_range(scores[first], "eval_data")
 
     def rel(k: str) -> float:
         return relative_difference(scores[k].value("diff2"), scores[k].value("ref2"))
@@ -397,11 +452,12 @@ def compare_models(
     amp: str | torch.dtype | None = None,
     channels_last: bool = False,
     input_key: str | None = None,
+    num_classes: int | None = None,
 ) -> Comparison:
     """Both models in eval mode on the same batches (see :func:`evaluate_models`)."""
     ev = evaluate_models(
         {"a": model_a, "b": model_b}, data, batches=batches, call=call, device=device, amp=amp,
-        channels_last=channels_last, input_key=input_key,
+        channels_last=channels_last, input_key=input_key, num_classes=num_classes,
     )  # fmt: skip
     return Comparison(
         a=ev.metrics["a"],

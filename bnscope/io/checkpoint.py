@@ -19,6 +19,7 @@ back is :mod:`bnscope.io.saving`'s.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import pickletools
@@ -155,6 +156,37 @@ class Checkpoint:
             "ema_key": ema.key if ema is not None else None,
         }
 
+    @property
+    def class_names(self) -> list[str] | None:
+        """The class names the checkpoint carries, in the order of the model's outputs, or
+        ``None``: a list of names under ``classes`` or ``class_names``, a name -> index dict
+        under ``class_to_idx`` (torchvision's ``ImageFolder.class_to_idx``), or an index ->
+        name dict under ``idx_to_class`` or ``id2label``, in the top-level dict or a dict on
+        the way to the state dict; for safetensors, a JSON list under the metadata key
+        ``classes``. Entries that are not a complete, unique list of names are ignored."""
+        if self.format == "safetensors":
+            text = (self.metadata or {}).get("classes")
+            if text is None:
+                return None
+            try:
+                return _class_list(json.loads(text))
+            except ValueError:
+                return None
+        if not isinstance(self.raw, dict):
+            return None
+        holders: list[Any] = [self.raw]
+        node: Any = self.raw
+        for part in self._key_path or ():
+            node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                holders.append(node)
+        for holder in holders:
+            for key in CLASS_KEYS:
+                names = _class_list(holder.get(key), mapping=key)
+                if names is not None:
+                    return names
+        return None
+
     def default_network(self) -> Network | None:
         """Without a model to fit: the network to report on when :attr:`state_dict` holds
         several (the first that is not an EMA copy); ``None`` when it holds one."""
@@ -171,6 +203,40 @@ class Checkpoint:
             n.prefix for n in self.networks if n.path == network.path and n.prefix != network.prefix
         ]
         return _members(self.state_dict, network.prefix, others)
+
+
+#: the entries a checkpoint may name its classes under (:attr:`Checkpoint.class_names`)
+CLASS_KEYS = ("classes", "class_names", "class_to_idx", "idx_to_class", "id2label")
+
+
+def _class_list(value: Any, mapping: str = "classes") -> list[str] | None:
+    """``value`` as class names in output order, or ``None`` when it is not a complete,
+    unique list of names: a list/tuple of strings, a name -> index dict (``class_to_idx``) or
+    an index -> name dict (``idx_to_class``, ``id2label``; keys may be digit strings)."""
+    names: list[Any]
+    if isinstance(value, (list, tuple)):
+        names = list(value)
+    elif isinstance(value, dict) and mapping == "class_to_idx":
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in value.values()):
+            return None
+        if sorted(value.values()) != list(range(len(value))):
+            return None
+        names = sorted(value, key=lambda name: value[name])
+    elif isinstance(value, dict) and mapping in ("idx_to_class", "id2label"):
+        try:
+            index = {int(k): v for k, v in value.items()}
+        except (TypeError, ValueError):
+            return None
+        if sorted(index) != list(range(len(index))):
+            return None
+        names = [index[i] for i in range(len(index))]
+    else:
+        return None
+    if not names or not all(isinstance(n, str) and n for n in names):
+        return None
+    if len(set(names)) != len(names):
+        return None
+    return [str(n) for n in names]
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,12 +463,50 @@ def _torch_load(p: Path, *, trust: bool, map_location: Any = "cpu") -> Any:
     try:
         with _quiet_torch_load():
             return torch.load(p, map_location=map_location, weights_only=False)
+    except ImportError as exc:
+        raise _missing_code(p, exc) from exc
     except Exception as exc:
+        missing = _MISSING_ATTRIBUTE.search(str(exc))
+        if isinstance(exc, AttributeError) and missing:
+            name, module = missing.groups()
+            raise CheckpointError(
+                f"cannot unpickle {p}: the module '{module}' imported here has no '{name}', "
+                "so it is not the code the checkpoint was saved with",
+                f"make the {module} module that defines {name} importable first (run from "
+                "its folder or add that folder to PYTHONPATH), or save model.state_dict() "
+                "instead",
+            ) from exc
         raise CheckpointError(
             f"cannot unpickle {p}: {_reason(exc)}",
             "make the code that defines the saved classes importable, "
             "or save model.state_dict() instead",
         ) from exc
+
+
+#: pickle's message for a class missing from a module that did import
+_MISSING_ATTRIBUTE = re.compile(r"Can't get attribute '([^']+)' on <module '([^']+)'")
+
+
+def _missing_code(p: Path, exc: ImportError) -> CheckpointError:
+    """A pickled whole module whose code (usually a local ``model.py``) cannot be imported:
+    say which module and how to make it importable."""
+    name = exc.name or ""
+    if not name:
+        return CheckpointError(
+            f"cannot unpickle {p}: {_reason(exc)}",
+            "make the code that defines the saved classes importable (run from its folder or "
+            "add that folder to PYTHONPATH), or save model.state_dict() instead",
+        )
+    top = name.split(".")[0]
+    where = f"{top}.py" if top == name else f"the package {top}/"
+    return CheckpointError(
+        f"cannot unpickle {p}: the model was saved with the Python module '{name}', which "
+        "cannot be imported here",
+        f"run from the folder that holds {where}, add that folder to PYTHONPATH, or pass "
+        f"model=FOLDER/{top}.py:FACTORY (FOLDER then goes on the import path)"
+        if top == name
+        else f"run from the folder that holds {where} or add that folder to PYTHONPATH",
+    )
 
 
 def _parses_as_pickle(p: Path) -> bool:

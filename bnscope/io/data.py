@@ -10,13 +10,14 @@ A spec is one of (docs/cli.md, section 8):
   batches (usually a DataLoader) (:mod:`bnscope.io.factories`).
 
 :func:`load_data` resolves a spec into a :class:`DataSource`: image folders and tensor files
-are batched, sharded across ranks and their incomplete last batch dropped here. How batches are
-taken apart is :mod:`bnscope.io.batches`'s.
+are batched, sharded across ranks and their incomplete last batch dropped here; images that
+cannot be decoded are left out of their batches and listed (:meth:`DataSource.unreadable`).
+How batches are taken apart is :mod:`bnscope.io.batches`'s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -28,11 +29,15 @@ from bnscope.errors import DataError
 from bnscope.io.factories import _factory_parts, _FactoryBatches, _load_factory
 from bnscope.io.images import (
     _DIR_FIX,
+    _READ_FIX,
     IMAGE_SUFFIXES,
+    Collated,
     ImageFolderDataset,
     ImageOptions,
     _has_images,
     _is_hidden,
+    collate_readable,
+    split_like,
 )
 from bnscope.io.tensorfiles import TENSOR_SUFFIXES, _tensor_dataset
 
@@ -59,6 +64,11 @@ class DataSource:
     after ``dropped_samples`` samples of an incomplete last batch were left out for the reason
     ``dropped_reason`` (:data:`DROP_SINGLE` or :data:`DROP_INCOMPLETE`; ``None`` when none
     were); ``has_labels`` is ``None`` when unknown.
+
+    For a labelled image folder, ``classes`` are its class folders' names (in name order) and
+    ``label_names`` the names its labels index: the same list, or the class names given to
+    :func:`load_data` when the folders were matched to them by name (``matched``).
+    ``split_folders`` are class folders named like dataset splits (``train``, ``val``...).
     """
 
     loader: Iterable[Any]
@@ -69,9 +79,16 @@ class DataSource:
     classes: list[str] | None = field(default=None)
     dropped_samples: int = 0
     dropped_reason: str | None = None
+    label_names: list[str] | None = None
+    matched: bool = False
+    split_folders: list[str] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.loader)
+
+    def unreadable(self) -> dict[str, str]:
+        """The images left out so far because they could not be decoded: path -> reason."""
+        return dict(getattr(self.loader, "skipped", {}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,16 +106,41 @@ class _ClosingDataLoader(DataLoader):
     With ``seed`` set, every iteration yields the same batches in the same order: the
     shuffling generator is re-seeded at the start of each one. Commands that read the data
     twice (inspect, ghost) then see identical batches, and inspect can pair its two passes.
+
+    Batches from :func:`~bnscope.io.images.collate_readable` that left images out are
+    unwrapped here, in the main process: ``skipped`` collects every image left out (path ->
+    reason) over all iterations; an iteration in which no image could be read at all is a
+    :class:`DataError`.
     """
 
     seed: int | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skipped: dict[str, str] = {}
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         if self.seed is not None and self.generator is not None:
             self.generator.manual_seed(self.seed)
         iterator = super().__iter__()
         try:
-            yield from iterator
+            yielded = 0
+            left_out: list[str] = []
+            for batch in iterator:
+                if isinstance(batch, Collated):
+                    self.skipped.update(batch.skipped)
+                    left_out.extend(path for path, _ in batch.skipped)
+                    if batch.batch is None:
+                        continue
+                    batch = batch.batch
+                yielded += 1
+                yield batch
+            if not yielded and left_out:
+                raise DataError(
+                    f"none of the {len(left_out)} images could be read (e.g. {left_out[0]}: "
+                    f"{self.skipped[left_out[0]]})",
+                    _READ_FIX,
+                )
         except BaseException:  # includes GeneratorExit: the consumer stopped early
             shutdown = getattr(iterator, "_shutdown_workers", None)
             if shutdown is not None:
@@ -115,6 +157,7 @@ def _make_loader(
     seed: int,
     drop_last: bool,
     same_order: bool = False,
+    collate_fn: Any = None,
 ) -> DataLoader:
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -127,6 +170,7 @@ def _make_loader(
         drop_last=drop_last,
         persistent_workers=False,
         pin_memory=False,
+        collate_fn=collate_fn,
     )
     loader.seed = seed if same_order else None
     return loader
@@ -156,6 +200,7 @@ def _batched_source(
     drop_single: bool,
     rank: int,
     world_size: int,
+    collate_fn: Any = None,
     **loader_args: Any,
 ) -> DataSource:
     """A :class:`DataSource` over ``dataset`` (this rank's samples), in batches of
@@ -170,7 +215,7 @@ def _batched_source(
             f"use batch_size={local} or less, or keep the incomplete batch "
             "(drop_last=False)",
         )
-    loader = _make_loader(dataset, drop_last=bool(dropped), **loader_args)
+    loader = _make_loader(dataset, drop_last=bool(dropped), collate_fn=collate_fn, **loader_args)
     return DataSource(
         loader, description, kind, local - dropped, labelled, classes, dropped, reason
     )
@@ -215,6 +260,7 @@ def load_data(
     world_size: int = 1,
     same_order: bool = False,
     drop_single: bool = False,
+    classes: Sequence[str] | None = None,
 ) -> DataSource:
     """Resolve a ``--data`` spec into a :class:`DataSource` of batches.
 
@@ -234,6 +280,13 @@ def load_data(
     out; ``drop_single=True`` (what the CLI does by default) leaves out a last batch of exactly
     one sample, which BatchNorm cannot normalize on [N, C] inputs with batch statistics. The
     :class:`DataSource` counts the samples left out (``dropped_samples``, ``dropped_reason``).
+
+    ``classes`` are the class names the labels of an image folder must follow (the training
+    classes, in label order): each class folder is labelled with its name's position among
+    them, so a folder lacking some classes keeps the others' labels, and a class folder not
+    among them is a :class:`DataError`. Without them an image folder's labels are its class
+    folders' positions in name order. Images that cannot be decoded are left out of their
+    batches and listed by :meth:`DataSource.unreadable` as the batches are read.
     """
     _check_args(batch_size, workers, rank, world_size)
     loader_args: dict[str, Any] = dict(
@@ -287,22 +340,34 @@ def load_data(
         raise DataError(f"data is neither a file nor a folder: {spec}", "pass a file or folder")
 
     if _has_images(path):
-        images = ImageFolderDataset(path, image)
+        images = ImageFolderDataset(path, image, classes)
         total = len(images)
         local = _shard(images, total, rank, world_size)
         note = _shard_note(len(cast(Sized, local)), total, "images", rank, world_size)
-        if images.classes is None:
+        found = images.classes
+        matched = found is not None and classes is not None
+        if found is None:
             description = f"image folder {spec} (flat, {note}, no labels)"
+        elif matched and classes is not None and len(found) < len(classes):
+            description = (
+                f"image folder {spec} ({len(found)} of the {len(classes)} training classes, "
+                f"{note})"
+            )
         else:
-            description = f"image folder {spec} ({len(images.classes)} classes, {note})"
-        return _batched_source(
+            description = f"image folder {spec} ({len(found)} classes, {note})"
+        source = _batched_source(
             local,
             description,
             "images",
-            images.classes is not None,
-            list(images.classes) if images.classes is not None else None,
+            found is not None,
+            list(found) if found is not None else None,
+            collate_fn=collate_readable,
             **loader_args,
         )
+        source.label_names = images.label_names
+        source.matched = matched
+        source.split_folders = split_like(found or [])
+        return source
 
     shards = sorted(
         (

@@ -4,6 +4,11 @@ A folder of images is a ``--data`` spec (docs/cli.md, section 8): class subfolde
 (ImageFolder layout), a flat folder gives none. Images are decoded with Pillow inside DataLoader
 workers, converted to RGB (or to one channel), resized and center-cropped as torchvision's
 ``Resize``/``CenterCrop`` do, and normalized, as :class:`ImageOptions` says.
+
+Labels are the class folders' positions in name order, or, given the class names the labels
+must follow (the training classes), those names' positions: a folder that lacks some classes
+keeps the others' labels. An image that cannot be decoded is left out of its batch and
+reported (:class:`Unreadable`, :func:`collate_readable`), not fatal.
 """
 
 from __future__ import annotations
@@ -17,17 +22,21 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from bnscope.errors import DataError
-from bnscope.io._messages import _exc_line
+from bnscope.io._messages import _exc_line, _names
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_SUFFIXES",
+    "SPLIT_NAMES",
     "ImageOptions",
     "ImageFolderDataset",
+    "Unreadable",
+    "collate_readable",
+    "folder_classes",
 ]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -39,6 +48,12 @@ _DIR_FIX = (
     "or tensor shards (.pt .pth .npy .npz) directly in DIR"
 )
 _SIZE_FIX = "pass image_size=N to resize and crop"
+
+#: class folder names that name a dataset split rather than a class (compared in lower case):
+#: an image folder with such class folders is likely the parent of the splits
+SPLIT_NAMES = frozenset(
+    {"train", "training", "val", "valid", "validation", "test", "testing", "eval", "evaluation"}
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,34 +230,107 @@ def _scan_image_folder(root: Path) -> tuple[list[Path], list[int] | None, list[s
     return files, labels, classes
 
 
+def folder_classes(root: str | Path) -> list[str] | None:
+    """The class names of an image folder, as :class:`ImageFolderDataset` numbers them (every
+    subfolder, in name order, empty ones included), from its top level alone; ``None`` for a
+    flat folder, a folder without images, or a path that is not a folder."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    names: list[str] = []
+    for entry in os.scandir(root):
+        if _is_hidden(entry.name):
+            continue
+        if entry.is_dir():
+            names.append(entry.name)
+        elif entry.is_file() and _is_image(entry.name):
+            return None
+    if not names or not _has_images(root):
+        return None
+    return sorted(names)
+
+
+def split_like(classes: Sequence[str]) -> list[str]:
+    """The class names that name a dataset split (:data:`SPLIT_NAMES`), in order."""
+    return [name for name in classes if name.lower() in SPLIT_NAMES]
+
+
+def _class_index(root: Path, classes: list[str], reference: Sequence[str]) -> list[int]:
+    """For each class folder, its position among the ``reference`` class names (the names the
+    labels must follow); a :class:`DataError` for folders not among them."""
+    position = {name: i for i, name in enumerate(reference)}
+    unknown = [name for name in classes if name not in position]
+    if unknown:
+        what = "class folders that are" if len(unknown) > 1 else "a class folder that is"
+        raise DataError(
+            f"{root} has {what} not among the {len(reference)} training classes: "
+            f"{_names(unknown)} (training classes: {_names(list(reference))})",
+            "class folders are matched to the training classes by name: rename or remove "
+            f"{'them' if len(unknown) > 1 else 'it'}",
+        )
+    return [position[name] for name in classes]
+
+
 _READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-_READ_FIX = "remove or replace the file, or point data= at a folder without it"
+_READ_FIX = "remove or replace the unreadable files, or point data= at a folder without them"
 
 
-def _read_error(path: Path, exc: BaseException) -> _SampleError:
+@dataclass(frozen=True)
+class Unreadable:
+    """What :class:`ImageFolderDataset` returns for an image that cannot be decoded (damaged,
+    truncated, not an image): the file and why. :func:`collate_readable` leaves it out of its
+    batch, and the loader reports it."""
+
+    path: str
+    reason: str
+
+
+def _read_reason(exc: BaseException) -> str:
     if isinstance(exc, UnidentifiedImageError):
-        detail = "not an image, or a format Pillow cannot read"
-    else:
-        detail = _exc_line(exc)
-    return _SampleError(f"cannot read image {path} ({detail})", _READ_FIX)
+        return "not an image, or a format Pillow cannot read"
+    return _exc_line(exc, 200)
 
 
-def _open_image(path: Path, mode: str) -> Image.Image:
+def _open_image(path: Path, mode: str) -> Image.Image | Unreadable:
     """Decode ``path`` fully and convert it to ``mode``, as torchvision's ``pil_loader``."""
     try:
         with Image.open(path) as img:
             return img.convert(mode)
     except _READ_ERRORS as exc:
-        raise _read_error(path, exc) from exc
+        return Unreadable(str(path), _read_reason(exc))
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` from the header alone."""
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except _READ_ERRORS as exc:
-        raise _read_error(path, exc) from exc
+def _first_size(root: Path, files: list[Path]) -> tuple[Path, tuple[int, int]]:
+    """The first file whose header reads, and its ``(width, height)``."""
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                return path, img.size
+        except _READ_ERRORS:
+            continue
+    raise DataError(
+        f"none of the {len(files)} images in {root} can be read (e.g. {files[0]})", _READ_FIX
+    )
+
+
+class Collated:
+    """A batch of which some images could not be read: the batch of the others (``None``
+    when none could) and the ``(path, reason)`` of each left out."""
+
+    def __init__(self, batch: Any, skipped: list[tuple[str, str]]) -> None:
+        self.batch = batch
+        self.skipped = skipped
+
+
+def collate_readable(items: list[Any]) -> Any:
+    """``default_collate`` of the readable items; with :class:`Unreadable` items among them,
+    a :class:`Collated` holding the batch of the others and what was left out (the loader
+    unwraps it in the main process, so that worker processes can report it too)."""
+    skipped = [(it.path, it.reason) for it in items if isinstance(it, Unreadable)]
+    if not skipped:
+        return default_collate(items)
+    readable = [it for it in items if not isinstance(it, Unreadable)]
+    return Collated(default_collate(readable) if readable else None, skipped)
 
 
 def _resize_center_crop(img: Image.Image, size: int, resize: int) -> Image.Image:
@@ -263,22 +351,40 @@ class ImageFolderDataset(Dataset):
 
     Files are found when the dataset is built; they are decoded in ``__getitem__`` (so in
     DataLoader workers). An item is ``(x, label)`` for a labelled folder and ``x`` for a flat
-    one; ``x`` is a float32 CHW tensor, normalized. Without ``image_size`` every image must have
-    the size of the first one; the first mismatch raises :class:`DataError`.
+    one; ``x`` is a float32 CHW tensor, normalized. An image that cannot be decoded is an
+    :class:`Unreadable` item instead (batch them with :func:`collate_readable`). Without
+    ``image_size`` every image must have the size of the first readable one; the first
+    mismatch raises :class:`DataError`.
+
+    ``classes`` are the names the labels must follow (the training classes, in label order):
+    a class folder's label is then its name's position among them, and a folder whose name is
+    not among them is a :class:`DataError`. Without them, labels are the class folders'
+    positions in name order (``classes`` attribute: the folder's own class names;
+    ``label_names``: the names the labels index).
     """
 
-    def __init__(self, root: str | Path, options: ImageOptions = ImageOptions()) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        options: ImageOptions = ImageOptions(),
+        classes: Sequence[str] | None = None,
+    ) -> None:
         options.validate()
         self.root = Path(root)
         self.options = options
         self.files, self.labels, self.classes = _scan_image_folder(self.root)
+        self.label_names: list[str] | None = self.classes
+        if classes is not None and self.classes is not None and self.labels is not None:
+            index = _class_index(self.root, self.classes, classes)
+            self.labels = [index[label] for label in self.labels]
+            self.label_names = list(classes)
         self._mode = "RGB" if options.channels == 3 else "L"
         mean, std = options.normalization()
         self._mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self._reference: tuple[Path, tuple[int, int]] | None = None
         if options.image_size is None:
-            self._reference = (self.files[0], _image_size(self.files[0]))
+            self._reference = _first_size(self.root, self.files)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -286,6 +392,8 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> Any:
         path = self.files[index]
         img = _open_image(path, self._mode)
+        if isinstance(img, Unreadable):
+            return img
         size = self.options.image_size
         if size is not None:
             resize = self.options.resize_to()

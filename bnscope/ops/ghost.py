@@ -53,6 +53,7 @@ from ..engine.evaluate import (
     Metrics,
     Scores,
     batch_kind,
+    check_label_range,
     eval_mode,
     forward_errors,
     labelled_batches,
@@ -259,6 +260,7 @@ def ghost_analysis(
     amp: str | torch.dtype | None = None,
     channels_last: bool = False,
     input_key: str | None = None,
+    num_classes: int | None = None,
 ) -> GhostReport:
     """Normalization-batch-size analysis: chunk-statistics noise per layer and the model's
     outputs with batch statistics of chunks of each size g, against population statistics.
@@ -271,6 +273,10 @@ def ghost_analysis(
     :func:`bnscope.precise_bn`. Returns a ``ghost`` report: :class:`~bnscope.records.GhostLayer`
     records in module order, findings ``small-nbs`` and ``non-iid-batches``, and
     ``extra["sizes"]`` with one :class:`~bnscope.records.GhostSize` dict per size.
+
+    Labels, where batches carry them, must be class indices of the outputs (a
+    :class:`~bnscope.errors.DataError` otherwise, once the sums are read); ``num_classes`` as
+    in :func:`bnscope.engine.evaluate.batch_kind`.
     """
     from ..engine import distributed
 
@@ -342,7 +348,7 @@ def ghost_analysis(
                         with ghost_forwards(targets, g, probes[g]) as counts:
                             outs[g] = logits_of(runner(model, batch))
                         unchunked.update(n for n, (c, hit) in counts.items() if hit < c)
-                n, is_cls, ok_labels = batch_kind(ref, labels)
+                n, is_cls, ok_labels = batch_kind(ref, labels, num_classes)
                 samples += n
                 classes = classes and is_cls
                 labelled = labelled and ok_labels
@@ -378,6 +384,7 @@ def ghost_analysis(
         unchunked = {n for n, f in zip(names, flags.tolist(), strict=True) if f}
     _reduce_all(probes, ref_scores, scores, group)
     read_scores([ref_scores, *scores.values()])
+    check_label_range(ref_scores)
     probe_sums = _probe_sums(probes)
     return _report(collection, probes, probe_sums, run, wanted, batch_size, ref_scores, scores,
                    samples, labelled, classes, forwards, unchunked)  # fmt: skip

@@ -63,6 +63,7 @@ from ..engine.evaluate import (
     Scores,
     batch_kind,
     batch_stats_mode,
+    check_label_range,
     eval_mode,
     forward_errors,
     labelled_batches,
@@ -271,6 +272,7 @@ def inspect(
     amp: str | torch.dtype | None = None,
     channels_last: bool = False,
     input_key: str | None = None,
+    num_classes: int | None = None,
 ) -> InspectReport:
     """Dynamic report: EMA staleness, batch-statistics spread, train/test inconsistency, usage.
 
@@ -287,6 +289,10 @@ def inspect(
     is the batch-statistics forward; the second pass adds running and population statistics,
     paired with it by a fingerprint of each batch), 4 otherwise. ``extra["forwards"]`` says
     how many were run in all.
+
+    Labels, where batches carry them, must be class indices of the outputs (a
+    :class:`~bnscope.errors.DataError` otherwise, once the sums are read); ``num_classes`` as
+    in :func:`bnscope.engine.evaluate.batch_kind`.
     """
     from ..engine import distributed
 
@@ -325,7 +331,7 @@ def inspect(
     def keep_output(index: int, batch: Any, out: Any) -> None:
         logits = logits_of(out)
         labels = runner.labels(batch)
-        _, is_cls, ok_labels = batch_kind(logits, labels)
+        _, is_cls, ok_labels = batch_kind(logits, labels, num_classes)
         first_pass["labelled"] = first_pass["labelled"] and ok_labels
         batch_scores.add(logits, labels=labels if ok_labels else None)
         if is_cls:
@@ -378,7 +384,7 @@ def inspect(
                     with using_statistics(precise_buffers):
                         pre = logits_of(runner(model, batch))
                     forwards += 2
-                    n, is_cls, ok_labels = batch_kind(ref, labels)
+                    n, is_cls, ok_labels = batch_kind(ref, labels, num_classes)
                     kept = pairing.stored(done, batch) if is_cls else None
                     if kept is None:
                         with batch_stats_mode(model):
@@ -420,6 +426,8 @@ def inspect(
         )
     forwards += collection.batches  # the collection pass (already pooled over ranks)
     read_scores([*scores.values(), batch_scores])
+    check_label_range(batch_scores)
+    check_label_range(scores["running"])
     # the batch-statistics outputs were compared with running-statistics outputs in pairs
     # (kept outputs) or directly (one more forward): their sums add up
     batch_sums = {

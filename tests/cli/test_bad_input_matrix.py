@@ -109,6 +109,9 @@ def _build_tree(root: Path) -> None:
     _images(root / "gray", [(8, 8)] * 4, mode="L")
     _images(root / "badimg", [(8, 8)] * 3)
     (root / "badimg" / "broken.png").write_bytes(b"\x89PNG not really")
+    (root / "allbad").mkdir()
+    for name in ("a.png", "b.jpg"):  # --data: a damaged image is left out, no image at all fails
+        (root / "allbad" / name).write_bytes(b"\x89PNG not really")
     (root / "fac.py").write_text(FACTORIES)
 
     projects = {
@@ -291,7 +294,7 @@ DATA = {
     ),
     "labels-only-pt": ((f"{W}/labels_only.pt",), "looks like labels only"),
     "npy-wrong-rank": ((f"{W}/rank1.npy",), "(input 10) in 0 (Conv2d)"),
-    "corrupt-image": ((f"{W}/badimg",), "cannot read image"),
+    "no-readable-image": ((f"{W}/allbad",), "none of the 2 images in"),
     "factory-raises": ((f"{W}/fac.py:raises",), "raised RuntimeError: factory boom"),
     "factory-not-iterable": ((f"{W}/fac.py:not_iterable",), "returned a int, not an iterable"),
     "factory-fails-midway": (

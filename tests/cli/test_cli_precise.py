@@ -214,11 +214,13 @@ def _write_images(folder, n=3, size=(8, 8), corrupt=False):
     [
         (lambda p: p / "nothing_here", "data not found"),
         (lambda p: (p / "empty").mkdir() or p / "empty", "no images or tensor files"),
-        (lambda p: _write_images(p / "bad", corrupt=True) or p / "bad", "broken.png"),
+        # a damaged image among others is left out with a warning (test_cli_data_mistakes.py);
+        # a folder without any readable image is an error
+        (lambda p: _write_images(p / "bad", n=0, corrupt=True) or p / "bad", "broken.png"),
         (lambda p: (p / "notes.txt").write_text("hi") and p / "notes.txt", "notes.txt"),
         (lambda p: _write_images(p / "gray", size=(8, 8)) or p / "gray", None),
     ],
-    ids=["missing", "empty-folder", "unreadable-image", "text-file", "ok-images"],
+    ids=["missing", "empty-folder", "no-readable-image", "text-file", "ok-images"],
 )
 def test_precise_data_errors(precise_env, make, fragment):
     tmp, ckpt, _, _, _ = precise_env

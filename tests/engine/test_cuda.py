@@ -155,3 +155,23 @@ def test_cuda_cli_end_to_end_keeps_checkpoint_devices(precise_env):
     assert res.exit_code == 0, res.stderr
     out = torch.load(tmp / "gpu.precise.pt", weights_only=True)
     assert all(t.device.type == "cuda" for t in out["state_dict"].values())
+
+
+def test_cuda_labels_outside_the_classes_are_one_error_and_the_device_still_works():
+    # cross_entropy with such a label stops a CUDA process with a device-side assert: the
+    # label is counted on the device instead, and the error raised once the sums are read
+    from bnscope.errors import DataError
+
+    bad = data(3)
+    bad[1][1][2] = 9
+    model = net()
+    for fn in (
+        lambda: bnscope.evaluate_models({"a": model}, bad, device="cuda"),
+        lambda: bnscope.inspect(model, bad, device="cuda"),
+        lambda: bnscope.ghost_analysis(model, bad, sizes=[2], device="cuda"),
+    ):
+        with pytest.raises(DataError, match="has labels outside the model's 4 classes"):
+            fn()
+    torch.cuda.synchronize()
+    ev = bnscope.evaluate_models({"a": model}, data(3), device="cuda")
+    assert ev.metrics["a"].accuracy is not None

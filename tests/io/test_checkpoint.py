@@ -276,8 +276,97 @@ def test_trusted_but_unimportable_class(tmp_path: Path, monkeypatch: pytest.Monk
     path = tmp_path / "gone.pt"
     torch.save(Gone(), path)
     monkeypatch.delattr(sys.modules[__name__], "Gone")
-    with pytest.raises(CheckpointError, match="cannot unpickle"):
+    with pytest.raises(CheckpointError, match="cannot unpickle") as info:
         load_checkpoint(path, trust=True)
+    assert info.value.message == (
+        f"cannot unpickle {path}: the module '{__name__}' imported here has no 'Gone', so it "
+        "is not the code the checkpoint was saved with"
+    )
+
+
+def test_trusted_module_whose_code_cannot_be_imported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a whole module pickled from a local model.py: the file says which module it needs
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "localnet_h.py").write_text(
+        "from torch import nn\n\n\nclass Net(nn.Sequential):\n    pass\n"
+    )
+    sys.path.insert(0, str(code))
+    import localnet_h  # type: ignore[import-not-found]
+
+    path = tmp_path / "whole.pt"
+    torch.save(localnet_h.Net(nn.BatchNorm1d(3)), path)
+    sys.path.remove(str(code))
+    monkeypatch.delitem(sys.modules, "localnet_h")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path, trust=True)
+    err = info.value
+    assert err.message == (
+        f"cannot unpickle {path}: the model was saved with the Python module 'localnet_h', "
+        "which cannot be imported here"
+    )
+    assert err.fix == (
+        "run from the folder that holds localnet_h.py, add that folder to PYTHONPATH, or pass "
+        "model=FOLDER/localnet_h.py:FACTORY (FOLDER then goes on the import path)"
+    )
+    assert isinstance(err.__cause__, ModuleNotFoundError)
+    # importable again: it loads
+    sys.path.insert(0, str(code))
+    assert load_checkpoint(path, trust=True).format == "module"
+
+
+NAMES = ["circle", "cross", "stripes", "triangle"]
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        {"classes": NAMES},
+        {"class_names": tuple(NAMES)},
+        {"class_to_idx": {"stripes": 2, "circle": 0, "triangle": 3, "cross": 1}},
+        {"idx_to_class": dict(enumerate(NAMES))},
+        {"id2label": {str(i): n for i, n in enumerate(NAMES)}},
+    ],
+    ids=["classes", "class_names", "class_to_idx", "idx_to_class", "id2label"],
+)
+def test_class_names_the_checkpoint_carries(tmp_path: Path, entries: dict) -> None:
+    sd = make_model().state_dict()
+    path = tmp_path / "c.pt"
+    torch.save({"state_dict": sd, **entries}, path)
+    assert load_checkpoint(path).class_names == NAMES
+    # next to a nested state dict, too
+    torch.save({"model": {"state_dict": sd, **entries}}, path)
+    ckpt = load_checkpoint(path)
+    assert ckpt.key == "model.state_dict" and ckpt.class_names == NAMES
+
+
+@pytest.mark.parametrize(
+    "value",
+    [10, ["a", "a"], ["a", 3], [], "abc", {"a": 0, "b": 2}, {0: "a", 2: "b"}, {"x": "a"}],
+)
+def test_malformed_class_names_are_ignored(tmp_path: Path, value: object) -> None:
+    path = tmp_path / "c.pt"
+    key = "class_to_idx" if isinstance(value, dict) and "a" in value else "idx_to_class"
+    for name in ("classes", key):
+        torch.save({"state_dict": make_model().state_dict(), name: value}, path)
+        assert load_checkpoint(path).class_names is None
+
+
+def test_class_names_of_other_forms(tmp_path: Path) -> None:
+    model = make_model()
+    plain = tmp_path / "plain.pt"
+    torch.save(model.state_dict(), plain)
+    assert load_checkpoint(plain).class_names is None
+    st_path = tmp_path / "w.safetensors"
+    safetensors.torch.save_file(
+        model.state_dict(), st_path, metadata={"classes": '["b", "a"]'}
+    )
+    assert load_checkpoint(st_path).class_names == ["b", "a"]
+    safetensors.torch.save_file(model.state_dict(), st_path, metadata={"classes": "b, a"})
+    assert load_checkpoint(st_path).class_names is None
 
 
 @pytest.mark.parametrize("how", ["script", "trace"])

@@ -175,26 +175,53 @@ def test_workers_decode_identically(labelled: Path) -> None:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_corrupt_image_names_file(tmp_path: Path, workers: int) -> None:
+def test_unreadable_images_are_left_out_and_named(tmp_path: Path, workers: int) -> None:
+    # a damaged file does not stop the run: it is left out of its batch (also when decoded in
+    # a worker process) and named with the reason, once, however often the data is read
     for i in range(3):
         noise(tmp_path / "d" / "k" / f"{i}.png", (6, 6), i)
-    (tmp_path / "d" / "k" / "3_broken.png").write_bytes(b"\x89PNG this is not an image")
-    src = load_data(tmp_path / "d", batch_size=2, workers=workers, image=ImageOptions(6))
-    err = first_error(src)
     broken = tmp_path / "d" / "k" / "3_broken.png"
-    assert (
-        err.message == f"cannot read image {broken} (not an image, or a format Pillow cannot read)"
+    broken.write_bytes(b"\x89PNG this is not an image")
+    src = load_data(
+        tmp_path / "d", batch_size=2, workers=workers, image=ImageOptions(6), shuffle=False
     )
-    assert "Caught" not in str(err) and "Traceback" not in str(err)
-    assert err.fix.startswith("remove or replace the file")
+    assert src.unreadable() == {}
+    x, y = collect(src)
+    assert x.shape == (3, 3, 6, 6) and y.tolist() == [0, 0, 0]
+    assert src.unreadable() == {
+        str(broken): "not an image, or a format Pillow cannot read"
+    }
+    collect(src)
+    assert len(src.unreadable()) == 1
+    # the images that were read are exactly those of a folder without the broken file
+    broken.unlink()
+    ref, _ = collect(load_data(tmp_path / "d", batch_size=2, image=ImageOptions(6), shuffle=False))
+    assert torch.equal(x, ref)
 
 
-def test_truncated_image_names_file(tmp_path: Path) -> None:
+def test_truncated_image_is_left_out_and_named(tmp_path: Path) -> None:
+    noise(tmp_path / "t" / "b.png", (16, 16), 1)
     path = noise(tmp_path / "t" / "a.png", (16, 16), 0)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    err = first_error(load_data(tmp_path / "t"))
-    assert err.message.startswith(f"cannot read image {path} (")
+    src = load_data(tmp_path / "t")  # the first file is unreadable: the size comes from b.png
+    x, _ = collect(src)
+    assert x.shape == (1, 3, 16, 16)
+    (reason,) = src.unreadable().values()
+    assert list(src.unreadable()) == [str(path)] and reason.startswith("OSError: ")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_no_readable_image_is_one_error(tmp_path: Path, workers: int) -> None:
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / "bad" / "k").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "bad" / "k" / name).write_bytes(b"broken")
+    # without an image size, the first readable header is needed up front
+    err = raises(load_data, tmp_path / "bad")
+    assert err.message.startswith(f"none of the 3 images in {tmp_path / 'bad'} can be read")
+    err = first_error(load_data(tmp_path / "bad", workers=workers, image=ImageOptions(4)))
+    assert err.message.startswith("none of the 3 images could be read (e.g. ")
+    assert err.fix.startswith("remove or replace the unreadable files")
 
 
 def test_worker_error_and_early_stop_do_not_stall(
@@ -214,7 +241,7 @@ def test_worker_error_and_early_stop_do_not_stall(
     monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "_shutdown_workers", spy)
     for i in range(8):
         noise(tmp_path / "w" / f"{i}.png", (4, 4), i)
-    (tmp_path / "w" / "9_broken.png").write_bytes(b"broken")
+    noise(tmp_path / "w" / "9_other_size.png", (5, 5), 9)  # an error in a worker
     src = load_data(tmp_path / "w", batch_size=1, workers=2)
     gc.disable()
     try:
@@ -338,6 +365,80 @@ def test_image_folder_dataset_directly(labelled: Path) -> None:
     assert [p.name for p in ds.files] == ["a.png", "b.jpg", "d.jpeg", "c.png"]
     x, label = ds[3]
     assert x.shape == (3, 4, 4) and label == 1
+
+
+def four_classes(root: Path, classes=("circle", "cross", "stripes", "triangle")) -> Path:
+    for i, name in enumerate(classes):
+        solid(root / name / "a.png", (2, 2), (10 * i, 0, 0))
+    return root
+
+
+def labels_by_class(source: DataSource) -> dict[int, float]:
+    """label -> the red value (0..255) of that class's images, from the decoded batches."""
+    x, y = collect(source)
+    red = x[:, 0, 0, 0] * STD[0] + MEAN[0]
+    return {int(label): round(float(r) * 255) for label, r in zip(y, red, strict=True)}
+
+
+def test_class_folders_matched_to_given_classes_by_name(tmp_path: Path) -> None:
+    train = ["circle", "cross", "stripes", "triangle"]
+    val = four_classes(tmp_path / "val", ("circle", "stripes", "triangle"))  # no "cross"
+    # alone, a folder numbers its class folders in name order: "stripes" would be label 1
+    alone = load_data(val, shuffle=False)
+    assert alone.classes == alone.label_names == ["circle", "stripes", "triangle"]
+    assert not alone.matched and labels_by_class(alone) == {0: 0, 1: 10, 2: 20}
+    # with the training classes, every folder keeps its training label
+    src = load_data(val, classes=train, shuffle=False)
+    assert src.matched and src.classes == ["circle", "stripes", "triangle"]
+    assert src.label_names == train
+    assert labels_by_class(src) == {0: 0, 2: 10, 3: 20}
+    assert "3 of the 4 training classes" in src.description
+    # the same classes in another order: labels follow the given order
+    same = load_data(val, classes=["triangle", "stripes", "circle"], shuffle=False)
+    assert labels_by_class(same) == {2: 0, 1: 10, 0: 20}
+    assert "(3 classes, " in same.description
+
+
+def test_class_folder_not_among_the_given_classes(tmp_path: Path) -> None:
+    val = four_classes(tmp_path / "val", ("circle", "cross", "zebra"))
+    err = raises(load_data, val, classes=["circle", "cross", "stripes", "triangle"])
+    assert err.message == (
+        f"{val} has a class folder that is not among the 4 training classes: zebra "
+        "(training classes: circle, cross, stripes, triangle)"
+    )
+    assert err.fix == (
+        "class folders are matched to the training classes by name: rename or remove it"
+    )
+    err = raises(load_data, val, classes=["stripes"])
+    assert "has class folders that are not among the 1 training classes: circle, cross, zebra" in (
+        err.message
+    )
+    # given classes do not apply to a flat folder or to tensors
+    flat = solid(tmp_path / "flat" / "a.png", (2, 2), (0, 0, 0)).parent
+    assert load_data(flat, classes=["x"]).has_labels is False
+
+
+def test_folder_classes_matches_the_dataset(tmp_path: Path, labelled: Path) -> None:
+    from bnscope.io.images import folder_classes
+
+    assert folder_classes(labelled) == ImageFolderDataset(labelled).classes == ["cat", "dog"]
+    (labelled / "empty").mkdir()  # an empty class folder is a class: it keeps its place
+    (labelled / ".hidden").mkdir()
+    assert folder_classes(labelled) == ImageFolderDataset(labelled).classes
+    assert folder_classes(labelled) == ["cat", "dog", "empty"]
+    flat = solid(tmp_path / "flat" / "a.png", (2, 2), (0, 0, 0)).parent
+    assert folder_classes(flat) is None
+    assert folder_classes(tmp_path / "missing") is None
+    assert folder_classes(flat / "a.png") is None
+    (tmp_path / "nothing" / "sub").mkdir(parents=True)
+    assert folder_classes(tmp_path / "nothing") is None
+
+
+def test_split_like_class_folders_are_listed(tmp_path: Path) -> None:
+    four_classes(tmp_path / "ds", ("Train", "val", "zebra"))
+    src = load_data(tmp_path / "ds")
+    assert src.split_folders == ["Train", "val"]
+    assert load_data(four_classes(tmp_path / "ok")).split_folders == []
 
 
 # ---------------------------------------------------------------------------------------------

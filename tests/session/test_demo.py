@@ -26,6 +26,7 @@ def test_demo_end_to_end(tmp_path):
     assert len(doc["layers"]) == 5
     ckpt = load_checkpoint(folder / "ckpt.pt")
     assert ckpt.key == "state_dict" and ckpt.raw["epoch"] == 8
+    assert ckpt.class_names == classes  # evaluation folders are matched to them by name
     # inspect (dynamic, on data/train) names the stale layers and predicts the gain ...
     ins = doc["inspect"]
     assert ins["verdict"] == "stale"
