@@ -12,7 +12,8 @@ A :class:`FitTable` is laid out when it is rendered, for the width the console o
    the JSON document (``--json``, ``report.json``) holds every value;
 4. else, as a last resort on a very narrow console, layer names wider than their column are
    shortened from the left with an ellipsis (``…denselayer16.norm2``): the end of a name is
-   what tells sibling layers apart.
+   what tells sibling layers apart; prose wraps narrower than its minimum; and if that is not
+   enough either, the rightmost remaining columns other than the layer name are hidden too.
 
 Number and layer-name cells never wrap and are never cut: their column is at least as wide as
 its widest cell. A :class:`Names` cell lists several layers (a group of identical findings) as
@@ -146,11 +147,13 @@ class FitTable:
         self.show_lines = show_lines
         self.hidden_note = hidden_note
         self.rows: list[list[Text | Names]] = []
+        self._widths: dict[int, tuple[int, int]] = {}  # column -> (natural, minimum)
 
     def add_row(self, *cells: Cell) -> None:
         if len(cells) != len(self.columns):
             raise ValueError(f"{len(cells)} cells for {len(self.columns)} columns")
         self.rows.append([c if isinstance(c, (Text, Names)) else Text(c) for c in cells])
+        self._widths.clear()
 
     # -- measuring ---------------------------------------------------------------------------
 
@@ -168,22 +171,30 @@ class FitTable:
             return min(_widest_word(cell.plain), LONGEST_WORD)
         return _widest_line(cell.plain)
 
+    def _measure(self, index: int) -> tuple[int, int]:
+        if index not in self._widths:
+            col = self.columns[index]
+            natural = max(
+                [_widest_line(col.header), *[self._cell_natural(row[index]) for row in self.rows]]
+            )
+            least = max(
+                [_two_line_width(col.header)]
+                + [self._cell_minimum(col, row[index]) for row in self.rows]
+            )
+            if col.kind == "text":
+                least = min(max(least, col.min_width), natural)
+            self._widths[index] = (natural, least)
+        return self._widths[index]
+
     def natural(self, index: int) -> int:
         """The width column ``index`` takes with nothing wrapped."""
-        col = self.columns[index]
-        cells = [self._cell_natural(row[index]) for row in self.rows]
-        return max([_widest_line(col.header), *cells])
+        return self._measure(index)[0]
 
     def minimum(self, index: int) -> int:
         """The narrowest column ``index`` gets before it is hidden: its widest layer name or
         number (unbreakable), its header in two lines at most, and for prose its
-        ``min_width``."""
-        col = self.columns[index]
-        cells = [self._cell_minimum(col, row[index]) for row in self.rows]
-        least = max([_two_line_width(col.header), *cells])
-        if col.kind == "text":
-            least = max(least, col.min_width)
-        return min(least, self.natural(index)) if col.kind == "text" else least
+        ``min_width`` (or its natural width, when narrower)."""
+        return self._measure(index)[1]
 
     @staticmethod
     def overhead(columns: int) -> int:
@@ -200,12 +211,19 @@ class FitTable:
         hidden: list[int] = []
         while not self._fit(shown, width):
             droppable = [i for i in shown if self.columns[i].drop]
-            if not droppable:
-                least = [self.minimum(i) for i in shown]
-                return self._squeeze(shown, least, width - self.overhead(len(shown)), hidden)
-            victim = min(droppable, key=lambda i: (self.columns[i].drop, -i))
-            shown.remove(victim)
-            hidden.append(victim)
+            if droppable:
+                victim = min(droppable, key=lambda i: (self.columns[i].drop, -i))
+                shown.remove(victim)
+                hidden.append(victim)
+                continue
+            least = [self.minimum(i) for i in shown]
+            squeezed = self._squeeze(shown, least, width - self.overhead(len(shown)), hidden)
+            others = [i for i in shown if self.columns[i].kind != "name"]
+            if sum(squeezed.widths) + self.overhead(len(shown)) <= width or not others:
+                return squeezed
+            # narrower still than squeezed names allow: the rightmost other column goes too
+            shown.remove(others[-1])
+            hidden.append(others[-1])
         for i in list(reversed(hidden)):  # the most useful first: the last hidden
             trial = sorted([*shown, i])
             if self._fit(trial, width):

@@ -74,7 +74,8 @@ def worst_layers_table(
     """The layers whose chunk means are noisiest at the smallest size: noise per size and the
     effective size at the largest size, with the i.i.d. expectation beside each. On a narrow
     console C goes first, then the sizes between the smallest and the largest (the middle
-    ones first), then the effective size."""
+    ones first), the effective size, the largest size and the smallest, as far as needed (the
+    layer name stays)."""
     analysed = [layer for layer in layers if layer.status == "analysed" and layer.sizes]
     if not analysed:
         return None
@@ -82,11 +83,14 @@ def worst_layers_table(
     sizes = [s.size for s in ordered[0].sizes]
     inner = sorted(range(1, len(sizes) - 1), key=lambda k: (abs(2 * k - (len(sizes) - 1)), k))
     rank = {k: 2 + n for n, k in enumerate(inner)}  # the middle sizes are hidden first
+    effective = 2 + len(inner)  # then the effective size, the largest size, the smallest
+    rank[len(sizes) - 1] = effective + 1
+    rank.setdefault(0, effective + 2)
     table = FitTable(
         Col("layer", kind="name", justify="left"),
         Col("C", drop=1),
         *[Col(f"g={g}", drop=rank.get(k, 0)) for k, g in enumerate(sizes)],
-        Col(f"eff. size at g={sizes[-1]}", drop=2 + len(inner)),
+        Col(f"eff. size at g={sizes[-1]}", drop=effective),
         title=f"Noisiest layers (noise μ measured / i.i.d.; top {len(ordered)} of {len(analysed)})",
     )
     for layer in ordered:

@@ -56,8 +56,8 @@ def _severity_key(layer: InspectLayer) -> float:
 def layers_table(layers: Sequence[InspectLayer], limit: int = WORST_LAYERS) -> FitTable:
     """The worst layers first: status, gap to the population (median/max d_mu, d_var), the gap
     in units of EMA noise (z), and the spread of batch statistics at the data's batch size. On
-    a narrow console calls/fwd, batch spread, m, C, EMA noise and d_var are hidden, in this
-    order."""
+    a narrow console calls/fwd, batch spread, m, C, EMA noise, d_var, d_mu and z are hidden, in
+    this order, as far as needed (layer and status stay)."""
     ordered = sorted(layers, key=_severity_key, reverse=True)[:limit]
     more = len(layers) - len(ordered)
     title = "BN layers, worst first" + (f" (top {len(ordered)} of {len(layers)})" if more else "")
@@ -66,9 +66,9 @@ def layers_table(layers: Sequence[InspectLayer], limit: int = WORST_LAYERS) -> F
         Col("status", kind="name", justify="left"),
         Col("C", drop=4),
         Col("m", drop=3),
-        Col("d_mu med/max"),
+        Col("d_mu med/max", drop=7),
         Col("d_var med/max", drop=6),
-        Col("z μ / var"),
+        Col("z μ / var", drop=8),
         Col("EMA noise", drop=5),
         Col("batch spread", drop=2),
         Col("calls/fwd", drop=1),

@@ -20,15 +20,16 @@ SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
 def static_layers_table(layers: Sequence[StaticLayer]) -> FitTable:
     """One row per BN layer: channels, updates, EMA init weight, ranges, dead channels. On a
-    narrow console ``#``, dead, tracked, C, gain and running_mean are hidden, in this order."""
+    narrow console ``#``, dead, tracked, C, gain, running_mean, running_var and EMA init wt
+    are hidden, in this order, as far as needed (the layer name stays)."""
     table = FitTable(
         Col("#", style="dim", drop=1),
         Col("layer", kind="name", justify="left"),
         Col("C", drop=4),
         Col("tracked", drop=3),
-        Col("EMA init wt"),
+        Col("EMA init wt", drop=8),
         Col("running_mean", drop=6),
-        Col("running_var"),
+        Col("running_var", drop=7),
         Col("gain", drop=5),
         Col("dead", drop=2),
         title="BatchNorm layers",
@@ -105,7 +106,7 @@ class FindingsTable:
         table = FitTable(
             Col("severity", kind="name", justify="left"),
             Col("code", kind="name", justify="left"),
-            Col("layer", kind="name", justify="left"),
+            Col("layer", kind="text", justify="left", min_width=len("layer")),
             Col("message", kind="text", justify="left", min_width=MESSAGE_WIDTH),
             Col("fix", kind="text", justify="left", min_width=FIX_WIDTH),
             title="Findings",
@@ -279,15 +280,16 @@ STATUS_WIDTH = 12
 
 def precise_table(layers: Sequence[Any], title: str = "Statistics change per layer") -> FitTable:
     """Per-layer change of the statistics, largest change first (``#`` is the module order).
-    On a narrow console calls/fwd, ``#``, C, d_var med and d_mu med are hidden, in this order.
+    On a narrow console calls/fwd, ``#``, C, d_var med, d_mu med, d_var max and d_mu max are
+    hidden, in this order, as far as needed (layer and status stay).
 
     d_mu = |mu_old - mu_new| / sqrt(var_new + eps); d_var = |log((var_old+eps)/(var_new+eps))|.
     """
     columns = (
         ("calls/fwd", lambda r: str(r.calls_per_forward) if r.calls_per_forward else "-", 1),
-        ("d_mu max", lambda r: num(r.d_mu_max), 0),
+        ("d_mu max", lambda r: num(r.d_mu_max), 7),
         ("d_mu med", lambda r: num(r.d_mu_median), 5),
-        ("d_var max", lambda r: num(r.d_var_max), 0),
+        ("d_var max", lambda r: num(r.d_var_max), 6),
         ("d_var med", lambda r: num(r.d_var_median), 4),
     )
     return ranked_layers_table(layers, title, columns, _change_key)
@@ -362,10 +364,10 @@ def precise_report(report: Report) -> Group:
 
 def shift_table(layers: Sequence[Any], title: str = "Domain shift per layer") -> FitTable:
     """Source vs target statistics per layer, largest shift (median symmetric KL) first. On a
-    narrow console λ source, ``#``, C, KL max, d_var med and d_mu med are hidden, in this
-    order."""
+    narrow console λ source, ``#``, C, KL max, d_var med, d_mu med and KL med are hidden, in
+    this order, as far as needed (layer and status stay)."""
     columns = (
-        ("KL med", lambda r: num(r.kl_median), 0),
+        ("KL med", lambda r: num(r.kl_median), 7),
         ("KL max", lambda r: num(r.kl_max), 4),
         ("d_mu med", lambda r: num(r.d_mu_median), 6),
         ("d_var med", lambda r: num(r.d_var_median), 5),
