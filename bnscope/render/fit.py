@@ -32,8 +32,9 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-#: a cell that holds one layer name, or a number: never wrapped ("name"); numbers, whose
-#: header may wrap at its spaces ("num"); prose that wraps between words ("text")
+#: what a column holds: a layer name or a label per cell, never wrapped ("name"); numbers,
+#: never wrapped, under a header that may wrap at its spaces ("num"); prose, wrapped between
+#: words ("text")
 Kind = Literal["name", "num", "text"]
 Justify = Literal["left", "center", "right"]
 
