@@ -22,8 +22,9 @@ from . import distributed
 from .capture import BNCapture, LayerStats, NonFiniteInput, RowObserver, SkippedLayer
 from .runner import Call, Runner, default_call, make_runner, model_device, placed
 
-#: ``progress(done, total)`` after each batch: ``total`` is the number of batches the run will
-#: take when that is known (see :func:`expected_batches`), else None
+#: ``progress(done, total)`` once before the first batch (``done`` 0) and after each batch:
+#: ``total`` is the number of batches the run will take when that is known (see
+#: :func:`expected_batches`), else None
 Progress = Callable[[int, "int | None"], None]
 #: ``on_output(batch_index, batch, output)``: a batch's output of the collection forward
 OutputHook = Callable[[int, Any, Any], None]
@@ -237,6 +238,8 @@ def _collect_local(
     done = 0
     samples = 0
     total = expected_batches(data, batches) if progress is not None else None
+    if progress is not None:
+        progress(0, total)  # the total is known before the first batch
     names = {id(m): n for n, m in model.named_modules() if n}
     with (
         placed(model, runner),

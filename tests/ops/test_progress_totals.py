@@ -41,22 +41,22 @@ def record(run) -> list[tuple[int, int | None]]:
 
 
 def test_precise_and_adapt_know_the_total_without_batches():
-    expected = [(1, 4), (2, 4), (3, 4), (4, 4)]
+    expected = [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4)]
     assert record(lambda p: precise_bn(mlp(), loader(), progress=p)) == expected
     assert record(lambda p: adapt_bn(mlp(), loader(), progress=p)) == expected
-    assert record(lambda p: precise_bn(mlp(), loader(), 2, progress=p)) == [(1, 2), (2, 2)]
+    assert record(lambda p: precise_bn(mlp(), loader(), 2, progress=p)) == [(0, 2), (1, 2), (2, 2)]
 
 
 def test_unknown_length_keeps_total_none():
     calls = record(lambda p: precise_bn(mlp(), Unsized(loader()), progress=p))
-    assert calls == [(1, None), (2, None), (3, None), (4, None)]
+    assert calls == [(0, None), (1, None), (2, None), (3, None), (4, None)]
     assert record(lambda p: precise_bn(mlp(), Unsized(loader()), 3, progress=p))[-1] == (3, 3)
 
 
 def test_inspect_and_ghost_count_both_passes():
     calls = record(lambda p: inspect(mlp(), loader(), progress=p))
-    assert calls == [(i, 8) for i in range(1, 9)]
+    assert calls == [(i, 8) for i in range(9)]  # from (0, 8): the total before a batch
     calls = record(lambda p: ghost_analysis(mlp(), loader(), sizes=[2, 4], progress=p))
-    assert calls == [(i, 8) for i in range(1, 9)]
+    assert calls == [(i, 8) for i in range(9)]
     calls = record(lambda p: inspect(mlp(), Unsized(loader()), progress=p))
-    assert [t for _, t in calls] == [None] * 8
+    assert [t for _, t in calls] == [None] * 9
