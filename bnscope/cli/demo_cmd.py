@@ -57,7 +57,7 @@ def demo_command(
 
     def say(msg: str) -> None:
         if not (quiet or json_):
-            ui.err.print(f"[demo] {msg}", markup=False, highlight=False)
+            ui.line(f"[demo] {msg}")
 
     import torch
 

@@ -14,10 +14,10 @@ import contextlib
 import os
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import typer
 from rich.console import Console
@@ -25,6 +25,9 @@ from rich.console import Console
 from ..errors import BnscopeError, UsageError
 from ..io.config import ProjectConfig, load_project_config
 from ..records import SEVERITIES, Report, severity_rank
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 FAIL_LEVELS = SEVERITIES
 
@@ -68,7 +71,12 @@ class Ui:
         --json, and when stderr is not a terminal (so a failing run's stderr is the one error
         line)."""
         if self.show_progress:
-            self.err.print(message, markup=False, highlight=False)
+            self.line(message)
+
+    def line(self, message: str) -> None:
+        """``message`` on stderr as one line: never wrapped at the console's width (the
+        terminal wraps it; a file or a pipe keeps it whole)."""
+        self.err.print(message, markup=False, highlight=False, soft_wrap=True)
 
     def warn(self, message: str) -> None:
         """A warning line on stderr (silent with --quiet; kept with --json: stderr is free)."""
@@ -321,16 +329,53 @@ def finish(code: int) -> None:
         raise typer.Exit(code)
 
 
+def new_progress(console: Console, get_time: Callable[[], float] | None = None) -> Progress:
+    """The progress display: what runs, a bar, batches done and the total (``12/50``), the
+    time spent and the estimated time left (``eta 0:00:40``). While the total is unknown (a
+    data iterable without ``len()`` and no ``--batches``) the bar pulses, the count reads
+    ``12/?`` and no time left is shown. ``get_time`` is rich's clock (tests pass their
+    own)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        Task,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class TimeLeft(TimeRemainingColumn):
+        """``eta 0:01:23`` once the total is known; nothing before."""
+
+        def render(self, task: Task) -> Text:
+            if task.total is None:
+                return Text("")
+            return Text.assemble("eta ", super().render(task))
+
+    return Progress(
+        TextColumn("{task.description}", markup=False),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeLeft(),
+        console=console,
+        transient=True,
+        get_time=get_time,
+    )
+
+
 @contextlib.contextmanager
 def progress_bar(ui: Ui, description: str, total: int | None) -> Iterator[Any]:
-    """A transient rich progress bar on stderr, only when stderr is a terminal and neither
-    --quiet nor --json; yields the ``progress(done, total)`` callback or None."""
+    """A transient rich progress bar on stderr (:func:`new_progress`), only when stderr is a
+    terminal and neither --quiet nor --json; yields the ``progress(done, total)`` callback or
+    None. ``total`` is what the command knows before the run (from ``--batches``); the
+    operation's callback brings the data's length when it is known."""
     if not ui.show_progress:
         yield None
         return
-    from rich.progress import Progress
-
-    with Progress(console=ui.err, transient=True) as bar:
+    with new_progress(ui.err) as bar:
         task = bar.add_task(description, total=total)
 
         def update(done: int, tot: int | None) -> None:

@@ -22,6 +22,9 @@ from . import distributed
 from .capture import BNCapture, LayerStats, NonFiniteInput, RowObserver, SkippedLayer
 from .runner import Call, Runner, default_call, make_runner, model_device, placed
 
+#: ``progress(done, total)`` once before the first batch (``done`` 0) and after each batch:
+#: ``total`` is the number of batches the run will take when that is known (see
+#: :func:`expected_batches`), else None
 Progress = Callable[[int, "int | None"], None]
 #: ``on_output(batch_index, batch, output)``: a batch's output of the collection forward
 OutputHook = Callable[[int, Any, Any], None]
@@ -34,6 +37,7 @@ __all__ = [
     "check_batches",
     "collect",
     "default_call",
+    "expected_batches",
     "model_device",
 ]
 
@@ -105,6 +109,19 @@ def check_batches(batches: int | None) -> None:
         raise UsageError(
             f"batches must be a positive integer, got {batches!r}", "e.g. batches=100"
         )
+
+
+def expected_batches(data: Iterable[Any], batches: int | None) -> int | None:
+    """The batches one pass over ``data`` takes, when that is known before reading it:
+    ``batches`` capped by the data's length (:func:`bnscope.io.data.batch_count`: a DataLoader,
+    a list, a data spec's loader), or ``batches`` alone when the length is unknown (None when
+    both are)."""
+    from ..io.data import batch_count
+
+    count = batch_count(data)
+    if count is None:
+        return batches
+    return count if batches is None else min(batches, count)
 
 
 def collect(
@@ -220,6 +237,9 @@ def _collect_local(
     check_batches(batches)
     done = 0
     samples = 0
+    total = expected_batches(data, batches) if progress is not None else None
+    if progress is not None:
+        progress(0, total)  # the total is known before the first batch
     names = {id(m): n for n, m in model.named_modules() if n}
     with (
         placed(model, runner),
@@ -250,7 +270,7 @@ def _collect_local(
                     done += 1
                     samples += runner.samples(batch)
                     if progress is not None:
-                        progress(done, batches)
+                        progress(done, total)
                 try:
                     cap.finish()
                 except NonFiniteInput as exc:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from bnscope.errors import DataError
 from bnscope.io.factories import _factory_parts, _FactoryBatches, _load_factory
@@ -44,6 +44,7 @@ from bnscope.io.tensorfiles import TENSOR_SUFFIXES, _tensor_dataset
 __all__ = [
     "DataSource",
     "DROP_SINGLE",
+    "batch_count",
     "DROP_INCOMPLETE",
     "load_data",
 ]
@@ -89,6 +90,25 @@ class DataSource:
     def unreadable(self) -> dict[str, str]:
         """The images left out so far because they could not be decoded: path -> reason."""
         return dict(getattr(self.loader, "skipped", {}))
+
+
+def batch_count(data: Iterable[Any]) -> int | None:
+    """How many batches one pass over ``data`` yields, when that is known without reading it:
+    ``len()`` of a :class:`DataSource`'s loader (image folders and tensor files: the batches
+    left after a dropped last one), of a data factory's DataLoader or list of batches, or of
+    any other sized iterable. None for a generator or another iterable without ``len()``, and
+    for a DataLoader over an ``IterableDataset`` (its length is only an estimate)."""
+    while isinstance(data, (DataSource, _FactoryBatches)):
+        data = data.loader
+    if isinstance(data, DataLoader) and isinstance(data.dataset, IterableDataset):
+        return None
+    if not isinstance(data, Sized):
+        return None
+    try:
+        count = len(data)
+    except (TypeError, NotImplementedError):  # e.g. a DataLoader whose sampler has no length
+        return None
+    return count if isinstance(count, int) and count >= 0 else None
 
 
 # --------------------------------------------------------------------------------------------

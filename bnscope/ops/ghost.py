@@ -47,7 +47,7 @@ from torch import nn
 
 from .. import findings
 from ..engine import sync
-from ..engine.collect import Call, Progress, check_batches, collect
+from ..engine.collect import Call, Progress, check_batches, collect, expected_batches
 from ..engine.evaluate import (
     Evaluation,
     Metrics,
@@ -285,9 +285,13 @@ def ghost_analysis(
     runner = make_runner(model, call, device, amp, channels_last, input_key)
     group = distributed.resolve_group(process_group)
     _check_reiterable(data)
-    total = None if batches is None else 2 * batches
+    passes = expected_batches(data, batches)  # the data is read twice
+    total = None if passes is None else 2 * passes
+
+    first_done = [0]  # this rank's batches of the first pass (collection.batches is pooled)
 
     def first_pass(done: int, _: int | None) -> None:
+        first_done[0] = done
         if progress is not None:
             progress(done, total)
 
@@ -358,7 +362,7 @@ def ghost_analysis(
                     scores[g].add(out, labels=use, ref=ref)
                 done += 1
                 if progress is not None:
-                    progress(collection.batches + done, total)
+                    progress(first_done[0] + done, total)
     if done == 0 and group is None:
         raise DataError(
             "the data yielded no batches on its second reading",

@@ -57,7 +57,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import findings
 from ..engine import sync
-from ..engine.collect import Call, Collection, Progress, check_batches, collect
+from ..engine.collect import (
+    Call,
+    Collection,
+    Progress,
+    check_batches,
+    collect,
+    expected_batches,
+)
 from ..engine.evaluate import (
     Evaluation,
     Scores,
@@ -306,9 +313,13 @@ def inspect(
             "pass a re-iterable (a DataLoader or a list of batches), not a generator",
         )
     runner = make_runner(model, call, device, amp, channels_last, input_key)
-    total = None if batches is None else 2 * batches
+    passes = expected_batches(data, batches)  # the data is read twice
+    total = None if passes is None else 2 * passes
+
+    first_done = [0]  # this rank's batches of the first pass (collection.batches is pooled)
 
     def first(done: int, _: int | None) -> None:
+        first_done[0] = done
         if progress is not None:
             progress(done, total)
 
@@ -401,7 +412,7 @@ def inspect(
                 scores["precise"].add(pre, labels=use, ref=ref)
                 done += 1
                 if progress is not None:
-                    progress(collection.batches + done, total)
+                    progress(first_done[0] + done, total)
             if pairing.outputs and not pairing.all_matched():
                 # the data came back in another order: compare in a third pass, on pairs
                 scores["paired"], scores["direct"] = Scores(), Scores()

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Group
-from rich.table import Table
 from rich.text import Text
 
 from ..records import GhostLayer, Report
+from .fit import Col, FitTable
 from .tables import findings_table, header
 from .text import num, pct
 
@@ -21,18 +21,21 @@ WORST_LAYERS = 5
 def sizes_table(rows: Sequence[dict[str, Any]], population: dict[str, Any]) -> Group:
     """One row per ghost size: chunks and remainders, median chunk noise over layers, effective
     size ratio, and the model's outputs against population statistics; a first row for the
-    population statistics themselves."""
-    table = Table(title="Normalization batch size (NBS curve)", title_justify="left")
-    table.add_column("g", justify="right")
-    table.add_column("chunks", justify="right")
-    table.add_column("remainder", justify="right")
-    table.add_column("noise μ", justify="right")
-    table.add_column("noise log var", justify="right")
-    table.add_column("min eff. size / g", justify="right")
-    table.add_column("agreement", justify="right")
-    table.add_column("KL", justify="right")
-    table.add_column("accuracy", justify="right")
-    table.add_column("loss", justify="right")
+    population statistics themselves. On a narrow console loss, chunks, noise log var, KL,
+    min eff. size / g, remainder and noise μ are hidden, in this order."""
+    table = FitTable(
+        Col("g"),
+        Col("chunks", drop=2),
+        Col("remainder", drop=6),
+        Col("noise μ", drop=7),
+        Col("noise log var", drop=3),
+        Col("min eff. size / g", drop=5),
+        Col("agreement"),
+        Col("KL", drop=4),
+        Col("accuracy"),
+        Col("loss", drop=1),
+        title="Normalization batch size (NBS curve)",
+    )
     notes: list[str] = ["pop = population statistics (eval mode), the reference"]
     table.add_row(
         "pop", "-", "-", "0", "0", "-", "100.0%", "0",
@@ -65,23 +68,31 @@ def sizes_table(rows: Sequence[dict[str, Any]], population: dict[str, Any]) -> G
     return Group(table, Text("\n".join(notes), style="dim"))
 
 
-def worst_layers_table(layers: Sequence[GhostLayer], limit: int = WORST_LAYERS) -> Table | None:
+def worst_layers_table(
+    layers: Sequence[GhostLayer], limit: int = WORST_LAYERS
+) -> FitTable | None:
     """The layers whose chunk means are noisiest at the smallest size: noise per size and the
-    effective size at the largest size, with the i.i.d. expectation beside each."""
+    effective size at the largest size, with the i.i.d. expectation beside each. On a narrow
+    console C goes first, then the sizes between the smallest and the largest (the middle
+    ones first), the effective size, the largest size and the smallest, as far as needed (the
+    layer name stays)."""
     analysed = [layer for layer in layers if layer.status == "analysed" and layer.sizes]
     if not analysed:
         return None
     ordered = sorted(analysed, key=lambda layer: -(layer.sizes[0].noise_mu or 0.0))[:limit]
     sizes = [s.size for s in ordered[0].sizes]
-    table = Table(
+    inner = sorted(range(1, len(sizes) - 1), key=lambda k: (abs(2 * k - (len(sizes) - 1)), k))
+    rank = {k: 2 + n for n, k in enumerate(inner)}  # the middle sizes are hidden first
+    effective = 2 + len(inner)  # then the effective size, the largest size, the smallest
+    rank[len(sizes) - 1] = effective + 1
+    rank.setdefault(0, effective + 2)
+    table = FitTable(
+        Col("layer", kind="name", justify="left"),
+        Col("C", drop=1),
+        *[Col(f"g={g}", drop=rank.get(k, 0)) for k, g in enumerate(sizes)],
+        Col(f"eff. size at g={sizes[-1]}", drop=effective),
         title=f"Noisiest layers (noise μ measured / i.i.d.; top {len(ordered)} of {len(analysed)})",
-        title_justify="left",
     )
-    table.add_column("layer", overflow="fold")
-    table.add_column("C", justify="right")
-    for g in sizes:
-        table.add_column(f"g={g}", justify="right")
-    table.add_column(f"eff. size at g={sizes[-1]}", justify="right")
     for layer in ordered:
         cells = [f"{num(s.noise_mu, 2)} / {num(s.iid_mu, 2)}" for s in layer.sizes]
         eff = layer.sizes[-1].effective_size

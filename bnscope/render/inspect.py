@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Group
-from rich.table import Table
 from rich.text import Text
 
 from ..records import InspectLayer, Report
-from .tables import findings_table, header, summary_line
+from .fit import Col, FitTable
+from .tables import METRIC_WIDTH, findings_table, header, summary_line
 from .text import momentum_cell, num, pct
 
 #: rows of the worst-layers table
@@ -27,12 +27,13 @@ VARIANTS = (
 )
 
 
-def consistency_table(metrics: dict[str, Any]) -> Table:
+def consistency_table(metrics: dict[str, Any]) -> FitTable:
     """Running vs precise vs batch statistics on the same inputs (the report's ``metrics``)."""
-    table = Table(title="Train/test consistency on the same batches", title_justify="left")
-    table.add_column("metric")
-    for _, label in VARIANTS:
-        table.add_column(label, justify="right")
+    table = FitTable(
+        Col("metric", kind="text", justify="left", min_width=METRIC_WIDTH),
+        *[Col(label) for _, label in VARIANTS],
+        title="Train/test consistency on the same batches",
+    )
     per = metrics["variants"]
     if metrics.get("has_labels"):
         table.add_row("accuracy", *[pct(per[k]["accuracy"]) for k, _ in VARIANTS])
@@ -56,23 +57,27 @@ def worst_first(layers: Sequence[InspectLayer]) -> list[InspectLayer]:
     return sorted(layers, key=_severity_key, reverse=True)
 
 
-def layers_table(layers: Sequence[InspectLayer], limit: int = WORST_LAYERS) -> Table:
+def layers_table(layers: Sequence[InspectLayer], limit: int = WORST_LAYERS) -> FitTable:
     """The worst layers first: status, gap to the population (median/max d_mu, d_var), the gap
-    in units of EMA noise (z), and the spread of batch statistics at the data's batch size."""
+    in units of EMA noise (z), and the spread of batch statistics at the data's batch size. On
+    a narrow console calls/fwd, batch spread, m, C, EMA noise, d_var, d_mu and z are hidden, in
+    this order, as far as needed (layer and status stay)."""
     ordered = worst_first(layers)[:limit]
     more = len(layers) - len(ordered)
     title = "BN layers, worst first" + (f" (top {len(ordered)} of {len(layers)})" if more else "")
-    table = Table(title=title, title_justify="left")
-    table.add_column("layer", overflow="fold")
-    table.add_column("status")
-    table.add_column("C", justify="right")
-    table.add_column("m", justify="right")
-    table.add_column("d_mu med/max", justify="right")
-    table.add_column("d_var med/max", justify="right")
-    table.add_column("z μ / var", justify="right")
-    table.add_column("EMA noise", justify="right")
-    table.add_column("batch spread", justify="right")
-    table.add_column("calls/fwd", justify="right")
+    table = FitTable(
+        Col("layer", kind="name", justify="left"),
+        Col("status", kind="name", justify="left"),
+        Col("C", drop=4),
+        Col("m", drop=3),
+        Col("d_mu med/max", drop=7),
+        Col("d_var med/max", drop=6),
+        Col("z μ / var", drop=8),
+        Col("EMA noise", drop=5),
+        Col("batch spread", drop=2),
+        Col("calls/fwd", drop=1),
+        title=title,
+    )
     style = {"stale": "yellow", "noisy": "cyan", "not-called": "yellow", "ok": "green"}
     for layer in ordered:
         if layer.d_mu_median is None:

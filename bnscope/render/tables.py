@@ -4,30 +4,36 @@ renderable; the CLI decides where it goes."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from rich.console import Group
+from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.table import Table
 from rich.text import Text
 
 from ..records import Finding, Report, StaticLayer, severity_rank
+from .fit import NARROWEST_TEXT, Col, FitTable, Names, names_cell
 from .text import num, pct, percent, span
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
 
-def static_layers_table(layers: Sequence[StaticLayer]) -> Table:
-    """One row per BN layer: channels, updates, EMA init weight, ranges, dead channels."""
-    table = Table(title="BatchNorm layers", title_justify="left", expand=False)
-    table.add_column("#", justify="right", style="dim")
-    table.add_column("layer", overflow="fold")
-    table.add_column("C", justify="right")
-    table.add_column("tracked", justify="right")
-    table.add_column("EMA init wt", justify="right")
-    table.add_column("running_mean", justify="right")
-    table.add_column("running_var", justify="right")
-    table.add_column("gain", justify="right")
-    table.add_column("dead", justify="right")
+def static_layers_table(layers: Sequence[StaticLayer]) -> FitTable:
+    """One row per BN layer: channels, updates, EMA init weight, ranges, dead channels. On a
+    narrow console ``#``, dead, tracked, C, gain, running_mean, running_var and EMA init wt
+    are hidden, in this order, as far as needed (the layer name stays)."""
+    table = FitTable(
+        Col("#", style="dim", drop=1),
+        Col("layer", kind="name", justify="left"),
+        Col("C", drop=4),
+        Col("tracked", drop=3),
+        Col("EMA init wt", drop=8),
+        Col("running_mean", drop=6),
+        Col("running_var", drop=7),
+        Col("gain", drop=5),
+        Col("dead", drop=2),
+        title="BatchNorm layers",
+    )
     for i, rec in enumerate(layers):
         tracked = "n/a" if rec.num_batches_tracked is None else str(rec.num_batches_tracked)
         table.add_row(
@@ -44,28 +50,117 @@ def static_layers_table(layers: Sequence[StaticLayer]) -> Table:
     return table
 
 
-def findings_table(findings: Sequence[Finding]) -> Table | Text:
-    """Findings, worst first, each with its fix."""
+@dataclass(frozen=True)
+class FindingGroup:
+    """Findings that read the same (code, severity, message and fix), with their layers in
+    report order; a finding without a layer is a group of its own kind (``layers == ()``)."""
+
+    severity: str
+    code: str
+    layers: tuple[str, ...]
+    message: str
+    fix: str
+
+
+def group_findings(findings: Sequence[Finding]) -> list[FindingGroup]:
+    """``findings`` worst first, those with the same code, severity, message and fix merged
+    into one group naming their layers (the JSON document keeps one finding per layer)."""
+    ordered = sorted(findings, key=lambda f: -severity_rank(f.severity))
+    groups: dict[tuple[str, str, str, str, bool], list[Finding]] = {}
+    for f in ordered:
+        groups.setdefault((f.severity, f.code, f.message, f.fix, f.layer is None), []).append(f)
+    return [
+        FindingGroup(
+            severity=str(members[0].severity),
+            code=members[0].code,
+            layers=tuple(f.layer for f in members if f.layer is not None),
+            message=members[0].message,
+            fix=members[0].fix,
+        )
+        for members in groups.values()
+    ]
+
+
+class FindingsTable:
+    """The findings, worst first, identical ones in one row that names their layers. Wide
+    consoles get the columns severity, code, layer, message, fix; where those do not fit
+    (message and fix narrower than :data:`MESSAGE_WIDTH` and :data:`FIX_WIDTH`, or a layer
+    name wider than its column would allow), each finding is one stacked row: severity over
+    code, then its layers, its message and its fix."""
+
+    def __init__(self, findings: Sequence[Finding]) -> None:
+        self.groups = group_findings(findings)
+
+    def _layer_cell(self, group: FindingGroup) -> Names | str:
+        return Names(group.layers) if group.layers else "-"
+
+    def _fixes(self) -> list[Text | str]:
+        previous = None
+        fixes: list[Text | str] = []
+        for g in self.groups:
+            fixes.append(Text("(same as above)", style="dim") if g.fix == previous else g.fix)
+            previous = g.fix
+        return fixes
+
+    def wide(self) -> FitTable:
+        table = FitTable(
+            Col("severity", kind="name", justify="left"),
+            Col("code", kind="name", justify="left"),
+            Col("layer", kind="text", justify="left", min_width=len("layer")),
+            Col("message", kind="text", justify="left", min_width=MESSAGE_WIDTH),
+            Col("fix", kind="text", justify="left", min_width=FIX_WIDTH),
+            title="Findings",
+        )
+        for g, fix in zip(self.groups, self._fixes(), strict=True):
+            table.add_row(
+                Text(g.severity, style=SEVERITY_STYLE[g.severity]),
+                g.code,
+                self._layer_cell(g),
+                g.message,
+                fix,
+            )
+        return table
+
+    def stacked(self, console: Console, width: int) -> Table:
+        label_width = max(
+            [len("severity")] + [max(len(g.severity), len(g.code)) for g in self.groups]
+        )
+        room = max(NARROWEST_TEXT, width - FitTable.overhead(2) - label_width)
+        table = Table(title="Findings", title_justify="left", show_lines=True)
+        table.add_column("severity\ncode", width=label_width, overflow="fold")
+        table.add_column("layer, message, fix", width=room, overflow="fold")
+        for g, fix in zip(self.groups, self._fixes(), strict=True):
+            label = Text(g.severity, style=SEVERITY_STYLE[g.severity])
+            label.append("\n" + g.code)
+            body = Text()
+            if g.layers:
+                body.append(names_cell(console, Names(g.layers), room, 2))
+                body.append("\n")
+            body.append(g.message)
+            body.append("\nfix: ", style="dim")
+            body.append(fix)
+            table.add_row(label, body)
+        return table
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        wide = self.wide()
+        if wide.fits(options.max_width):
+            yield wide
+        else:
+            yield self.stacked(console, options.max_width)
+
+
+#: the narrowest message and fix columns of the wide findings table
+MESSAGE_WIDTH = 36
+FIX_WIDTH = 28
+
+
+def findings_table(findings: Sequence[Finding]) -> FindingsTable | Text:
+    """Findings, worst first, each with its fix; identical findings of several layers are one
+    row (:class:`FindingsTable`)."""
     if not findings:
         return Text("No findings.", style="green")
-    table = Table(title="Findings", title_justify="left", show_lines=False)
-    table.add_column("severity")
-    table.add_column("code")
-    table.add_column("layer", overflow="fold")
-    table.add_column("message", overflow="fold", ratio=3)
-    table.add_column("fix", overflow="fold", ratio=2)
-    ordered = sorted(findings, key=lambda f: -severity_rank(f.severity))
-    previous = None
-    for f in ordered:
-        table.add_row(
-            Text(f.severity, style=SEVERITY_STYLE[f.severity]),
-            f.code,
-            f.layer or "-",
-            f.message,
-            Text("(same as above)", style="dim") if f.fix == previous else f.fix,
-        )
-        previous = f.fix
-    return table
+    return FindingsTable(findings)
 
 
 def summary_line(report: Report) -> Text:
@@ -153,51 +248,60 @@ def _change_key(rec: Any) -> float:
 def ranked_layers_table(
     layers: Sequence[Any],
     title: str,
-    columns: Sequence[tuple[str, Any]],
+    columns: Sequence[tuple[str, Any, int]],
     key: Any,
-) -> Table:
+) -> FitTable:
     """Per-layer table sorted by ``key(record)``, largest first (``#`` is the module order):
-    ``#``, layer, C, then ``columns`` (header, record -> cell text), then the status (or the
-    reason a layer was not updated)."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("#", justify="right", style="dim")
-    table.add_column("layer", overflow="fold")
-    table.add_column("C", justify="right")
-    for head, _ in columns:
-        table.add_column(head, justify="right")
-    table.add_column("status")
+    ``#``, layer, C, then ``columns`` (header, record -> cell text, drop rank: 0 always shown,
+    else hidden on a narrow console, lowest first; ``#`` has rank 2 and C rank 3), then the
+    status (or the reason a layer was not updated)."""
+    table = FitTable(
+        Col("#", style="dim", drop=2),
+        Col("layer", kind="name", justify="left"),
+        Col("C", drop=3),
+        *[Col(head, drop=drop) for head, _, drop in columns],
+        Col("status", kind="text", justify="left", min_width=STATUS_WIDTH),
+        title=title,
+    )
     for i, rec in sorted(enumerate(layers), key=lambda item: -key(item[1])):
         status = rec.status if rec.reason is None or rec.status == "updated" else rec.reason
         if rec.status == "frozen":
             status = "frozen: kept"
         elif rec.status == "updated" and (rec.reason or "").startswith("frozen"):
             status = "updated (frozen)"
-        cells = [cell(rec) for _, cell in columns]
-        table.add_row(str(i), rec.name, str(rec.num_features), *cells, status)
+        cells = [cell(rec) for _, cell, _ in columns]
+        table.add_row(str(i), rec.name, str(rec.num_features), *cells, str(status))
     return table
 
 
-def precise_table(layers: Sequence[Any], title: str = "Statistics change per layer") -> Table:
+#: the narrowest the status column of precise and adapt wraps to
+STATUS_WIDTH = 12
+
+
+def precise_table(layers: Sequence[Any], title: str = "Statistics change per layer") -> FitTable:
     """Per-layer change of the statistics, largest change first (``#`` is the module order).
+    On a narrow console calls/fwd, ``#``, C, d_var med, d_mu med, d_var max and d_mu max are
+    hidden, in this order, as far as needed (layer and status stay).
 
     d_mu = |mu_old - mu_new| / sqrt(var_new + eps); d_var = |log((var_old+eps)/(var_new+eps))|.
     """
     columns = (
-        ("calls/fwd", lambda r: str(r.calls_per_forward) if r.calls_per_forward else "-"),
-        ("d_mu max", lambda r: num(r.d_mu_max)),
-        ("d_mu med", lambda r: num(r.d_mu_median)),
-        ("d_var max", lambda r: num(r.d_var_max)),
-        ("d_var med", lambda r: num(r.d_var_median)),
+        ("calls/fwd", lambda r: str(r.calls_per_forward) if r.calls_per_forward else "-", 1),
+        ("d_mu max", lambda r: num(r.d_mu_max), 7),
+        ("d_mu med", lambda r: num(r.d_mu_median), 5),
+        ("d_var max", lambda r: num(r.d_var_max), 6),
+        ("d_var med", lambda r: num(r.d_var_median), 4),
     )
     return ranked_layers_table(layers, title, columns, _change_key)
 
 
 def metrics_table(metrics: dict[str, Any], before: str = "before", after: str = "after") -> Group:
     """Evaluation before vs after (accuracy and loss with labels; agreement and KL always)."""
-    table = Table()
-    table.add_column("metric")
-    table.add_column(before, justify="right")
-    table.add_column(after, justify="right")
+    table = FitTable(
+        Col("metric", kind="text", justify="left", min_width=METRIC_WIDTH),
+        Col(before),
+        Col(after),
+    )
     a, b = metrics["variants"]["running"], metrics["variants"]["precise"]
     if metrics.get("has_labels"):
         table.add_row("accuracy", pct(a["accuracy"], 2), pct(b["accuracy"], 2))
@@ -209,6 +313,10 @@ def metrics_table(metrics: dict[str, Any], before: str = "before", after: str = 
     table.add_row("samples", str(metrics["samples"]), str(metrics["samples"]))
     title = Text(f"Evaluation on {metrics.get('data', 'the evaluation data')}", style="italic")
     return Group(title, table)
+
+
+#: the narrowest the metric-name column of evaluation tables wraps to
+METRIC_WIDTH = 14
 
 
 def _rewrite_report(report: Report, table: Any, metrics: Any, line: str) -> Group:
@@ -254,14 +362,16 @@ def precise_report(report: Report) -> Group:
     return _rewrite_report(report, precise_table(report.layers), metrics, line)
 
 
-def shift_table(layers: Sequence[Any], title: str = "Domain shift per layer") -> Table:
-    """Source vs target statistics per layer, largest shift (median symmetric KL) first."""
+def shift_table(layers: Sequence[Any], title: str = "Domain shift per layer") -> FitTable:
+    """Source vs target statistics per layer, largest shift (median symmetric KL) first. On a
+    narrow console λ source, ``#``, C, KL max, d_var med, d_mu med and KL med are hidden, in
+    this order, as far as needed (layer and status stay)."""
     columns = (
-        ("KL med", lambda r: num(r.kl_median)),
-        ("KL max", lambda r: num(r.kl_max)),
-        ("d_mu med", lambda r: num(r.d_mu_median)),
-        ("d_var med", lambda r: num(r.d_var_median)),
-        ("λ source", lambda r: num(r.weight_source)),
+        ("KL med", lambda r: num(r.kl_median), 7),
+        ("KL max", lambda r: num(r.kl_max), 4),
+        ("d_mu med", lambda r: num(r.d_mu_median), 6),
+        ("d_var med", lambda r: num(r.d_var_median), 5),
+        ("λ source", lambda r: num(r.weight_source), 1),
     )
     return ranked_layers_table(
         layers, title, columns, lambda r: r.kl_median if r.kl_median is not None else -1.0
@@ -277,10 +387,10 @@ ADAPT_VARIANTS = (
 
 def adapt_metrics_table(metrics: dict[str, Any]) -> Group:
     """Source statistics vs adapted statistics vs test-time batch statistics."""
-    table = Table()
-    table.add_column("metric")
-    for _, label in ADAPT_VARIANTS:
-        table.add_column(label, justify="right")
+    table = FitTable(
+        Col("metric", kind="text", justify="left", min_width=METRIC_WIDTH),
+        *[Col(label) for _, label in ADAPT_VARIANTS],
+    )
     per = metrics["variants"]
     if metrics.get("has_labels"):
         table.add_row("accuracy", *[pct(per[k]["accuracy"], 2) for k, _ in ADAPT_VARIANTS])

@@ -100,7 +100,8 @@ def test_eval_folder_lacking_a_class_keeps_the_training_labels(env) -> None:
               env["subset"], "-o", env["out"], "--json")  # fmt: skip
     assert res.exit_code == 0, res.stderr
     m = json.loads(res.stdout)["metrics"]
-    assert m["variants"]["running"]["accuracy"] == 1.0  # was 1/3: every label shifted past the missing class
+    # was 1/3: every label shifted past the missing class
+    assert m["variants"]["running"]["accuracy"] == 1.0
     assert "3 of the 4 training classes" in m["data"]
     assert res.stderr == ""
 

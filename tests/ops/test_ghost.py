@@ -291,4 +291,4 @@ def test_report_document_and_progress():
     check_document(doc)  # a library report: no job keys
     assert [r["size"] for r in doc["sizes"]] == [2, 4]
     assert doc["layers"][0]["sizes"][0].keys() >= {"size", "noise_mu", "iid_mu", "effective_size"}
-    assert calls[-1] == (6, 6) and calls[0] == (1, 6)
+    assert calls[-1] == (6, 6) and calls[0] == (0, 6)

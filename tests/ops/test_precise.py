@@ -284,7 +284,7 @@ def test_progress_callback():
         batches=3,
         progress=lambda d, t: seen.append((d, t)),
     )
-    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
 
 
 def test_syncbatchnorm_without_process_group_and_lazy_batchnorm():

@@ -431,7 +431,7 @@ def test_batch_means_of_a_report_show_the_most_stale_layer_of_the_table():
     from bnscope.render.inspect import layers_table
 
     table = layers_table(INSPECT_RANKED)
-    rows = zip(table.columns[0].cells, [str(c) for c in table.columns[1].cells], strict=True)
+    rows = [(row[0].plain, row[1].plain) for row in table.rows]
     assert next(name for name, status in rows if status == "stale") == "worst.stale"
     caption, fig = report_figures(inspect_report(INSPECT_RANKED))["batch_means"]
     assert fig._suptitle.get_text().startswith("worst.stale (stale): ")
