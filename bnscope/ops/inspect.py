@@ -70,6 +70,7 @@ from ..engine.evaluate import (
     read_scores,
     using_statistics,
 )
+from ..engine.labels import label_mix
 from ..engine.runner import make_runner, placed
 from ..engine.stats import MomentAccumulator
 from ..errors import DataError
@@ -81,7 +82,13 @@ from ..extras import (
     StaticReport,
 )
 from ..records import Finding, InspectLayer, PreciseLayer, Report, Status
-from .precise import layer_eps, layer_records, population_stats, usage_findings
+from .precise import (
+    label_findings,
+    layer_eps,
+    layer_records,
+    population_stats,
+    usage_findings,
+)
 from .static import static_inspect
 
 F64 = torch.float64
@@ -443,7 +450,9 @@ def inspect(
         "kl": {"batch": per_sample(kl_batch), "precise": per_sample(scores["precise"].value("kl"))},
     }
     layers, arrays = _layer_records(collection, precise_records, precise_arrays, spreads)
+    mix = label_mix(collection.labels)
     findings = _findings(layers, static, precise_records, consistency, metrics)
+    findings += label_findings(mix)
     verdict, verdict_text = _verdict(layers, consistency, metrics)
     extra: InspectExtra = {
         "verdict": verdict,
@@ -453,6 +462,7 @@ def inspect(
         "forwards": forwards,
         "consistency": consistency,
         "static_layers": [layer.to_dict() for layer in static.layers],
+        "label_mix": mix,
     }
     return Report(
         command="inspect",
