@@ -39,6 +39,7 @@ __all__ = [
     "InspectExtra",
     "InspectReport",
     "InspectVerdict",
+    "LabelMixDict",
     "MetricsDict",
     "NetworkDict",
     "NetworkInfo",
@@ -153,6 +154,28 @@ class NetworkInfo(TypedDict, total=False):
     ema_key: str | None
 
 
+class LabelMixDict(TypedDict):
+    """``label_mix`` of a precise, adapt or dynamic inspect report
+    (:func:`bnscope.engine.labels.label_mix`, docs/statistics.md section 2.8): the class mix of
+    the labelled batches against random batches. ``chi2`` is Pearson's chi-square of the
+    batch x class table with ``df`` degrees of freedom; ``ratio`` its ratio to its mean under
+    a random shuffle (about 1 for i.i.d. batches); ``effective_size`` the number of
+    independent samples whose class mix varies as much as that of a batch of
+    ``mean_batch_size``; ``p_value`` the chi-square tail. The last three are None with one
+    batch or one class."""
+
+    batches: int
+    samples: int
+    classes: int
+    mean_batch_size: float
+    single_class_batches: int
+    chi2: float
+    df: int
+    ratio: float | None
+    effective_size: float | None
+    p_value: float | None
+
+
 #: the one-word verdict of a dynamic inspect report
 InspectVerdict: TypeAlias = Literal["stale", "gap", "noisy", "healthy"]
 #: the one-word verdict of a ghost report (``none``: no size could be analysed)
@@ -204,8 +227,9 @@ class StaticExtra(SourceExtra, total=False):
 class InspectExtra(RunExtra, total=False):
     """Dynamic inspect: the ``verdict`` and its sentence, ``batches``/``samples`` collected,
     ``forwards`` run in all, the train/test ``metrics`` (running, precise and batch statistics
-    on the same batches) and the static layer records (``static_layers``:
-    :meth:`bnscope.records.StaticLayer.to_dict` of each)."""
+    on the same batches), the static layer records (``static_layers``:
+    :meth:`bnscope.records.StaticLayer.to_dict` of each) and the class mix of the collected
+    batches (``label_mix``, None without labels)."""
 
     verdict: InspectVerdict
     verdict_text: str
@@ -214,15 +238,18 @@ class InspectExtra(RunExtra, total=False):
     forwards: int
     metrics: ReportMetrics
     static_layers: list[dict[str, Any]]
+    label_mix: LabelMixDict | None
 
 
 class PreciseExtra(RunExtra, total=False):
     """Precise BN: ``batches``/``samples`` collected (pooled over ``world_size`` ranks under
-    ``torch.distributed``), before/after ``metrics`` with evaluation data (variants ``running``
-    and ``precise``), and the ``output`` checkpoint (None until written; a job sets it)."""
+    ``torch.distributed``), the class mix of those batches (``label_mix``, None without
+    labels), before/after ``metrics`` with evaluation data (variants ``running`` and
+    ``precise``), and the ``output`` checkpoint (None until written; a job sets it)."""
 
     batches: int
     samples: int
+    label_mix: LabelMixDict | None
     world_size: int
     metrics: ReportMetrics
     output: str | None
@@ -230,12 +257,14 @@ class PreciseExtra(RunExtra, total=False):
 
 class AdaptExtra(RunExtra, total=False):
     """Adaptive BN: ``batches``/``samples`` of target data, the ``prior`` (pseudo samples) and
-    ``shift_threshold`` of ``domain-shift``, ``world_size``, ``metrics`` with labelled target
+    ``shift_threshold`` of ``domain-shift``, the class mix of labelled target batches
+    (``label_mix``, None without labels), ``world_size``, ``metrics`` with labelled target
     data (variants ``running``, the source statistics, ``adapted`` and ``batch``) and the
     ``output`` checkpoint."""
 
     batches: int
     samples: int
+    label_mix: LabelMixDict | None
     prior: float
     shift_threshold: float
     world_size: int

@@ -142,6 +142,39 @@ def reused(layer: str, calls_per_forward: int) -> Finding:
     )
 
 
+def non_iid_labels(
+    batch_size: float,
+    effective_size: float,
+    batches: int,
+    classes: int,
+    single_class: int,
+    p_value: float,
+) -> Finding:
+    """Labelled batches mix classes far less than random batches would (docs/statistics.md,
+    section 2.8): ``effective_size`` independent samples would vary as much as a batch of
+    ``batch_size``."""
+    single = (
+        f"; {single_class} of {batches} batches hold a single class" if single_class else ""
+    )
+    return Finding(
+        code="non-iid-batches",
+        severity=Severity.WARNING,
+        layer=None,
+        message=(
+            f"the labelled batches are far from i.i.d.: the class mix of a batch of "
+            f"{batch_size:.3g} samples varies like that of {effective_size:.3g} independent "
+            f"samples (chi-square over {batches} batches x {classes} classes, p = "
+            f"{p_value:.2g}){single}: BN statistics gathered from them are those of the model "
+            "fed such batches, not of i.i.d. ones"
+        ),
+        fix=(
+            "shuffle the data and run again: bnscope.load_data and the commands read image "
+            "folders and tensor files shuffled; a DataLoader or data factory must shuffle "
+            "itself (DataLoader(..., shuffle=True))"
+        ),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Adaptive BN
 

@@ -120,7 +120,10 @@ FINDING_CODES: dict[str, str] = {
     "stale-ema": "running stats are far from the population statistics, beyond EMA noise",
     "train-test-gap": "outputs with batch statistics and with running statistics disagree",
     "small-nbs": "batch statistics at the training batch size are too noisy",
-    "non-iid-batches": "batch statistics vary more than i.i.d. sampling explains",
+    "non-iid-batches": (
+        "batches are not i.i.d.: batch statistics (ghost) or the class mix of labelled batches "
+        "(precise, adapt, inspect) vary more than random batches would"
+    ),
     "domain-shift": "target-domain statistics differ from the source statistics (adapt)",
 }
 

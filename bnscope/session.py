@@ -162,8 +162,15 @@ class Result:
             raise UsageError(
                 "this job has no checkpoint file to write next to", "pass path= to save()"
             )
+        ckpt = self.job.checkpoint
+        # an old checkpoint without num_batches_tracked keeps having none (torch fills it in)
+        updates = {
+            k: v
+            for k, v in self.updates.items()
+            if k in ckpt.state_dict or not k.endswith("num_batches_tracked")
+        }
         written = save_checkpoint(
-            self.job.checkpoint, self.updates, target, force=self.force if force is None else force
+            ckpt, updates, target, force=self.force if force is None else force
         )
         self.report = replace(self.report, extra={**self.report.extra, "output": str(written)})
         return written
@@ -887,7 +894,8 @@ def require_batchnorm(model: Any, operation: str, include_frozen: bool | None = 
 
 
 def bn_updates(model: Any, layers: Any, prefix: str) -> dict[str, Any]:
-    """Checkpoint keys -> new running_mean/running_var of the layers with status updated."""
+    """Checkpoint keys -> new running_mean/running_var (and num_batches_tracked, which precise
+    and adapt count, docs/statistics.md section 3.1) of the layers with status updated."""
     from .records import module_name
 
     modules = dict(model.named_modules())
@@ -900,6 +908,9 @@ def bn_updates(model: Any, layers: Any, prefix: str) -> dict[str, Any]:
         base = f"{prefix}{name}." if name else prefix
         updates[f"{base}running_mean"] = mod.running_mean.detach().cpu()
         updates[f"{base}running_var"] = mod.running_var.detach().cpu()
+        tracked = mod._buffers.get("num_batches_tracked")
+        if tracked is not None:
+            updates[f"{base}num_batches_tracked"] = tracked.detach().cpu()
     return updates
 
 

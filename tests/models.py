@@ -5,14 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 
-def make_tiny(num_classes: int = 3, width: int = 4) -> nn.Module:
-    """Conv-BN-ReLU x2, pool, linear: 3x8x8 inputs."""
+def make_tiny(num_classes: int = 3, width: int = 4, momentum: float | None = 0.1) -> nn.Module:
+    """Conv-BN-ReLU x2, pool, linear: 3x8x8 inputs (BN ``momentum`` as given)."""
     return nn.Sequential(
         nn.Conv2d(3, width, 3, padding=1, bias=False),
-        nn.BatchNorm2d(width),
+        nn.BatchNorm2d(width, momentum=momentum),
         nn.ReLU(),
         nn.Conv2d(width, width, 3, padding=1, bias=False),
-        nn.BatchNorm2d(width),
+        nn.BatchNorm2d(width, momentum=momentum),
         nn.ReLU(),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),

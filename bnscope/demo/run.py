@@ -124,6 +124,7 @@ def build_demo(
         shuffle=True,
         drop_last=True,
         seed=seed,
+        same_order=False,  # training: a new order every epoch
     )
     torch.manual_seed(seed)
     model = make_model(num_classes=len(synthetic.CLASSES))

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,6 +21,7 @@ from ..errors import DataError, UsageError
 from ..io.batches import split_batch
 from . import distributed
 from .capture import BNCapture, LayerStats, NonFiniteInput, RowObserver, SkippedLayer
+from .labels import MAX_POOLED_LABEL, LabelCounts, LabelTally, dense, from_dense
 from .runner import Call, Runner, default_call, make_runner, model_device, placed
 
 #: ``progress(done, total)`` once before the first batch (``done`` 0) and after each batch:
@@ -54,8 +56,9 @@ _R = TypeVar("_R", bound=_Named)
 class Collection:
     """Population statistics per BN layer (float64 accumulators) and what was run.
 
-    Under a process group every figure (statistics, calls, samples, batches) covers all ranks
-    and ``world_size`` says how many took part."""
+    Under a process group every figure (statistics, calls, samples, batches, label counts)
+    covers all ranks and ``world_size`` says how many took part. ``labels`` are the counts of
+    the batches' labels (:mod:`bnscope.engine.labels`; None when some batch had none)."""
 
     layers: dict[str, LayerStats]
     skipped: list[SkippedLayer]
@@ -63,6 +66,7 @@ class Collection:
     samples: int
     order: list[str]
     world_size: int = 1
+    labels: LabelCounts | None = None
 
     @property
     def max_rows(self) -> int:
@@ -196,19 +200,32 @@ def _reduce(collection: Collection, group: Any) -> None:
     """All-reduce a collection's statistics and counters over ``group`` (in place)."""
     stats = list(collection.layers.values())
     n = len(stats)
+    labels = collection.labels
     sums = torch.tensor(
         [float(s.calls) for s in stats]
         + [float(s.samples) for s in stats]
-        + [float(collection.batches), float(collection.samples)],
+        + [float(collection.batches), float(collection.samples)]
+        + (
+            [float(labels.batches), float(labels.samples), float(labels.single_class)]
+            if labels is not None
+            else [0.0, 0.0, 0.0]
+        ),
         dtype=torch.float64,
     )
+    # label counts are pooled when every rank's batches had labels: no rank unlabelled, and
+    # the largest label (plus one) sizes the dense per-class vectors
+    unlabelled = labels is None and collection.batches > 0
+    length = int(labels.classes[-1]) + 1 if labels is not None and len(labels.classes) else 0
     maxima = torch.tensor(
-        [float(s.max_calls_per_forward) for s in stats] + [float(s.max_rows) for s in stats],
+        [float(s.max_calls_per_forward) for s in stats]
+        + [float(s.max_rows) for s in stats]
+        + [1.0 if unlabelled else 0.0, float(length)],
         dtype=torch.float64,
     )
     total, peak = distributed.reduce_moments([s.acc for s in stats], group, sums, maxima)
     counts = [int(round(v)) for v in (total.tolist() if total is not None else [])]
     peaks = [int(round(v)) for v in (peak.tolist() if peak is not None else [])]
+    collection.labels = _pool_labels(labels, counts[2 * n + 2 :], peaks[2 * n :], group)
     for i, st in enumerate(stats):
         st.calls = counts[i]
         st.samples = counts[n + i]
@@ -218,6 +235,22 @@ def _reduce(collection: Collection, group: Any) -> None:
     collection.batches = counts[2 * n]
     collection.samples = counts[2 * n + 1]
     collection.world_size = distributed.get_world_size(group)
+
+
+def _pool_labels(
+    labels: LabelCounts | None, sums: list[int], maxima: list[int], group: Any
+) -> LabelCounts | None:
+    """The label counts of all ranks: ``sums`` are the pooled (batches, samples, single-class
+    batches), ``maxima`` (some rank unlabelled, largest label + 1). Every rank takes the same
+    branch, so the one more all-reduce is made by all or by none."""
+    batches, samples, single = sums
+    unlabelled, length = maxima
+    if unlabelled or length == 0 or length > MAX_POOLED_LABEL:
+        return None
+    empty = LabelCounts(np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0))
+    local = torch.from_numpy(dense(labels if labels is not None else empty, length))
+    pooled = distributed.all_reduce_sum(local, group)
+    return from_dense(pooled.numpy(), batches, samples, single)
 
 
 def _collect_local(
@@ -240,6 +273,7 @@ def _collect_local(
     total = expected_batches(data, batches) if progress is not None else None
     if progress is not None:
         progress(0, total)  # the total is known before the first batch
+    tally = LabelTally()
     names = {id(m): n for n, m in model.named_modules() if n}
     with (
         placed(model, runner),
@@ -255,6 +289,9 @@ def _collect_local(
                         batch = next(iterator)
                     except StopIteration:
                         break
+                    size = runner.samples(batch)
+                    # labels as the data yields them: a DataLoader's stay on the host
+                    tally.add(runner.labels(batch), size)
                     batch = runner.prepare(batch)
                     try:
                         with cap.forward(done):
@@ -268,7 +305,7 @@ def _collect_local(
                     if on_output is not None:
                         on_output(done, batch, out)
                     done += 1
-                    samples += runner.samples(batch)
+                    samples += size
                     if progress is not None:
                         progress(done, total)
                 try:
@@ -288,7 +325,10 @@ def _collect_local(
                 "lower batches= (batches per rank under torchrun), or omit it to use all of "
                 "the data",
             )
-        return Collection(dict(cap.layers), list(cap.skipped), done, samples, list(cap.order))
+        return Collection(
+            dict(cap.layers), list(cap.skipped), done, samples, list(cap.order),
+            labels=tally.counts(),
+        )  # fmt: skip
 
 
 def _non_finite(exc: NonFiniteInput) -> DataError:

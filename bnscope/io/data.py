@@ -273,21 +273,25 @@ def load_data(
     batch_size: int = 32,
     workers: int = 0,
     image: ImageOptions = ImageOptions(),
-    shuffle: bool = False,
+    shuffle: bool = True,
     seed: int = 0,
     drop_last: bool = False,
     rank: int = 0,
     world_size: int = 1,
-    same_order: bool = False,
-    drop_single: bool = False,
+    same_order: bool = True,
+    drop_single: bool = True,
     classes: Sequence[str] | None = None,
 ) -> DataSource:
     """Resolve a ``--data`` spec into a :class:`DataSource` of batches.
 
-    ``same_order=True`` makes a shuffled image folder or tensor file yield the same batches in
-    the same order on every iteration (the shuffle is re-seeded with ``seed`` each time), as the
-    analyses that read the data twice want; by default every iteration draws a new order, as a
-    training loop wants.
+    The defaults are the commands' (docs/cli.md, section 8): image folders and tensor files
+    are read in a shuffled order seeded by ``seed`` (``shuffle=True``), the same order on every
+    iteration (``same_order=True``), in batches of 32, and a last batch of one sample is left
+    out (``drop_single=True``). Shuffling matters: BN statistics gathered from batches that
+    each hold one class (a folder read in order) are not the i.i.d. population's, and precise,
+    adapt and inspect say so with a ``non-iid-batches`` finding when the batches carry labels.
+    ``shuffle=False`` reads the samples in order (files by name, class folders in turn);
+    ``same_order=False`` draws a new order on every iteration, as a training loop wants.
 
     Image folders and tensor files become a DataLoader over this rank's samples
     (``rank::world_size``: every sample on exactly one rank). A factory is called with those
@@ -297,8 +301,9 @@ def load_data(
 
     The last batch of an image folder or tensor file (per rank) is incomplete when the batch
     size does not divide the samples. ``drop_last=True`` leaves every incomplete last batch
-    out; ``drop_single=True`` (what the CLI does by default) leaves out a last batch of exactly
-    one sample, which BatchNorm cannot normalize on [N, C] inputs with batch statistics. The
+    out; ``drop_single=True`` (the default, as in the commands) leaves out a last batch of
+    exactly one sample, which BatchNorm cannot normalize on [N, C] inputs with batch
+    statistics. The
     :class:`DataSource` counts the samples left out (``dropped_samples``, ``dropped_reason``).
 
     ``classes`` are the class names the labels of an image folder must follow (the training

@@ -25,12 +25,14 @@ from .. import findings
 from ..engine import sync
 from ..engine.capture import LayerStats
 from ..engine.collect import Call, Collection, Progress, collect
+from ..engine.labels import label_mix
 from ..engine.stats import log_var_ratio, normalized_mean_shift
 from ..errors import UsageError
 from ..extras import AdaptExtra, AdaptReport
 from ..records import AdaptLayer, Finding, Report, Status
 from .precise import (
     frozen_kept_reason,
+    label_findings,
     layer_eps,
     population_stats,
     usage_findings,
@@ -183,7 +185,10 @@ def adapt_bn(
     layer saw). Returns an ``adapt`` report: per-layer :class:`~bnscope.records.AdaptLayer`
     (where in the network the domain differs), ``domain-shift`` findings for layers whose
     median symmetric KL exceeds ``shift_threshold``, and source/target tensors in ``arrays``.
-    The model's modes, momentum, hooks and ``num_batches_tracked`` are restored. Frozen BN
+    The model's modes, momentum and hooks are restored; ``num_batches_tracked`` of an adapted
+    layer counts the new statistics (docs/statistics.md, section 3.1: with ``momentum=None``
+    the batches they stand for, prior included; otherwise advanced so that (1-m)^T is the
+    weight the mixed statistics still give the EMA's initial value, never less). Frozen BN
     layers (``FrozenBatchNorm2d``) are measured and reported with status ``"frozen"``; with
     ``include_frozen=True`` they are adapted too (AdaBN for a frozen detection backbone).
 
@@ -218,11 +223,17 @@ def adapt_bn(
         mixed[name] = (mu, var)
         weights[name] = lam
     records, arrays = _shift_records(collection, target, weights, include_frozen)
-    write_stats(collection, writable(collection, mixed, include_frozen))
-    found = shift_findings(records, shift_threshold) + usage_findings(records, "adapt")
+    write_stats(collection, writable(collection, mixed, include_frozen), weights)
+    mix = label_mix(collection.labels)
+    found = (
+        shift_findings(records, shift_threshold)
+        + usage_findings(records, "adapt")
+        + label_findings(mix)
+    )
     extra: AdaptExtra = {
         "batches": collection.batches,
         "samples": collection.samples,
+        "label_mix": mix,
         "prior": prior,
         "shift_threshold": shift_threshold,
     }

@@ -79,6 +79,7 @@ from ..engine.evaluate import (
     relative_difference,
     using_statistics,
 )
+from ..engine.labels import label_mix
 from ..engine.runner import make_runner, placed
 from ..engine.stats import MomentAccumulator
 from ..errors import DataError
@@ -89,7 +90,13 @@ from ..extras import (
     StaticReport,
 )
 from ..records import Finding, InspectLayer, PreciseLayer, Report, Status
-from .precise import layer_eps, layer_records, population_stats, usage_findings
+from .precise import (
+    label_findings,
+    layer_eps,
+    layer_records,
+    population_stats,
+    usage_findings,
+)
 from .static import static_inspect
 
 F64 = torch.float64
@@ -477,7 +484,9 @@ def inspect(
         },
     )
     layers, arrays = _layer_records(collection, precise_records, precise_arrays, spreads)
+    mix = label_mix(collection.labels)
     findings = _findings(layers, static, precise_records, evaluation)
+    findings += label_findings(mix)
     verdict, verdict_text = _verdict(layers, evaluation)
     extra: InspectExtra = {
         "verdict": verdict,
@@ -487,6 +496,7 @@ def inspect(
         "forwards": forwards,
         "metrics": evaluation.to_dict(),
         "static_layers": [layer.to_dict() for layer in static.layers],
+        "label_mix": mix,
     }
     return Report(
         command="inspect",

@@ -10,6 +10,7 @@ fvcore's ``update_bn_stats`` and ``torch.optim.swa_utils.update_bn`` compute.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -19,11 +20,19 @@ from torch import nn
 from .. import findings
 from ..engine import sync
 from ..engine.collect import Call, Collection, Progress, collect
+from ..engine.labels import label_mix
 from ..engine.stats import log_var_ratio, normalized_mean_shift
-from ..extras import PreciseExtra, PreciseReport
+from ..extras import LabelMixDict, PreciseExtra, PreciseReport
 from ..records import AdaptLayer, Finding, PreciseLayer, Report, Status
 
 ARRAY_KEYS = ("old_mean", "old_var", "new_mean", "new_var", "d_mu", "d_var")
+
+#: ``non-iid-batches`` (labels, docs/statistics.md section 2.8) is raised when the batches'
+#: class mix varies like that of fewer than this fraction of their samples drawn
+#: independently (the chi-square ratio above 1 / NON_IID_LABEL_RATIO)...
+NON_IID_LABEL_RATIO = 0.5
+#: ... and a random shuffle would give such a chi-square with probability below this
+NON_IID_LABEL_P = 1e-3
 
 
 def frozen_kept_reason(module: nn.Module) -> str:
@@ -119,6 +128,26 @@ def usage_findings(
     return out
 
 
+def label_findings(mix: LabelMixDict | None) -> list[Finding]:
+    """``non-iid-batches`` when the labelled batches' class mix is far from random batches':
+    effective size below :data:`NON_IID_LABEL_RATIO` of the batch size, with a chi-square
+    p-value below :data:`NON_IID_LABEL_P` (docs/statistics.md, section 2.8). Nothing without
+    labels, with one batch or with one class."""
+    if mix is None or mix["ratio"] is None or mix["p_value"] is None:
+        return []
+    effective = mix["effective_size"]
+    if effective is None or effective >= NON_IID_LABEL_RATIO * mix["mean_batch_size"]:
+        return []
+    if mix["p_value"] >= NON_IID_LABEL_P:
+        return []
+    return [
+        findings.non_iid_labels(
+            mix["mean_batch_size"], effective, mix["batches"], mix["classes"],
+            mix["single_class_batches"], mix["p_value"],
+        )
+    ]  # fmt: skip
+
+
 def layer_eps(module: nn.Module) -> float:
     """The layer's eps (1e-5, PyTorch's default, for a frozen layer without one)."""
     eps = getattr(module, "eps", None)
@@ -144,16 +173,89 @@ def population_stats(collection: Collection) -> dict[str, tuple[torch.Tensor, to
     return {name: (moved[2 * i], moved[2 * i + 1]) for i, (name, _) in enumerate(called)}
 
 
+#: the weight below which an EMA's initial value counts as gone when bnscope recomputed the
+#: statistics: float64's unit roundoff (docs/statistics.md, section 3.1)
+INIT_WEIGHT_GONE = 2.0**-53
+INT64_MAX = 2**63 - 1
+
+
+def tracked_advance(momentum: float | None, source_weight: float) -> int:
+    """How many EMA updates to add to ``num_batches_tracked`` of a layer with ``momentum``
+    whose new statistics weigh its old ones by ``source_weight`` (lambda; 0 for Precise BN),
+    so that the EMA's weight on its initial value, (1-m)^T, stays exact
+    (docs/statistics.md, section 3.1).
+
+    The old statistics gave the initial value the weight (1-m)^T; the new ones give it
+    lambda * (1-m)^T. With lambda = 0 that is nothing: advance by the smallest j with
+    (1-m)^j <= :data:`INIT_WEIGHT_GONE`. With lambda > 0: by the largest j with
+    (1-m)^j >= lambda, so that the weight T + j implies is never below the true one. A
+    momentum of 0 (an EMA that never moves) or outside (0, 1] gives 0: no T expresses it.
+    ``momentum=None`` layers are counted by :func:`cumulative_tracked` instead."""
+    if momentum is None or not 0 < momentum <= 1 or not 0 <= source_weight < 1:
+        return 0
+    if momentum == 1:  # the EMA is the last batch: one update erases the initial value
+        return 1 if source_weight == 0 else 0
+    keep = 1.0 - momentum
+    step = math.log1p(-momentum)  # log(1 - m) < 0
+    target = source_weight or INIT_WEIGHT_GONE
+    j = math.log(target) / step
+    if keep == 1.0:  # 1 - m rounds to 1, and so does (1 - m)^T for every T
+        return INT64_MAX if source_weight == 0 else 0
+    if j >= INT64_MAX:
+        return INT64_MAX
+    if source_weight == 0:  # the smallest j with keep^j <= U, the logarithms' rounding fixed
+        j = math.ceil(j)
+        while j > 0 and keep ** (j - 1) <= target:
+            j -= 1
+        while keep**j > target:
+            j += 1
+    else:  # the largest j with keep^j >= lambda
+        j = max(math.floor(j), 0)
+        while j > 0 and keep**j < target:
+            j -= 1
+        while keep ** (j + 1) >= target:
+            j += 1
+    return min(j, INT64_MAX)
+
+
+def cumulative_tracked(calls: int, source_weight: float) -> int:
+    """``num_batches_tracked`` of a ``momentum=None`` layer (a cumulative average with factor
+    1/T) whose new statistics stand for ``calls`` batches plus, with a prior weighing
+    ``source_weight`` (lambda = N / (N + n)), N pseudo samples: T = round(calls / (1 - lambda)),
+    so further training continues the average with the weight of one more batch
+    (docs/statistics.md, section 3.1)."""
+    if calls <= 0 or not 0 <= source_weight < 1:
+        return 0
+    return min(max(1, round(calls / (1.0 - source_weight))), INT64_MAX)
+
+
 def write_stats(
-    model_layers: Collection, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    model_layers: Collection,
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    source_weights: dict[str, float] | None = None,
 ) -> None:
-    """Copy new statistics into the BN buffers (cast to their dtype and device); nothing else
-    changes."""
+    """Copy new statistics into the BN buffers (cast to their dtype and device) and count
+    them in ``num_batches_tracked`` where the layer has one: a ``momentum=None`` layer gets
+    :func:`cumulative_tracked`, any other is advanced by :func:`tracked_advance`
+    (``source_weights``: lambda per layer, 0 when absent). Nothing else changes; nothing is
+    read from the device."""
+    weights = source_weights or {}
     with torch.no_grad():
         for name, (mean, var) in stats.items():
             st = model_layers.layers[name]
             st.running_mean.copy_(mean)
             st.running_var.copy_(var)
+            tracked = st.module._buffers.get("num_batches_tracked")
+            if tracked is None or not isinstance(st.module, nn.modules.batchnorm._BatchNorm):
+                continue
+            lam = weights.get(name, 0.0)
+            momentum = st.module.momentum
+            if momentum is None:
+                tracked.fill_(cumulative_tracked(st.calls, lam))
+            else:
+                step = tracked_advance(momentum, lam)
+                if step:  # saturating add: T + step, at most INT64_MAX
+                    tracked.clamp_(max=INT64_MAX - step).add_(step)
 
 
 def precise_bn(
@@ -179,8 +281,12 @@ def precise_bn(
     ``include_frozen=True`` they normalize with batch statistics during collection, like the
     others, and get population statistics written too. Layers that never ran keep their
     statistics (``not-called``); ``track_running_stats=False`` layers are skipped; with
-    ``only_training=True`` so are layers in eval mode. Every module's mode, momentum, hooks and
-    ``num_batches_tracked`` are as before. Returns a ``precise`` report: per-layer
+    ``only_training=True`` so are layers in eval mode. Every module's mode, momentum and hooks
+    are as before. ``num_batches_tracked`` of an updated layer counts the new statistics
+    (docs/statistics.md, section 3.1): with ``momentum=None`` it becomes the number of calls
+    the cumulative average now stands for; otherwise it advances until the EMA's weight on its
+    initial value, (1-m)^T, is below 2^-53 (the statistics no longer hold any of it), so
+    ``ema-warmup`` does not report recomputed statistics. Returns a ``precise`` report: per-layer
     :class:`~bnscope.records.PreciseLayer` records (old vs new), with the old and new tensors in
     ``report.arrays``.
 
@@ -206,8 +312,13 @@ def precise_bn(
     stats = population_stats(collection)
     records, arrays = layer_records(collection, stats, include_frozen)
     write_stats(collection, writable(collection, stats, include_frozen))
-    found = usage_findings(records, "precise")
-    extra: PreciseExtra = {"batches": collection.batches, "samples": collection.samples}
+    mix = label_mix(collection.labels)
+    found = usage_findings(records, "precise") + label_findings(mix)
+    extra: PreciseExtra = {
+        "batches": collection.batches,
+        "samples": collection.samples,
+        "label_mix": mix,
+    }
     if collection.world_size > 1:
         extra["world_size"] = collection.world_size
     return Report(

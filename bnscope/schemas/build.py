@@ -264,6 +264,22 @@ DEFS: dict[str, Schema] = {
         description="one variant against the reference variant (docs/statistics.md, "
         "section 9): accuracy and loss need labels, agreement and kl class scores",
     ),
+    "label_mix": obj(
+        {
+            "batches": COUNT,
+            "samples": COUNT,
+            "classes": COUNT,
+            "mean_batch_size": REAL,
+            "single_class_batches": COUNT,
+            "chi2": REAL,
+            "df": COUNT,
+            "ratio": OPT_REAL,
+            "effective_size": OPT_REAL,
+            "p_value": OPT_REAL,
+        },
+        description="extras.LabelMixDict: the class mix of the labelled batches against random "
+        "batches (docs/statistics.md, section 2.8); null without labels",
+    ),
     "demo_build": obj(
         {
             "folder": STRING,
@@ -398,9 +414,10 @@ def document_defs() -> dict[str, Schema]:
                 "forwards": COUNT,
                 "metrics": _metrics("inspect"),
                 "static_layers": array(ref("static_layer")),
+                "label_mix": nullable(ref("label_mix")),
             },
             ["verdict", "verdict_text", "batches", "samples", "forwards", "metrics",
-             "static_layers"],  # fmt: skip
+             "static_layers", "label_mix"],  # fmt: skip
             RUN_GROUPS,
         ),
         "precise": _document(
@@ -412,8 +429,9 @@ def document_defs() -> dict[str, Schema]:
                 "world_size": {"type": "integer", "minimum": 2},
                 "metrics": _metrics("precise"),
                 "output": OPT_STRING,
+                "label_mix": nullable(ref("label_mix")),
             },
-            ["batches", "samples"],
+            ["batches", "samples", "label_mix"],
             {**RUN_GROUPS, "device": [*RUN_GROUPS["device"], "output"]},
         ),
         "adapt": _document(
@@ -427,8 +445,9 @@ def document_defs() -> dict[str, Schema]:
                 "world_size": {"type": "integer", "minimum": 2},
                 "metrics": _metrics("adapt"),
                 "output": OPT_STRING,
+                "label_mix": nullable(ref("label_mix")),
             },
-            ["batches", "samples", "prior", "shift_threshold"],
+            ["batches", "samples", "prior", "shift_threshold", "label_mix"],
             {**RUN_GROUPS, "device": [*RUN_GROUPS["device"], "output"]},
         ),
         "ghost": _document(

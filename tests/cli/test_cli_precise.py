@@ -52,9 +52,12 @@ def test_precise_writes_exact_stats_and_keeps_structure(precise_env):
         atol=1e-7,
     )
     for k, v in raw_in["model"].items():
-        if not (k.endswith("running_mean") or k.endswith("running_var")):
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):
             assert torch.equal(v, raw_out["model"][k]), k
-    assert int(raw_out["model"]["module.1.num_batches_tracked"]) == 5
+    # counted (docs/statistics.md, section 3.1): 5 updates, then 349 more put 0.9^T below 2^-53
+    assert int(raw_in["model"]["module.1.num_batches_tracked"]) == 5
+    assert int(raw_out["model"]["module.1.num_batches_tracked"]) == 5 + 349
+    assert raw_out["model"]["module.1.num_batches_tracked"].dtype == torch.long
 
 
 def test_precise_eval_and_out_dir(precise_env):
@@ -239,3 +242,85 @@ def test_precise_image_channels_mismatch(precise_env):
     _write_images(tmp / "imgs")
     res = run("precise", ckpt, "--model", tiny_spec(), "--data", tmp / "imgs", "--channels", "1")
     one_error_line(res, "the model failed on batch 0 (input 3x1x8x8)")
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("command", ["precise", "adapt"])
+def test_recomputed_checkpoint_passes_the_warmup_check(tmp_path, command, momentum):
+    """The issue: after bnscope precise, inspect --fail-on warning still exited 1 with an
+    ema-warmup warning per layer. A checkpoint bnscope did not fix is still reported."""
+    from ..models import make_tiny
+
+    torch.manual_seed(0)
+    model = make_tiny(momentum=momentum)
+    model.train()
+    with torch.no_grad():
+        for _ in range(5):  # 0.9^5 = 0.59 of the EMA is still its initial value
+            model(torch.randn(8, 3, 8, 8) * 2 + 1)
+    ckpt = tmp_path / "ck.pt"
+    torch.save({"model": model.state_dict(), "epoch": 3}, ckpt)
+    g = torch.Generator().manual_seed(1)
+    data = tmp_path / "d.pt"
+    torch.save({"x": torch.randn(64, 3, 8, 8, generator=g) * 2 + 1,
+                "y": torch.randint(0, 3, (64,), generator=g)}, data)  # fmt: skip
+    spec = ("--model", tiny_spec(), "--model-kwargs", json.dumps({"momentum": momentum}))
+
+    def warmup(path, *extra):
+        res = run("inspect", path, *spec, *extra, "--fail-on", "warning", "--json")
+        doc = json.loads(res.stdout)
+        return res.exit_code, {f["layer"] for f in doc["findings"] if f["code"] == "ema-warmup"}
+
+    if momentum is not None:  # an EMA 5 updates old: reported, statically and dynamically
+        assert warmup(ckpt) == (1, {"1", "4"})
+        assert warmup(ckpt, "--data", data)[1] == {"1", "4"}
+    res = run(command, ckpt, *spec, "--data", data, "--batch-size", "16", "-q")
+    assert res.exit_code == 0, res.stderr
+    out = tmp_path / ("ck.precise.pt" if command == "precise" else "ck.adapted.pt")
+    assert warmup(out) == (0, set())
+    code, found = warmup(out, "--data", data)
+    assert found == set() and code == 0
+    saved = torch.load(out, weights_only=True)["model"]
+    expected = 4 if momentum is None else 5 + 349  # 4 batches averaged; 0.9^354 < 2^-53
+    assert int(saved["1.num_batches_tracked"]) == int(saved["4.num_batches_tracked"]) == expected
+
+
+def test_class_sorted_factory_batches_are_reported(precise_env):
+    """A data factory batches itself: one yielding class-sorted batches gets a
+    non-iid-batches warning; the same samples as a tensor file are read shuffled."""
+    tmp, ckpt, _, _, _ = precise_env
+    g = torch.Generator().manual_seed(4)
+    y = (torch.arange(96) % 3).sort().values
+    x = torch.randn(96, 3, 8, 8, generator=g) + y.view(-1, 1, 1, 1)
+    torch.save({"x": x, "y": y}, tmp / "sorted.pt")
+    (tmp / "sorted_factory.py").write_text(
+        "import torch\n\n\n"
+        "def make(batch_size):\n"
+        f"    d = torch.load({str(tmp / 'sorted.pt')!r})\n"
+        "    return list(zip(d['x'].split(batch_size), d['y'].split(batch_size)))\n"
+    )
+    common = ("--model", tiny_spec(), "--batch-size", "16", "-o", tmp / "o.pt", "--force")
+    res = run("precise", ckpt, *common, "--data", f"{tmp / 'sorted_factory.py'}:make", "--json",
+              "--fail-on", "warning")  # fmt: skip
+    doc = json.loads(res.stdout)
+    found = [f for f in doc["findings"] if f["code"] == "non-iid-batches"]
+    assert res.exit_code == 1 and len(found) == 1 and found[0]["layer"] is None
+    assert "6 of 6 batches hold a single class" in found[0]["message"]
+    assert doc["label_mix"]["batches"] == 6 and doc["label_mix"]["classes"] == 3
+    res = run("precise", ckpt, *common, "--data", tmp / "sorted.pt", "--json")
+    doc = json.loads(res.stdout)
+    assert res.exit_code == 0 and not [f for f in doc["findings"] if f["code"] == "non-iid-batches"]
+    assert doc["label_mix"]["ratio"] < 2
+    res = run("precise", ckpt, *common, "--data", f"{tmp / 'sorted_factory.py'}:make")
+    assert res.exit_code == 0 and "non-iid-batches" in res.stdout  # the table shows it
+
+
+def test_checkpoint_without_num_batches_tracked_is_written_without_one(precise_env):
+    """An old (torch < 0.4.1) state dict: torch fills the count in when loading, precise
+    counts its statistics there, and the checkpoint written keeps the input's keys."""
+    tmp, _, data, model, _ = precise_env
+    sd = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(sd, tmp / "old.pt")
+    res = run("precise", tmp / "old.pt", "--model", tiny_spec(), "--data", data, "-q")
+    assert res.exit_code == 0, res.stderr
+    out = torch.load(tmp / "old.precise.pt", weights_only=True)
+    assert list(out) == list(sd)

@@ -68,6 +68,20 @@ def test_cuda_precise_matches_the_cpu_for_a_model_on_either_device(where: str):
         assert a.d_mu_max == pytest.approx(b.d_mu_max, rel=1e-4, abs=1e-6)
 
 
+def test_cuda_labels_and_counts_match_the_cpu():
+    """Labels already on the GPU are read once at the end and give the host labels' label
+    mix; num_batches_tracked is advanced on the GPU as on the CPU."""
+    batches = data()
+    ref, model = net(), net().cuda()
+    rep_cpu = bnscope.precise_bn(ref, batches)
+    rep = bnscope.precise_bn(model, [(x.cuda(), y.cuda()) for x, y in batches])
+    assert rep.extra["label_mix"] == rep_cpu.extra["label_mix"] is not None
+    counts = {k: int(v) for k, v in ref.state_dict().items() if "num_batches" in k}
+    assert counts and counts == {
+        k: int(v) for k, v in model.state_dict().items() if "num_batches" in k
+    }
+
+
 def test_cuda_adapt_inspect_ghost_and_evaluate_match_the_cpu():
     batches = data()
     x_only = [x for x, _ in batches]

@@ -86,6 +86,16 @@ def make_batches() -> list[torch.Tensor]:
 SHARDS = {0: [0, 2, 4], 1: [1, 3]}
 
 
+def sorted_labels() -> list[torch.Tensor]:
+    """One class per batch (classes 0, 1, 2, 0, 1): labels of data read in class order."""
+    return [torch.full((b.shape[0],), i % 3) for i, b in enumerate(make_batches())]
+
+
+def mixed_labels() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(12)
+    return [torch.randint(0, 4, (b.shape[0],), generator=g) for b in make_batches()]
+
+
 def bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
 
@@ -113,6 +123,14 @@ def _cases(rank: int, out: Path) -> dict:
     model = make_model()
     rep = precise_bn(model, mine, process_group=distributed.LOCAL)
     res["local"] = {"arrays": rep.arrays, "extra": rep.extra}
+
+    # labelled batches: the class mix pooled over the ranks (sorted and shuffled labels)
+    for name, labels in (("sorted", sorted_labels()), ("mixed", mixed_labels())):
+        rep = precise_bn(make_model(), [(batches[i], labels[i]) for i in SHARDS[rank]])
+        res[f"labels_{name}"] = {
+            "mix": rep.extra["label_mix"],
+            "findings": [f.to_dict() for f in rep.findings],
+        }
 
     model = make_model()
     rep = adapt_bn(model, [b * 0.5 - 1 for b in mine], prior=8)
@@ -259,8 +277,8 @@ def test_two_ranks_equal_one_process_on_the_union(ranks):
         torch.testing.assert_close(r0["buffers"][k], v, rtol=1e-6, atol=1e-7)
     # every figure of the report covers both ranks
     assert_same_records(r0["layers"], ref.layers)
-    assert r0["extra"] == {"batches": 5, "samples": 49, "world_size": 2}
-    assert ref.extra == {"batches": 5, "samples": 49}
+    assert r0["extra"] == {"batches": 5, "samples": 49, "label_mix": None, "world_size": 2}
+    assert ref.extra == {"batches": 5, "samples": 49, "label_mix": None}
     # the model is otherwise as before; SyncBatchNorm kept its class and forward
     assert r0["nbt"] == {k: int(v) for k, v in ref_model.state_dict().items() if "num_b" in k}
     assert r0["sync_forward_patched"] is False
@@ -280,10 +298,27 @@ def test_local_process_group_does_not_communicate(ranks):
     mine = [make_batches()[i] for i in SHARDS[1]]
     _, ref = single_process(lambda m: precise_bn(m, mine))
     loc = ranks[1]["local"]
-    assert loc["extra"] == {"batches": 2, "samples": 12}
+    assert loc["extra"] == {"batches": 2, "samples": 12, "label_mix": None}
     assert set(loc["arrays"]) == {"bn1", "bn2", "head"}
     for name, arr in ref.arrays.items():
         torch.testing.assert_close(loc["arrays"][name]["new_var"], arr["new_var"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("name", "labels"), [("sorted", sorted_labels), ("mixed", mixed_labels)])
+def test_label_mix_two_ranks_equal_one_process(ranks, name, labels):
+    batches = list(zip(make_batches(), labels(), strict=True))
+    _, ref = single_process(lambda m: precise_bn(m, batches))
+    want = ref.extra["label_mix"]
+    got0, got1 = ranks[0][f"labels_{name}"], ranks[1][f"labels_{name}"]
+    assert got0 == got1  # the same figures and findings on every rank
+    assert want is not None and got0["mix"].keys() == want.keys()
+    for key, value in want.items():
+        assert got0["mix"][key] == pytest.approx(value, rel=1e-12), key
+    codes = [f["code"] for f in got0["findings"]]
+    assert codes.count("non-iid-batches") == (1 if name == "sorted" else 0)
+    assert [f.code for f in ref.findings].count("non-iid-batches") == codes.count(
+        "non-iid-batches"
+    )
 
 
 def test_adapt_two_ranks(ranks):

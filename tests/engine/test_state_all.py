@@ -70,7 +70,12 @@ def bad_shape_at(at: int, read: int):
     return BadShape(RuntimeError(), at, read)
 
 
-STATS = {"bn.running_mean", "bn.running_var", "bn2.running_mean", "bn2.running_var"}
+#: what precise and adapt write: the statistics and their count (docs/statistics.md, 3.1)
+STATS = {
+    f"{layer}.{buffer}"
+    for layer in ("bn", "bn2")
+    for buffer in ("running_mean", "running_var", "num_batches_tracked")
+}
 
 FUNCTIONS = {
     # name: (call(model, data), buffers it is meant to change on success, the readings of the

@@ -19,7 +19,8 @@ from torch import nn
 
 from bnscope.errors import DataError
 from bnscope.io.batches import move_to, split_batch
-from bnscope.io.data import DataSource, load_data
+from bnscope.io.data import DataSource
+from bnscope.io.data import load_data as library_load_data
 from bnscope.io.images import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, ImageOptions
 
 MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)
@@ -28,6 +29,15 @@ STD = torch.tensor(IMAGENET_STD, dtype=torch.float32)
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
+
+def load_data(spec: Any, **kwargs: Any) -> DataSource:
+    """The reader in file order with every sample kept: these tests check reading, decoding
+    and batching sample by sample (the library's defaults, shuffled as the commands read,
+    are tested in test_load_data_defaults_are_the_commands)."""
+    kwargs.setdefault("shuffle", False)
+    kwargs.setdefault("drop_single", False)
+    return library_load_data(spec, **kwargs)
 
 
 def one_line(err: DataError) -> DataError:
@@ -754,17 +764,36 @@ def test_default_call() -> None:
     assert torch.equal(default_call(model, {"feat": x}, input_key="feat"), model(x))
 
 
-def test_same_order_repeats_the_shuffle_and_the_default_draws_a_new_one(tmp_path):
-    import torch
-
-    from bnscope.io.data import load_data
-
+def test_same_order_repeats_the_shuffle_and_a_new_order_on_request(tmp_path):
     x = torch.arange(40, dtype=torch.float32).reshape(40, 1)
     torch.save(x, tmp_path / "x.pt")
-    same = load_data(str(tmp_path / "x.pt"), batch_size=8, shuffle=True, seed=3, same_order=True)
+    same = library_load_data(str(tmp_path / "x.pt"), batch_size=8, seed=3)  # the defaults
     first, second = [b.clone() for b in same], [b.clone() for b in same]
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     assert not torch.equal(torch.cat(first), x)  # shuffled
-    fresh = load_data(str(tmp_path / "x.pt"), batch_size=8, shuffle=True, seed=3)
+    fresh = library_load_data(str(tmp_path / "x.pt"), batch_size=8, seed=3, same_order=False)
     a, b = torch.cat(list(fresh)), torch.cat(list(fresh))
     assert not torch.equal(a, b) and torch.equal(a.sort(0).values, b.sort(0).values)
+
+
+def test_load_data_defaults_are_the_commands(labelled: Path, tmp_path: Path) -> None:
+    """The issue: bnscope.load_data read in order where the commands shuffle. The library's
+    defaults now give the batches a job (what the CLI runs) reads, sample for sample."""
+    import bnscope
+
+    opts = ImageOptions(image_size=6)
+    torch.save({"x": torch.arange(65.0).view(65, 1), "y": torch.arange(65) % 3}, tmp_path / "t.pt")
+    for spec in (str(tmp_path / "t.pt"), str(labelled)):
+        job = bnscope.open(data=spec, image_size=6, batch_size=2)
+        ours = library_load_data(spec, batch_size=2, image=opts)
+        theirs = job.source(spec)
+        got, want = list(ours), list(theirs)
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+        assert ours.dropped_samples == theirs.dropped_samples
+    src = library_load_data(str(tmp_path / "t.pt"), batch_size=8)
+    x, y = collect(src)
+    assert x.view(-1).tolist() != sorted(x.view(-1).tolist())  # shuffled
+    assert x.shape[0] == 64 and src.dropped_samples == 1  # a last batch of 1 is left out
+    assert [b[0].shape[0] for b in src] == [8] * 8

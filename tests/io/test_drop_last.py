@@ -222,9 +222,9 @@ def sizes(src) -> list[int]:
 def test_load_data_drop_rules(tmp_path: Path):
     torch.save(torch.randn(N, 4), tmp_path / "x.pt")
     data = tmp_path / "x.pt"
-    src = load_data(data, batch_size=127)  # the library keeps every batch unless asked
+    src = load_data(data, batch_size=127, drop_single=False)  # every batch kept, on request
     assert sizes(src) == [127, 1] and src.dropped_samples == 0 and src.num_samples == N
-    src = load_data(data, batch_size=127, drop_single=True)
+    src = load_data(data, batch_size=127)  # the default, as in the commands
     assert sizes(src) == [127] and src.dropped_samples == 1 and src.num_samples == 127
     assert src.dropped_reason == DROP_SINGLE
     src = load_data(data, batch_size=50, drop_single=True)  # a last batch of 28 is fine

@@ -8,9 +8,11 @@ from torch import nn
 
 from bnscope.errors import UsageError
 from bnscope.ops.adapt import adapt_bn, mix_with_prior, symmetric_kl
+from bnscope.ops.precise import INIT_WEIGHT_GONE
+from bnscope.ops.static import static_inspect
 
 from ..statecheck import assert_same_state, snapshot
-from .test_precise import batches_of
+from .test_precise import batches_of, partly_trained, warmup_layers
 
 
 def test_prior_formula_hand_made():
@@ -86,7 +88,7 @@ def test_no_shift_no_finding_and_state_restored():
     from bnscope.ops.precise import precise_bn
 
     precise_bn(m, [x])
-    stats = {"1.running_mean", "1.running_var"}
+    stats = {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
     before = snapshot(m, skip_buffers=stats)
     rep = adapt_bn(m, batches_of(x, (56, 200)))
     assert rep.findings == ()
@@ -100,3 +102,39 @@ def test_negative_prior_refused_before_running():
     with pytest.raises(UsageError, match="prior"):
         adapt_bn(m, [torch.randn(4, 2)], prior=-1)
     assert_same_state(before, snapshot(m))
+
+
+def test_adapt_counts_its_statistics_in_num_batches_tracked():
+    """docs/statistics.md, section 3.1: without a prior the adapted statistics hold nothing of
+    the EMA's initial value; with one they hold lambda times what the source held, and
+    (1-m)^T says so, never less."""
+    target = torch.randn(48, 3) - 1
+    m = partly_trained(20)
+    adapt_bn(m, batches_of(target, (16, 16, 16)))
+    assert warmup_layers(m) == set()
+    assert int(m.ema.num_batches_tracked) == 20 + 349
+    assert int(m.cma.num_batches_tracked) == 3 and int(m.twice.num_batches_tracked) == 6
+
+    m = partly_trained(20)
+    source = {r.name: r.ema_init_weight for r in static_inspect(m).layers}
+    rep = adapt_bn(m, batches_of(target, (16, 16, 16)), prior=48)  # lambda = 48 / 96 = 0.5
+    lam = {r.name: r.weight_source for r in rep.layers}
+    assert lam["ema"] == lam["cma"] == 0.5 and lam["twice"] == 48 / 144
+    after = {r.name: r.ema_init_weight for r in static_inspect(m).layers}
+    for name, m_ in (("ema", 0.1), ("slow", 0.01)):
+        true_weight = lam[name] * source[name]
+        assert true_weight <= after[name] < true_weight / (1 - m_), name
+    assert warmup_layers(m) == {"ema", "slow"}  # half of an unwarmed EMA is still unwarmed
+    assert int(m.cma.num_batches_tracked) == 6  # 3 batches and 48 pseudo samples = 3 more
+    assert int(m.twice.num_batches_tracked) == 9  # 6 calls of 16 and 48 pseudo samples: 3 more
+    assert after["cma"] == 0.0 < INIT_WEIGHT_GONE
+
+
+def test_class_sorted_target_batches_are_reported():
+    from .test_precise import class_batches, iid_findings
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    rep = adapt_bn(model, class_batches("sorted"), prior=16)
+    assert len(iid_findings(rep)) == 1 and rep.extra["label_mix"]["single_class_batches"] == 8
+    rep = adapt_bn(model, class_batches("shuffled"), prior=16)
+    assert iid_findings(rep) == [] and rep.extra["label_mix"]["classes"] == 4

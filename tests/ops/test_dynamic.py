@@ -91,6 +91,56 @@ def test_precise_statistics_give_no_false_alarm():
     assert rep.extra["verdict"] in ("healthy", "gap")
 
 
+def briefly_trained(data, steps: int) -> Net:
+    """Momentum 0.1 except b2 (momentum None), trained ``steps`` batches: EMAs that still
+    weigh their initial value by 0.9^steps."""
+    torch.manual_seed(0)
+    model = Net()
+    model.b2.momentum = None
+    model.train()
+    with torch.no_grad():
+        for x, _ in data[:steps]:
+            model(x)
+    model.unused.num_batches_tracked.fill_(steps)  # as if trained, but never called
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("operation", ["precise", "adapt"])
+def test_recomputed_statistics_are_no_unwarmed_ema(operation):
+    """The issue: after precise (or adapt) the dynamic report still said ema-warmup."""
+    from bnscope.ops.adapt import adapt_bn
+
+    data = make_data(12)
+    model = briefly_trained(data, 5)  # 0.9^5 = 0.59
+    warm = by_code(inspect(model, data))["ema-warmup"]
+    assert warm == {"b1", "shared", "unused", "head_bn"}  # b2 (cumulative) is no EMA
+    if operation == "precise":
+        precise_bn(model, data)
+    else:
+        adapt_bn(model, data)
+    rep = inspect(model, data)
+    assert by_code(rep).get("ema-warmup", set()) == {"unused"}  # never ran: still unwarmed
+    assert int(model.b2.num_batches_tracked) == 12  # the batches its average stands for
+    layers = {layer.name: layer for layer in rep.layers}
+    assert layers["b2"].status == "ok" and layers["b2"].z_mu is not None
+
+
+def test_class_sorted_batches_are_reported():
+    data = make_data(8)
+    x = torch.cat([b[0] for b in data])
+    y = torch.cat([b[1] for b in data])
+    order = torch.argsort(y, stable=True)
+    sorted_data = list(zip(x[order].split(32), y[order].split(32), strict=True))
+    model = ema_trained(data)
+    rep = inspect(model, sorted_data)
+    assert by_code(rep)["non-iid-batches"] == {None}
+    assert rep.extra["label_mix"]["effective_size"] < 2
+    rep = inspect(model, data)  # the same samples, random batches
+    assert "non-iid-batches" not in by_code(rep)
+    assert 0.5 < rep.extra["label_mix"]["ratio"] < 1.5
+
+
 def test_planted_faults_are_found_with_code_and_layer():
     data = make_data()
     model = ema_trained(data)

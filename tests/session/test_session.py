@@ -162,7 +162,7 @@ def test_live_model_and_loader_without_a_checkpoint():
     with pytest.raises(UsageError, match=r"pass path= to save\(\)"):
         result.save()
     saved = result.updates
-    assert set(saved) == {"1.running_mean", "1.running_var"}
+    assert set(saved) == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
 
 
 def test_errors_name_the_library_parameters(demo: Path):
