@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from bnscope.errors import DataError
 from bnscope.io.factories import _factory_parts, _FactoryBatches, _load_factory
@@ -40,6 +40,7 @@ __all__ = [
     "DataSource",
     "DROP_SINGLE",
     "DROP_INCOMPLETE",
+    "known_batches",
     "load_data",
 ]
 
@@ -72,6 +73,29 @@ class DataSource:
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.loader)
+
+
+def known_batches(data: Any) -> tuple[int, int | None] | None:
+    """``(batches, batch_size)`` that one iteration over ``data`` yields, when that is known
+    without reading any of it; ``None`` otherwise. ``batch_size`` is ``None`` when unknown.
+
+    Known: a :class:`DataSource` of an image folder or tensor file, a factory's or your own
+    ``DataLoader`` over a map-style dataset (``len()`` of its batch sampler, ``drop_last``
+    included; a sampler's ``len()`` is trusted, as PyTorch does), a list or tuple of batches.
+    Unknown: generators and other iterables, ``DataLoader``s over an ``IterableDataset``.
+    """
+    if isinstance(data, DataSource):
+        data = data.loader
+    if isinstance(data, _FactoryBatches):
+        data = data.loader
+    if isinstance(data, (list, tuple)):
+        return len(data), None
+    if isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset):
+        try:
+            return len(data), data.batch_size
+        except TypeError:  # a batch sampler without len()
+            return None
+    return None
 
 
 # --------------------------------------------------------------------------------------------
