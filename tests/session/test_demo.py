@@ -69,10 +69,9 @@ def test_demo_end_to_end(tmp_path):
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
     assert (doc["batches"], doc["samples"]) == (100, 3200)
-    one_error_line(
-        run("precise", "--batches", "101", "--force", cwd=folder),
-        "--batches 101, but the data holds 100 batches (image folder data/train",
-    )
+    res = run("precise", "--batches", "101", "--force", cwd=folder)
+    one_error_line(res, "--batches 101, but the data holds 100 batches (image folder ")
+    assert "data/train (4 classes, 3200 images), in batches of 32)" in res.stderr
 
     # a non-empty folder is refused without --force
     one_error_line(run("demo", folder), "is not empty")
