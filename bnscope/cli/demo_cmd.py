@@ -59,9 +59,6 @@ def demo_command(
         if not (quiet or json_):
             ui.line(f"[demo] {msg}")
 
-    import torch
-
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     done = run_walkthrough(
         target,
         seed=seed,

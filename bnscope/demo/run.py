@@ -5,9 +5,10 @@ Computation only: it reports progress through a callback and returns a record; t
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,32 @@ data = "data/train"
 eval_data = "data/val"
 batch_size = 32
 """
+
+
+#: CPU threads the demo runs on, whatever the machine or ``OMP_NUM_THREADS`` says. Training is
+#: chaotic: another thread count sums float32 reductions in another order, which changes the
+#: trained weights and with them every number the demo prints. With a fixed count they are the
+#: same on every run (for this seed, torch version and CPU type). One thread: the model is
+#: small, and a busy machine does not stall it at thread barriers.
+DEMO_THREADS = 1
+
+#: images per class the demo writes: 800 x 4 training images make 100 batches of 32, so
+#: ``bnscope precise --batches 100`` works in the demo folder; 100 x 4 validation images
+DEMO_TRAIN_PER_CLASS = 800
+DEMO_VAL_PER_CLASS = 100
+
+
+@contextlib.contextmanager
+def demo_threads() -> Iterator[None]:
+    """Run the block on :data:`DEMO_THREADS` CPU threads; the thread count is restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(DEMO_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -84,12 +111,13 @@ def build_demo(
     folder: Path,
     *,
     seed: int = 0,
-    train_per_class: int = 400,
-    val_per_class: int = 100,
+    train_per_class: int = DEMO_TRAIN_PER_CLASS,
+    val_per_class: int = DEMO_VAL_PER_CLASS,
     epochs: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> DemoBuild:
-    """Write model.py, data/train, data/val, train the model, save ckpt.pt and bnscope.toml.
+    """Write model.py, data/train, data/val, train the model (on :data:`DEMO_THREADS` threads),
+    save ckpt.pt and bnscope.toml.
 
     The checkpoint is ``{"state_dict": ..., "epoch": ..., "history": [...]}``: a wrapped state
     dict, as training scripts write them.
@@ -126,22 +154,25 @@ def build_demo(
         seed=seed,
         same_order=False,  # training: a new order every epoch
     )
-    torch.manual_seed(seed)
-    model = make_model(num_classes=len(synthetic.CLASSES))
-    history = train(
-        model,
-        loader.loader,
-        epochs=n_epochs,
-        lr=DEMO_LR,
-        final_lr=DEMO_FINAL_LR,
-        seed=seed,
-        progress=say,
-    )
+    with demo_threads():
+        torch.manual_seed(seed)
+        model = make_model(num_classes=len(synthetic.CLASSES))
+        history = train(
+            model,
+            loader.loader,
+            epochs=n_epochs,
+            lr=DEMO_LR,
+            final_lr=DEMO_FINAL_LR,
+            seed=seed,
+            progress=say,
+        )
     seconds["train"] = time.perf_counter() - t0
 
     ckpt = folder / "ckpt.pt"
-    with atomic_path(ckpt) as tmp:
-        # the class names in label order: evaluation folders are matched to them by name
+    # through a file object: the archive's inner folder is then "archive", not the temporary
+    # file's random name, so the same training gives the same bytes; the class names in label
+    # order: evaluation folders are matched to them by name
+    with atomic_path(ckpt) as tmp, open(tmp, "wb") as fh:
         torch.save(
             {
                 "state_dict": model.state_dict(),
@@ -149,7 +180,7 @@ def build_demo(
                 "epoch": n_epochs,
                 "history": history,
             },
-            tmp,
+            fh,
         )
     write_text(folder / "bnscope.toml", PROJECT_FILE)
     return DemoBuild(
@@ -164,10 +195,10 @@ def build_demo(
     )
 
 
-#: the demo's target domain: CIFAR-10-C Gaussian noise at severity 3
 #: ghost sizes the demo analyses (the demo trains with batches of 32)
 DEMO_GHOST_SIZES = (2, 4, 8, 16, 32)
 
+#: the demo's target domain: CIFAR-10-C Gaussian noise at severity 3
 DEMO_CORRUPTION = ("gaussian_noise", 3)
 
 

@@ -8,10 +8,11 @@ Demo defaults
 :data:`DEMO_EPOCHS`, :data:`DEMO_LR`, :data:`DEMO_BATCH_SIZE` and :data:`DEMO_FINAL_LR`
 are the settings ``bnscope demo`` trains with (plain SGD, Nesterov momentum 0.9, weight
 decay 5e-4, cosine decay to zero, shuffled batches of 32, ``drop_last=True``) on the
-synthetic data of :mod:`bnscope.demo.synthetic` with its default sizes (400 training and
-100 validation images per class).  On 2 CPU threads this takes well under 30 s and
-reaches about 95% validation accuracy with population ("precise") BatchNorm
-statistics, but clearly less with the running statistics the training leaves behind,
+synthetic data of ``bnscope demo`` (800 training and 100 validation images per class:
+4 epochs of 100 steps).  On one CPU thread (:data:`bnscope.demo.run.DEMO_THREADS`) this
+takes well under 30 s and reaches about 95% validation accuracy with population
+("precise") BatchNorm statistics, but clearly less with the running statistics the
+training leaves behind,
 because the demo model's BatchNorm momentum is 0.01 (see ``bnscope/demo/model.py``):
 its running averages span the last ~100 steps and lag the final weights.
 
@@ -46,7 +47,7 @@ __all__ = [
     "train",
 ]
 
-DEMO_EPOCHS = 8
+DEMO_EPOCHS = 4
 DEMO_LR = 0.05
 DEMO_BATCH_SIZE = 32
 DEMO_FINAL_LR = 0.0

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..records import document_header
-from .run import DEMO_CORRUPTION, DEMO_GHOST_SIZES, DemoBuild, build_demo, write_corrupted
+from .run import (
+    DEMO_CORRUPTION,
+    DEMO_GHOST_SIZES,
+    DemoBuild,
+    build_demo,
+    demo_threads,
+    write_corrupted,
+)
 
 if TYPE_CHECKING:
     from ..records import Report
@@ -61,7 +68,21 @@ def run_walkthrough(
 ) -> Walkthrough:
     """Build the demo in ``folder`` (which :func:`~bnscope.demo.run.prepare_folder` made),
     then run the four operations with the model and data of its ``bnscope.toml``, every
-    sample, the demo's ``seed`` and ``run`` (``device``, ``amp``, ``channels_last``)."""
+    sample, the demo's ``seed`` and ``run`` (``device``, ``amp``, ``channels_last``), on
+    :data:`~bnscope.demo.run.DEMO_THREADS` CPU threads."""
+    with demo_threads():  # the same numbers on every machine (see DEMO_THREADS)
+        return _walk(folder, seed=seed, run=run, say=say, notify=notify, info=info)
+
+
+def _walk(
+    folder: Path,
+    *,
+    seed: int,
+    run: dict[str, Any] | None,
+    say: Say | None,
+    notify: Say | None,
+    info: Say | None,
+) -> Walkthrough:
     from ..io.config import load_project_config
     from ..session import Job, resolve_options
 

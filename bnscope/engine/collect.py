@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import DataError, UsageError
 from ..io.batches import split_batch
+from ..io.data import DataSource, known_batches
 from . import distributed
 from .capture import BNCapture, LayerStats, NonFiniteInput, RowObserver, SkippedLayer
 from .labels import MAX_POOLED_LABEL, LabelCounts, LabelTally, dense, from_dense
@@ -108,11 +109,28 @@ def _first_line(exc: BaseException) -> str:
     return " ".join(text[0].split()) if text else type(exc).__name__
 
 
-def check_batches(batches: int | None) -> None:
+def check_batches(batches: int | None, data: Any = None) -> None:
+    """Refuse a ``batches`` that is not a positive integer, or, given ``data``, one that is
+    more than the data holds when its length is known (:func:`bnscope.io.data.known_batches`):
+    before any of it is read, not after reading all of it."""
     if batches is not None and (not isinstance(batches, int) or batches < 1):
         raise UsageError(
             f"batches must be a positive integer, got {batches!r}", "e.g. batches=100"
         )
+    known = None if batches is None or data is None else known_batches(data)
+    if known is None or batches is None or batches <= known[0]:
+        return
+    available, size = known
+    details = [data.description] if isinstance(data, DataSource) else []
+    if size is not None:
+        details.append(f"in batches of {size}")
+    detail = f" ({', '.join(details)})" if details else ""
+    raise DataError(
+        f"batches={batches}, but the data holds {available} "
+        f"batch{'' if available == 1 else 'es'}{detail}",
+        f"pass batches={available} or less (batches per rank under torchrun), or leave "
+        "batches= out to use all of the data",
+    )
 
 
 def expected_batches(data: Iterable[Any], batches: int | None) -> int | None:
@@ -267,7 +285,7 @@ def _collect_local(
     include_frozen: bool = False,
 ) -> Collection:
     """One process's collection (no communication)."""
-    check_batches(batches)
+    check_batches(batches, data)
     done = 0
     samples = 0
     total = expected_batches(data, batches) if progress is not None else None

@@ -46,6 +46,7 @@ __all__ = [
     "DROP_SINGLE",
     "batch_count",
     "DROP_INCOMPLETE",
+    "known_batches",
     "load_data",
 ]
 
@@ -109,6 +110,29 @@ def batch_count(data: Iterable[Any]) -> int | None:
     except (TypeError, NotImplementedError):  # e.g. a DataLoader whose sampler has no length
         return None
     return count if isinstance(count, int) and count >= 0 else None
+
+
+def known_batches(data: Any) -> tuple[int, int | None] | None:
+    """``(batches, batch_size)`` that one iteration over ``data`` yields, when that is known
+    without reading any of it; ``None`` otherwise. ``batch_size`` is ``None`` when unknown.
+
+    Known: a :class:`DataSource` of an image folder or tensor file, a factory's or your own
+    ``DataLoader`` over a map-style dataset (``len()`` of its batch sampler, ``drop_last``
+    included; a sampler's ``len()`` is trusted, as PyTorch does), a list or tuple of batches.
+    Unknown: generators and other iterables, ``DataLoader``s over an ``IterableDataset``.
+    """
+    if isinstance(data, DataSource):
+        data = data.loader
+    if isinstance(data, _FactoryBatches):
+        data = data.loader
+    if isinstance(data, (list, tuple)):
+        return len(data), None
+    if isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset):
+        try:
+            return len(data), data.batch_size
+        except TypeError:  # a batch sampler without len()
+            return None
+    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,10 @@
-"""Atomic file output: temporary file in the target folder, then ``os.replace``.
+"""Atomic file output: every file bnscope writes goes through :func:`atomic_path`.
 
-A failure or interrupt at any point leaves neither a partial file nor a temporary file.
+A temporary file is created in the target's folder, written, flushed to disk and renamed onto
+the target, so a reader never sees half a file, and a failure or interrupt at any point leaves
+neither a partial file nor a temporary one. A new file gets the permissions any program's new
+file gets, ``0666`` less the umask (``open()``'s default; ``tempfile.mkstemp`` would make it
+``0600``); a file that is replaced keeps its permissions.
 
 The report folder (``report_dir=``, ``--report-dir``) holds one report: :func:`check_report_dir`
 refuses a folder named like a checkpoint file and a folder that holds an earlier report (unless
@@ -13,9 +17,10 @@ the manifest: its ``report_files`` lists the files of its report.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,22 +28,47 @@ from typing import Any
 
 from ..errors import UsageError
 
+_TEMP_TRIES = 100
+
+
+def create_temp(folder: Path, prefix: str, suffix: str = "", *, directory: bool = False) -> Path:
+    """Create a new, empty file (or, with ``directory``, a folder) named ``prefix`` + random +
+    ``suffix`` in ``folder`` and return its path.
+
+    It is created with mode ``0666`` (``0777`` for a folder) and the kernel applies the umask
+    (and a default ACL), exactly as for any file a program creates. Raises ``OSError``.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    flags |= getattr(os, "O_BINARY", 0)
+    for _ in range(_TEMP_TRIES):
+        path = folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            if directory:
+                os.mkdir(path, 0o777)
+            else:
+                os.close(os.open(path, flags, 0o666))
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(errno.EEXIST, "no unused temporary name", str(folder))
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``target``; on clean exit it replaces ``target``."""
+    """Yield a temporary path next to ``target``; on clean exit it replaces ``target``.
+
+    The temporary file exists (empty) when the block starts; write it by path. On a clean exit
+    it is synced to disk and renamed onto ``target`` (then the folder is synced, where the
+    platform allows); on any exception, ``KeyboardInterrupt`` included, it is removed and the
+    exception propagates. Permissions: see the module docstring. OS errors propagate as
+    ``OSError``; callers word them (:func:`write_error`).
+    """
     target = Path(target)
-    folder = target.parent if str(target.parent) else Path(".")
+    folder = target.parent
+    tmp = create_temp(folder, f".{target.name}.", ".tmp")
     try:
-        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise UsageError(
-            f"cannot write in {folder} ({exc.strerror or exc})",
-            "choose a folder you can write to",
-        ) from exc
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+        with contextlib.suppress(FileNotFoundError):  # a replaced file keeps its permissions
+            os.chmod(tmp, os.stat(target).st_mode & 0o777)
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
@@ -47,17 +77,43 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable where the platform allows opening folders."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_error(target: str | Path, exc: OSError) -> UsageError:
+    """The one-line error for a file that could not be written: what and why, and a fix that
+    fits the cause (permissions, a full disk, anything else)."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "choose a folder you can write to"
+    elif exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        fix = "free some disk space, or write elsewhere"
+    else:
+        fix = "check that the folder exists, is writable and has free space"
+    return UsageError(f"cannot write {target} ({reason})", fix)
 
 
 def write_text(target: str | Path, text: str) -> Path:
-    """Atomically write a text file."""
+    """Atomically write a text file (UTF-8)."""
     try:
         with atomic_path(target) as tmp:
             tmp.write_text(text, encoding="utf-8")
     except OSError as exc:
-        raise UsageError(
-            f"cannot write {target} ({exc.strerror or exc})", "check the disk"
-        ) from exc
+        raise write_error(target, exc) from exc
     return Path(target)
 
 
@@ -67,9 +123,7 @@ def save_figure(fig: Any, target: str | Path, dpi: int = 120) -> Path:
         with atomic_path(target) as tmp:
             fig.savefig(tmp, format="png", dpi=dpi)
     except OSError as exc:
-        raise UsageError(
-            f"cannot write {target} ({exc.strerror or exc})", "check the disk"
-        ) from exc
+        raise write_error(target, exc) from exc
     return Path(target)
 
 
@@ -211,13 +265,6 @@ def _make_folder(folder: Path) -> list[Path]:
     return list(reversed(missing))
 
 
-def _new_file_mode() -> int:
-    """Permissions a newly created file gets (temporary files are created 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def write_report_dir(
     report_dir: str | Path,
     files: Mapping[str, bytes],
@@ -244,15 +291,15 @@ def write_report_dir(
     temps: dict[str, Path] = {}
     removed: list[Path] = []
     try:
-        mode = _new_file_mode()
-        for name in names:
-            fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-            temps[name] = Path(tmp_name)
-            with os.fdopen(fd, "wb") as fh:
+        for name in names:  # created like any new file: 0666 less the umask
+            tmp = create_temp(folder, f".{name}.", ".tmp")
+            temps[name] = tmp
+            with contextlib.suppress(FileNotFoundError):  # a replaced file keeps its mode
+                os.chmod(tmp, os.stat(folder / name).st_mode & 0o777)
+            with open(tmp, "wb") as fh:
                 fh.write(files[name])
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.chmod(tmp_name, mode)
         for name in earlier.files if earlier is not None else ():
             if name not in files:
                 (folder / name).unlink(missing_ok=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from torch import nn
 from bnscope.errors import CheckpointError
 from bnscope.io._messages import _names, _reason
 from bnscope.io.checkpoint import Checkpoint
+from bnscope.io.outputs import atomic_path
 from bnscope.io.statedict import _locate
 
 __all__ = ["check_output", "default_output_path", "save_checkpoint"]
@@ -164,56 +164,21 @@ def check_output(source: Path, out: Path, *, force: bool) -> None:
 
 
 def _atomic_write(out: Path, write: Any) -> None:
-    """Write through a temporary file in ``out``'s directory, fsync, then rename onto ``out``."""
+    """``write(handle)`` into a temporary file in ``out``'s folder, synced, then renamed onto
+    ``out`` (:func:`bnscope.io.outputs.atomic_path`: nothing is left behind on a failure, a new
+    file gets ``0666`` less the umask). Any failure is a :class:`CheckpointError` naming ``out``;
+    an interrupt propagates as it is."""
     try:
-        mode = out.stat().st_mode & 0o7777 if out.exists() else _default_mode()
-        handle = tempfile.NamedTemporaryFile(
-            dir=out.parent, delete=False, prefix=f".{out.name}.", suffix=".tmp"
-        )
-    except OSError as exc:
-        raise CheckpointError(f"cannot write {out}: {_reason(exc)}", _fix_write()) from exc
-    tmp = Path(handle.name)
-    try:
-        with handle:
+        with atomic_path(out) as tmp, open(tmp, "wb") as handle:
             write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, out)
-    except BaseException as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        if isinstance(exc, CheckpointError) or not isinstance(exc, Exception):
-            raise
+    except CheckpointError:
+        raise
+    except Exception as exc:
         raise CheckpointError(f"cannot write {out}: {_reason(exc)}", _fix_write()) from exc
-    _fsync_dir(out.parent)
 
 
 def _fix_write() -> str:
     return "check that the output= directory is writable and has free space"
-
-
-def _default_mode() -> int:
-    """Permissions a newly created file would get (temporary files are created 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable where the platform allows opening directories."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _rebuild(container: Any, parts: tuple[str, ...], new_values: dict[str, torch.Tensor]) -> Any:

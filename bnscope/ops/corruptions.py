@@ -44,7 +44,6 @@ import functools
 import io
 import os
 import shutil
-import tempfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +53,7 @@ import numpy as np
 from PIL import Image
 
 from bnscope.errors import DataError, UsageError
+from bnscope.io.outputs import create_temp
 
 __all__ = [
     "SEVERITY_PARAMS",
@@ -568,7 +568,8 @@ def corrupt_folder(
 
     created = _make_parents(dst_abs.parent)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst_abs.name}.tmp-", dir=dst_abs.parent))
+        # created 0777 less the umask (mkdtemp would make DST 0700 once it is renamed)
+        tmp = create_temp(dst_abs.parent, f".{dst_abs.name}.tmp-", directory=True)
     except OSError as exc:
         _remove_created(created)
         raise UsageError(
@@ -629,7 +630,7 @@ def _move_into_place(tmp: Path, dst: Path) -> None:
     if not dst.exists():
         os.replace(tmp, dst)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+    old = create_temp(dst.parent, f".{dst.name}.old-", directory=True)
     old.rmdir()
     os.replace(dst, old)
     try:

@@ -70,7 +70,7 @@ def test_dynamic_bad_input(precise_env):
     tmp, ckpt, data, _, _ = precise_env
     base = ("inspect", ckpt, "--model", tiny_spec())
     one_error_line(run(*base, "--data", data, "--batches", "0"), "greater than or equal to 1")
-    one_error_line(run(*base, "--data", data, "--batches", "50"), "ran out after 3 batches")
+    one_error_line(run(*base, "--data", data, "--batches", "50"), "the data holds 3 batches")
     one_error_line(run(*base, "--data", tmp / "missing"), "missing")
     one_error_line(run(*base, "--data", data, "--eval-data", data), "no --eval-data")
     assert sorted(p.name for p in tmp.iterdir()) == ["ck.pt", "d.pt"]

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from bnscope.io.checkpoint import load_checkpoint
 
 from ..clirun import one_error_line, run
-from ..conftest import sha256, tiny_spec
+from ..conftest import sha256, tiny_spec, trained_tiny
 
 
 def listing(folder):
@@ -119,7 +121,7 @@ def test_precise_batches_limits(precise_env):
     before = listing(tmp)
     one_error_line(
         run("precise", ckpt, "--model", tiny_spec(), "--data", data, "--batches", "50", "--force"),
-        "ran out after 3 batches but 50 were asked for",
+        "--batches 50, but the data holds 3 batches (tensor file",
     )
     one_error_line(
         run("precise", ckpt, "--model", tiny_spec(), "--data", data, "--batches", "0"), "--batches"
@@ -324,3 +326,38 @@ def test_checkpoint_without_num_batches_tracked_is_written_without_one(precise_e
     assert res.exit_code == 0, res.stderr
     out = torch.load(tmp / "old.precise.pt", weights_only=True)
     assert list(out) == list(sd)
+
+
+def test_batches_beyond_the_data_refused_before_reading_it(tmp_path):
+    """``--batches`` larger than data of known length: one line, exit 2, before any batch is
+    read (a factory's DataLoader whose samples fail when read) and nothing written."""
+    ckpt = tmp_path / "ck.pt"
+    torch.save(trained_tiny(steps=3).state_dict(), ckpt)
+    factory = tmp_path / "fac.py"
+    factory.write_text(
+        "import torch\n"
+        "class Unreadable(torch.utils.data.Dataset):\n"
+        "    def __len__(self):\n"
+        "        return 40\n"
+        "    def __getitem__(self, i):\n"
+        "        raise RuntimeError('sample read')\n"
+        "def make(batch_size=8):\n"
+        "    return torch.utils.data.DataLoader(Unreadable(), batch_size=batch_size)\n"
+    )
+    for command in ("precise", "adapt", "inspect", "ghost"):
+        res = run(command, ckpt, "--model", tiny_spec(), "--data", f"{factory}:make",
+                  "--batch-size", "8", "--batches", "6", cwd=tmp_path)  # fmt: skip
+        one_error_line(res, "--batches 6, but the data holds 5 batches (factory ")
+        assert ", in batches of 8); pass --batches 5 or less" in res.stderr
+        assert "sample read" not in res.stderr
+    # an image folder: its description and batch size in the line
+    data = tmp_path / "images" / "a"
+    data.mkdir(parents=True)
+    for i in range(6):  # 3 batches of 2
+        Image.fromarray(np.full((8, 8, 3), 10 * i, dtype=np.uint8)).save(data / f"{i}.png")
+    res = run("precise", ckpt, "--model", tiny_spec(), "--data", data.parent, "--batch-size",
+              "2", "--batches", "4", cwd=tmp_path)  # fmt: skip
+    one_error_line(res, "--batches 4, but the data holds 3 batches (image folder ")
+    assert "6 images), in batches of 2)" in res.stderr
+    written = {p.name for p in tmp_path.iterdir()} - {"__pycache__"}
+    assert written == {"ck.pt", "fac.py", "images"}

@@ -7,7 +7,6 @@ import hashlib
 import os
 import random
 import sys
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import bnscope.io.outputs as outputs_mod
 from bnscope.errors import CheckpointError, ModelError
 from bnscope.io.checkpoint import Checkpoint, load_checkpoint
 from bnscope.io.fitting import load_into_model, match_to_model, strip_prefix
@@ -771,7 +771,7 @@ def test_save_unwritable_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     def denied(*args: object, **kwargs: object) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(tempfile, "NamedTemporaryFile", denied)
+    monkeypatch.setattr(outputs_mod, "create_temp", denied)
     with pytest.raises(CheckpointError) as info:
         save_checkpoint(ckpt, {}, tmp_path / "out.pt")
     assert "cannot write" in info.value.message and "Permission denied" in info.value.message

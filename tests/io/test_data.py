@@ -797,3 +797,48 @@ def test_load_data_defaults_are_the_commands(labelled: Path, tmp_path: Path) -> 
     assert x.view(-1).tolist() != sorted(x.view(-1).tolist())  # shuffled
     assert x.shape[0] == 64 and src.dropped_samples == 1  # a last batch of 1 is left out
     assert [b[0].shape[0] for b in src] == [8] * 8
+
+
+# ---------------------------------------------------------------------------------------------
+# known_batches: the length of the data, when it is known without reading it
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        raise AssertionError("read")
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield from (torch.zeros(2) for _ in range(10))
+
+
+def test_known_batches(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from bnscope.io.data import known_batches
+
+    path = tmp_path / "x.pt"
+    torch.save(torch.randn(50, 3), path)
+    assert known_batches(load_data(path, batch_size=16)) == (4, 16)
+    assert known_batches(load_data(path, batch_size=16, drop_last=True)) == (3, 16)
+    assert known_batches(load_data(path, batch_size=7, rank=1, world_size=2)) == (4, 7)  # 25
+    assert known_batches(DataLoader(_Unreadable(), batch_size=3)) == (4, 3)
+    assert known_batches(DataLoader(_Unreadable(), batch_size=3, drop_last=True)) == (3, 3)
+    assert known_batches([torch.zeros(2)] * 5) == (5, None)
+    assert known_batches(DataLoader(_Stream(), batch_size=3)) is None
+    assert known_batches(iter([torch.zeros(2)])) is None
+    assert known_batches(torch.zeros(2) for _ in range(3)) is None
+    factory = tmp_path / "fac.py"
+    factory.write_text(
+        "import torch\n"
+        "def loader(batch_size=4):\n"
+        "    return torch.utils.data.DataLoader(list(torch.zeros(9, 2)), batch_size=batch_size)\n"
+        "def gen():\n"
+        "    return (torch.zeros(4, 2) for _ in range(3))\n"
+    )
+    assert known_batches(load_data(f"{factory}:loader", batch_size=4)) == (3, 4)
+    assert known_batches(load_data(f"{factory}:gen")) is None

@@ -24,6 +24,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import bnscope.io.outputs as outputs_mod
 import bnscope.io.saving as saving_mod
 from bnscope.cli import app
 from bnscope.errors import BnscopeError, CheckpointError
@@ -405,7 +406,7 @@ def test_cli_unwritable_output_folder(env, command, how, monkeypatch):
             raise PermissionError(errno.EACCES, "Permission denied", kwargs.get("dir"))
 
         (run_dir / "ro").mkdir()
-        monkeypatch.setattr(saving_mod.tempfile, "NamedTemporaryFile", denied)
+        monkeypatch.setattr(outputs_mod, "create_temp", denied)
         target, fragment = run_dir / "ro" / "out.pt", "Permission denied"
     before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
     digest = sha256(ckpt)

@@ -240,8 +240,12 @@ def test_custom_bn_subclass_uses_exact_path():
 
 def test_data_runs_out_and_batches_validation():
     m = nn.Sequential(nn.BatchNorm1d(2))
-    with pytest.raises(DataError, match="ran out after 3 batches but 5 were asked for"):
+    # a list's length is known: refused before the first batch; a generator's is not: the
+    # data runs out while it is read
+    with pytest.raises(DataError, match="batches=5, but the data holds 3 batches"):
         precise_bn(m, [torch.randn(4, 2) for _ in range(3)], batches=5)
+    with pytest.raises(DataError, match="ran out after 3 batches but 5 were asked for"):
+        precise_bn(m, (torch.randn(4, 2) for _ in range(3)), batches=5)
     rep = precise_bn(m, [torch.randn(4, 2) for _ in range(3)], batches=2)
     assert rep.extra["batches"] == 2
     for bad in (0, -1):

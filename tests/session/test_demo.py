@@ -1,10 +1,11 @@
-"""`bnscope demo` end to end (the same run a newcomer gets; about 17 s on 2 cores)."""
+"""`bnscope demo` end to end (the same run a newcomer gets)."""
 
 from __future__ import annotations
 
 import json
 
 from bnscope.demo.run import default_folder
+from bnscope.demo.train import DEMO_EPOCHS
 from bnscope.io.checkpoint import load_checkpoint
 
 from ..clirun import one_error_line, run
@@ -25,8 +26,9 @@ def test_demo_end_to_end(tmp_path):
     assert [lay["name"] for lay in doc["layers"]][-1] == "head.1"
     assert len(doc["layers"]) == 5
     ckpt = load_checkpoint(folder / "ckpt.pt")
-    assert ckpt.key == "state_dict" and ckpt.raw["epoch"] == 8
+    assert ckpt.key == "state_dict" and ckpt.raw["epoch"] == DEMO_EPOCHS
     assert ckpt.class_names == classes  # evaluation folders are matched to them by name
+    assert len(list((folder / "data" / "train" / "circle").glob("*.png"))) == 800
     # inspect (dynamic, on data/train) names the stale layers and predicts the gain ...
     ins = doc["inspect"]
     assert ins["verdict"] == "stale"
@@ -60,10 +62,19 @@ def test_demo_end_to_end(tmp_path):
     assert g["sizes"][0]["accuracy"] < g["sizes"][-1]["accuracy"]
     assert any(f["code"] == "small-nbs" for f in g["findings"])
 
-    # the project file written into the folder makes the commands work with no arguments
+    # the project file written into the folder makes the commands work with no arguments;
+    # the training data holds 100 batches, so the README's `bnscope precise --batches 100`
+    # works (--force: the demo wrote ckpt.precise.pt), and one more is refused before reading
     res = run("inspect", "--json", cwd=folder)
     assert res.exit_code == 0, res.stderr
     assert json.loads(res.stdout)["project_file"] == str(folder / "bnscope.toml")
+    res = run("precise", "--batches", "100", "--force", "--json", cwd=folder)
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert (doc["batches"], doc["samples"]) == (100, 3200)
+    res = run("precise", "--batches", "101", "--force", cwd=folder)
+    one_error_line(res, "--batches 101, but the data holds 100 batches (image folder ")
+    assert "data/train (4 classes, 3200 images), in batches of 32)" in res.stderr
 
     # a non-empty folder is refused without --force
     one_error_line(run("demo", folder), "is not empty")

@@ -223,3 +223,30 @@ def test_train_rejects_bad_arguments(tiny_folder: Path) -> None:
         train(m, loader, epochs=1, lr=0.0, seed=0)
     with pytest.raises(ValueError):
         train(m, loader, epochs=1, lr=0.1, seed=0, optimizer="lbfgs")
+
+
+def test_demo_build_does_not_depend_on_the_thread_count(tmp_path: Path) -> None:
+    """Training sums float32 reductions in an order that depends on the thread count; the demo
+    trains on DEMO_THREADS threads whatever the process uses, so its numbers are the same with
+    OMP_NUM_THREADS=1 or 2 (or any other). The thread count is restored afterwards."""
+    from bnscope.demo.run import build_demo
+
+    before = torch.get_num_threads()
+    weights = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            folder = tmp_path / f"threads{threads}"
+            folder.mkdir()
+            built = build_demo(folder, train_per_class=40, val_per_class=1, epochs=1)
+            assert torch.get_num_threads() == threads
+            weights.append(torch.load(built.checkpoint)["state_dict"])
+    finally:
+        torch.set_num_threads(before)
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+    # byte for byte: no temporary file name inside the archive
+    assert (tmp_path / "threads1" / "ckpt.pt").read_bytes() == (
+        tmp_path / "threads2" / "ckpt.pt"
+    ).read_bytes()
