@@ -67,7 +67,8 @@ def test_report_files(tmp_path: Path, umask: int) -> None:
     out = tmp_path / "out"
     write_text(tmp_path / "a.json", "{}")
     save_figure(figure(), tmp_path / "a.png")
-    write_report_dir(out, "{}", {"plot": figure()}, {"report.html": "<html></html>"})
+    files = {"plot.png": b"png", "report.html": b"<html></html>", "report.json": b"{}"}
+    write_report_dir(out, files)
     assert mode(tmp_path / "a.json") == 0o666 & ~umask
     assert mode(tmp_path / "a.png") == 0o666 & ~umask
     assert assert_modes(out, umask) == ["plot.png", "report.html", "report.json"]
