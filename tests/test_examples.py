@@ -81,8 +81,8 @@ def test_project(examples: Path) -> None:
     assert (doc["batches"], doc["samples"]) == (100, 1600)
     assert doc["output"] == str(project / "runs" / "ckpt.precise.pt")
     assert (project / "runs" / "ckpt.precise.pt").is_file()
-    metrics = doc["metrics"]
-    assert metrics["b"]["accuracy"] > metrics["a"]["accuracy"]  # measured: 94.8% -> 99.0%
+    variants = doc["metrics"]["variants"]
+    assert variants["precise"]["accuracy"] > variants["running"]["accuracy"]  # 94.8% -> 99.0%
     res = run(["bnscope", "precise", "--batches", "101", "--force"], cwd=project)
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.startswith("bnscope: error: --batches 101, but the data holds 100 batches")
