@@ -432,18 +432,7 @@ class BNCapture:
         def hook(module: _BatchNorm, args: tuple[Any, ...]) -> None:
             buffers = module._buffers
             x = args[0]
-            channels = x.shape[1] if x.ndim > 1 else x.numel()
-            n = x.numel() // max(channels, 1)
-            if stats.calls == 0:
-                stats.first_call = self._calls_seen
-            self._calls_seen += 1
-            stats.calls += 1
-            stats.calls_this_forward += 1
-            batch_rows = int(x.shape[0]) if x.ndim > 1 else 1
-            stats.samples += batch_rows
-            stats.samples_this_forward += batch_rows
-            if batch_rows > stats.max_rows:
-                stats.max_rows = batch_rows
+            channels, n = self._count_call(stats, x)
             if n == 0:
                 return
             if not stats.exact_path:
@@ -458,16 +447,41 @@ class BNCapture:
                 # the layer's first forward: float64 moments too, to check the kernel's
             else:
                 buffers["running_mean"], buffers["running_var"] = scratch
-            block = stats.blocks.get((n, False))
-            if block is None:
-                block = stats.blocks[(n, False)] = _Block(channels, n, F64, x.device, False)
-            mean_row, var_row = block.take(self._batch)
-            dims = [d for d in range(x.ndim) if d != 1]
-            var, mean = torch.var_mean(x.detach().to(F64), dim=dims, correction=0)
-            mean_row.copy_(mean)
-            var_row.copy_(var)
+            self._exact_row(stats, x, channels, n)
 
         return hook
+
+    def _count_call(self, stats: LayerStats, x: torch.Tensor) -> tuple[int, int]:
+        """Count one call of ``stats``'s layer on input ``x`` (calls, samples, rows); returns
+        (channels, elements per channel)."""
+        channels = x.shape[1] if x.ndim > 1 else x.numel()
+        n = x.numel() // max(channels, 1)
+        if stats.calls == 0:
+            stats.first_call = self._calls_seen
+        self._calls_seen += 1
+        stats.calls += 1
+        stats.calls_this_forward += 1
+        rows = int(x.shape[0]) if x.ndim > 1 else 1
+        stats.samples += rows
+        stats.samples_this_forward += rows
+        if rows > stats.max_rows:
+            stats.max_rows = rows
+        return channels, n
+
+    def _exact_row(
+        self, stats: LayerStats, x: torch.Tensor, channels: int, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this call's float64 mean and (biased) variance of ``x`` per channel into the
+        next row of the layer's float64 block for ``n`` elements; returns (mean, var)."""
+        block = stats.blocks.get((n, False))
+        if block is None:
+            block = stats.blocks[(n, False)] = _Block(channels, n, F64, x.device, False)
+        mean_row, var_row = block.take(self._batch)
+        dims = [d for d in range(x.ndim) if d != 1]
+        var, mean = torch.var_mean(x.detach().to(F64), dim=dims, correction=0)
+        mean_row.copy_(mean)
+        var_row.copy_(var)
+        return mean, var
 
     def _frozen_hook(self, stats: LayerStats) -> Any:
         """A frozen layer: float64 moments of its input, and with ``include_frozen`` its own
@@ -477,27 +491,10 @@ class BNCapture:
 
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
-            channels = x.shape[1] if x.ndim > 1 else x.numel()
-            n = x.numel() // max(channels, 1)
-            if stats.calls == 0:
-                stats.first_call = self._calls_seen
-            self._calls_seen += 1
-            stats.calls += 1
-            stats.calls_this_forward += 1
-            rows = int(x.shape[0]) if x.ndim > 1 else 1
-            stats.samples += rows
-            stats.samples_this_forward += rows
-            stats.max_rows = max(stats.max_rows, rows)
+            channels, n = self._count_call(stats, x)
             if n == 0:
                 return
-            block = stats.blocks.get((n, False))
-            if block is None:
-                block = stats.blocks[(n, False)] = _Block(channels, n, F64, x.device, False)
-            mean_row, var_row = block.take(self._batch)
-            dims = [d for d in range(x.ndim) if d != 1]
-            var, mean = torch.var_mean(x.detach().to(F64), dim=dims, correction=0)
-            mean_row.copy_(mean)
-            var_row.copy_(var)
+            mean, var = self._exact_row(stats, x, channels, n)
             if self.include_frozen:
                 own_mean, own_var = saved["running_mean"], saved["running_var"]
                 assert own_mean is not None and own_var is not None

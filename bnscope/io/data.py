@@ -95,21 +95,28 @@ class DataSource:
 
 def batch_count(data: Iterable[Any]) -> int | None:
     """How many batches one pass over ``data`` yields, when that is known without reading it:
-    ``len()`` of a :class:`DataSource`'s loader (image folders and tensor files: the batches
-    left after a dropped last one), of a data factory's DataLoader or list of batches, or of
-    any other sized iterable. None for a generator or another iterable without ``len()``, and
-    for a DataLoader over an ``IterableDataset`` (its length is only an estimate)."""
-    while isinstance(data, (DataSource, _FactoryBatches)):
-        data = data.loader
-    if isinstance(data, DataLoader) and isinstance(data.dataset, IterableDataset):
-        return None
-    if not isinstance(data, Sized):
+    :func:`known_batches`, and otherwise ``len()`` of any other sized iterable (used for
+    progress totals only; the refusal of ``batches=`` beyond the data trusts
+    :func:`known_batches` alone). None for a generator or another iterable without ``len()``,
+    and for a DataLoader over an ``IterableDataset`` (its length is only an estimate)."""
+    known = known_batches(data)
+    if known is not None:
+        return known[0]
+    data = _unwrap(data)
+    if isinstance(data, DataLoader) or not isinstance(data, Sized):
         return None
     try:
         count = len(data)
-    except (TypeError, NotImplementedError):  # e.g. a DataLoader whose sampler has no length
+    except (TypeError, NotImplementedError):
         return None
     return count if isinstance(count, int) and count >= 0 else None
+
+
+def _unwrap(data: Any) -> Any:
+    """The loader behind a :class:`DataSource` or a factory's batches."""
+    while isinstance(data, (DataSource, _FactoryBatches)):
+        data = data.loader
+    return data
 
 
 def known_batches(data: Any) -> tuple[int, int | None] | None:
@@ -121,10 +128,7 @@ def known_batches(data: Any) -> tuple[int, int | None] | None:
     included; a sampler's ``len()`` is trusted, as PyTorch does), a list or tuple of batches.
     Unknown: generators and other iterables, ``DataLoader``s over an ``IterableDataset``.
     """
-    if isinstance(data, DataSource):
-        data = data.loader
-    if isinstance(data, _FactoryBatches):
-        data = data.loader
+    data = _unwrap(data)
     if isinstance(data, (list, tuple)):
         return len(data), None
     if isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset):
