@@ -122,10 +122,21 @@ class BnscopeGroup(TyperGroup):
         except BnscopeError as exc:  # could not join the process group: no one to tell
             _error_line(exc.line())
             return self._exit(2, standalone_mode)
+        # A torchrun worker that joined the group itself leaves through os._exit once every
+        # rank agreed on the outcome (see DistributedSession.leave): never through the
+        # interpreter's teardown, where a process-group thread may still be joinable.
+        leave = session.owned and session.active and standalone_mode
+        code = 1
         try:
             outcome = self._invoke(argv, prog_name, complete_var, extra, session.active)
             code = session.conclude(outcome, debug, _error_line)
+        except KeyboardInterrupt:
+            if not leave:
+                raise
+            code = 130  # a second Ctrl-C while the ranks were agreeing: no more collectives
         finally:
+            if leave:
+                session.leave(code)  # does not return
             session.close()
         return self._exit(code, standalone_mode)
 

@@ -76,6 +76,17 @@ class CommunicationError(BnscopeError):
     kind = "distributed"
 
 
+class BrokenExchange(CommunicationError):
+    """A status exchange failed: its ``status.message`` is the collective's one-line error."""
+
+    def __init__(self, status: RankStatus) -> None:
+        super().__init__(
+            status.message or "a status exchange with the other ranks failed",
+            None if status.message else "check the other ranks' output",
+        )
+        self.status = status
+
+
 @dataclass(frozen=True)
 class RankStatus:
     """The outcome of a status exchange: which ranks failed (sorted) and the first failing
@@ -217,18 +228,114 @@ def _comm_device(group: Any, device: torch.device) -> torch.device:
 
 
 def _all_reduce(tensor: torch.Tensor, group: Any, op: Any = None) -> torch.Tensor:
-    """All-reduce ``tensor`` (moved to the backend's device and back); returns the result."""
+    """All-reduce ``tensor`` (moved to the backend's device and back); returns the result.
+
+    Before it, this rank records in the process group's store how many collectives it has
+    entered (:func:`_mark_progress`), so that when the collective fails the ranks that never
+    entered it can be named (:func:`communication_error`)."""
     op = dist.ReduceOp.SUM if op is None else op
     device = _comm_device(group, tensor.device)
     work = tensor.detach().to(device).contiguous()
+    _mark_progress()
     try:
         dist.all_reduce(work, op=op, group=group)
     except Exception as exc:  # noqa: BLE001 - a collective failure of any kind
-        raise CommunicationError(
-            f"communication with the other ranks failed: {error_text(exc)}",
-            "check the other ranks' output; a rank may have crashed or timed out",
-        ) from exc
+        raise communication_error(exc, group) from exc
     return work.to(tensor.device)
+
+
+# --------------------------------------------------------------------------------------------
+# Which rank stopped answering
+
+#: The store key under which a rank records how many collectives it has entered.
+_PROGRESS_KEY = "bnscope/collectives/{rank}"
+_entered = 0
+
+
+def _store() -> Any:
+    """The default process group's key-value store (torchrun's agent store), or None."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - no store: ranks are then not named
+        return None
+
+
+def _mark_progress() -> None:
+    """Count one more collective entered by this process, in the store (best effort: one
+    ``set`` of a few bytes, before each of the run's few collectives)."""
+    global _entered
+    _entered += 1
+    store = _store()
+    if store is None:
+        return
+    with contextlib.suppress(Exception):
+        store.set(_PROGRESS_KEY.format(rank=dist.get_rank()), str(_entered))
+
+
+def silent_ranks(group: Any = None) -> list[int]:
+    """The ranks of ``group`` (global ranks) that have entered fewer collectives than this
+    one: after a collective failed, the ranks that never reached it (they hang, or they are
+    gone). Empty when that cannot be told (no store, or every rank reached it)."""
+    store = _store()
+    if store is None:
+        return []
+    try:
+        ranks = dist.get_process_group_ranks(group) if group is not None else None
+    except Exception:  # noqa: BLE001
+        ranks = None
+    if ranks is None:
+        ranks = list(range(dist.get_world_size()))
+    me = dist.get_rank()
+    behind = []
+    for rank in ranks:
+        if rank == me:
+            continue
+        key = _PROGRESS_KEY.format(rank=rank)
+        try:
+            entered = int(store.get(key).decode()) if store.check([key]) else 0
+        except Exception:  # noqa: BLE001 - the store itself is gone: say nothing
+            return []
+        if entered < _entered:
+            behind.append(rank)
+    return behind
+
+
+def _timeout_seconds(text: str) -> float | None:
+    """The wait a timed-out collective reports (gloo: ``Timed out waiting 3000ms``)."""
+    import re
+
+    found = re.search(r"[Tt]imed out waiting (\d+)\s*ms", text)
+    return int(found.group(1)) / 1000 if found else None
+
+
+def communication_error(exc: BaseException, group: Any = None) -> CommunicationError:
+    """The one-line error for a failed collective, naming the ranks that stopped answering
+    when the store can tell (see :func:`silent_ranks`) and why the wait ended: a timeout
+    (they hang, or are slower than ``BNSCOPE_DIST_TIMEOUT``) or a closed connection (the
+    process exited or was killed)."""
+    text = error_text(exc)
+    silent = silent_ranks(group)
+    if not silent:
+        return CommunicationError(
+            f"communication with the other ranks failed: {text}",
+            "check the other ranks' output; a rank may have crashed or timed out",
+        )
+    who = ", ".join(str(r) for r in silent)
+    ranks = f"rank {who}" if len(silent) == 1 else f"ranks {who}"
+    waited = _timeout_seconds(text)
+    if waited is not None or "timeout" in text.lower() or "timed out" in text.lower():
+        within = f" within {waited:g} s" if waited is not None else ""
+        return CommunicationError(
+            f"{ranks} stopped answering: no reply{within}",
+            f"check the output of {ranks}: it may hang in its data or model; if it is only "
+            f"slow, raise {TIMEOUT_ENV} (seconds)",
+        )
+    return CommunicationError(
+        f"{ranks} stopped answering: its connection closed (the "
+        "process exited or was killed)",
+        f"check the output of {ranks} and torchrun's summary (a signal, or the system "
+        "running out of memory)",
+    )
 
 
 def error_text(exc: BaseException) -> str:
@@ -262,8 +369,8 @@ def exchange_status(group: Any, error: str | None) -> RankStatus:
             data = (error or "").encode("utf-8")[:_MESSAGE_BYTES]
             buf[: len(data)] = torch.tensor(list(data), dtype=torch.float64)
         buf = _all_reduce(buf, group)
-    except CommunicationError:
-        return RankStatus(rank, size, broken=True)
+    except CommunicationError as exc:
+        return RankStatus(rank, size, message=exc.line(), broken=True)
     raw = bytes(int(v) for v in buf.tolist()).rstrip(b"\0")
     return RankStatus(rank, size, failed, raw.decode("utf-8", errors="replace"))
 
@@ -277,10 +384,7 @@ def check_peers(process_group: Any = None) -> None:
         return
     status = exchange_status(group, None)
     if status.broken:
-        raise CommunicationError(
-            "communication with the other ranks failed during a status exchange",
-            "check the other ranks' output; a rank may have crashed or timed out",
-        )
+        raise BrokenExchange(status)
     if status.failed:
         raise PeerFailed(status)
 

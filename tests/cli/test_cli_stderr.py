@@ -19,6 +19,8 @@ from bnscope.cli.runtime import Ui, new_progress, progress_bar
 from ..clirun import run
 from ..conftest import tiny_spec, trained_tiny
 
+pytestmark = pytest.mark.timing  # tests/repeat.py reruns these
+
 LONG = " ".join(["a status line that is much longer than eighty columns"] * 3)
 
 

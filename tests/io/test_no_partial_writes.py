@@ -34,6 +34,8 @@ from bnscope.io.saving import save_checkpoint
 
 from ..conftest import sha256, tiny_spec, trained_tiny
 
+pytestmark = pytest.mark.timing  # tests/repeat.py reruns these
+
 runner = CliRunner()
 TAGS = {"precise": "precise", "adapt": "adapted"}
 
