@@ -52,7 +52,9 @@ class Options:
     ``nn.Module``; ``data``/``eval_data`` a spec (image folder, tensor file, factory) or any
     iterable of batches (a ``DataLoader``); ``call`` a spec or a function ``call(model,
     batch)``. ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ``amp`` None, ``bf16``
-    or ``fp16``. ``project_file`` is reported as where the values came from."""
+    or ``fp16``. ``skip_unreadable``: an image that cannot be decoded is left out (one notice
+    names them) instead of stopping the job with an error (:func:`bnscope.io.data.load_data`).
+    ``project_file`` is reported as where the values came from."""
 
     key: str | None = None
     trust: bool = False
@@ -71,6 +73,7 @@ class Options:
     std: tuple[float, ...] | None = None
     seed: int = 0
     drop_last: bool = False
+    skip_unreadable: bool = False
     device: str = "auto"
     amp: str | None = None
     channels_last: bool = False
@@ -360,6 +363,7 @@ class Job:
             shuffle=shuffle,
             seed=o.seed,
             drop_last=o.drop_last,
+            skip_unreadable=o.skip_unreadable,
             drop_single=True,  # a last batch of 1 sample: BatchNorm cannot normalize it
             rank=rank,
             world_size=world_size,
@@ -450,7 +454,8 @@ class Job:
         return True
 
     def _notice_unreadable(self, source: DataSource | None, role: str) -> None:
-        """Images left out because they could not be decoded: counted and named."""
+        """Images left out because they could not be decoded (``skip_unreadable``): counted
+        and named."""
         if source is None:
             return
         bad = source.unreadable()
@@ -796,6 +801,7 @@ def open(  # noqa: A001 - the library's entry point, named as the README uses it
     std: str | Sequence[float] | None = None,
     seed: int = 0,
     drop_last: bool = False,
+    skip_unreadable: bool = False,
     device: str = "auto",
     amp: str | None = None,
     channels_last: bool = False,
@@ -805,8 +811,10 @@ def open(  # noqa: A001 - the library's entry point, named as the README uses it
     """A :class:`Job` on ``checkpoint`` (a checkpoint file; None with a live ``model``) with
     the commands' options and defaults (see :class:`Options`). Nothing is loaded until an
     operation needs it; ``device`` and ``amp`` are checked by the first operation before
-    anything runs. ``notify`` receives notices (an EMA copy left unused, samples left out),
-    ``info`` status lines.
+    anything runs. ``notify`` receives notices (an EMA copy left unused, samples left out,
+    images skipped), ``info`` status lines. An image of an image folder that cannot be decoded
+    stops the operation with a :class:`~bnscope.errors.DataError` naming it, before anything
+    is written; ``skip_unreadable=True`` leaves such images out instead, with a notice.
 
     >>> job = bnscope.open("runs/ckpt.pt", model="model.py:make_model", data="data/train")
     >>> job.precise(batches=100).save()          # runs/ckpt.precise.pt, like bnscope precise
@@ -829,6 +837,7 @@ def open(  # noqa: A001 - the library's entry point, named as the README uses it
         std=parse_floats(std, "std"),
         seed=seed,
         drop_last=drop_last,
+        skip_unreadable=skip_unreadable,
         device=device,
         amp=amp,
         channels_last=channels_last,

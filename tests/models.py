@@ -20,6 +20,17 @@ def make_tiny(num_classes: int = 3, width: int = 4, momentum: float | None = 0.1
     )
 
 
+def make_fixed_size(num_classes: int = 3, width: int = 4) -> nn.Module:
+    """Conv-BN-ReLU, flatten, linear: takes 3x8x8 inputs only (no global pooling)."""
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(width * 8 * 8, num_classes),
+    )
+
+
 def make_no_bn() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
 

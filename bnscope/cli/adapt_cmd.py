@@ -57,6 +57,7 @@ def adapt_command(
     batches: o.Batches = None,
     workers: o.Workers = None,
     drop_last: o.DropLast = None,
+    skip_unreadable: o.SkipUnreadable = None,
     input_key: o.InputKey = None,
     call: o.CallSpec = None,
     image_size: o.ImageSize = None,
@@ -85,7 +86,8 @@ def adapt_command(
         key=key, trust=trust_checkpoint, model=model, model_kwargs=model_kwargs,
         eval_data=eval_data, batch_size=batch_size, workers=workers, input_key=input_key,
         call=call, image_size=image_size, resize=resize, channels=channels, mean=mean, std=std,
-        seed=seed, drop_last=drop_last, device=device, amp=amp, channels_last=channels_last,
+        seed=seed, drop_last=drop_last, skip_unreadable=skip_unreadable, device=device, amp=amp,
+        channels_last=channels_last,
     )  # fmt: skip
     # --data (the target) and --eval-data are taken literally: the project file's describe the
     # source domain. Its data stays the job's data (the source training data, not read): its

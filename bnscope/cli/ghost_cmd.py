@@ -55,6 +55,7 @@ def ghost_command(
     batches: o.Batches = None,
     workers: o.Workers = None,
     drop_last: o.DropLast = None,
+    skip_unreadable: o.SkipUnreadable = None,
     input_key: o.InputKey = None,
     call: o.CallSpec = None,
     image_size: o.ImageSize = None,
@@ -84,7 +85,8 @@ def ghost_command(
         key=key, trust=trust_checkpoint, model=model, model_kwargs=model_kwargs, data=data,
         batch_size=batch_size, workers=workers, input_key=input_key, call=call,
         image_size=image_size, resize=resize, channels=channels, mean=mean, std=std, seed=seed,
-        drop_last=drop_last, device=device, amp=amp, channels_last=channels_last,
+        drop_last=drop_last, skip_unreadable=skip_unreadable, device=device, amp=amp,
+        channels_last=channels_last,
     )  # fmt: skip
     job = open_job(ui, project_config(), checkpoint, flags)
     total = None if batches is None else 2 * batches

@@ -36,6 +36,7 @@ class JobFlags:
     std: str | None = None
     seed: int = 0
     drop_last: bool | None = None
+    skip_unreadable: bool | None = None
     device: str | None = None
     amp: str | None = None
     channels_last: bool = False

@@ -60,6 +60,7 @@ def inspect_command(
     batches: o.Batches = None,
     workers: o.Workers = None,
     drop_last: o.DropLast = None,
+    skip_unreadable: o.SkipUnreadable = None,
     input_key: o.InputKey = None,
     call: o.CallSpec = None,
     image_size: o.ImageSize = None,
@@ -91,8 +92,8 @@ def inspect_command(
         key=key, trust=trust_checkpoint, model=model, model_kwargs=model_kwargs,
         data=None if static else data, batch_size=batch_size, workers=workers,
         input_key=input_key, call=call, image_size=image_size, resize=resize,
-        channels=channels, mean=mean, std=std, seed=seed, drop_last=drop_last, device=device,
-        amp=amp, channels_last=channels_last,
+        channels=channels, mean=mean, std=std, seed=seed, drop_last=drop_last,
+        skip_unreadable=skip_unreadable, device=device, amp=amp, channels_last=channels_last,
     )  # fmt: skip
     # --static: the project file's data does not apply either
     job = open_job(ui, project_config(), checkpoint, flags, literal=("data",) if static else ())

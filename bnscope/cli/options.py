@@ -37,6 +37,7 @@ FLAGS: dict[str, str] = {
     "channels_last": "--channels-last",
     "include_frozen": "--include-frozen",
     "drop_last": "--drop-last",
+    "skip_unreadable": "--skip-unreadable",
     "image_size": "--image-size",
     "resize": "--resize",
     "channels": "--channels",
@@ -181,6 +182,18 @@ DropLast = Annotated[
         "under torchrun) and report the samples left out. Without it (or with --no-drop-last, "
         "which overrides drop_last in the project file) only a last batch of 1 sample is left "
         "out: BatchNorm cannot normalize a single sample.",
+        rich_help_panel=P_DATA,
+        show_default=False,
+    ),
+]
+SkipUnreadable = Annotated[
+    bool | None,
+    typer.Option(
+        "--skip-unreadable/--no-skip-unreadable",
+        help="Image folders: leave out images that cannot be decoded (damaged, truncated, not "
+        "an image) and name them in one warning. Without it (or with --no-skip-unreadable, "
+        "which overrides skip_unreadable in the project file) the first such image stops the "
+        "run with an error naming it, before anything is written.",
         rich_help_panel=P_DATA,
         show_default=False,
     ),

@@ -42,6 +42,7 @@ def precise_command(
     batches: o.Batches = None,
     workers: o.Workers = None,
     drop_last: o.DropLast = None,
+    skip_unreadable: o.SkipUnreadable = None,
     input_key: o.InputKey = None,
     call: o.CallSpec = None,
     image_size: o.ImageSize = None,
@@ -70,7 +71,8 @@ def precise_command(
         key=key, trust=trust_checkpoint, model=model, model_kwargs=model_kwargs, data=data,
         eval_data=eval_data, batch_size=batch_size, workers=workers, input_key=input_key,
         call=call, image_size=image_size, resize=resize, channels=channels, mean=mean, std=std,
-        seed=seed, drop_last=drop_last, device=device, amp=amp, channels_last=channels_last,
+        seed=seed, drop_last=drop_last, skip_unreadable=skip_unreadable, device=device, amp=amp,
+        channels_last=channels_last,
     )  # fmt: skip
     job = open_job(ui, project_config(), checkpoint, flags)
     with progress_bar(ui, "collecting statistics", batches) as progress:

@@ -35,6 +35,7 @@ ALLOWED_KEYS: dict[str, tuple[type, ...]] = {
     "batch_size": (int,),
     "workers": (int,),
     "drop_last": (bool,),
+    "skip_unreadable": (bool,),
     "image_size": (int,),
     "resize": (int,),
     "channels": (int,),

@@ -10,8 +10,9 @@ A spec is one of (docs/cli.md, section 8):
   batches (usually a DataLoader) (:mod:`bnscope.io.factories`).
 
 :func:`load_data` resolves a spec into a :class:`DataSource`: image folders and tensor files
-are batched, sharded across ranks and their incomplete last batch dropped here; images that
-cannot be decoded are left out of their batches and listed (:meth:`DataSource.unreadable`).
+are batched, sharded across ranks and their incomplete last batch dropped here. An image that
+cannot be decoded stops the reading with a :class:`DataError` naming it, or, with
+``skip_unreadable=True``, is left out of its batch and listed (:meth:`DataSource.unreadable`).
 How batches are taken apart is :mod:`bnscope.io.batches`'s.
 """
 
@@ -34,6 +35,7 @@ from bnscope.io.images import (
     Collated,
     ImageFolderDataset,
     ImageOptions,
+    Unreadable,
     _has_images,
     _is_hidden,
     collate_readable,
@@ -89,7 +91,8 @@ class DataSource:
         return iter(self.loader)
 
     def unreadable(self) -> dict[str, str]:
-        """The images left out so far because they could not be decoded: path -> reason."""
+        """The images left out so far because they could not be decoded (only with
+        ``skip_unreadable=True``; otherwise the first one stops the reading): path -> reason."""
         return dict(getattr(self.loader, "skipped", {}))
 
 
@@ -155,13 +158,17 @@ class _ClosingDataLoader(DataLoader):
     shuffling generator is re-seeded at the start of each one. Commands that read the data
     twice (inspect, ghost) then see identical batches, and inspect can pair its two passes.
 
-    Batches from :func:`~bnscope.io.images.collate_readable` that left images out are
-    unwrapped here, in the main process: ``skipped`` collects every image left out (path ->
-    reason) over all iterations; an iteration in which no image could be read at all is a
-    :class:`DataError`.
+    Batches from :func:`~bnscope.io.images.collate_readable` that set unreadable images aside
+    are handled here, in the main process, where they arrive also from worker processes. By
+    default the first such image stops the iteration with a :class:`DataError` naming it and
+    its position in the data (the workers are stopped as for any other exception). With
+    ``skip_unreadable`` set, the batch of the other images is yielded instead, ``skipped``
+    collects every image left out (path -> reason) over all iterations, and an iteration in
+    which no image could be read at all is a :class:`DataError`.
     """
 
     seed: int | None = None
+    skip_unreadable: bool = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -176,8 +183,10 @@ class _ClosingDataLoader(DataLoader):
             left_out: list[str] = []
             for batch in iterator:
                 if isinstance(batch, Collated):
-                    self.skipped.update(batch.skipped)
-                    left_out.extend(path for path, _ in batch.skipped)
+                    if not self.skip_unreadable:
+                        raise _unreadable_error(batch.skipped[0])
+                    self.skipped.update((it.path, it.reason) for it in batch.skipped)
+                    left_out.extend(it.path for it in batch.skipped)
                     if batch.batch is None:
                         continue
                     batch = batch.batch
@@ -196,6 +205,16 @@ class _ClosingDataLoader(DataLoader):
             raise
 
 
+def _unreadable_error(item: Unreadable) -> DataError:
+    """The error of an image that cannot be decoded, when unreadable images are not skipped:
+    which image of how many, the file, and why."""
+    return DataError(
+        f"{item.describe()} cannot be read: {item.path}: {item.reason}",
+        "remove or replace the file, or pass skip_unreadable=True to leave unreadable images "
+        "out (a warning names them)",
+    )
+
+
 def _make_loader(
     dataset: Dataset,
     *,
@@ -205,6 +224,7 @@ def _make_loader(
     seed: int,
     drop_last: bool,
     same_order: bool = False,
+    skip_unreadable: bool = False,
     collate_fn: Any = None,
 ) -> DataLoader:
     generator = torch.Generator()
@@ -221,6 +241,7 @@ def _make_loader(
         collate_fn=collate_fn,
     )
     loader.seed = seed if same_order else None
+    loader.skip_unreadable = skip_unreadable
     return loader
 
 
@@ -309,6 +330,7 @@ def load_data(
     same_order: bool = True,
     drop_single: bool = True,
     classes: Sequence[str] | None = None,
+    skip_unreadable: bool = False,
 ) -> DataSource:
     """Resolve a ``--data`` spec into a :class:`DataSource` of batches.
 
@@ -338,13 +360,21 @@ def load_data(
     classes, in label order): each class folder is labelled with its name's position among
     them, so a folder lacking some classes keeps the others' labels, and a class folder not
     among them is a :class:`DataError`. Without them an image folder's labels are its class
-    folders' positions in name order. Images that cannot be decoded are left out of their
-    batches and listed by :meth:`DataSource.unreadable` as the batches are read.
+    folders' positions in name order.
+
+    An image that cannot be decoded (damaged, truncated, not an image) stops the reading with a
+    :class:`DataError` naming it and its position in the folder (``image 900 of 1000``: files
+    by name, class folders in turn), also when it is decoded in a worker process: statistics
+    of a data set with holes in it are not the ones asked for. With ``skip_unreadable=True``
+    such images are left out of their batches instead and listed by
+    :meth:`DataSource.unreadable` as the batches are read (a folder in which no image can be
+    read is still an error).
     """
     _check_args(batch_size, workers, rank, world_size)
     loader_args: dict[str, Any] = dict(
         batch_size=batch_size, workers=workers, shuffle=shuffle, seed=seed, drop_last=drop_last,
         same_order=same_order, drop_single=drop_single, rank=rank, world_size=world_size,
+        skip_unreadable=skip_unreadable,
     )  # fmt: skip
 
     if isinstance(spec, str):

@@ -7,15 +7,16 @@ workers, converted to RGB (or to one channel), resized and center-cropped as tor
 
 Labels are the class folders' positions in name order, or, given the class names the labels
 must follow (the training classes), those names' positions: a folder that lacks some classes
-keeps the others' labels. An image that cannot be decoded is left out of its batch and
-reported (:class:`Unreadable`, :func:`collate_readable`), not fatal.
+keeps the others' labels. An image that cannot be decoded becomes an :class:`Unreadable` item
+that :func:`collate_readable` sets aside; the loader (:mod:`bnscope.io.data`) then stops with
+an error naming it, or, when asked to skip unreadable images, leaves it out and lists it.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -278,11 +279,22 @@ _READ_FIX = "remove or replace the unreadable files, or point data= at a folder 
 @dataclass(frozen=True)
 class Unreadable:
     """What :class:`ImageFolderDataset` returns for an image that cannot be decoded (damaged,
-    truncated, not an image): the file and why. :func:`collate_readable` leaves it out of its
-    batch, and the loader reports it."""
+    truncated, not an image): the file, why, and where it is in the folder (``position``, 1 to
+    ``total``, in the dataset's order: files by name, class folders in turn; 0 when unknown).
+    It is returned rather than raised so that it reaches the main process intact from a
+    DataLoader worker: :func:`collate_readable` sets it aside, and the loader stops on it or
+    skips it there."""
 
     path: str
     reason: str
+    position: int = 0
+    total: int = 0
+
+    def describe(self) -> str:
+        """``image 900 of 1000`` (``an image`` when the position is unknown)."""
+        if self.position and self.total:
+            return f"image {self.position} of {self.total}"
+        return "an image"
 
 
 def _read_reason(exc: BaseException) -> str:
@@ -315,18 +327,18 @@ def _first_size(root: Path, files: list[Path]) -> tuple[Path, tuple[int, int]]:
 
 class Collated:
     """A batch of which some images could not be read: the batch of the others (``None``
-    when none could) and the ``(path, reason)`` of each left out."""
+    when none could) and the :class:`Unreadable` items set aside, in batch order."""
 
-    def __init__(self, batch: Any, skipped: list[tuple[str, str]]) -> None:
+    def __init__(self, batch: Any, skipped: list[Unreadable]) -> None:
         self.batch = batch
         self.skipped = skipped
 
 
 def collate_readable(items: list[Any]) -> Any:
     """``default_collate`` of the readable items; with :class:`Unreadable` items among them,
-    a :class:`Collated` holding the batch of the others and what was left out (the loader
+    a :class:`Collated` holding the batch of the others and those set aside (the loader
     unwraps it in the main process, so that worker processes can report it too)."""
-    skipped = [(it.path, it.reason) for it in items if isinstance(it, Unreadable)]
+    skipped = [it for it in items if isinstance(it, Unreadable)]
     if not skipped:
         return default_collate(items)
     readable = [it for it in items if not isinstance(it, Unreadable)]
@@ -354,7 +366,7 @@ class ImageFolderDataset(Dataset):
     one; ``x`` is a float32 CHW tensor, normalized. An image that cannot be decoded is an
     :class:`Unreadable` item instead (batch them with :func:`collate_readable`). Without
     ``image_size`` every image must have the size of the first readable one; the first
-    mismatch raises :class:`DataError`.
+    mismatch raises :class:`DataError` naming the file and its position.
 
     ``classes`` are the names the labels must follow (the training classes, in label order):
     a class folder's label is then its name's position among them, and a folder whose name is
@@ -393,7 +405,7 @@ class ImageFolderDataset(Dataset):
         path = self.files[index]
         img = _open_image(path, self._mode)
         if isinstance(img, Unreadable):
-            return img
+            return replace(img, position=index + 1, total=len(self.files))
         size = self.options.image_size
         if size is not None:
             resize = self.options.resize_to()
@@ -402,8 +414,8 @@ class ImageFolderDataset(Dataset):
         elif self._reference is not None and img.size != self._reference[1]:
             ref_path, (rw, rh) = self._reference
             raise _SampleError(
-                f"images have different sizes: {ref_path} is {rw}x{rh}, "
-                f"{path} is {img.size[0]}x{img.size[1]}",
+                f"image {index + 1} of {len(self.files)} has a different size: {path} is "
+                f"{img.size[0]}x{img.size[1]}, {ref_path} is {rw}x{rh}",
                 _SIZE_FIX,
             )
         array = np.asarray(img, dtype=np.float32) / 255.0

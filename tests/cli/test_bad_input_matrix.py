@@ -110,7 +110,7 @@ def _build_tree(root: Path) -> None:
     _images(root / "badimg", [(8, 8)] * 3)
     (root / "badimg" / "broken.png").write_bytes(b"\x89PNG not really")
     (root / "allbad").mkdir()
-    for name in ("a.png", "b.jpg"):  # --data: a damaged image is left out, no image at all fails
+    for name in ("a.png", "b.jpg"):  # --data: no image can be read (even with --skip-unreadable)
         (root / "allbad" / name).write_bytes(b"\x89PNG not really")
     (root / "fac.py").write_text(FACTORIES)
 
@@ -285,7 +285,10 @@ DATA = {
     "missing": ((f"{W}/nothing_here",), "data not found"),
     "empty-folder": ((f"{W}/emptydir",), "no images or tensor files found"),
     # without --image-size every image must have the size of the first one
-    "mixed-image-sizes": ((f"{W}/mixed",), "images have different sizes"),
+    "mixed-image-sizes": ((f"{W}/mixed",), " of 4 has a different size: "),
+    # a damaged image stops the run (--skip-unreadable leaves it out with a warning)
+    "unreadable-image": ((f"{W}/badimg",), "image 4 of 4 cannot be read: "),
+    "unreadable-image-workers": ((f"{W}/badimg", "--workers", "2"), "--skip-unreadable"),
     # grayscale files are converted to RGB (as torchvision does): not an error. One channel
     # requested for a model whose first conv takes 3 is, and the line names the shape.
     "one-channel-for-rgb-model": (

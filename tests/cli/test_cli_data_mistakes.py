@@ -1,7 +1,8 @@
 """Data that does not fit the model, and data mistakes, on the command line: one error line and
 exit 2 where the labels cannot be the model's classes (class folders, factories), class folders
 matched to the training classes by name, a warning line where labels were set aside, unreadable
-images and split-like class folders, and a pickled module whose code cannot be imported."""
+images left out with --skip-unreadable (tests/cli/test_bad_data_midrun.py: refused without it)
+and split-like class folders, and a pickled module whose code cannot be imported."""
 
 from __future__ import annotations
 
@@ -139,7 +140,7 @@ def test_unreadable_images_are_left_out_with_one_warning(env, workers: str) -> N
     (env["subset"] / "triangle" / "6.png").write_bytes(b"")
     (env["subset"] / "cross").mkdir()  # the labels are then the model's classes
     res = run("precise", env["ckpt"], *common(env), "--data", env["subset"], "--workers",
-              workers, "-o", env["out"], "--json")  # fmt: skip
+              workers, "-o", env["out"], "--json", "--skip-unreadable")  # fmt: skip
     assert res.exit_code == 0, res.stderr
     assert json.loads(res.stdout)["samples"] == 6
     assert env["out"].is_file()

@@ -219,8 +219,9 @@ def _write_images(folder, n=3, size=(8, 8), corrupt=False):
     [
         (lambda p: p / "nothing_here", "data not found"),
         (lambda p: (p / "empty").mkdir() or p / "empty", "no images or tensor files"),
-        # a damaged image among others is left out with a warning (test_cli_data_mistakes.py);
-        # a folder without any readable image is an error
+        # a damaged image among others stops the run (test_bad_data_midrun.py), unless
+        # --skip-unreadable leaves it out (test_cli_data_mistakes.py); a folder without any
+        # readable image is an error either way
         (lambda p: _write_images(p / "bad", n=0, corrupt=True) or p / "bad", "broken.png"),
         (lambda p: (p / "notes.txt").write_text("hi") and p / "notes.txt", "notes.txt"),
         (lambda p: _write_images(p / "gray", size=(8, 8)) or p / "gray", None),

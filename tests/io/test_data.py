@@ -185,16 +185,45 @@ def test_workers_decode_identically(labelled: Path) -> None:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
+def test_an_unreadable_image_stops_the_reading_naming_it(tmp_path: Path, workers: int) -> None:
+    # by default a damaged file is an error that names it, its position in the folder (in
+    # name order, class folders in turn, whatever the reading order) and why: also when it
+    # is decoded in a worker process; the batches before it were read
+    for i in range(5):
+        noise(tmp_path / "d" / "k" / f"{i}.png", (6, 6), i)
+    broken = tmp_path / "d" / "k" / "2_broken.png"
+    broken.write_bytes(b"\x89PNG this is not an image")
+    for shuffle in (False, True):
+        src = load_data(tmp_path / "d", batch_size=2, workers=workers, image=ImageOptions(6),
+                        shuffle=shuffle)  # fmt: skip
+        read: list[torch.Tensor] = []
+        with pytest.raises(DataError) as info:
+            for batch in src:
+                read.append(batch[0])
+        err = one_line(info.value)
+        assert err.message == (
+            f"image 4 of 6 cannot be read: {broken}: not an image, or a format Pillow cannot read"
+        )
+        assert err.fix == (
+            "remove or replace the file, or pass skip_unreadable=True to leave unreadable "
+            "images out (a warning names them)"
+        )
+        assert src.unreadable() == {}
+        if not shuffle:
+            assert [len(x) for x in read] == [2]  # files 1-2 were read, then 3-4 failed
+
+
+@pytest.mark.parametrize("workers", [0, 2])
 def test_unreadable_images_are_left_out_and_named(tmp_path: Path, workers: int) -> None:
-    # a damaged file does not stop the run: it is left out of its batch (also when decoded in
-    # a worker process) and named with the reason, once, however often the data is read
+    # with skip_unreadable a damaged file does not stop the run: it is left out of its batch
+    # (also when decoded in a worker process) and named with the reason, once, however often
+    # the data is read
     for i in range(3):
         noise(tmp_path / "d" / "k" / f"{i}.png", (6, 6), i)
     broken = tmp_path / "d" / "k" / "3_broken.png"
     broken.write_bytes(b"\x89PNG this is not an image")
-    src = load_data(
-        tmp_path / "d", batch_size=2, workers=workers, image=ImageOptions(6), shuffle=False
-    )
+    src = load_data(tmp_path / "d", batch_size=2, workers=workers, image=ImageOptions(6),
+                    shuffle=False, skip_unreadable=True)  # fmt: skip
     assert src.unreadable() == {}
     x, y = collect(src)
     assert x.shape == (3, 3, 6, 6) and y.tolist() == [0, 0, 0]
@@ -209,12 +238,14 @@ def test_unreadable_images_are_left_out_and_named(tmp_path: Path, workers: int) 
     assert torch.equal(x, ref)
 
 
-def test_truncated_image_is_left_out_and_named(tmp_path: Path) -> None:
+def test_truncated_image_is_named_or_left_out(tmp_path: Path) -> None:
     noise(tmp_path / "t" / "b.png", (16, 16), 1)
     path = noise(tmp_path / "t" / "a.png", (16, 16), 0)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    src = load_data(tmp_path / "t")  # the first file is unreadable: the size comes from b.png
+    err = first_error(load_data(tmp_path / "t"))  # the size comes from b.png: a.png's is lost
+    assert err.message.startswith(f"image 1 of 2 cannot be read: {path}: OSError: ")
+    src = load_data(tmp_path / "t", skip_unreadable=True)
     x, _ = collect(src)
     assert x.shape == (1, 3, 16, 16)
     (reason,) = src.unreadable().values()
@@ -229,7 +260,8 @@ def test_no_readable_image_is_one_error(tmp_path: Path, workers: int) -> None:
     # without an image size, the first readable header is needed up front
     err = raises(load_data, tmp_path / "bad")
     assert err.message.startswith(f"none of the 3 images in {tmp_path / 'bad'} can be read")
-    err = first_error(load_data(tmp_path / "bad", workers=workers, image=ImageOptions(4)))
+    src = load_data(tmp_path / "bad", workers=workers, image=ImageOptions(4), skip_unreadable=True)
+    err = first_error(src)
     assert err.message.startswith("none of the 3 images could be read (e.g. ")
     assert err.fix.startswith("remove or replace the unreadable files")
 
@@ -274,8 +306,10 @@ def test_mixed_sizes_without_image_size(tmp_path: Path, workers: int) -> None:
     solid(tmp_path / "s" / "a.png", (4, 4), (1, 2, 3))
     solid(tmp_path / "s" / "b.png", (5, 3), (1, 2, 3))
     err = first_error(load_data(tmp_path / "s", workers=workers))
-    assert "different sizes" in err.message
-    assert "a.png is 4x4" in err.message and "b.png is 5x3" in err.message
+    assert err.message == (
+        f"image 2 of 2 has a different size: {tmp_path / 's' / 'b.png'} is 5x3, "
+        f"{tmp_path / 's' / 'a.png'} is 4x4"
+    )
     assert err.fix == "pass image_size=N to resize and crop"
     # with an image size, the same folder loads
     x, _ = collect(load_data(tmp_path / "s", image=ImageOptions(image_size=3)))

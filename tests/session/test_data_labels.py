@@ -1,8 +1,8 @@
 """``bnscope.open`` with data that does not fit the model's classes, and data mistakes: class
 folders matched to the training classes by name (from the checkpoint or the training data),
 labels set aside when they cannot be matched, refused when they cannot fit, unreadable images
-and split-like class folders announced, a pickled module whose code lies next to the model
-spec."""
+refused (or, with skip_unreadable, left out and announced), split-like class folders
+announced, a pickled module whose code lies next to the model spec."""
 
 from __future__ import annotations
 
@@ -134,11 +134,17 @@ def test_folders_that_cannot_fit_are_refused_before_anything_runs(folders) -> No
         job(folders["named"], notes, data=str(folders["five"])).inspect()
 
 
-def test_unreadable_images_are_counted_and_named(folders) -> None:
+def test_unreadable_images_stop_the_job_or_are_counted_and_named(folders) -> None:
     broken = folders["subset"] / "circle" / "9.jpg"
     broken.write_bytes(b"not an image")
     notes: list[str] = []
-    res = job(folders["named"], notes, data=str(folders["subset"])).inspect()
+    with pytest.raises(DataError) as info:
+        job(folders["named"], notes, data=str(folders["subset"])).inspect()
+    assert info.value.message == (
+        f"image 3 of 7 cannot be read: {broken}: not an image, or a format Pillow cannot read"
+    )
+    assert notes == []
+    res = job(folders["named"], notes, data=str(folders["subset"]), skip_unreadable=True).inspect()
     assert res.report.extra["samples"] == 6
     assert notes == [
         f"data=: left out 1 image that could not be read: {broken} (not an image, or a format "
