@@ -48,8 +48,10 @@ pytestmark = pytest.mark.timing
 
 HERE = Path(__file__).resolve()
 REPEATS = int(os.environ.get("BNSCOPE_TEST_REPEATS", "2"))
-#: BNSCOPE_DIST_TIMEOUT of the runs: how long the others wait for a rank that hangs
-HANG_TIMEOUT_S = 4
+#: BNSCOPE_DIST_TIMEOUT of the runs: long enough that a busy machine never times out a slow
+#: rank, except in the hang case, where the others wait HANG_TIMEOUT_S for the hung rank
+TIMEOUT_S = 60
+HANG_TIMEOUT_S = 8
 FAULT_BATCH = 3
 BATCHES = 8
 BATCH_SIZE = 8
@@ -74,6 +76,9 @@ def _batches(rank: int, world_size: int, fault: str = "") -> Iterator[tuple]:
                 os.kill(os.getpid(), signal.SIGKILL)
             if fault == "hang":
                 time.sleep(3600)
+            if fault == "nan":
+                x = x.clone()
+                x[i * BATCH_SIZE + 2, 1, 4, 4] = float("nan")
         if fault == "ready" and i == FAULT_BATCH:
             Path(os.environ["BNSCOPE_TEST_READY"], f"rank{rank}").touch()
             time.sleep(3600)  # until Ctrl-C
@@ -94,6 +99,10 @@ def data_killed(rank: int = 0, world_size: int = 1) -> Iterator[tuple]:
 
 def data_hangs(rank: int = 0, world_size: int = 1) -> Iterator[tuple]:
     return _batches(rank, world_size, "hang")
+
+
+def data_nan_on_rank_1(rank: int = 0, world_size: int = 1) -> Iterator[tuple]:
+    return _batches(rank, world_size, "nan")
 
 
 def data_waits_for_ctrl_c(rank: int = 0, world_size: int = 1) -> Iterator[tuple]:
@@ -146,13 +155,13 @@ def launch(*args: object, cwd: Path, env: dict[str, str] | None = None) -> subpr
     full = dict(os.environ)
     full.update(
         GLOO_SOCKET_IFNAME=loopback_interface(),
-        BNSCOPE_DIST_TIMEOUT=str(HANG_TIMEOUT_S),
+        BNSCOPE_DIST_TIMEOUT=str(TIMEOUT_S),
         OMP_NUM_THREADS="1",
         COLUMNS="160",
         PYTHONFAULTHANDLER="1",  # an abort would print "Fatal Python error"
         PYTHONPATH=os.pathsep.join([str(ROOT), full.get("PYTHONPATH", "")]),
-        **(env or {}),
     )
+    full.update(env or {})
     return subprocess.Popen(
         cmd, cwd=cwd, env=full, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -190,6 +199,16 @@ def check_clean(
         exits = worker_exits(err)
         assert exits and set(exits.values()) <= allowed, (exits, err)
     assert sorted(p.name for p in tmp.iterdir()) == ["ck.pt"], err
+
+
+def assert_first_exit_is_2(err: str) -> None:
+    """After a rank's own error, every rank agreed to stop and leaves with 2 at once: the first
+    rank to end always ends with 2 (torchrun's root cause); a rank still on its way out when
+    torchrun saw that may get torchrun's SIGTERM instead (its call), never anything else."""
+    exits = worker_exits(err)
+    assert set(exits.values()) <= {"2", "-15"} and "2" in exits.values(), err
+    root = err.split("Root Cause", 1)[1]
+    assert re.search(r"exitcode\s*:\s*2 ", root), err
 
 
 @pytest.fixture
@@ -235,10 +254,8 @@ def test_an_error_on_one_rank_ends_every_rank_with_2(ckpt, where, run):
     assert len(lines) == 1, err
     assert lines[0].startswith(start), lines[0]
     assert cause in lines[0]
-    # every rank left through bnscope's own exit: 2, both in torchrun's summary, whichever
-    # ended first (the other one had already agreed to stop and exits at once)
     check_clean(proc, out, err, ckpt.parent, allowed={"2", "-15"})
-    assert worker_exits(err).get(int(start.split("rank ")[1][0])) == "2", err
+    assert_first_exit_is_2(err)
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,7 +288,8 @@ def test_a_rank_that_hangs_is_named_after_the_timeout(ckpt, run):
     """Rank 1 hangs in its data; rank 0 waits BNSCOPE_DIST_TIMEOUT seconds at the end of its
     collection, then says which rank stopped answering and exits 2; torchrun then stops the
     hung rank (SIGTERM)."""
-    proc = launch(*precise(ckpt, "TwoBranch_spec", "data_hangs"), cwd=ckpt.parent)
+    proc = launch(*precise(ckpt, "TwoBranch_spec", "data_hangs"), cwd=ckpt.parent,
+                  env={"BNSCOPE_DIST_TIMEOUT": str(HANG_TIMEOUT_S)})  # fmt: skip
     out, err = finish(proc)
     assert error_lines(err) == [
         f"bnscope: error: rank 0 of 2: rank 1 stopped answering: no reply within "
@@ -309,6 +327,72 @@ def test_ctrl_c_ends_every_rank_with_130(ckpt, tmp_path_factory, run):
     assert "SignalException" in err and worker_exits(err) == {}, err
 
 
+# --------------------------------------------------------------------------------------------
+# Bad data in the middle of the run: the rank that meets it names it; every rank exits 2
+
+N_IMAGES = 1000
+BAD_IMAGE = 900  # 1-based, in name order: sample 899, in rank 1's share (samples 1, 3, 5...)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two folders of 1,000 8x8 PNGs in two classes: in ``cut/`` image 900 is cut in half, in
+    ``size/`` it is 10x12."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    g = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(N_IMAGES, 8, 8, 3, generator=g) * 255).to(torch.uint8).numpy()
+    for name in ("cut", "size"):
+        for i in range(N_IMAGES):
+            folder = root / name / ("a" if i < N_IMAGES // 2 else "b")
+            folder.mkdir(parents=True, exist_ok=True)
+            image = Image.fromarray(pixels[i])
+            if name == "size" and i == BAD_IMAGE - 1:
+                image = image.resize((10, 12))
+            image.save(folder / f"{i:04d}.png")
+    bad = root / "cut" / "b" / f"{BAD_IMAGE - 1:04d}.png"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    return root
+
+
+def bad_image_line(folders: Path, kind: str) -> str:
+    path = folders / kind / "b" / f"{BAD_IMAGE - 1:04d}.png"
+    if kind == "cut":
+        return (
+            f"bnscope: error: rank 1 of 2: image {BAD_IMAGE} of {N_IMAGES} cannot be read: {path}"
+        )
+    return (
+        f"bnscope: error: rank 1 of 2: image {BAD_IMAGE} of {N_IMAGES} has a different size: {path}"
+    )
+
+
+@pytest.mark.parametrize("run", range(REPEATS))
+@pytest.mark.parametrize("kind", ["cut", "size"])
+def test_a_bad_image_late_in_the_folder(ckpt, folders, kind, run):
+    """Image 900 of 1,000 (rank 1's share): rank 1 names it, rank 0 stops too, both exit 2."""
+    proc = launch("precise", ckpt, "--model", f"{HERE}:TwoBranch_spec", "--data",
+                  folders / kind, "--batch-size", "10", "-o", ckpt.parent / "out.pt",
+                  cwd=ckpt.parent)  # fmt: skip
+    out, err = finish(proc)
+    lines = error_lines(err)
+    assert len(lines) == 1 and lines[0].startswith(bad_image_line(folders, kind)), err
+    check_clean(proc, out, err, ckpt.parent, allowed={"2", "-15"})
+    assert_first_exit_is_2(err)
+
+
+@pytest.mark.parametrize("run", range(REPEATS))
+def test_a_nan_batch_on_one_rank(ckpt, run):
+    proc = launch(*precise(ckpt, "TwoBranch_spec", "data_nan_on_rank_1"), cwd=ckpt.parent)
+    out, err = finish(proc)
+    assert error_lines(err) == [
+        f"bnscope: error: rank 1 of 2: NaN or Inf reached BN layer bn_a in batch {FAULT_BATCH}; "
+        "check the data and the checkpoint (bnscope inspect CKPT)"
+    ], err
+    check_clean(proc, out, err, ckpt.parent, allowed={"2", "-15"})
+    assert_first_exit_is_2(err)
+
+
 def test_the_specs_run_in_one_process(ckpt):
     """The specs themselves: without faults the data gives BATCHES batches and the model
     runs (so every failure above comes from the planted fault)."""
@@ -316,3 +400,5 @@ def test_the_specs_run_in_one_process(ckpt):
     assert len(batches) == BATCHES and batches[0][0].shape == (BATCH_SIZE, 3, 8, 8)
     assert model_fails_on_rank_1()(batches[0][0]).shape == (BATCH_SIZE, 3)
     assert CLI_SPEC.exists()
+    nan = list(data_nan_on_rank_1(rank=1, world_size=2))
+    assert [bool(b[0].isnan().any()) for b in nan] == [i == FAULT_BATCH for i in range(BATCHES)]
