@@ -307,9 +307,9 @@ class PreciseBNHook:
         self.progress = progress
         self.history: list[HookUpdate] = []
         self.last_report: PreciseReport | None = None
-        # (id of a persistent loader iterator, batches it had yielded when a pass of this hook
-        # left it): that iterator is not in the middle of a training epoch
-        self._left: tuple[int, int] | None = None
+        # (a persistent loader's iterator, its sampler iterator, batches it had yielded) when
+        # a pass of this hook left it: in that state it is not in a training loop's epoch
+        self._left: tuple[Any, Any, int] | None = None
 
     # -- when -----------------------------------------------------------------------------
     @property
@@ -424,7 +424,7 @@ class PreciseBNHook:
             total = len(data)  # type: ignore[arg-type]
         except TypeError:
             return
-        if self._left == (id(iterator), yielded) or not 0 < yielded < total:
+        if not 0 < yielded < total or self._left_by_us(iterator, yielded):
             return
         raise UsageError(
             f"data= is a DataLoader with persistent_workers=True that is in the middle of an "
@@ -433,13 +433,24 @@ class PreciseBNHook:
             "give the hook its own DataLoader over the dataset, or update at epoch ends",
         )
 
+    def _left_by_us(self, iterator: Any, yielded: int) -> bool:
+        """Whether ``iterator`` is as this hook's last pass left it (each epoch of a training
+        loop makes a new sampler iterator)."""
+        if self._left is None:
+            return False
+        it, sampler_iter, count = self._left
+        return it is iterator and sampler_iter is getattr(iterator, "_sampler_iter", None) and (
+            count == yielded
+        )
+
     def _remember_iterator(self) -> None:
         data = self.data
         if not getattr(data, "persistent_workers", False):
             return
         iterator = getattr(data, "_iterator", None)
         if iterator is not None:
-            self._left = (id(iterator), getattr(iterator, "_num_yielded", 0))
+            sampler_iter = getattr(iterator, "_sampler_iter", None)
+            self._left = (iterator, sampler_iter, getattr(iterator, "_num_yielded", 0))
 
     # -- history --------------------------------------------------------------------------
     def summary(self, prefix: str = "precise_bn/") -> dict[str, float]:

@@ -491,7 +491,11 @@ def test_persistent_loader_in_the_middle_of_an_epoch_is_refused() -> None:
         "(1 of 6 batches read)"
     )
     assert sum(1 for _ in it) == 5  # the training loop's epoch is intact
-    assert hook.update().extra["samples"] == 16  # at the epoch's end it runs
+    assert hook.update().extra["samples"] == 16  # at the epoch's end it runs (2 batches)
+    it = iter(loader)  # the next epoch, as far as the hook's pass went: not the hook's state
+    next(it), next(it)
+    with pytest.raises(UsageError, match=r"\(2 of 6 batches read\)"):
+        hook.update()
 
 
 # --------------------------------------------------------------------------------------------
@@ -685,6 +689,22 @@ def test_bf16_autocast_on_cpu() -> None:
     assert not torch.equal(net.bn2.running_var, full.bn2.running_var)
     torch.testing.assert_close(net.bn2.running_var, full.bn2.running_var, rtol=3e-2, atol=3e-2)
     assert rep.extra["samples"] == 24
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_model_fp16_and_cuda_rng_kept() -> None:
+    data = DataLoader(dataset(48), batch_size=8, shuffle=True)
+    net, ref = make_net().cuda(), make_net().cuda()
+    torch.manual_seed(0)
+    cuda_rng = torch.cuda.get_rng_state()
+    rep = PreciseBNHook(net, data, samples=20, amp="fp16").update()
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_rng)
+    torch.manual_seed(0)
+    ref_rep = PreciseBNHook(ref, data, samples=20, amp="fp16").update()
+    assert rep.extra["samples"] == ref_rep.extra["samples"] == 20
+    assert net.bn1.running_mean.device.type == "cuda"
+    for k, v in bn_state(ref).items():  # the same samples (shuffle seeded alike), same figures
+        torch.testing.assert_close(bn_state(net)[k], v, msg=k)
 
 
 # --------------------------------------------------------------------------------------------
