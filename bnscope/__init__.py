@@ -8,6 +8,7 @@ the real signatures through the imports under ``TYPE_CHECKING``)::
     job.precise(batches=100).save()                       # ckpt.precise.pt, as bnscope precise
     bnscope.write_report(job.inspect(), "report/")        # report.json, figures, report.html
     rep = bnscope.static_inspect(state_dict)             # no model code needed
+    hook = bnscope.PreciseBNHook(model, loader, samples=2048, every_n_epochs=1)  # in a loop
     rep = bnscope.inspect(model, loader, batches=50)      # dynamic report: staleness, gap
     res = bnscope.precise_bn(model, loader, batches=100)  # exact population statistics, in place
     gho = bnscope.ghost_analysis(model, loader, sizes=[2, 4, 8, 16, 32])  # NBS analysis
@@ -27,6 +28,7 @@ if TYPE_CHECKING:  # the same names as _API, for type checkers and IDEs
     from .engine.evaluate import compare_models, evaluate_models
     from .engine.stats import MomentAccumulator
     from .errors import BnscopeError, CheckpointError, DataError, ModelError, UsageError
+    from .integrations.hook import PreciseBNHook
     from .io.checkpoint import load_checkpoint
     from .io.data import load_data
     from .io.fitting import load_into_model
@@ -64,6 +66,7 @@ _API = {
     "load_data": "bnscope.io.data",
     "build_model": "bnscope.io.modelspec",
     "BNCapture": "bnscope.engine.capture",
+    "PreciseBNHook": "bnscope.integrations.hook",
     "MomentAccumulator": "bnscope.engine.stats",
     "Report": "bnscope.records",
     "Finding": "bnscope.records",
@@ -97,6 +100,7 @@ __all__ = [
     "load_data",
     "build_model",
     "BNCapture",
+    "PreciseBNHook",
     "MomentAccumulator",
     "Report",
     "Finding",

@@ -273,8 +273,8 @@ class Job:
     def model(self) -> LoadedModel | None:
         """The model filled with the checkpoint's weights (strict), or None without model
         code (no ``model`` and no trusted whole module in the checkpoint). A checkpoint with
-        several networks: the one the model fits (the raw weights before an identical EMA
-        copy), with a notice about the EMA copy left unused."""
+        several networks: the one the model fits (an EMA/SWA copy before the raw weights of
+        the same architecture), with a notice about the network left unused."""
         if self._model_built:
             return self._model
         from torch import nn
@@ -555,7 +555,7 @@ class Job:
     def _static(self) -> Report:
         """The static report: from the buffers (and the model's momentum and eps when there
         is model code); a checkpoint holding several networks is reported on the one the
-        model fits, without a model on the raw network, with every network listed."""
+        model fits, without a model on the EMA/SWA copy, with every network listed."""
         from .io.fitting import strip_prefix
         from .io.statedict import common_prefix
         from .ops.static import static_inspect
@@ -576,7 +576,7 @@ class Job:
                 loaded.module, checkpoint=str(self.path), recompute_fix=fix, extra=extra
             )
         state = ckpt.state_dict
-        chosen = ckpt.default_network()  # several networks: the raw one
+        chosen = ckpt.default_network()  # several networks: the EMA/SWA copy
         base = chosen.prefix if chosen is not None else ""
         if chosen is not None:
             state = ckpt.network_state(chosen)

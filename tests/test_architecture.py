@@ -8,7 +8,8 @@ Layers, lowest first:
 - io: ``bnscope/io`` (checkpoints, data specs, model specs, the project file, atomic files);
 - engine: ``bnscope/engine`` (batch protocol, capture, accumulators, collection, evaluation);
 - ops: ``bnscope/ops`` (static and dynamic inspect, precise, adapt, ghost, corruptions);
-- session: ``bnscope/session.py`` (``bnscope.open``: one checkpoint, model and data) and
+- session: ``bnscope/session.py`` (``bnscope.open``: one checkpoint, model and data),
+  ``bnscope/integrations`` (training-loop hooks over the ops) and
   ``bnscope/demo`` (builds the demo folder with io and ``ops.corruptions``, then runs the four
   operations through the session: ``demo/walkthrough.py`` imports ``bnscope.session``);
 - render: ``bnscope/render`` (tables, JSON, figures, HTML);
@@ -49,6 +50,7 @@ LAYER_OF = {
     "ops": "ops",
     "demo": "session",
     "session": "session",
+    "integrations": "session",
     "render": "render",
     "cli": "cli",
 }

@@ -110,3 +110,29 @@ def test_torchrun_cli(examples: Path) -> None:
     assert res.stdout.count("Precise BN: 3 of 3 BN layers recomputed from 100 batches") == 1
     assert "(1600 samples)" in res.stdout and "Wrote runs/ckpt.ddp.pt" in res.stdout
     assert "bnscope: error" not in res.stderr
+
+
+#: an epoch line of precise_bn_hook.py: epoch, accuracy with the running statistics and after
+EPOCH_LINE = (
+    r"epoch (\d): validation accuracy ([\d.]+)% with the running statistics, ([\d.]+)% after "
+    r"Precise BN on 512 samples \(largest change of a mean: ([\d.]+) sigma\)"
+)
+EMA_LINE = (
+    r"EMA weights: validation accuracy ([\d.]+)% with the statistics the copy was made with, "
+    r"([\d.]+)% with Precise BN statistics of the averaged weights"
+)
+
+
+def test_precise_bn_hook(examples: Path) -> None:
+    res = run([sys.executable, str(examples / "precise_bn_hook.py")], cwd=examples.parent)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    epochs = [re.fullmatch(EPOCH_LINE, line) for line in lines[:3]]
+    assert all(epochs), res.stdout
+    first = epochs[0]
+    assert first is not None and float(first[3]) > float(first[2]) + 10  # measured: 36.5 -> 80.7
+    ema = re.fullmatch(EMA_LINE, lines[3])
+    assert ema, res.stdout
+    assert float(ema[2]) > float(ema[1]) + 10  # measured: 70.3 -> 98.2
+    assert lines[4] == "hook history: [(1, 512), (2, 512), (3, 512)]"
+    assert sorted(p.name for p in examples.parent.iterdir()) == ["examples"]  # writes nothing

@@ -98,9 +98,11 @@ Key = Annotated[
         "--key",
         metavar="KEY",
         help="Entry of the checkpoint dict that holds the state dict "
-        "(default: found automatically: state_dict, model, model_state_dict, net, module). "
+        "(default: found automatically: an EMA/SWA copy first, state_dict_ema, model_ema, "
+        "ema_state_dict, ema; then state_dict, model, model_state_dict, net, module). "
         "PATH:PREFIX selects the entries under a key prefix of it, e.g. one of several "
-        "networks: state_dict:ema_model.module (same as state_dict.ema_model.module).",
+        "networks: state_dict:ema_model.module (same as state_dict.ema_model.module); "
+        "PATH: the entries under no EMA prefix (the raw network).",
         rich_help_panel=P_INPUT,
     ),
 ]

@@ -331,8 +331,11 @@ def _collect_local(
                 except NonFiniteInput as exc:
                     raise _non_finite(exc) from exc
         finally:
+            # a loader with persistent_workers reuses this iterator for its next epoch (the
+            # training loop's): its workers must stay up
             shutdown = getattr(iterator, "_shutdown_workers", None)
-            if callable(shutdown) and (batches is not None and done >= batches):
+            persistent = getattr(iterator, "_persistent_workers", False)
+            if callable(shutdown) and not persistent and (batches is not None and done >= batches):
                 with contextlib.suppress(Exception):
                     shutdown()
         if done == 0 and not allow_empty:

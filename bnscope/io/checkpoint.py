@@ -4,7 +4,8 @@ Supported inputs (docs/cli.md, section 7):
 
 - ``torch.save`` files holding a state dict, or a dict wrapping one under one of
   :data:`~bnscope.io.statedict.WRAPPER_KEYS` (nested wrappers too, e.g.
-  ``{"model": {"state_dict": ...}}``);
+  ``{"model": {"state_dict": ...}}``) or an EMA/SWA copy's under one of
+  :data:`~bnscope.io.statedict.EMA_KEYS` (preferred when both are there);
 - ``.safetensors`` files (also recognised by their header without the suffix);
 - a pickled whole ``nn.Module`` (``torch.save(model)``), or a dict holding one: unpickling such
   a file runs arbitrary code, so it is loaded only with ``trust=True``; everything else is
@@ -49,6 +50,7 @@ from bnscope.io.statedict import (
     _normal_prefix,
     _parse_key,
     _select_prefix,
+    raw_members,
 )
 
 __all__ = ["Checkpoint", "load_checkpoint"]
@@ -104,6 +106,8 @@ class Checkpoint:
     locations: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
     network_prefix: str = ""
     networks: tuple[Network, ...] = ()
+    #: whether ``key`` was given (the networks were not chosen automatically)
+    key_given: bool = False
 
     @property
     def trusted_module(self) -> bool:
@@ -132,15 +136,33 @@ class Checkpoint:
         used = self.used_network(prefix)
         return next((n for n in self.networks if n.ema and n is not used), None)
 
+    def unused_raw(self, prefix: str = "") -> Network | None:
+        """The raw network (not an EMA/SWA copy) among :attr:`networks` when an EMA/SWA copy
+        is the one in use."""
+        used = self.used_network(prefix)
+        if used is None or not used.ema:
+            return None
+        return next((n for n in self.networks if not n.ema and n is not used), None)
+
     def ema_notice(self, prefix: str = "") -> str | None:
-        """One line announcing an EMA copy that is not in use and the ``--key`` to use it."""
+        """One line announcing the network that is not in use and the ``--key`` to use it:
+        the raw weights when an EMA/SWA copy is used (the default: :data:`EMA_KEYS`), else an
+        EMA copy left unused. The raw weights are announced only when the EMA copy was chosen
+        automatically (no ``key``)."""
+        raw = self.unused_raw(prefix)
+        if raw is not None and raw.key is not None and not self.key_given:
+            used = self.used_network(prefix)
+            label = used.label if used is not None else "?"
+            return (
+                f"using the EMA/SWA copy '{label}'; this checkpoint also holds the raw weights "
+                f"('{raw.label}', {_layers(raw.bn_layers)}): key={raw.key} to use them"
+            )
         ema = self.unused_ema(prefix)
         if ema is None or ema.key is None:
             return None
-        layers = f"{ema.bn_layers} BN layer{'s' if ema.bn_layers != 1 else ''}"
         return (
-            f"this checkpoint also holds an EMA copy ('{ema.label}', {layers}): "
-            f"key={ema.key} to use it"
+            f"this checkpoint also holds an EMA copy ('{ema.label}', "
+            f"{_layers(ema.bn_layers)}): key={ema.key} to use it"
         )
 
     def network_info(self, prefix: str = "") -> NetworkInfo:
@@ -189,13 +211,14 @@ class Checkpoint:
 
     def default_network(self) -> Network | None:
         """Without a model to fit: the network to report on when :attr:`state_dict` holds
-        several (the first that is not an EMA copy); ``None`` when it holds one."""
+        several (the first EMA/SWA copy, as when fitting a model); ``None`` when it holds
+        one."""
         if self.network_prefix:
             return None
         here = [n for n in self.networks if n.path == (self._key_path or ())]
         if len(here) < 2:
             return None
-        return next((n for n in here if not n.ema), here[0])
+        return next((n for n in here if n.ema), here[0])
 
     def network_state(self, network: Network) -> dict[str, torch.Tensor]:
         """The entries of one network of :attr:`state_dict`, its prefix removed."""
@@ -203,6 +226,10 @@ class Checkpoint:
             n.prefix for n in self.networks if n.path == network.path and n.prefix != network.prefix
         ]
         return _members(self.state_dict, network.prefix, others)
+
+
+def _layers(count: int) -> str:
+    return f"{count} BN layer{'s' if count != 1 else ''}"
 
 
 #: the entries a checkpoint may name its classes under (:attr:`Checkpoint.class_names`)
@@ -282,7 +309,7 @@ def load_checkpoint(path: str | Path, *, key: str | None = None, trust: bool = F
     return Checkpoint(
         p, "torch", obj, _key_name(parts, prefix), found.state_dict, module=module,
         _key_path=parts, locations=recorder.found, network_prefix=prefix,
-        networks=_describe_networks(obj, parts, found.container),
+        networks=_describe_networks(obj, parts, found.container), key_given=key is not None,
     )  # fmt: skip
 
 
@@ -375,11 +402,11 @@ def _load_safetensors(p: Path, key: str | None) -> Checkpoint:
                     f"(key prefixes: {_list_prefixes(tensors)})",
                     "leave out key=, or pass key=:PREFIX with one of those prefixes",
                 )
-        state = _select_prefix(tensors, prefix, (), str(p))
+        state = _select_prefix(tensors, prefix, (), str(p)) if prefix else raw_members(tensors)
     return Checkpoint(
         p, "safetensors", tensors, _key_name((), prefix or ""), state,
         metadata=metadata or None, network_prefix=prefix or "",
-        networks=_describe_networks(tensors, (), tensors),
+        networks=_describe_networks(tensors, (), tensors), key_given=key is not None,
     )  # fmt: skip
 
 

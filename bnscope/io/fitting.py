@@ -23,6 +23,7 @@ from bnscope.io.statedict import (
     _networks_in,
     _prefix_chain,
     _sub_key,
+    without_counters,
 )
 
 __all__ = ["load_into_model", "match_to_model", "strip_prefix"]
@@ -79,9 +80,20 @@ def match_to_model(
     """
     model_list = list(model_keys)
     model_set = set(model_list)
-    chain = _prefix_chain(state_dict.keys())
-    if not chain or set(state_dict) == model_set:
+    if set(state_dict) == model_set:
         return state_dict, ""
+    chain = _prefix_chain(state_dict.keys())
+    if not chain:
+        return state_dict, ""
+    # an averaged model's own state dict: its counters (n_averaged) are not the network's
+    counters = set(state_dict) - set(without_counters(state_dict.keys())) - model_set
+    if counters:
+        kept: dict[str, torch.Tensor] = OrderedDict(
+            (k, v) for k, v in state_dict.items() if k not in counters
+        )
+        if hasattr(state_dict, "_metadata"):
+            kept._metadata = state_dict._metadata  # type: ignore[attr-defined]
+        state_dict = kept
     for i in range(1, len(chain) + 1):
         prefix = "".join(chain[:i])
         if {k[len(prefix) :] for k in state_dict} == model_set:
@@ -105,7 +117,10 @@ def load_into_model(
     copy under other prefixes) and the whole does not fit, the network whose entries fit the
     model after stripping its prefix is loaded, and the other networks' entries and entries
     of no network (``criterion.weight``) are ignored; a model that fits the raw network and
-    its EMA copy alike gets the raw one. Within the chosen network loading is still strict.
+    its EMA/SWA copy alike gets the copy (the weights usually evaluated and deployed; select
+    the raw network with ``key``). Within the chosen network loading is still strict. An
+    averaged model's own state dict (``AveragedModel``: ``module.*`` and ``n_averaged``) loads
+    its ``module.*`` entries; the counter is ignored.
 
     Keys and shapes are checked before anything is copied, so a mismatch leaves the model
     untouched.
@@ -200,9 +215,9 @@ def _choose_network(
         sub = _members(state_dict, "", emas)
         options.insert(1, (*match_to_model(sub, own.keys()), None))
     fitting = [o for o in options if _fits(o[0], own)]
-    if fitting:
-        raw = [o for o in fitting if o[2] is None or not o[2].ema]
-        chosen = (raw or fitting)[0]
+    if fitting:  # the EMA/SWA copy when it fits (EMA_KEYS: the weights usually deployed)
+        averaged = [o for o in fitting if o[2] is not None and o[2].ema]
+        chosen = (averaged or fitting)[0]
         label = chosen[2].label if chosen[2] is not None else chosen[1] or "(top level)"
         return chosen[0], chosen[1], f" (network '{label}')", _FIX_MODEL
     # None fits: strict within the closest network.

@@ -77,7 +77,7 @@ def save_checkpoint(
     if ckpt.format == "safetensors":
         import safetensors.torch
 
-        tensors = dict(ckpt.raw if selected else ckpt.state_dict)
+        tensors = dict(ckpt.raw)  # every entry (a selection's state dict holds some)
         tensors.update(full_values)
         payload = safetensors.torch.save(tensors, metadata=ckpt.metadata)
 

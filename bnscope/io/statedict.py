@@ -30,16 +30,33 @@ from bnscope.extras import NetworkDict
 from bnscope.io._messages import _reason
 
 __all__ = [
+    "AVERAGED_COUNTERS",
+    "EMA_KEYS",
     "KNOWN_PREFIXES",
     "WRAPPER_KEYS",
     "Network",
     "common_prefix",
     "find_networks",
     "locate_state_dict",
+    "raw_members",
+    "without_counters",
 ]
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net", "module")
 """Keys under which training scripts commonly nest the state dict, tried in this order."""
+
+EMA_KEYS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema")
+"""Keys under which training scripts keep an EMA/SWA copy's state dict next to the model's
+(timm's ``state_dict_ema``/``model_ema``, mmengine's ``ema_state_dict``, DiT-style ``ema``).
+Found automatically, and tried before :data:`WRAPPER_KEYS` when they hold BN statistics: the
+averaged weights are the ones usually evaluated and deployed, and the ones whose statistics
+need recomputing (their running statistics are averages of the raw network's, not statistics
+of the averaged weights). ``key`` picks the raw weights instead."""
+
+AVERAGED_COUNTERS = ("n_averaged", "steps")
+"""Entries that an averaged model's own state dict keeps next to ``module.*``:
+``torch.optim.swa_utils.AveragedModel``'s ``n_averaged``, mmengine's averaged models' ``steps``.
+They are not the network's, and are ignored when fitting it (and kept when writing)."""
 
 KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.")
 """Key prefixes added by DataParallel/DDP, ``torch.compile`` and Lightning."""
@@ -161,6 +178,8 @@ def _locate(obj: Any, key: str | None, where: str) -> _Located:
         sd, parts, holder = found
         if prefix:
             return _Located(_select_prefix(sd, prefix, parts, where), parts, holder, prefix, sd)
+        if prefix == "":  # "PATH:": the entries of no EMA/SWA copy (the raw network)
+            return _Located(raw_members(sd), parts, holder, "", sd)
         return _Located(sd, parts, holder, "", sd)
     found = _find(obj, ())
     if found is not None:
@@ -187,11 +206,22 @@ def _find(
         return None
     if all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj, parts, obj  # type: ignore[return-value]
-    for wrapper in WRAPPER_KEYS:
-        if wrapper in obj:
-            found = _find(obj[wrapper], (*parts, wrapper))
-            if found is not None:
-                return found
+    # an EMA copy with BN statistics first (in mmengine's swapped layout: its state_dict),
+    # then the wrapper keys, then an EMA copy without BN statistics (parameters only)
+    swapped = ("state_dict",) if _swapped_ema(obj) else ()
+    fallback = None
+    for wrapper in dict.fromkeys((*swapped, *EMA_KEYS, *WRAPPER_KEYS)):
+        if wrapper not in obj:
+            continue
+        found = _find(obj[wrapper], (*parts, wrapper))
+        if found is None:
+            continue
+        if wrapper in EMA_KEYS and not _bn_bases(found[0]):
+            fallback = fallback or found
+            continue
+        return found
+    if fallback is not None:
+        return fallback
     tensors = [k for k, v in obj.items() if isinstance(v, torch.Tensor)]
     if not tensors:
         return None
@@ -406,10 +436,10 @@ def _networks_in(
     if len(raw) == 1:
         group, n = raw[0]
         nets.append(Network(_sub_key(key, group), group, n, False, parts))
-    elif raw:
+    elif raw:  # selected by "PATH:" (every entry under no EMA prefix)
         ema_prefixes = tuple(g for g, _ in emas)
         n = sum(1 for b in bases if not b.startswith(ema_prefixes))
-        nets.append(Network(key, "", n, False, parts))
+        nets.append(Network(f"{key or ''}:", "", n, False, parts))
     for group, n in emas:
         nets.append(Network(_sub_key(key, group), group, n, True, parts))
     return tuple(nets)
@@ -450,13 +480,42 @@ def _describe_networks(
             n = len(_bn_bases(found[0]))
             if n:
                 where = _join(found[1])
-                siblings.append(Network(where, "", n, _is_ema(where), found[1]))
+                siblings.append(Network(where, "", n, _names_ema(obj, found[1]), found[1]))
     if not siblings:
         return tuple(nets)
     if not nets:
         n = len(_bn_bases(container))
-        nets = [Network(key, "", n, _is_ema(key), parts)] if n else []
+        nets = [Network(key, "", n, _names_ema(obj, parts), parts)] if n else []
     return (*nets, *siblings)
+
+
+def _swapped_ema(obj: Any) -> bool:
+    """mmengine's EMAHook layout: ``state_dict`` next to an ``ema_state_dict`` of its averaged
+    model (``module.*`` entries and a ``steps`` counter). The hook swaps the two networks when
+    it saves, so that ``state_dict`` holds the averaged weights (the ones to deploy) and
+    ``ema_state_dict`` the raw ones."""
+    if not isinstance(obj, Mapping) or "state_dict" not in obj:
+        return False
+    ema = obj.get("ema_state_dict")
+    if not isinstance(ema, Mapping) or "steps" not in ema:
+        return False
+    rest = [k for k in ema if k != "steps"]
+    return bool(rest) and all(isinstance(k, str) and k.startswith("module.") for k in rest)
+
+
+def _names_ema(obj: Any, parts: tuple[str, ...]) -> bool:
+    """Whether the state dict at ``parts`` of the checkpoint ``obj`` is an EMA/SWA copy: by its
+    name (:func:`_is_ema`), except in mmengine's swapped layout (:func:`_swapped_ema`)."""
+    if parts in (("state_dict",), ("ema_state_dict",)) and _swapped_ema(obj):
+        return parts == ("state_dict",)
+    return _is_ema(_join(parts))
+
+
+def raw_members(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The entries of ``state_dict`` under no EMA/SWA prefix (:func:`find_networks`): the raw
+    network and entries of no network; all of it when it holds one network."""
+    emas = tuple(n.prefix for n in _networks_in(state_dict, None, ()) if n.ema)
+    return _members(state_dict, "", emas)
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,7 +532,7 @@ def common_prefix(keys: Iterable[str]) -> str:
 
 
 def _prefix_chain(keys: Iterable[str]) -> list[str]:
-    rest = list(keys)
+    rest = without_counters(keys)
     chain: list[str] = []
     if not rest:
         return chain
@@ -485,6 +544,18 @@ def _prefix_chain(keys: Iterable[str]) -> list[str]:
                 break
         else:
             return chain
+
+
+def without_counters(keys: Iterable[str]) -> list[str]:
+    """The keys without an averaged model's counters (:data:`AVERAGED_COUNTERS`, at the top
+    level) when every other key is under one prefix: ``["module.a", "n_averaged"]`` ->
+    ``["module.a"]``. Other key lists are returned whole."""
+    keys = list(keys)
+    rest = [k for k in keys if k not in AVERAGED_COUNTERS]
+    if len(rest) == len(keys) or not rest:
+        return keys
+    heads = {k.split(".", 1)[0] for k in rest}
+    return rest if len(heads) == 1 and all("." in k for k in rest) else keys
 
 
 # --------------------------------------------------------------------------------------------

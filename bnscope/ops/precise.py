@@ -22,6 +22,7 @@ from ..engine import sync
 from ..engine.collect import Call, Collection, Progress, collect
 from ..engine.labels import label_mix
 from ..engine.stats import log_var_ratio, normalized_mean_shift
+from ..engine.wrappers import unwrap
 from ..extras import LabelMixDict, PreciseExtra, PreciseReport
 from ..records import AdaptLayer, Finding, PreciseLayer, Report, Status
 
@@ -294,7 +295,15 @@ def precise_bn(
     float64 sufficient statistics are all-reduced once at the end, so every rank writes the
     same, exact population statistics of the union (``process_group``: see
     :func:`~bnscope.engine.collect.collect`).
+
+    ``model`` may be wrapped for training: ``DistributedDataParallel``, ``DataParallel``,
+    ``torch.compile``, ``torch.optim.swa_utils.AveragedModel`` or an EMA copy such as timm's
+    ``ModelEmaV3``. The network inside is run and updated (:func:`~bnscope.engine.wrappers.unwrap`;
+    layers are named as in its own state dict); the wrapper's state (``n_averaged``) is left
+    alone. For an averaged model this is what ``swa_utils.update_bn`` is for: statistics of the
+    averaged weights, here exact population statistics.
     """
+    model = unwrap(model)
     collection = collect(
         model,
         data,

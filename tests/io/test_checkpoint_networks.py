@@ -1,7 +1,8 @@
 """Checkpoints holding more than one network: a Lightning module with an EMA copy and a weighted
 loss, timm's ``state_dict``/``state_dict_ema``. Selection with ``--key PATH:PREFIX`` (and the
-dotted form), automatic choice when loading into a model, the EMA announcement, and writing
-back only the chosen network's statistics."""
+dotted form), automatic choice when loading into a model (the EMA copy when it fits: the
+weights usually deployed), the announcement of the other network, and writing back only the
+chosen network's statistics."""
 
 from __future__ import annotations
 
@@ -147,29 +148,39 @@ def test_networks_found_in_lightning_checkpoint(lightning) -> None:
         ("state_dict:model", "model.", 2, False),
         (EMA_KEY, "ema_model.module.", 2, True),
     ]
-    assert ckpt.default_network() == ckpt.networks[0]
+    assert ckpt.default_network() == ckpt.networks[1]  # the EMA copy, as when fitting
     assert list(ckpt.network_state(ckpt.networks[1])) == list(make_tiny().state_dict())
 
 
-def test_automatic_selection_loads_raw_and_names_the_ema(lightning, nets) -> None:
+def test_automatic_selection_loads_the_ema_and_names_the_raw(lightning, nets) -> None:
     path, _ = lightning
-    raw, _ = nets
+    _, ema = nets
     ckpt = load_checkpoint(path)
     model = make_tiny()
     prefix = load_into_model(model, ckpt.state_dict, key=ckpt.key)
-    assert prefix == "model."
-    assert_loaded(model, raw)
-    assert ckpt.used_network(prefix) == ckpt.networks[0]
+    assert prefix == "ema_model.module."
+    assert_loaded(model, ema)
+    assert ckpt.used_network(prefix) == ckpt.networks[1]
     assert ckpt.ema_notice(prefix) == (
-        "this checkpoint also holds an EMA copy ('ema_model.module.', 2 BN layers): "
-        f"key={EMA_KEY} to use it"
+        "using the EMA/SWA copy 'ema_model.module.'; this checkpoint also holds the raw "
+        "weights ('model.', 2 BN layers): key=state_dict:model to use them"
     )
     info = ckpt.network_info(prefix)
-    assert info["ema_key"] == EMA_KEY
+    assert info["ema_key"] is None
     assert [(n["prefix"], n["used"]) for n in info["networks"]] == [
-        ("model.", True),
-        ("ema_model.module.", False),
+        ("model.", False),
+        ("ema_model.module.", True),
     ]
+
+
+def test_key_selects_the_raw_network(lightning, nets) -> None:
+    path, _ = lightning
+    ckpt = load_checkpoint(path, key="state_dict:model")
+    model = make_tiny()
+    assert load_into_model(model, ckpt.state_dict, key=ckpt.key) == ""
+    assert_loaded(model, nets[0])
+    assert ckpt.used_network("") == ckpt.networks[0]
+    assert EMA_KEY in (ckpt.ema_notice("") or "")  # the EMA copy left unused is named
 
 
 @pytest.mark.parametrize(
@@ -265,22 +276,29 @@ def test_other_entries_kept_strict_with_one_network(tmp_path: Path, nets) -> Non
 def test_timm_state_dict_ema(timm, nets) -> None:
     raw, ema = nets
     ckpt = load_checkpoint(timm)
-    assert ckpt.key == "state_dict"
+    assert ckpt.key == "state_dict_ema"  # the EMA copy first (EMA_KEYS)
     assert [(n.key, n.prefix, n.bn_layers, n.ema) for n in ckpt.networks] == [
-        ("state_dict", "", 2, False),
         ("state_dict_ema", "", 2, True),
+        ("state_dict", "", 2, False),
     ]
     model = make_tiny()
     assert load_into_model(model, ckpt.state_dict, key=ckpt.key) == ""
-    assert_loaded(model, raw)
-    assert "key=state_dict_ema to use it" in (ckpt.ema_notice("") or "")
+    assert_loaded(model, ema)
+    assert ckpt.ema_notice("") == (
+        "using the EMA/SWA copy 'state_dict_ema'; this checkpoint also holds the raw weights "
+        "('state_dict', 2 BN layers): key=state_dict to use them"
+    )
     assert ckpt.default_network() is None  # the located state dict holds one network
 
-    chosen = load_checkpoint(timm, key="state_dict_ema")
+    chosen = load_checkpoint(timm, key="state_dict")
     model = make_tiny()
     load_into_model(model, chosen.state_dict, key=chosen.key)
-    assert_loaded(model, ema)
-    assert chosen.used_network("").key == "state_dict_ema" and chosen.ema_notice("") is None
+    assert_loaded(model, raw)
+    assert chosen.used_network("").key == "state_dict"
+    assert "key=state_dict_ema to use it" in (chosen.ema_notice("") or "")
+    # the EMA copy chosen with key=: nothing to announce
+    explicit = load_checkpoint(timm, key="state_dict_ema")
+    assert explicit.ema_notice("") is None
 
 
 def test_ema_copy_next_to_root_level_weights(nets) -> None:
@@ -290,12 +308,37 @@ def test_ema_copy_next_to_root_level_weights(nets) -> None:
     state.update(prefixed(ema.state_dict(), "ema."))
     found = find_networks(state)
     assert [(n.key, n.prefix, n.bn_layers, n.ema) for n in found] == [
-        (None, "", 2, False),
+        (":", "", 2, False),  # "PATH:": every entry under no EMA prefix
         (":ema", "ema.", 2, True),
     ]
     model = make_tiny()
-    assert load_into_model(model, state) == ""
+    assert load_into_model(model, state) == "ema."
+    assert_loaded(model, ema)
+
+
+def test_key_ending_in_colon_selects_the_raw_network(tmp_path: Path, nets) -> None:
+    raw, ema = nets
+    state = OrderedDict(raw.state_dict())
+    state.update(prefixed(ema.state_dict(), "ema."))
+    path = tmp_path / "root.pt"
+    torch.save({"state_dict": state, "epoch": 2}, path)
+    ckpt = load_checkpoint(path, key="state_dict:")
+    assert list(ckpt.state_dict) == list(raw.state_dict())
+    model = make_tiny()
+    assert load_into_model(model, ckpt.state_dict, key=ckpt.key) == ""
     assert_loaded(model, raw)
+    used = ckpt.used_network("")
+    assert used is not None and used.key == "state_dict:" and not used.ema
+    assert ckpt.ema_notice("") == (
+        "this checkpoint also holds an EMA copy ('ema.', 2 BN layers): key=state_dict:ema to "
+        "use it"
+    )
+    out = save_checkpoint(ckpt, {"1.running_mean": torch.zeros(4)}, tmp_path / "o.pt")
+    written = torch.load(out, weights_only=True)
+    assert list(written["state_dict"]) == list(state)  # the EMA copy's entries kept
+    for k, v in state.items():
+        want = torch.zeros(4) if k == "1.running_mean" else v
+        assert torch.equal(written["state_dict"][k], want), k
 
 
 def test_averaged_model_prefix(nets) -> None:
@@ -371,28 +414,28 @@ def test_safetensors_prefix_selection(tmp_path: Path, lightning, nets) -> None:
 
 
 def warnings_in(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if "EMA copy" in line]
+    return [line for line in stderr.splitlines() if "EMA copy" in line or "EMA/SWA copy" in line]
 
 
 def test_cli_static_inspect_lists_networks(lightning) -> None:
     path, _ = lightning
     res = run("inspect", path)
     assert res.exit_code == 0, res.stderr
-    assert "network 'model.': 2 BN layers (reported on)" in res.stdout
-    assert f"network 'ema_model.module.': 2 BN layers, EMA copy (--key {EMA_KEY})" in res.stdout
-    assert "key prefix stripped: 'model.'" in res.stdout
+    assert "network 'model.': 2 BN layers (--key state_dict:model)" in res.stdout
+    assert "network 'ema_model.module.': 2 BN layers, EMA copy (reported on)" in res.stdout
+    assert "key prefix stripped: 'ema_model.module.'" in res.stdout
     assert warnings_in(res.stderr) == [
-        "bnscope: warning: this checkpoint also holds an EMA copy ('ema_model.module.', "
-        f"2 BN layers): --key {EMA_KEY} to use it"
+        "bnscope: warning: using the EMA/SWA copy 'ema_model.module.'; this checkpoint also "
+        "holds the raw weights ('model.', 2 BN layers): --key state_dict:model to use them"
     ]
 
     doc = json.loads(run("inspect", path, "--json").stdout)
     assert [lay["name"] for lay in doc["layers"]] == ["1", "4"]
-    assert doc["key"] == "state_dict" and doc["prefix"] == "model."
-    assert doc["ema_key"] == EMA_KEY
+    assert doc["key"] == "state_dict" and doc["prefix"] == "ema_model.module."
+    assert doc["ema_key"] is None
     assert [(n["key"], n["bn_layers"], n["ema"], n["used"]) for n in doc["networks"]] == [
-        ("state_dict:model", 2, False, True),
-        (EMA_KEY, 2, True, False),
+        ("state_dict:model", 2, False, False),
+        (EMA_KEY, 2, True, True),
     ]
 
 
@@ -416,13 +459,29 @@ def test_cli_no_new_output_for_one_network(tiny_ckpt) -> None:
     assert "network " not in run("inspect", tiny_ckpt).stdout
 
 
-def test_cli_precise_auto_updates_only_the_raw_network(lightning, data) -> None:
+def test_cli_precise_auto_updates_only_the_ema(lightning, data) -> None:
     path, obj = lightning
     res = run("precise", path, "--model", tiny_spec(), "--data", data, "--json")
     assert res.exit_code == 0, res.stderr
-    assert len(warnings_in(res.stderr)) == 1 and EMA_KEY in res.stderr
+    assert len(warnings_in(res.stderr)) == 1 and "--key state_dict:model" in res.stderr
     doc = json.loads(res.stdout)
-    assert doc["prefix"] == "model." and doc["ema_key"] == EMA_KEY
+    assert doc["prefix"] == "ema_model.module." and doc["ema_key"] is None
+    assert [n["used"] for n in doc["networks"]] == [False, True]
+    written = torch.load(doc["output"], weights_only=True)
+    assert_only_network_stats_changed(obj, written, "ema_model.module.")
+
+
+def test_cli_precise_with_key_updates_only_the_raw_network(lightning, data) -> None:
+    path, obj = lightning
+    res = run("precise", path, "--key", "state_dict:model", "--model", tiny_spec(),
+              "--data", data, "--json")  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    assert warnings_in(res.stderr) == [
+        "bnscope: warning: this checkpoint also holds an EMA copy ('ema_model.module.', "
+        f"2 BN layers): --key {EMA_KEY} to use it"
+    ]
+    doc = json.loads(res.stdout)
+    assert doc["key"] == "state_dict:model" and doc["ema_key"] == EMA_KEY
     assert [n["used"] for n in doc["networks"]] == [True, False]
     written = torch.load(doc["output"], weights_only=True)
     assert_only_network_stats_changed(obj, written, "model.")
@@ -447,22 +506,22 @@ def test_cli_commands_announce_the_ema(timm, data, command: str) -> None:
               "--json", "--report-dir", timm.parent / f"out-{command}")  # fmt: skip
     assert res.exit_code == 0, res.stderr
     assert warnings_in(res.stderr) == [
-        "bnscope: warning: this checkpoint also holds an EMA copy ('state_dict_ema', "
-        "2 BN layers): --key state_dict_ema to use it"
+        "bnscope: warning: using the EMA/SWA copy 'state_dict_ema'; this checkpoint also "
+        "holds the raw weights ('state_dict', 2 BN layers): --key state_dict to use them"
     ]
     doc = json.loads(res.stdout)
-    assert doc["ema_key"] == "state_dict_ema"
+    assert doc["key"] == "state_dict_ema" and doc["ema_key"] is None
     assert [(n["key"], n["used"]) for n in doc["networks"]] == [
-        ("state_dict", True),
-        ("state_dict_ema", False),
+        ("state_dict_ema", True),
+        ("state_dict", False),
     ]
 
 
 def test_cli_static_inspect_with_model_announces(timm) -> None:
     res = run("inspect", timm, "--model", tiny_spec())
     assert res.exit_code == 0, res.stderr
-    assert "network 'state_dict': 2 BN layers (reported on)" in res.stdout
-    assert "network 'state_dict_ema': 2 BN layers, EMA copy (--key state_dict_ema)" in res.stdout
+    assert "network 'state_dict_ema': 2 BN layers, EMA copy (reported on)" in res.stdout
+    assert "network 'state_dict': 2 BN layers (--key state_dict)" in res.stdout
     assert len(warnings_in(res.stderr)) == 1
 
 
