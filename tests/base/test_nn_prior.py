@@ -278,3 +278,20 @@ def test_left_alone_and_bad_input():
     with pytest.raises(ValueError, match="expected 4D input"):
         bn.eval()(torch.randn(2, 3))
     assert "prior=1" in repr(bn)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_autocast_channels_last_matches_the_cpu_reference():
+    """On the GPU under fp16 autocast with channels-last input: normalized in float32, output
+    in the input's dtype and memory format, the stored statistics untouched."""
+    cpu = convert_to_prior_bn(source_bn(nn.BatchNorm2d, torch.float32), 16)
+    bn = copy.deepcopy(cpu).cuda()
+    before = state(bn)
+    x = make_x(8, "NCHW", torch.float32)
+    xc = x.cuda().to(memory_format=torch.channels_last).half()
+    with torch.autocast("cuda", dtype=torch.float16):
+        y = bn(xc)
+    assert y.dtype == torch.float16 and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.double().cpu(), reference(xc.float().cpu(), cpu, 16),
+                               rtol=1e-2, atol=1e-2)  # fmt: skip
+    assert_bit_identical(state(bn), before)

@@ -1,17 +1,18 @@
 """Partial Adaptive BN: only the means, only the variances, or only the first K BN layers in
 module order. Untouched statistics stay bit-identical to the source; touched ones equal those
-of full adaptation."""
+of full adaptation. Also the validation of adapt's test-time priors (online_prior(s))."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 from torch import nn
 
 from bnscope.errors import UsageError
-from bnscope.ops.adapt import adapt_bn
+from bnscope.ops.adapt import adapt_bn, check_online_prior, parse_priors
 from bnscope.records import Status
 
 from ..statecheck import assert_same_state, snapshot
@@ -150,3 +151,17 @@ def test_bad_partial_options_refused_before_running(kwargs, fragment):
     with pytest.raises(UsageError, match=fragment):
         adapt_bn(m, target_batches(), **kwargs)
     assert_same_state(before, snapshot(m))
+
+
+def test_test_time_priors_are_validated_in_library_terms():
+    assert parse_priors("256, 0,16,inf,16") == [0.0, 16.0, 256.0, math.inf]
+    assert parse_priors([4, 0]) == [0.0, 4.0] and parse_priors(None) is None
+    assert check_online_prior("inf") == math.inf and check_online_prior(16) == 16.0
+    for bad in ("-1", "0,x", "0,nan", [True], [-0.5]):
+        with pytest.raises(UsageError, match="online_priors= must be comma-separated numbers"):
+            parse_priors(bad)
+    with pytest.raises(UsageError, match="online_priors= is empty"):
+        parse_priors(" , ")
+    for bad in (-1, math.nan, "x", True, None):
+        with pytest.raises(UsageError, match="online_prior= must be a number >= 0"):
+            check_online_prior(bad)
