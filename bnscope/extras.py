@@ -42,6 +42,7 @@ __all__ = [
     "LabelMixDict",
     "MetricsDict",
     "NetworkDict",
+    "OnlinePriorDict",
     "NetworkInfo",
     "PreciseExtra",
     "PreciseReport",
@@ -92,11 +93,20 @@ class VariantMetrics(TypedDict):
     rel_diff: float
 
 
+class OnlinePriorDict(VariantMetrics):
+    """One row of an adapt report's ``online_priors`` sweep: the model with
+    :class:`bnscope.nn.PriorBatchNorm` layers of ``prior`` pseudo samples (N; ``inf`` is the
+    source model) on the evaluation data, with the keys of a variant against ``running``."""
+
+    prior: float
+
+
 class EvaluationDict(TypedDict):
     """The keys of every :class:`ReportMetrics`: several variants of a model on the same
     ``samples``, each against the ``reference`` variant. ``variants`` keys: ``running`` (the
     checkpoint's running statistics), ``precise`` (population statistics of the data),
-    ``adapted`` (Adaptive BN's statistics), ``batch`` (each batch's own statistics)."""
+    ``adapted`` (Adaptive BN's statistics), ``batch`` (each batch's own statistics),
+    ``prior`` (each batch's statistics mixed with the source statistics, adapt only)."""
 
     samples: int
     has_labels: bool
@@ -257,18 +267,24 @@ class PreciseExtra(RunExtra, total=False):
 
 class AdaptExtra(RunExtra, total=False):
     """Adaptive BN: ``batches``/``samples`` of target data, the ``prior`` (pseudo samples) and
-    ``shift_threshold`` of ``domain-shift``, the class mix of labelled target batches
-    (``label_mix``, None without labels), ``world_size``, ``metrics`` with labelled target
-    data (variants ``running``, the source statistics, ``adapted`` and ``batch``) and the
-    ``output`` checkpoint."""
+    ``shift_threshold`` of ``domain-shift``, partial adaptation (``only``: ``"mean"``,
+    ``"var"`` or None for both; ``first_layers``: K or None for all), the class mix of
+    labelled target batches (``label_mix``, None without labels), ``world_size``, ``metrics``
+    with labelled target data (variants ``running``, the source statistics, ``adapted``,
+    ``batch`` and, with ``online_prior`` N, ``prior``), the test-time prior sweep
+    ``online_priors`` and the ``output`` checkpoint."""
 
     batches: int
     samples: int
     label_mix: LabelMixDict | None
     prior: float
     shift_threshold: float
+    only: str | None
+    first_layers: int | None
     world_size: int
     metrics: ReportMetrics
+    online_prior: float
+    online_priors: list[OnlinePriorDict]
     output: str | None
 
 

@@ -6,6 +6,9 @@ training batch in small "ghost" batches of ``ghost_size`` samples, each with its
 statistics, so that the noise of the normalization matches that of a small batch.
 SeqNorm (Dimitriou & Arandjelovic 2020, "Sequential Normalization: Embracing Smaller Sample
 Sizes for Normalization") is GroupNorm without affine followed by Ghost BN.
+:class:`PriorBatchNorm` and :func:`convert_to_prior_bn` (test-time statistics mixed with the
+source statistics, Schneider et al. 2020) are defined in :mod:`bnscope.nn_prior` and
+re-exported here.
 
 Design decisions (where the usual descriptions leave room):
 
@@ -59,6 +62,13 @@ __all__ = [
     "ghost_chunk_sizes",
     "normalize_chunks",
     "ChunkStats",
+    "PriorBatchNorm",
+    "PriorBatchNorm1d",
+    "PriorBatchNorm2d",
+    "PriorBatchNorm3d",
+    "PriorSyncBatchNorm",
+    "convert_to_prior_bn",
+    "revert_prior_bn",
 ]
 
 # Attribute (outside the state dict and module tree) holding the module that convert_to_ghost
@@ -494,3 +504,16 @@ def revert_ghost(model: nn.Module) -> nn.Module:
     model (the root may be replaced, so use the return value).
     """
     return _replace(model, lambda m, name: _from_ghost(m), {})
+
+
+# Test-time BN adaptation with a source prior (Schneider et al. 2020) lives in its own module;
+# imported last, because its conversion functions use _move_state and _replace above.
+from .nn_prior import (  # noqa: E402
+    PriorBatchNorm,
+    PriorBatchNorm1d,
+    PriorBatchNorm2d,
+    PriorBatchNorm3d,
+    PriorSyncBatchNorm,
+    convert_to_prior_bn,
+    revert_prior_bn,
+)

@@ -82,6 +82,8 @@ class Status(StrEnum):
     UPDATED = "updated"
     #: a frozen BN layer (``FrozenBatchNorm2d``): measured, statistics kept
     FROZEN = "frozen"
+    #: adapt: measured, statistics kept on purpose (after the first ``first_layers`` layers)
+    KEPT = "kept"
     #: ghost: the layer was split into ghost batches and measured
     ANALYSED = "analysed"
     #: the layer never ran on the data (statistics kept)
@@ -326,10 +328,14 @@ class AdaptLayer(_LayerRecord):
     ``d_var`` = |log((var_s + eps) / (var_t + eps))| and ``kl`` = the symmetric KL divergence
     KL(N_s || N_t) + KL(N_t || N_s) of the two Gaussians; max and median over channels.
     ``weight_source`` is lambda = N / (N + n) of the prior (Schneider et al. 2020)
-    (docs/statistics.md, section 4). ``status``:
+    (docs/statistics.md, section 4). ``adapted`` says which statistics the layer received:
+    ``"mean+var"``, ``"mean"`` or ``"var"`` (partial adaptation, ``only=``; section 4.1), None
+    when it kept its own. ``status``:
 
     - ``updated``: the adapted (prior-mixed) statistics were written; also a frozen BN layer
       with ``include_frozen=True`` (``reason``: "re-estimated");
+    - ``kept``: after the first ``first_layers`` BN layers (module order): the shift figures
+      are measured, the source statistics kept (``weight_source`` None);
     - ``frozen``: a frozen BN layer without ``include_frozen``: the shift figures are measured,
       its statistics kept;
     - ``not-called``: the layer never ran on the target data; statistics kept, figures empty;
@@ -338,7 +344,7 @@ class AdaptLayer(_LayerRecord):
     """
 
     STATUSES: ClassVar[frozenset[Status]] = frozenset(
-        {Status.UPDATED, Status.FROZEN, Status.NOT_CALLED, Status.SKIPPED}
+        {Status.UPDATED, Status.KEPT, Status.FROZEN, Status.NOT_CALLED, Status.SKIPPED}
     )
 
     name: str
@@ -348,6 +354,7 @@ class AdaptLayer(_LayerRecord):
     calls: int = 0
     calls_per_forward: int = 0
     samples: int = 0
+    adapted: str | None = None
     weight_source: float | None = None
     d_mu_max: float | None = None
     d_mu_median: float | None = None
@@ -381,7 +388,9 @@ class InspectLayer(_LayerRecord):
     - ``noisy``: a material gap within the EMA's noise.
     """
 
-    STATUSES: ClassVar[frozenset[Status]] = frozenset(Status) - {Status.UPDATED, Status.ANALYSED}
+    STATUSES: ClassVar[frozenset[Status]] = frozenset(Status) - {
+        Status.UPDATED, Status.ANALYSED, Status.KEPT
+    }
 
     name: str
     num_features: int

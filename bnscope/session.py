@@ -41,6 +41,9 @@ Progress = Callable[[int, "int | None"], None]
 OUTPUT_TAGS = {"precise": "precise", "adapt": "adapted"}
 #: the model spec reported for a trusted whole module loaded from the checkpoint
 WHOLE_MODULE = "(whole module from the checkpoint)"
+#: adapt's test-time prior N of the ``prior`` evaluation variant (PriorBatchNorm): with the
+#: batches of 32 of bnscope's data specs, lambda = 16/48 = 1/3 of the source statistics
+DEFAULT_ONLINE_PRIOR = 16.0
 
 
 @dataclass(frozen=True)
@@ -687,15 +690,30 @@ class Job:
         output: str | Path | None = None,
         force: bool = False,
         include_frozen: bool = False,
+        only: str | None = None,
+        first_layers: int | None = None,
+        online_prior: float | None = DEFAULT_ONLINE_PRIOR,
+        online_priors: str | Sequence[float] | None = None,
         progress: Progress | None = None,
     ) -> Result:
         """Adaptive BN on ``target`` (unlabeled target-domain data; the job's ``data`` is the
         source training data and is not used), mixed with the source statistics as ``prior``
-        pseudo samples. ``eval_data`` (labelled target data) compares source statistics,
-        adapted statistics and test-time batch statistics."""
+        pseudo samples; ``only`` and ``first_layers`` adapt part of the statistics (see
+        :func:`~bnscope.ops.adapt.adapt_bn`). ``eval_data`` (labelled target data) compares
+        source statistics, adapted statistics, test-time batch statistics and, unless
+        ``online_prior`` is None, test-batch statistics mixed with the source statistics by
+        ``online_prior`` pseudo samples (:class:`bnscope.nn.PriorBatchNorm`, the variant
+        ``prior``); ``online_priors`` (e.g. ``"0,16,64,256"``) adds a sweep over N, reported
+        as the ``online_priors`` rows."""
         from .engine.distributed import local_batchnorm
-        from .engine.evaluate import evaluate_models
-        from .ops.adapt import adapt_bn
+        from .engine.evaluate import evaluate_models, prior_model
+        from .ops.adapt import (
+            adapt_bn,
+            check_first_layers,
+            check_online_prior,
+            check_only,
+            parse_priors,
+        )
 
         if target is None:
             raise UsageError("adapt needs target= (unlabeled target-domain data)",
@@ -703,6 +721,15 @@ class Job:
         prior = float(prior)  # reported as a float, however given
         if prior < 0:
             raise UsageError(f"prior= must be >= 0, got {prior}", "e.g. prior=16")
+        check_only(only)
+        check_first_layers(first_layers)
+        n_online = None if online_prior is None else check_online_prior(online_prior)
+        sweep = parse_priors(online_priors)
+        if sweep is not None and eval_data is None:
+            raise UsageError(
+                "online_priors= evaluates on labelled target data, and there is none",
+                "pass eval_data= as well",
+            )
         self.run_options()
         out = self._output("adapt", output, force)
         loaded = self._checked_model("adapt", include_frozen)
@@ -718,7 +745,8 @@ class Job:
         )
         result = adapt_bn(
             loaded.module, source, prior, batches, progress=progress,
-            include_frozen=include_frozen, **self.run_options(),
+            include_frozen=include_frozen, only=only, first_layers=first_layers,
+            **self.run_options(),
         )  # fmt: skip
         extra: dict[str, Any] = {**self.base_extra(loaded, source), **result.extra}
         if evaluation is not None and original is not None:
@@ -728,12 +756,26 @@ class Job:
                 "adapted": loaded.module,
                 "batch": copy.deepcopy(original),
             }
+            if n_online is not None:  # PriorBatchNorm copies share the source's tensors
+                models["prior"] = prior_model(original, n_online)
+            swept = {f"online prior {n:g}": n for n in sweep or ()}
+            models.update({key: prior_model(original, n) for key, n in swept.items()})
             with local_batchnorm(*models.values()):
                 ev = evaluate_models(
                     models, evaluation, modes={"batch": "batch"},
                     num_classes=_unmatched_classes(evaluation), **self.run_options(),
                 )  # fmt: skip
-            extra["metrics"] = {"data": evaluation.description, **ev.to_dict()}
+            evaluated = ev.to_dict()
+            variants = dict(evaluated["variants"])  # the sweep's rows leave the variants
+            if n_online is not None:
+                extra["online_prior"] = n_online
+            if sweep is not None:
+                extra["online_priors"] = [
+                    {"prior": n, **variants.pop(key)} for key, n in swept.items()
+                ]
+            extra["metrics"] = {
+                "data": evaluation.description, **evaluated, "variants": variants
+            }
             hint = (
                 ", make the job's data the source training image folder (for bnscope adapt: "
                 "data in the project file)"

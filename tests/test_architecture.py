@@ -41,6 +41,7 @@ LAYER_OF = {
     "records": "base",
     "extras": "base",
     "nn": "base",
+    "nn_prior": "base",
     "fmt": "base",
     "findings": "base",
     "version": "base",

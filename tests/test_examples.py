@@ -67,6 +67,26 @@ def test_train_and_fix(examples: Path) -> None:
     assert sorted(p.name for p in examples.parent.iterdir()) == ["examples"]  # writes nothing
 
 
+def test_test_time_prior(examples: Path) -> None:
+    res = run([sys.executable, str(examples / "test_time_prior.py")], cwd=examples.parent)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    found = re.search(r"source model: ([\d.]+)% on clean images, ([\d.]+)% shifted", out)
+    assert found, out
+    clean, shifted = float(found[1]), float(found[2])
+    prior = {n: float(a) for n, a in re.findall(r"test-time prior N=(\w+): ([\d.]+)%", out)}
+    assert list(prior) == ["0", "16", "64", "inf"], out
+    # measured: 99.0% clean, 88.1% shifted; N=0 97.3%, N=16 98.6%, N=inf 88.1% (the source)
+    assert clean > shifted + 5 and prior["inf"] == shifted
+    assert prior["16"] > shifted + 5 and prior["0"] > shifted + 5
+    assert "state dict unchanged by convert/revert: True" in out
+    found = re.search(r"means only ([\d.]+)% \(mean, mean, mean\); first BN layer ([\d.]+)% "
+                      r"\(mean\+var, -, -\); all statistics ([\d.]+)%", out)  # fmt: skip
+    assert found, out
+    assert float(found[3]) > shifted + 5  # measured: 98.4%
+    assert sorted(p.name for p in examples.parent.iterdir()) == ["examples"]  # writes nothing
+
+
 def test_project(examples: Path) -> None:
     """``python prepare.py``, then ``bnscope precise --batches 100`` with nothing but the
     project file; one batch more than the data holds is refused before reading it."""

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from ..session import DEFAULT_ONLINE_PRIOR
 from . import options as o
 from .app import BnscopeCommand, app
 from .inputs import JobFlags, open_job
@@ -25,8 +26,10 @@ HELP = (
     "Re-estimate BN statistics on unlabeled target-domain --data (Adaptive BN) and write "
     "CKPT.adapted.pt; report where in the network the domain differs.\n\n"
     "--prior N mixes in the source statistics as N pseudo samples (Schneider et al. 2020). "
-    "--eval-data (labelled target data) compares source statistics, adapted statistics and "
-    "test-time batch statistics.\n\n"
+    "--only and --first-layers adapt part of the statistics. "
+    "--eval-data (labelled target data) compares source statistics, adapted statistics, "
+    "test-time batch statistics and test-batch statistics mixed with the source statistics "
+    "(--online-prior; bnscope.nn.PriorBatchNorm ships it); --online-priors sweeps that N.\n\n"
     "Under torchrun each rank reads its share of --data and the ranks pool exact statistics; "
     "rank 0 writes the checkpoint.\n\n"
     "Example: bnscope adapt runs/ckpt.pt --model model.py:make_model --data corrupted/train "
@@ -53,6 +56,46 @@ def adapt_command(
             min=0.0,
         ),
     ] = 0.0,
+    only: Annotated[
+        str | None,
+        typer.Option(
+            "--only",
+            metavar="STAT",
+            help="Adapt only the means (mean) or only the variances (var); the other statistic "
+            "keeps its source values. Default: both.",
+            autocompletion=o.complete_from("mean", "var"),
+        ),
+    ] = None,
+    first_layers: Annotated[
+        int | None,
+        typer.Option(
+            "--first-layers",
+            metavar="K",
+            help="Adapt only the first K BN layers in module order (the report's #); the "
+            "others keep their source statistics and are reported as kept.",
+        ),
+    ] = None,
+    online_prior: Annotated[
+        float,
+        typer.Option(
+            "--online-prior",
+            metavar="N",
+            help="With --eval-data: also evaluate test-time adaptation, each test batch's "
+            "statistics mixed with the source statistics as N pseudo samples (lambda = "
+            "N/(N+n), n = the batch's samples; 0 = test-batch statistics, inf = source), "
+            "reported as the prior column.",
+        ),
+    ] = DEFAULT_ONLINE_PRIOR,
+    online_priors: Annotated[
+        str | None,
+        typer.Option(
+            "--online-priors",
+            metavar="LIST",
+            help="With --eval-data: a sweep of test-time priors N, comma-separated (e.g. "
+            "0,16,64,256; inf allowed): accuracy, agreement and loss against N in a table and "
+            "online_priors.png.",
+        ),
+    ] = None,
     batch_size: o.BatchSize = None,
     batches: o.Batches = None,
     workers: o.Workers = None,
@@ -96,7 +139,8 @@ def adapt_command(
     with progress_bar(ui, "collecting target statistics", batches) as progress:
         result = job.adapt(
             data, prior=prior, batches=batches, eval_data=eval_data, output=output, force=force,
-            include_frozen=include_frozen, progress=progress,
+            include_frozen=include_frozen, only=only, first_layers=first_layers,
+            online_prior=online_prior, online_priors=online_priors, progress=progress,
         )  # fmt: skip
     if begin_output():  # rank 0 writes and shows, once every rank got here
         result.save()

@@ -17,7 +17,8 @@ from .runtime import Ui
 HELP = (
     "Build a small BatchNorm CNN, a labelled synthetic image dataset and a briefly trained "
     "checkpoint in DIR, then run bnscope inspect and bnscope precise on it, make a corrupted copy "
-    "of the data and run bnscope adapt, run bnscope ghost (the NBS curve), and show what "
+    "of the data and run bnscope adapt (with a test-time prior sweep), run bnscope ghost (the "
+    "NBS curve), and show what "
     "to try next. Runs in well under 2 "
     "minutes on 2 CPU cores.\n\n"
     "Example: bnscope demo /tmp/bnscope-demo"
@@ -46,7 +47,13 @@ def demo_command(
     debug: o.Debug = False,
 ) -> None:
     ui = Ui(json=json_, quiet=quiet)
-    from ..demo.run import DEMO_CORRUPTION, DEMO_GHOST_SIZES, default_folder, prepare_folder
+    from ..demo.run import (
+        DEMO_CORRUPTION,
+        DEMO_GHOST_SIZES,
+        DEMO_ONLINE_PRIORS,
+        default_folder,
+        prepare_folder,
+    )
     from ..demo.walkthrough import run_walkthrough
     from ..session import Job, Options
 
@@ -78,7 +85,11 @@ def demo_command(
     ui.out.print(report_view(done.inspect))
     ui.out.rule("bnscope precise ckpt.pt")
     ui.out.print(report_view(done.precise))
-    ui.out.rule(f"bnscope adapt ckpt.precise.pt --data corrupted/train ({name} {severity})")
+    priors = ",".join(map(str, DEMO_ONLINE_PRIORS))
+    ui.out.rule(
+        f"bnscope adapt ckpt.precise.pt --data corrupted/train ({name} {severity}) "
+        f"--online-priors {priors}"
+    )
     ui.out.print(report_view(done.adapt))
     ui.out.rule(f"bnscope ghost ckpt.precise.pt --data data/val --sizes {sizes_text}")
     ui.out.print(report_view(done.ghost))
@@ -101,6 +112,8 @@ def next_steps(
     inspected: dict[str, Any] | None = None,
 ) -> str:
     """What the demo found and what to try next (plain text)."""
+    from ..render.text import prior_text
+
     lines = [f"Demo folder: {folder} (model.py, data/, corrupted/, ckpt.pt, bnscope.toml)."]
     if inspected and inspected.get("metrics"):
         stale = [x["name"] for x in inspected["layers"] if x["status"] == "stale"]
@@ -126,6 +139,15 @@ def next_steps(
             f"statistics, {100 * acc['adapted']:.1f}% after bnscope adapt, "
             f"{100 * acc['batch']:.1f}% with test-batch statistics."
         )
+        rows = adapted.get("online_priors") or []
+        if rows and all(r["accuracy"] is not None for r in rows):
+            sweep = ", ".join(
+                f"N={prior_text(r['prior'])} {100 * r['accuracy']:.1f}%" for r in rows
+            )
+            lines.append(
+                "Test-time adaptation you can ship (bnscope.nn.convert_to_prior_bn: each "
+                f"batch's statistics mixed with the source statistics as N samples): {sweep}."
+            )
     if ghost and ghost["metrics"]["has_labels"]:
         rows = [r for r in ghost["sizes"] if r["status"] == "ok"]
         curve = ", ".join(f"g={r['size']} {100 * r['accuracy']:.1f}%" for r in rows)
@@ -144,6 +166,7 @@ def next_steps(
         "  bnscope inspect ckpt.precise.pt                  # no stale layers any more",
         "  bnscope inspect --static                         # buffers only, no model run",
         "  bnscope adapt ckpt.precise.pt --data corrupted/train --prior 100 --force",
+        "  bnscope adapt ckpt.precise.pt --data corrupted/train --only mean --force",
         "  bnscope corrupt data/val blurred/ --corruption defocus_blur --severity 4",
         "  bnscope ghost ckpt.precise.pt --data data/val --sizes 2,4,8,16,32 --report-dir nbs/",
     ]

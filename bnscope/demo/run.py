@@ -198,6 +198,10 @@ def build_demo(
 #: ghost sizes the demo analyses (the demo trains with batches of 32)
 DEMO_GHOST_SIZES = (2, 4, 8, 16, 32)
 
+#: test-time priors N the demo sweeps on its corrupted data (PriorBatchNorm; adapt
+#: --online-priors): 0 = test-batch statistics, larger N leans on the source statistics
+DEMO_ONLINE_PRIORS = (0, 16, 64, 256)
+
 #: the demo's target domain: CIFAR-10-C Gaussian noise at severity 3
 DEMO_CORRUPTION = ("gaussian_noise", 3)
 

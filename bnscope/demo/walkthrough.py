@@ -16,6 +16,7 @@ from ..records import document_header
 from .run import (
     DEMO_CORRUPTION,
     DEMO_GHOST_SIZES,
+    DEMO_ONLINE_PRIORS,
     DemoBuild,
     build_demo,
     demo_threads,
@@ -103,11 +104,16 @@ def _walk(
     name, severity = DEMO_CORRUPTION
     say(f"bnscope corrupt data/ corrupted/ --corruption {name} --severity {severity}")
     corrupted = write_corrupted(built.folder, seed)
-    say("bnscope adapt ckpt.precise.pt --data corrupted/train --eval-data corrupted/val")
+    priors = ",".join(map(str, DEMO_ONLINE_PRIORS))
+    say(
+        "bnscope adapt ckpt.precise.pt --data corrupted/train --eval-data corrupted/val "
+        f"--online-priors {priors}"
+    )
     tuned = built.folder / "ckpt.precise.pt"
     adapted = job(tuned).adapt(
-        str(corrupted["train"]), eval_data=str(corrupted["val"]), force=True
-    )
+        str(corrupted["train"]), eval_data=str(corrupted["val"]), force=True,
+        online_priors=DEMO_ONLINE_PRIORS,
+    )  # fmt: skip
     adapted.save()
     sizes = ",".join(map(str, DEMO_GHOST_SIZES))
     say(f"bnscope ghost ckpt.precise.pt --data data/val --sizes {sizes}")

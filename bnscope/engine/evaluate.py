@@ -282,6 +282,19 @@ def batch_stats_mode(*models: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+def prior_model(model: nn.Module, prior: float) -> nn.Module:
+    """A copy of ``model`` whose BN layers are :class:`bnscope.nn.PriorBatchNorm` with ``prior``
+    pseudo samples (test-time statistics mixed with the stored ones, Schneider et al. 2020),
+    sharing every parameter and buffer tensor with ``model``: it costs no memory for weights,
+    and in eval mode it never writes them (the module only reads its buffers)."""
+    import copy
+
+    from ..nn import convert_to_prior_bn
+
+    shared: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return convert_to_prior_bn(copy.deepcopy(model, shared), prior)
+
+
 @contextlib.contextmanager
 def using_statistics(
     layers: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]],
@@ -317,8 +330,9 @@ class Evaluation:
 
     Variants are named after the statistics their BN layers normalize with, the same names
     in every report (docs/cli.md, section 5): ``running`` (the checkpoint's running
-    statistics), ``precise`` (population statistics of the data), ``adapted`` (Adaptive BN's)
-    and ``batch`` (each batch's own statistics)."""
+    statistics), ``precise`` (population statistics of the data), ``adapted`` (Adaptive BN's),
+    ``batch`` (each batch's own statistics) and ``prior`` (each batch's statistics mixed with
+    the running ones, :func:`prior_model`)."""
 
     metrics: dict[str, Metrics]
     has_labels: bool

@@ -11,10 +11,17 @@ mix them with the source statistics as a prior of N pseudo samples,
 with n the number of target samples used (N = 0: pure target statistics). Target statistics are
 pooled over every element of every batch in float64 (never an average of per-batch variances,
 never an EMA of the last batches), exactly as Precise BN does.
+
+Partial adaptation (docs/statistics.md, section 4.1): ``only="mean"`` or ``only="var"`` writes
+one of the two statistics and keeps the other bit for bit; ``first_layers=K`` adapts the first K
+BN layers in module order (the report's ``#``) and keeps the statistics of the rest, which are
+still measured (status ``kept``). Robustness studies use both to find where a shift lives.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -70,14 +77,99 @@ def mix_with_prior(
     return lam * mu_s + (1 - lam) * mu_t, lam * var_s + (1 - lam) * var_t, lam
 
 
+#: the values of ``only``: which statistic partial adaptation writes
+ONLY = ("mean", "var")
+#: ``AdaptLayer.adapted`` of a layer that received both statistics
+BOTH = "mean+var"
+
+
+def check_only(only: object) -> str | None:
+    """``only`` validated: None (both statistics), ``"mean"`` or ``"var"``."""
+    if only is None or (isinstance(only, str) and only in ONLY):
+        return only
+    raise UsageError(
+        f"only= must be mean or var (or not given, for both statistics), got {only!r}",
+        "e.g. only=mean",
+    )
+
+
+def check_first_layers(first_layers: object) -> int | None:
+    """``first_layers`` validated: None (every layer) or an integer >= 1."""
+    if first_layers is None:
+        return None
+    if (
+        isinstance(first_layers, bool)
+        or not isinstance(first_layers, numbers.Integral)
+        or int(first_layers) < 1
+    ):
+        raise UsageError(
+            f"first_layers= must be an integer >= 1 (BN layers in module order), got "
+            f"{first_layers!r}",
+            "e.g. first_layers=3",
+        )
+    return int(first_layers)
+
+
+def check_online_prior(value: object, name: str = "online_prior") -> float:
+    """A test-time prior N (:class:`bnscope.nn.PriorBatchNorm`): a number >= 0, ``inf``
+    allowed (the source model), as a float; ``name`` is the parameter the error names."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = float(text)
+        except ValueError:
+            value = text
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or math.isnan(float(value))
+        or float(value) < 0
+    ):
+        raise UsageError(
+            f"{name}= must be a number >= 0 (pseudo samples; 0 = test-batch statistics, inf = "
+            f"the source model), got {value!r}",
+            f"e.g. {name}=16",
+        )
+    return float(value)
+
+
+def parse_priors(priors: str | Iterable[float] | None) -> list[float] | None:
+    """Validate the test-time priors of a sweep (a comma-separated string or numbers, ``inf``
+    allowed): sorted, unique, each >= 0; None stays None."""
+    if priors is None:
+        return None
+    items: list[Any]
+    if isinstance(priors, str):
+        items = [p for p in priors.replace(" ", "").split(",") if p]
+    else:
+        items = list(priors)
+    if not items:
+        raise UsageError("online_priors= is empty", "e.g. online_priors=0,16,64,256")
+    values = []
+    for item in items:
+        try:
+            values.append(check_online_prior(item, "online_priors"))
+        except UsageError:
+            raise UsageError(
+                f"online_priors= must be comma-separated numbers >= 0 (inf allowed), got "
+                f"{priors!r}",
+                "e.g. online_priors=0,16,64,256",
+            ) from None
+    return sorted(set(values))
+
+
 def _shift_records(
     collection: Collection,
     target: dict[str, tuple[torch.Tensor, torch.Tensor]],
     weights: dict[str, float],
     include_frozen: bool = False,
+    adapted: dict[str, str] | None = None,
+    kept: str | None = None,
 ) -> tuple[list[AdaptLayer], dict[str, dict[str, Any]]]:
     """Per-layer shift records (module order) and the tensors behind them, computed on the
-    buffers' device and read back in one transfer."""
+    buffers' device and read back in one transfer. ``adapted``: what each written layer
+    received (default: both statistics of every updated layer); an updated layer missing from
+    it gets status ``kept`` with the reason ``kept``."""
     keys = ("source_mean", "source_var", "target_mean", "target_var", "d_mu", "d_var", "kl")
     names = [name for name in collection.layers if name in target]
     parts: list[torch.Tensor] = []
@@ -113,6 +205,11 @@ def _shift_records(
             )
             continue
         status, reason = _status(st, include_frozen)
+        received: str | None = None
+        if status == Status.UPDATED:
+            received = BOTH if adapted is None else adapted.get(name)
+            if received is None:
+                status, reason = Status.KEPT, kept
         d_mu_max, d_mu_median, d_var_max, d_var_median, kl_max, kl_median = summaries[name]
         records.append(
             AdaptLayer(
@@ -123,7 +220,8 @@ def _shift_records(
                 calls=st.calls,
                 calls_per_forward=st.max_calls_per_forward,
                 samples=st.samples,
-                weight_source=weights[name],
+                adapted=received,
+                weight_source=None if status == Status.KEPT else weights[name],
                 d_mu_max=d_mu_max,
                 d_mu_median=d_mu_median,
                 d_var_max=d_var_max,
@@ -177,6 +275,8 @@ def adapt_bn(
     channels_last: bool = False,
     input_key: str | None = None,
     include_frozen: bool = False,
+    only: str | None = None,
+    first_layers: int | None = None,
 ) -> AdaptReport:
     """Re-estimate every BN layer's statistics on ``target_data`` and write them in place.
 
@@ -192,12 +292,21 @@ def adapt_bn(
     layers (``FrozenBatchNorm2d``) are measured and reported with status ``"frozen"``; with
     ``include_frozen=True`` they are adapted too (AdaBN for a frozen detection backbone).
 
+    Partial adaptation (docs/statistics.md, section 4.1): ``only="mean"`` writes only the
+    mixed means and ``only="var"`` only the mixed variances, the other statistic and
+    ``num_batches_tracked`` staying bit-identical; ``first_layers=K`` adapts the first K BN
+    layers in module order (the report's ``#``: every BN layer counts, whatever its status)
+    and keeps the rest (status ``kept``, still measured). Each record's ``adapted`` says which
+    statistics the layer received; the written ones equal those of full adaptation.
+
     Under ``torch.distributed`` each rank passes its share of the target data; statistics and
     sample counts are pooled over all ranks (see :func:`~bnscope.engine.collect.collect`;
     ``process_group`` as there), so every rank writes the same statistics.
     """
-    if not isinstance(prior, (int, float)) or prior < 0:
-        raise UsageError(f"prior must be a number >= 0, got {prior!r}", "e.g. prior=16")
+    if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not prior >= 0:
+        raise UsageError(f"prior= must be a number >= 0, got {prior!r}", "e.g. prior=16")
+    only = check_only(only)
+    first_layers = check_first_layers(first_layers)
     collection = collect(
         model,
         target_data,
@@ -222,8 +331,20 @@ def adapt_bn(
         mu, var, lam = mix_with_prior(mu_s, var_s, mu_t, var_t, float(prior), st.samples)
         mixed[name] = (mu, var)
         weights[name] = lam
-    records, arrays = _shift_records(collection, target, weights, include_frozen)
-    write_stats(collection, writable(collection, mixed, include_frozen), weights)
+    chosen = writable(collection, mixed, include_frozen)
+    kept = None
+    if first_layers is not None:
+        first = set(collection.order[:first_layers])
+        chosen = {k: v for k, v in chosen.items() if k in first}
+        kept = f"kept: after the first {first_layers} BN layer{'s' if first_layers > 1 else ''}"
+    adapted = dict.fromkeys(chosen, only or BOTH)
+    records, arrays = _shift_records(
+        collection, target, weights, include_frozen, adapted=adapted, kept=kept
+    )
+    if only is None:
+        write_stats(collection, chosen, weights)
+    else:
+        _write_one(collection, chosen, only)
     mix = label_mix(collection.labels)
     found = (
         shift_findings(records, shift_threshold)
@@ -236,6 +357,8 @@ def adapt_bn(
         "label_mix": mix,
         "prior": prior,
         "shift_threshold": shift_threshold,
+        "only": only,
+        "first_layers": first_layers,
     }
     if collection.world_size > 1:
         extra["world_size"] = collection.world_size
@@ -247,3 +370,18 @@ def adapt_bn(
         extra=extra,
         arrays=arrays,
     )
+
+
+def _write_one(
+    collection: Collection, stats: dict[str, tuple[torch.Tensor, torch.Tensor]], only: str
+) -> None:
+    """Copy the mixed means (``only="mean"``) or variances (``"var"``) into the BN buffers.
+    The other statistic and ``num_batches_tracked`` are not touched: half of the layer's
+    statistics are still the EMA's, and the count speaks for both (docs/statistics.md, 4.1)."""
+    with torch.no_grad():
+        for name, (mean, var) in stats.items():
+            st = collection.layers[name]
+            if only == "mean":
+                st.running_mean.copy_(mean)
+            else:
+                st.running_var.copy_(var)

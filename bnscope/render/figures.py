@@ -14,9 +14,9 @@ Where they draw:
 - multi-panel figures (``static_ranges``, ``change``, ``shift``, ``ghost_noise``,
   ``staleness``, ``batch_means``) take ``fig=``, a Figure or a SubFigure (``fig.subfigures``),
   and add their panels to it, with their title as its suptitle;
-- single-panel figures (``adapt_metrics``, ``nbs_curve``, ``consistency``) take ``ax=`` and
-  draw into that Axes only (``nbs_curve`` adds its twin KL axis there), or ``fig=`` (one Axes
-  added to it).
+- single-panel figures (``adapt_metrics``, ``online_priors``, ``nbs_curve``,
+  ``consistency``) take ``ax=`` and draw into that Axes only (``nbs_curve`` adds its twin KL
+  axis there, ``online_priors`` its loss axis), or ``fig=`` (one Axes added to it).
 
 Size, layout engine and figure-level legends are set only on a figure the function created;
 a figure passed in keeps its size and layout. matplotlib is imported inside the functions so
@@ -315,7 +315,7 @@ def shift_figure(
     ``d_var_max``, ``d_var_median``, ``shift_threshold`` (when given), ``title``."""
     fig = _panels(fig, _by_depth_size(len(layers), 7.0))
     axes = fig.subplots(3, 1, sharex=True)
-    x = [i for i, r in enumerate(layers) if r.status == "updated"]
+    x = [i for i, r in enumerate(layers) if r.status in ("updated", "kept")]
     rows = (
         ("kl", "symmetric KL"),
         ("d_mu", "d_mu = |Δμ| / σ_target"),
@@ -339,7 +339,7 @@ def _bars(ax: Axes, labels: Sequence[str], values: Sequence[float | None]) -> di
     """Bars of ``values`` in C7/C2/C0, each labelled with its percentage; a value that is not
     known (None) gets no bar, only the label "n/a" on the baseline."""
     known = [math.nan if v is None else v for v in values]
-    bars = ax.bar(labels, known, color=["C7", "C2", "C0"][: len(values)])
+    bars = ax.bar(labels, known, color=["C7", "C2", "C0", "C1"][: len(values)])
     texts = [
         ax.annotate(
             "n/a" if v is None else f"{100 * v:.1f}%",
@@ -357,28 +357,113 @@ def _bars(ax: Axes, labels: Sequence[str], values: Sequence[float | None]) -> di
 
 
 def adapt_metrics_figure(
-    metrics: dict, fig: FigureBase | None = None, *, ax: Axes | None = None
+    metrics: dict,
+    fig: FigureBase | None = None,
+    *,
+    ax: Axes | None = None,
+    online_prior: Any = None,
 ) -> Plot:
     """Bars: accuracy (with labels) or top-1 agreement with the source model (without) for
-    source statistics, adapted statistics and test-time batch statistics; an unknown value
-    (None) gets no bar and the label "n/a".
+    source statistics, adapted statistics, test-time batch statistics and, when ``metrics``
+    holds the variant ``prior``, test-batch statistics mixed with the source statistics
+    (labelled with ``online_prior``, the report's N); an unknown value (None) gets no bar and
+    the label "n/a".
 
     One panel (``ax=`` or ``fig=``). Artists: ``bars`` (a BarContainer), ``labels`` (the
     percentages), ``title``."""
+    from .text import prior_text
+
     ax, _ = _one_axes(ax, fig, (5.5, 3.8))
+    shown = list(ADAPT_VARIANTS)
+    if "prior" in metrics["variants"]:
+        n = "" if online_prior is None else f" N={prior_text(online_prior)}"
+        shown.append(("prior", f"test-time\nprior{n}"))
     values: list[float | None]
     if metrics.get("has_labels"):
-        values = [metrics["variants"][k]["accuracy"] for k, _ in ADAPT_VARIANTS]
+        values = [metrics["variants"][k]["accuracy"] for k, _ in shown]
         ax.set_ylabel("accuracy")
     else:
-        values = [metrics["variants"][k]["agreement"] for k, _ in ADAPT_VARIANTS]
+        values = [metrics["variants"][k]["agreement"] for k, _ in shown]
         ax.set_ylabel("top-1 agreement with source")
-    artists = _bars(ax, [label for _, label in ADAPT_VARIANTS], values)
+    artists = _bars(ax, [label for _, label in shown], values)
     ax.set_ylim(0, 1.05)
     artists["title"] = ax.set_title(
         f"Evaluation on {metrics.get('data', 'target data')}", fontsize=9
     )
     return Plot(_root(ax), (ax,), artists)
+
+
+def online_priors_figure(
+    rows: Sequence[dict],
+    metrics: dict | None = None,
+    fig: FigureBase | None = None,
+    *,
+    ax: Axes | None = None,
+) -> Plot:
+    """The test-time prior sweep (an adapt report's ``online_priors``): accuracy (with labels)
+    and top-1 agreement with the source model at each prior N (each test batch's statistics
+    mixed with the source statistics as N pseudo samples; N = 0 is test-batch statistics, inf
+    the source model), one tick per N in the order given; the loss on a second axis (with
+    labels). With the report's ``metrics``, the source and adapted statistics' accuracy (or,
+    without labels, agreement) are horizontal lines.
+
+    One panel (``ax=`` or ``fig=``), plus a twin axis for the loss when there is a finite one.
+    The legend goes below the plot on a figure this call created, inside the Axes otherwise.
+    Artists: ``accuracy``, ``agreement``, ``loss``, ``source``, ``adapted`` (each when there is
+    something to draw), ``title``."""
+    from .text import prior_text
+
+    ax, created = _one_axes(ax, fig, (6.0, 4.0))
+    x = list(range(len(rows)))
+    labelled = bool(rows) and all(r["accuracy"] is not None for r in rows)
+    artists: dict[str, Any] = {}
+    handles: list[Any] = []
+    if labelled:
+        (artists["accuracy"],) = ax.plot(
+            x, [_finite(r["accuracy"]) for r in rows], "o-", color="C0", label="accuracy"
+        )
+        handles.append(artists["accuracy"])
+    if any(r["agreement"] is not None for r in rows):
+        (artists["agreement"],) = ax.plot(
+            x, [_finite(r["agreement"]) for r in rows], "s--", color="C1",
+            label="top-1 agreement with source",
+        )  # fmt: skip
+        handles.append(artists["agreement"])
+    key = "accuracy" if labelled else "agreement"
+    variants = (metrics or {}).get("variants", {})
+    for name, variant, color, label in (
+        ("source", "running", "C7", "source stats"),
+        ("adapted", "adapted", "C2", "adapted stats"),
+    ):
+        value = variants.get(variant, {}).get(key)
+        if value is not None and math.isfinite(value):
+            artists[name] = ax.axhline(value, color=color, ls=":", lw=1.2, label=f"{label} ({key})")
+            handles.append(artists[name])
+    ax.set_xticks(x)
+    ax.set_xticklabels([prior_text(r["prior"]) for r in rows])
+    ax.set_xlim(-0.5, len(rows) - 0.5)
+    ax.set_xlabel("test-time prior N (pseudo samples of the source statistics)")
+    ax.set_ylabel("accuracy, top-1 agreement" if labelled else "top-1 agreement with source")
+    ax.set_ylim(0, 1.05)
+    ax.grid(True, alpha=0.3)
+    axes = [ax]
+    losses = [_finite(r["loss"]) for r in rows] if labelled else []
+    if any(math.isfinite(v) for v in losses):
+        ax2 = ax.twinx()
+        axes.append(ax2)
+        (artists["loss"],) = ax2.plot(x, losses, "^:", color="C3", label="loss")
+        handles.append(artists["loss"])
+        ax2.set_ylabel("loss (cross-entropy)", color="C3")
+    if handles and created:
+        _root(ax).legend(handles=handles, loc="outside lower center", ncols=3, fontsize=7)
+    elif handles:
+        ax.legend(handles=handles, loc="best", fontsize=7)
+    data = (metrics or {}).get("data")
+    artists["title"] = ax.set_title(
+        "Test-time BN adaptation against the prior N" + (f"\non {data}" if data else ""),
+        fontsize=9,
+    )
+    return Plot(_root(ax), tuple(axes), artists)
 
 
 def _size_line(layer: Any, key: str) -> tuple[list[int], list[float]]:

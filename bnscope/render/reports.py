@@ -38,6 +38,7 @@ REPORT_FILES = (
     "precise_change.png",
     "domain_shift.png",
     "adapt_metrics.png",
+    "online_priors.png",
     "ghost_noise.png",
     "nbs_curve.png",
 )
@@ -113,10 +114,19 @@ def report_figures(report: Report) -> dict[str, tuple[str, Figure]]:
                 ),
                 f.shift_figure(report.layers, shift_threshold=threshold).figure,
             )
-        if report.extra.get("metrics"):
+        metrics = report.extra.get("metrics")
+        if metrics:
+            online = report.extra.get("online_prior")
             made["adapt_metrics"] = (
-                "Source, adapted and test-batch statistics on the evaluation data.",
-                f.adapt_metrics_figure(report.extra["metrics"]).figure,
+                "Source, adapted and test-batch statistics"
+                + (" and the test-time prior" if "prior" in metrics["variants"] else "")
+                + " on the evaluation data.",
+                f.adapt_metrics_figure(metrics, online_prior=online).figure,
+            )
+        if metrics and report.extra.get("online_priors"):
+            made["online_priors"] = (
+                "Test-time BN adaptation: the evaluation against the prior N.",
+                f.online_priors_figure(report.extra["online_priors"], metrics).figure,
             )
     elif report.command == "ghost":
         made["ghost_noise"] = (

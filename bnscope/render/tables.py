@@ -13,7 +13,7 @@ from rich.text import Text
 
 from ..records import Finding, Report, StaticLayer, severity_rank
 from .fit import NARROWEST_TEXT, Col, FitTable, Names, names_cell
-from .text import num, pct, percent, span
+from .text import num, pct, percent, prior_text, span
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
@@ -362,17 +362,23 @@ def precise_report(report: Report) -> Group:
     return _rewrite_report(report, precise_table(report.layers), metrics, line)
 
 
-def shift_table(layers: Sequence[Any], title: str = "Domain shift per layer") -> FitTable:
+def shift_table(
+    layers: Sequence[Any], title: str = "Domain shift per layer", *, partial: bool = False
+) -> FitTable:
     """Source vs target statistics per layer, largest shift (median symmetric KL) first. On a
     narrow console λ source, ``#``, C, KL max, d_var med, d_mu med and KL med are hidden, in
-    this order, as far as needed (layer and status stay)."""
-    columns = (
+    this order, as far as needed (layer and status stay). ``partial`` (adapt with ``only`` or
+    ``first_layers``) adds the column ``adapted``: the statistics each layer received
+    (``mean+var``, ``mean``, ``var``, ``-`` for none), hidden last."""
+    columns: tuple[tuple[str, Any, int], ...] = (
         ("KL med", lambda r: num(r.kl_median), 7),
         ("KL max", lambda r: num(r.kl_max), 4),
         ("d_mu med", lambda r: num(r.d_mu_median), 6),
         ("d_var med", lambda r: num(r.d_var_median), 5),
         ("λ source", lambda r: num(r.weight_source), 1),
     )
+    if partial:
+        columns += (("adapted", lambda r: getattr(r, "adapted", None) or "-", 8),)
     return ranked_layers_table(
         layers, title, columns, lambda r: r.kl_median if r.kl_median is not None else -1.0
     )
@@ -385,31 +391,80 @@ ADAPT_VARIANTS = (
 )
 
 
-def adapt_metrics_table(metrics: dict[str, Any]) -> Group:
-    """Source statistics vs adapted statistics vs test-time batch statistics."""
+def adapt_variants(metrics: dict[str, Any], online_prior: Any = None) -> list[tuple[str, str]]:
+    """(key, column label) of the variants an adapt report's ``metrics`` holds: source,
+    adapted and test-batch statistics, and the test-time prior (``prior N=16``) when there."""
+    variants = list(ADAPT_VARIANTS)
+    if "prior" in metrics["variants"]:
+        label = "prior" if online_prior is None else f"prior N={prior_text(online_prior)}"
+        variants.append(("prior", label))
+    return variants
+
+
+def adapt_metrics_table(metrics: dict[str, Any], online_prior: Any = None) -> Group:
+    """Source statistics vs adapted statistics vs test-time batch statistics (vs test-batch
+    statistics mixed with the source statistics by ``online_prior`` N, when evaluated)."""
+    shown = adapt_variants(metrics, online_prior)
     table = FitTable(
         Col("metric", kind="text", justify="left", min_width=METRIC_WIDTH),
-        *[Col(label) for _, label in ADAPT_VARIANTS],
+        *[Col(label) for _, label in shown],
     )
     per = metrics["variants"]
     if metrics.get("has_labels"):
-        table.add_row("accuracy", *[pct(per[k]["accuracy"], 2) for k, _ in ADAPT_VARIANTS])
-        table.add_row("loss", *[num(per[k]["loss"], 4) for k, _ in ADAPT_VARIANTS])
+        table.add_row("accuracy", *[pct(per[k]["accuracy"], 2) for k, _ in shown])
+        table.add_row("loss", *[num(per[k]["loss"], 4) for k, _ in shown])
     if per["running"]["agreement"] is not None:
         table.add_row(
             "top-1 agreement with source",
-            *[pct(per[k]["agreement"], 2) for k, _ in ADAPT_VARIANTS],
+            *[pct(per[k]["agreement"], 2) for k, _ in shown],
         )
-        table.add_row("KL(source || variant)", *[num(per[k]["kl"]) for k, _ in ADAPT_VARIANTS])
-    table.add_row(
-        "relative output change", *[num(per[k]["rel_diff"]) for k, _ in ADAPT_VARIANTS]
-    )
-    table.add_row("samples", *[str(metrics["samples"]) for _ in ADAPT_VARIANTS])
+        table.add_row("KL(source || variant)", *[num(per[k]["kl"]) for k, _ in shown])
+    table.add_row("relative output change", *[num(per[k]["rel_diff"]) for k, _ in shown])
+    table.add_row("samples", *[str(metrics["samples"]) for _ in shown])
     note = "" if metrics.get("has_labels") else " (no labels: agreement only)"
     title = Text(
         f"Evaluation on {metrics.get('data', 'the evaluation data')}{note}", style="italic"
     )
     return Group(title, table)
+
+
+def prior_sweep_table(rows: Sequence[dict[str, Any]], metrics: dict[str, Any]) -> Group:
+    """The test-time prior sweep (an adapt report's ``online_priors``): one row per N, with
+    accuracy and loss (with labels), top-1 agreement and KL against the source statistics."""
+    labelled = bool(metrics.get("has_labels"))
+    scores = any(r["agreement"] is not None for r in rows)
+    cols = [Col("N (prior)")]
+    if labelled:
+        cols += [Col("accuracy"), Col("loss")]
+    if scores:
+        cols += [Col("agreement with source"), Col("KL(source || N)")]
+    cols.append(Col("output change"))
+    table = FitTable(*cols)
+    for r in rows:
+        cells = [prior_text(r["prior"])]
+        if labelled:
+            cells += [pct(r["accuracy"], 2), num(r["loss"], 4)]
+        if scores:
+            cells += [pct(r["agreement"], 2), num(r["kl"])]
+        cells.append(num(r["rel_diff"]))
+        table.add_row(*cells)
+    title = Text(
+        "Test-time prior sweep (each test batch's statistics mixed with the source statistics "
+        f"as N pseudo samples) on {metrics.get('data', 'the evaluation data')}",
+        style="italic",
+    )
+    return Group(title, table)
+
+
+def partial_note(extra: dict[str, Any]) -> str:
+    """" Means only, first 3 BN layers." for partial adaptation, else ""."""
+    parts = []
+    if extra.get("only"):
+        parts.append("means only" if extra["only"] == "mean" else "variances only")
+    if extra.get("first_layers") is not None:
+        k = extra["first_layers"]
+        parts.append(f"first {k} BN layer{'s' if k != 1 else ''} (module order)")
+    return (" Partial: " + ", ".join(parts) + ".") if parts else ""
 
 
 def adapt_report(report: Report) -> Group:
@@ -419,7 +474,12 @@ def adapt_report(report: Report) -> Group:
     line = (
         f"Adaptive BN: {updated} of {len(report.layers)} BN layers re-estimated on "
         f"{extra.get('batches')} target batches ({extra.get('samples')} samples, prior "
-        f"{extra.get('prior', 0):g})." + frozen_note(report.layers)
+        f"{extra.get('prior', 0):g})." + partial_note(extra) + frozen_note(report.layers)
     )
-    metrics = adapt_metrics_table(extra["metrics"]) if extra.get("metrics") else None
-    return _rewrite_report(report, shift_table(report.layers), metrics, line)
+    metrics: Any = None
+    if extra.get("metrics"):
+        metrics = adapt_metrics_table(extra["metrics"], extra.get("online_prior"))
+        if extra.get("online_priors"):
+            metrics = Group(metrics, prior_sweep_table(extra["online_priors"], extra["metrics"]))
+    partial = bool(extra.get("only") or extra.get("first_layers"))
+    return _rewrite_report(report, shift_table(report.layers, partial=partial), metrics, line)

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..fmt import num, pct, percent, span
 
-__all__ = ["momentum_cell", "num", "pct", "percent", "span"]
+__all__ = ["momentum_cell", "num", "pct", "percent", "prior_text", "span"]
 
 
 def momentum_cell(layer: Any) -> str:
@@ -17,3 +17,11 @@ def momentum_cell(layer: Any) -> str:
         return "-"
     momentum = getattr(layer, "momentum", None)
     return "cum." if momentum is None else num(momentum)
+
+
+def prior_text(prior: Any) -> str:
+    """A test-time prior N as tables and figures write it: ``16``, ``1000``, ``inf`` (a JSON
+    document's ``"inf"`` too)."""
+    if isinstance(prior, str):
+        return prior
+    return f"{float(prior):g}"

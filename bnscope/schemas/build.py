@@ -82,7 +82,7 @@ OPT_FRACTION = nullable(FRACTION)
 #: the statuses of each layer record kind (records.py, ``STATUSES``)
 STATUSES: dict[str, list[str | None]] = {
     "precise_layer": ["updated", "frozen", "not-called", "skipped"],
-    "adapt_layer": ["updated", "frozen", "not-called", "skipped"],
+    "adapt_layer": ["updated", "kept", "frozen", "not-called", "skipped"],
     "inspect_layer": ["ok", "stale", "noisy", "unknown", "frozen", "not-called", "skipped"],
     "ghost_layer": ["analysed", "not-called", "skipped"],
     "ghost_size": ["ok", "skipped"],
@@ -101,9 +101,16 @@ CORRUPTIONS: list[str | None] = [
 #: the variants of each command's ``metrics`` and the reference among them
 VARIANTS = {
     "precise": (["running", "precise"], "running"),
-    "adapt": (["running", "adapted", "batch"], "running"),
+    "adapt": (["running", "adapted", "batch", "prior"], "running"),
     "inspect": (["running", "precise", "batch"], "running"),
     "ghost": (["precise"], "precise"),
+}
+#: variants a command's ``metrics`` may leave out (adapt's ``prior``: with ``online_prior``)
+OPTIONAL_VARIANTS = {"adapt": ["prior"]}
+#: a test-time prior N (PriorBatchNorm): a number >= 0, or "inf" (the source model)
+PRIOR_N: Schema = {
+    "description": 'pseudo samples of the source statistics; "inf" is the source model',
+    "anyOf": [{"type": "number", "minimum": 0}, {"const": "inf"}],
 }
 
 
@@ -185,6 +192,10 @@ DEFS: dict[str, Schema] = {
             "calls": COUNT,
             "calls_per_forward": COUNT,
             "samples": COUNT,
+            "adapted": enum(
+                ["mean+var", "mean", "var", None],
+                "the statistics the layer received (null: it kept its own)",
+            ),
             "weight_source": nullable(FRACTION),
             "d_mu_max": OPT_REAL,
             "d_mu_median": OPT_REAL,
@@ -263,6 +274,18 @@ DEFS: dict[str, Schema] = {
         },
         description="one variant against the reference variant (docs/statistics.md, "
         "section 9): accuracy and loss need labels, agreement and kl class scores",
+    ),
+    "online_prior_row": obj(
+        {
+            "prior": PRIOR_N,
+            "accuracy": OPT_FRACTION,
+            "loss": OPT_REAL,
+            "agreement": OPT_FRACTION,
+            "kl": OPT_REAL,
+            "rel_diff": REAL,
+        },
+        description="extras.OnlinePriorDict: the model with PriorBatchNorm layers of N = prior "
+        "pseudo samples on the evaluation data, against the variant running",
     ),
     "label_mix": obj(
         {
@@ -351,6 +374,7 @@ RUN_GROUPS = {
 def _metrics(command: str) -> Schema:
     """The ``metrics`` layout, the same in every command; its variants differ."""
     variants, reference = VARIANTS[command]
+    optional = OPTIONAL_VARIANTS.get(command, [])
     data_always = command in ("precise", "adapt")  # only a job evaluates
     return obj(
         {
@@ -360,6 +384,7 @@ def _metrics(command: str) -> Schema:
             "reference": {"const": reference},
             "variants": obj(
                 {name: ref("variant") for name in variants},
+                required=[name for name in variants if name not in optional],
                 description="named after the statistics the BN layers normalize with",
             ),
         },
@@ -442,13 +467,23 @@ def document_defs() -> dict[str, Schema]:
                 "samples": COUNT,
                 "prior": {"type": "number", "minimum": 0},
                 "shift_threshold": REAL,
+                "only": enum(["mean", "var", None], "partial adaptation: null = both"),
+                "first_layers": nullable({"type": "integer", "minimum": 1}),
                 "world_size": {"type": "integer", "minimum": 2},
                 "metrics": _metrics("adapt"),
+                "online_prior": PRIOR_N,
+                "online_priors": array(ref("online_prior_row")),
                 "output": OPT_STRING,
                 "label_mix": nullable(ref("label_mix")),
             },
-            ["batches", "samples", "prior", "shift_threshold", "label_mix"],
-            {**RUN_GROUPS, "device": [*RUN_GROUPS["device"], "output"]},
+            ["batches", "samples", "prior", "shift_threshold", "only", "first_layers",
+             "label_mix"],  # fmt: skip
+            {
+                **RUN_GROUPS,
+                "device": [*RUN_GROUPS["device"], "output"],
+                "online_prior": ["metrics"],
+                "online_priors": ["metrics"],
+            },
         ),
         "ghost": _document(
             "ghost",

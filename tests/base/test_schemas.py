@@ -173,12 +173,15 @@ def test_metrics_have_one_layout_in_every_command():
         variants, reference = build.VARIANTS[command]
         assert metrics["properties"]["reference"] == {"const": reference}
         inner = metrics["properties"]["variants"]
-        assert list(inner["properties"]) == inner["required"] == variants
+        optional = build.OPTIONAL_VARIANTS.get(command, [])
+        assert list(inner["properties"]) == variants
+        assert inner["required"] == [v for v in variants if v not in optional]
         assert all(v == {"$ref": "#/$defs/variant"} for v in inner["properties"].values())
     # the same concept has the same name: the checkpoint's running statistics are "running"
     # wherever they are compared, population statistics "precise", test-batch ones "batch"
     assert build.VARIANTS["precise"][0] == ["running", "precise"]
-    assert build.VARIANTS["adapt"][0] == ["running", "adapted", "batch"]
+    assert build.VARIANTS["adapt"][0] == ["running", "adapted", "batch", "prior"]
+    assert build.OPTIONAL_VARIANTS == {"adapt": ["prior"]}  # with online_prior only
     assert build.VARIANTS["inspect"][0] == ["running", "precise", "batch"]
 
 

@@ -38,7 +38,8 @@ def test_adapt_writes_target_stats_and_reports(precise_env):
     assert {lay["name"] for lay in doc["layers"]} == {"1", "4"}
     assert any(f["code"] == "domain-shift" for f in doc["findings"])
     m = doc["metrics"]
-    assert list(m["variants"]) == ["running", "adapted", "batch"]
+    assert list(m["variants"]) == ["running", "adapted", "batch", "prior"]
+    assert doc["online_prior"] == 16 and "online_priors" not in doc
     assert m["has_labels"] is True and m["variants"]["running"]["agreement"] == 1.0
     assert m["reference"] == "running" and m["data"].startswith("tensor file")
     out = torch.load(tmp / "ck.adapted.pt", weights_only=True)["model"]

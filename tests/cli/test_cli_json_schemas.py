@@ -72,7 +72,7 @@ VARIANTS = {
     "precise-eval": ["running", "precise"],
     "precise-eval-unlabelled": ["running", "precise"],
     "adapt": None,
-    "adapt-eval": ["running", "adapted", "batch"],
+    "adapt-eval": ["running", "adapted", "batch", "prior"],
     "ghost": ["precise"],
     "corrupt": None,
 }

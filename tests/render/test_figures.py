@@ -131,6 +131,14 @@ ADAPT_METRICS = {
     },
 }
 GHOST = (ghost_layer("a", [0.4, 0.28, 0.2]), ghost_layer("b", [0.2, 0.14, 0.1]))
+#: an adapt report's test-time prior sweep (``online_priors``)
+PRIOR_ROWS = [
+    {"prior": 0.0, "accuracy": 0.52, "loss": 1.4, "agreement": 0.6, "kl": 0.9, "rel_diff": 0.8},
+    {"prior": 16.0, "accuracy": 0.61, "loss": 1.1, "agreement": 0.7, "kl": 0.5, "rel_diff": 0.5},
+    {"prior": 256.0, "accuracy": 0.4, "loss": 2.0, "agreement": 0.9, "kl": 0.1, "rel_diff": 0.2},
+    {"prior": math.inf, "accuracy": 0.31, "loss": 2.5, "agreement": 1.0, "kl": 0.0,
+     "rel_diff": 0.0},
+]
 NBS_ROWS = [
     {"size": 2, "status": "ok", "accuracy": 0.123, "agreement": 0.6, "kl": 1.7},
     {"size": 8, "status": "ok", "accuracy": 0.987, "agreement": 0.97, "kl": 0.01},
@@ -211,15 +219,16 @@ CASES: dict[str, tuple[Callable[..., F.Plot], tuple, int, tuple[float, float]]] 
     ),
     "shift": (F.shift_figure, (ADAPT,), 3, (6.0, 7.0)),
     "adapt_metrics": (F.adapt_metrics_figure, (ADAPT_METRICS,), 1, (5.5, 3.8)),
+    "online_priors": (F.online_priors_figure, (PRIOR_ROWS, ADAPT_METRICS), 1, (6.0, 4.0)),
     "ghost_noise": (F.ghost_noise_figure, (GHOST,), 2, (10.0, 4.2)),
     "nbs_curve": (F.nbs_curve_figure, (NBS_ROWS, POPULATION), 1, (6.0, 4.0)),
     "staleness": (F.staleness_figure, (INSPECT,), 3, (6.0, 7.5)),
     "batch_means": (F.batch_means_figure, ("layer1.bn", ARRAYS), 2, (6.2, 3.2)),
     "consistency": (F.consistency_figure, (CONSISTENCY,), 1, (5.5, 3.8)),
 }
-SINGLE = ["adapt_metrics", "nbs_curve", "consistency"]
+SINGLE = ["adapt_metrics", "online_priors", "nbs_curve", "consistency"]
 MULTI = [name for name in CASES if name not in SINGLE]
-TWIN = {"nbs_curve": 1}  # extra twin axes (the KL axis)
+TWIN = {"nbs_curve": 1, "online_priors": 1}  # extra twin axes (the KL axis, the loss axis)
 
 
 def flat(artists: dict[str, Any]) -> list[Any]:

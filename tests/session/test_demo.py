@@ -51,6 +51,15 @@ def test_demo_end_to_end(tmp_path):
     acc = {k: v["accuracy"] for k, v in a["variants"].items()}
     assert acc["adapted"] > acc["running"] + 0.20, acc
     assert (folder / "ckpt.precise.adapted.pt").is_file()
+    # the test-time prior sweep on the same noisy images (measured: N=0 85%, 16 86%, 64 68%,
+    # 256 41%, source 29%): small N gains like test-batch statistics, large N tends to source
+    rows = doc["adapt"]["online_priors"]
+    assert [r["prior"] for r in rows] == [0, 16, 64, 256]
+    # N=0 is test-batch statistics (computed another way: a sample may flip) and N=16 is the
+    # prior variant (the same computation)
+    assert abs(rows[0]["accuracy"] - acc["batch"]) <= 0.01 and rows[1]["accuracy"] == acc["prior"]
+    assert rows[0]["accuracy"] > acc["running"] + 0.20, rows
+    assert rows[-1]["accuracy"] < rows[0]["accuracy"] and rows[-1]["agreement"] > 0.5
     assert len(list((folder / "corrupted" / "val" / "circle").glob("*.png"))) == 100
 
     # the NBS curve of the precise checkpoint on data/val: every size analysed, labels used,
