@@ -9,7 +9,7 @@ Layers, lowest first:
 - engine: ``bnscope/engine`` (batch protocol, capture, accumulators, collection, evaluation);
 - ops: ``bnscope/ops`` (static and dynamic inspect, precise, adapt, ghost, corruptions);
 - session: ``bnscope/session.py`` (``bnscope.open``: one checkpoint, model and data),
-  ``bnscope/integrations`` (training-loop hooks over the ops) and
+  ``bnscope/integrations`` (training-loop hooks and callbacks over the ops) and
   ``bnscope/demo`` (builds the demo folder with io and ``ops.corruptions``, then runs the four
   operations through the session: ``demo/walkthrough.py`` imports ``bnscope.session``);
 - render: ``bnscope/render`` (tables, JSON, figures, HTML);
@@ -61,6 +61,8 @@ EXEMPT = {"bnscope", "bnscope.__main__"}
 ROOT_ALLOWED = {("bnscope.cli.app", "__version__")}
 #: user-interface libraries: only render and cli may import them
 UI_LIBRARIES = ("rich", "typer", "click", "matplotlib")
+#: optional dependencies (extras) and the only modules that may import them
+OPTIONAL_LIBRARIES = {"lightning": ("bnscope.integrations.lightning",)}
 #: base modules that never import torch at module level
 NO_TORCH = (
     "bnscope.errors", "bnscope.records", "bnscope.findings", "bnscope.fmt", "bnscope.version",
@@ -253,6 +255,16 @@ def command_violations(imports: Iterable[Import]) -> list[str]:
     ]
 
 
+def optional_violations(imports: Iterable[Import]) -> list[str]:
+    """Imports of an optional dependency outside the modules that exist for it."""
+    return [
+        f"{imp.where()}: {imp.importer} imports the optional dependency {lib}"
+        for imp in imports
+        for lib, allowed in OPTIONAL_LIBRARIES.items()
+        if _is_library(imp.target, (lib,)) and imp.importer not in allowed
+    ]
+
+
 def torch_violations(imports: Iterable[Import]) -> list[str]:
     """Module-level torch imports in the torch-free base modules."""
     return [
@@ -309,6 +321,13 @@ def test_nothing_below_render_imports_render_or_ui_libraries():
 def test_command_modules_do_not_import_each_other():
     bad = command_violations(all_imports())
     assert not bad, _report(bad)
+
+
+def test_optional_dependencies_stay_in_their_modules():
+    bad = optional_violations(all_imports())
+    assert not bad, _report(bad)
+    scan = scan_source("from lightning.pytorch import Trainer\n", "bnscope.ops.fake")
+    assert len(optional_violations(scan)) == 1  # the check sees such an import
 
 
 def test_torch_free_base_modules():

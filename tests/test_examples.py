@@ -8,6 +8,7 @@ checkpoints next to themselves), with this Python's ``bin`` folder first on ``PA
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -15,9 +16,12 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+
+from .reallibs import subprocess_path
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -29,11 +33,11 @@ def loopback_interface() -> str:
     return next((n for n in ("lo", "lo0") if n in names), names[0])
 
 
-def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+def run(cmd: list[str], cwd: Path, path: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env.update(
         PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
+        PYTHONPATH=os.pathsep.join([str(ROOT), *path, env.get("PYTHONPATH", "")]),
         GLOO_SOCKET_IFNAME=loopback_interface(),
         BNSCOPE_DIST_TIMEOUT="120",
         COLUMNS="120",
@@ -155,4 +159,19 @@ def test_precise_bn_hook(examples: Path) -> None:
     assert ema, res.stdout
     assert float(ema[2]) > float(ema[1]) + 10  # measured: 70.3 -> 98.2
     assert lines[4] == "hook history: [(1, 512), (2, 512), (3, 512)]"
+    assert sorted(p.name for p in examples.parent.iterdir()) == ["examples"]  # writes nothing
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="needs lightning")
+def test_lightning_precise_bn(examples: Path) -> None:
+    script = examples / "lightning_precise_bn.py"
+    # lightning imports torchvision through torchmetrics: tests/reallibs.py
+    res = run([sys.executable, str(script)], cwd=examples.parent, path=subprocess_path())
+    assert res.returncode == 0, res.stderr
+    found = re.findall(r"^epoch (\d): validation accuracy ([\d.]+)% with the running statistics "
+                       r"training kept, ([\d.]+)% with PreciseBN$", res.stdout, re.M)  # fmt: skip
+    assert [epoch for epoch, _, _ in found] == ["0", "1"], res.stdout
+    before, after = float(found[-1][1]), float(found[-1][2])
+    assert after > before + 5, (before, after)  # measured: 73.0% -> 97.3%
+    assert "PreciseBN before the last validation: 32 batches, 1024 samples" in res.stdout
     assert sorted(p.name for p in examples.parent.iterdir()) == ["examples"]  # writes nothing

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import pytest
 
+from .reallibs import subprocess_path
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -168,7 +170,8 @@ def test_every_block_runs_as_pasted(tmp_path: Path) -> None:
     env = dict(os.environ)
     env.update(
         PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-        PYTHONPATH=str(checkout),
+        # and, where torchvision needs it, its operator schemas (lightning imports it)
+        PYTHONPATH=os.pathsep.join([str(checkout), *subprocess_path()]),
         MPLBACKEND="Agg",
         COLUMNS="120",
         PYTHONDONTWRITEBYTECODE="1",

@@ -1,2 +1,3 @@
 """bnscope inside training loops: :class:`~bnscope.integrations.hook.PreciseBNHook` for plain
-PyTorch loops (``bnscope.PreciseBNHook``)."""
+PyTorch loops (``bnscope.PreciseBNHook``) and a Lightning callback
+(:mod:`bnscope.integrations.lightning`, which needs ``pip install "bnscope[lightning]"``)."""
