@@ -6,12 +6,14 @@ order), every layer after the first normalizes with that class's statistics, and
 statistics are not the i.i.d. population's. Labels tell whether the batches look like random
 draws: docs/statistics.md, section 2.8.
 
-:class:`LabelTally` keeps, per batch, the counts of its labels on the host; labels that a
-DataLoader yields on the CPU cost no device read at all, labels already on a device are kept there
-and read once, at the end. :func:`label_mix` turns the pooled counts into Pearson's chi-square
-of the batch x class table and its ratio to the chi-square's mean under a random shuffle
-(Haldane 1940), whose inverse scales the batch size to an effective number of independent
-samples (Kish's design effect, 1965).
+:class:`LabelTally` counts each batch's labels on the host and folds the counts into running sums
+(every :data:`FOLD` batches), so its memory does not grow with the number of batches; labels
+that a DataLoader yields on the CPU cost no device read at all, labels already on a device are
+kept there and read in one transfer per :data:`DEVICE_FOLD` batches and at the end.
+:func:`label_mix` turns the pooled counts into Pearson's chi-square of the batch x class table
+and its ratio to the chi-square's mean under a random shuffle (Haldane 1940), whose inverse
+scales the batch size to an effective number of independent samples (Kish's design effect,
+1965).
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ __all__ = ["LabelCounts", "LabelTally", "label_mix", "MAX_POOLED_LABEL"]
 #: under torch.distributed the per-class sums are pooled as dense vectors of the largest label
 #: plus one; labels at or above this are not pooled (no label mix is reported)
 MAX_POOLED_LABEL = 1 << 20
+#: per-batch label counts kept on the host before they are folded into the running sums
+#: (amortizes the fold; bounds the tally's memory whatever the number of batches)
+FOLD = 256
+#: labels yielded on a device are kept there for up to this many batches, then read in one
+#: transfer (one host read per DEVICE_FOLD forwards, not per batch; bounded device memory)
+DEVICE_FOLD = 1024
 
 
 @dataclass
@@ -59,9 +67,13 @@ class LabelTally:
     integer tensor (not bool) with one label per sample; a batch without such labels makes the
     whole pass unlabelled (``usable`` False), as does a negative label. Labels on the CPU are
     counted at once (no device read); labels on another device are kept (detached) and read in
-    one transfer by :meth:`counts`."""
+    one transfer every :data:`DEVICE_FOLD` batches and by :meth:`counts`. Every :data:`FOLD`
+    batches the per-batch counts are folded into running sums (every figure of
+    :class:`LabelCounts` is a sum over batches), so a long run keeps a bounded number of
+    arrays."""
 
     usable: bool = True
+    _sums: LabelCounts | None = None
     _host: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     _device: list[torch.Tensor] = field(default_factory=list)
 
@@ -84,9 +96,12 @@ class LabelTally:
             self._count(labels.detach().numpy())
         else:
             self._device.append(labels.detach())
+            if len(self._device) >= DEVICE_FOLD:
+                self._read_device()
 
     def _drop(self) -> None:
         self.usable = False
+        self._sums = None
         self._host.clear()
         self._device.clear()
 
@@ -96,19 +111,35 @@ class LabelTally:
             return
         classes, counts = np.unique(values.astype(np.int64, copy=False), return_counts=True)
         self._host.append((classes, counts))
+        if len(self._host) >= FOLD:
+            self._fold()
+
+    def _fold(self) -> None:
+        """The kept per-batch counts, added to the running sums."""
+        if not self._host:
+            return
+        part = _table(self._host)
+        self._host = []
+        self._sums = part if self._sums is None else _merge(self._sums, part)
+
+    def _read_device(self) -> None:
+        """Count the labels kept on a device (one transfer for all of them)."""
+        pending, self._device = self._device, []
+        if not pending:
+            return
+        for values in sync.fetch(pending):
+            if not self.usable:
+                break
+            self._count(values.numpy())
 
     def counts(self) -> LabelCounts | None:
         """The pass's :class:`LabelCounts` (None when it was not labelled). Labels left on a
         device are read here, in one transfer for all of them."""
-        if self._device:
-            pending, self._device = self._device, []
-            for values in sync.fetch(pending):
-                if not self.usable:
-                    break
-                self._count(values.numpy())
+        self._read_device()
         if not self.usable:
             return None
-        return _table(self._host)
+        self._fold()
+        return self._sums if self._sums is not None else _table([])
 
 
 def _table(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> LabelCounts:
@@ -129,6 +160,23 @@ def _table(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> LabelCounts:
         batches=len(parts),
         samples=int(sum(int(n.sum()) for _, n in parts)),
         single_class=sum(1 for c, _ in parts if len(c) == 1),
+    )
+
+
+def _merge(a: LabelCounts, b: LabelCounts) -> LabelCounts:
+    """The counts of two sets of batches together (every figure is a sum over batches)."""
+    seen, where = np.unique(np.concatenate([a.classes, b.classes]), return_inverse=True)
+    totals = np.bincount(where, weights=np.concatenate([a.totals, b.totals]), minlength=len(seen))
+    squares = np.bincount(
+        where, weights=np.concatenate([a.squares, b.squares]), minlength=len(seen)
+    )
+    return LabelCounts(
+        classes=seen.astype(np.int64, copy=False),
+        totals=totals,
+        squares=squares,
+        batches=a.batches + b.batches,
+        samples=a.samples + b.samples,
+        single_class=a.single_class + b.single_class,
     )
 
 

@@ -80,6 +80,7 @@ from ..engine.evaluate import (
     using_statistics,
 )
 from ..engine.labels import label_mix
+from ..engine.packed import Packed
 from ..engine.runner import make_runner, placed
 from ..engine.stats import MomentAccumulator
 from ..errors import DataError
@@ -113,7 +114,8 @@ TRAIN_TEST_ACCURACY = 0.02
 TRACE_BATCHES = 256
 #: channels per layer whose batch means are kept (the most stale ones, chosen afterwards)
 TRACE_CHANNELS = 4
-#: bytes of collection-forward outputs kept for pairing with the second pass (per process)
+#: bytes of collection-forward outputs kept for pairing with the second pass (per process):
+#: outputs and fingerprints, packed (:class:`bnscope.engine.packed.Packed`)
 PAIR_BUDGET = 1 << 30
 
 
@@ -148,61 +150,85 @@ class _Pairing:
     needs only the running- and population-statistics forwards. Each kept batch carries a
     fingerprint of its inputs (per-sample float64 sums); the second pass pairs batch i with
     kept output i only while the fingerprints agree: the first pair is checked at once (a data
-    order that is not repeated turns pairing off), the others on the device, read at the end
-    (a mismatch there makes :func:`inspect` recompute the comparison in a third pass).
-    Outputs are kept up to :data:`PAIR_BUDGET` bytes; later batches get their own forward."""
+    order that is not repeated turns pairing off), the others on the device, folded into one
+    flag that is read at the end (a mismatch there makes :func:`inspect` recompute the
+    comparison in a third pass). Outputs and fingerprints are packed into a few large tensors
+    (:class:`~bnscope.engine.packed.Packed`: no tensor per batch, no heap fragmentation), up to
+    :data:`PAIR_BUDGET` bytes; later batches, and batches whose outputs differ in dtype, device
+    or classes from the first, get their own forward. What the second pass has used is let go
+    as it goes, and everything when pairing turns off."""
 
     def __init__(self) -> None:
-        self.outputs: list[torch.Tensor] = []
-        self.prints: list[torch.Tensor] = []
-        self.bytes = 0
+        self.outputs = Packed()
+        self.prints = Packed()
         self.full = False
         self.enabled = True
-        self.matches: list[torch.Tensor] = []
+        self.mismatch: torch.Tensor | None = None  # any later pair differed (device bool)
         self.host_mismatch = False
+
+    @property
+    def kept(self) -> int:
+        return len(self.outputs)
 
     def keep(self, index: int, batch: Any, logits: torch.Tensor) -> None:
         if self.full or index != len(self.outputs):
             self.full = True
             return
-        size = logits.numel() * logits.element_size()
-        if self.bytes + size > PAIR_BUDGET:
+        prints = _fingerprint(batch)
+        size = (
+            logits.shape[0] * self.outputs.row_bytes(logits)
+            + prints.shape[0] * self.prints.row_bytes(prints)
+        )
+        if (
+            self.outputs.nbytes + self.prints.nbytes + size > PAIR_BUDGET
+            or not self.outputs.matches(logits)
+            or not self.prints.matches(prints)
+        ):
             self.full = True
             return
-        self.bytes += size
-        self.outputs.append(logits.detach())
-        self.prints.append(_fingerprint(batch))
+        self.outputs.append(logits)
+        self.prints.append(prints)
+
+    def _disable(self) -> None:
+        self.enabled = False
+        self.outputs.release_all()  # nothing kept is used any more
+        self.prints.release_all()
 
     def stored(self, index: int, batch: Any) -> torch.Tensor | None:
         """The kept batch-statistics output for the second pass's batch ``index``, or None
-        (not kept, or pairing is off)."""
+        (not kept, or pairing is off). Batches come in order: what comes before is let go."""
         if not self.enabled or index >= len(self.outputs):
             return None
+        kept, then = self.outputs.get(index), self.prints.get(index)
+        if kept is None or then is None:
+            return None
         now = _fingerprint(batch)
-        then = self.prints[index]
         if now.shape != then.shape:
             if index == 0:
-                self.enabled = False
+                self._disable()
                 return None
             self.host_mismatch = True
-            return self.outputs[index]
-        same = (now == then).all()
-        if index == 0:  # the one read that decides whether pairing is on
-            if not sync.fetch_values([same])[0]:
-                self.enabled = False
-                return None
         else:
-            self.matches.append(same)
-        return self.outputs[index]
+            same = (now == then).all()
+            if index == 0:  # the one read that decides whether pairing is on
+                if not sync.fetch_values([same])[0]:
+                    self._disable()
+                    return None
+            elif self.mismatch is None:
+                self.mismatch = ~same
+            else:
+                self.mismatch |= ~same
+        self.outputs.release_through(index)  # used once: let it go (kept stays valid)
+        self.prints.release_through(index)
+        return kept
 
     def all_matched(self) -> bool:
         """Whether every paired batch had the same inputs (one read)."""
         if self.host_mismatch:
             return False
-        if not self.matches:
+        if self.mismatch is None:
             return True
-        flags = sync.fetch([torch.stack(self.matches)])[0]
-        return bool(flags.all())
+        return not bool(sync.fetch([self.mismatch])[0])
 
 
 def _fingerprint(batch: Any) -> torch.Tensor:
@@ -420,7 +446,7 @@ def inspect(
                 done += 1
                 if progress is not None:
                     progress(first_done[0] + done, total)
-            if pairing.outputs and not pairing.all_matched():
+            if pairing.kept and not pairing.all_matched():
                 # the data came back in another order: compare in a third pass, on pairs
                 scores["paired"], scores["direct"] = Scores(), Scores()
                 for index, (batch, _) in enumerate(labelled_batches(data, batches, runner)):

@@ -189,3 +189,34 @@ def test_cuda_labels_outside_the_classes_are_one_error_and_the_device_still_work
     torch.cuda.synchronize()
     ev = bnscope.evaluate_models({"a": model}, data(3), device="cuda")
     assert ev.metrics["a"].accuracy is not None
+
+
+def test_cuda_labels_on_the_device_are_read_once_per_device_fold_batches(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Labels yielded on the GPU are kept there and read in one transfer per DEVICE_FOLD
+    batches (bounded device memory in a long run, no read per batch) and once at the end;
+    the counts are those of the same labels on the CPU."""
+    import numpy as np
+
+    from bnscope.engine import labels, sync
+
+    monkeypatch.setattr(labels, "DEVICE_FOLD", 4)
+    batches = [y for _, y in data(10)]
+    on_cpu, on_gpu = labels.LabelTally(), labels.LabelTally()
+    before = sync.READS
+    for y in batches:
+        on_cpu.add(y, y.shape[0])
+        on_gpu.add(y.cuda(), y.shape[0])
+    assert sync.READS - before == 2 and len(on_gpu._device) == 2  # after batches 4 and 8
+    want, got = on_cpu.counts(), on_gpu.counts()
+    assert sync.READS - before == 3
+    assert want is not None and got is not None
+    np.testing.assert_array_equal(got.classes, want.classes)
+    np.testing.assert_array_equal(got.totals, want.totals)
+    np.testing.assert_allclose(got.squares, want.squares, rtol=1e-15)
+    assert (got.batches, got.samples, got.single_class) == (
+        want.batches,
+        want.samples,
+        want.single_class,
+    )

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from bnscope.engine import labels
 from bnscope.engine.labels import LabelTally, dense, from_dense, label_mix
 
 
@@ -128,3 +129,38 @@ def test_dense_vectors_pool_like_one_tally():
     np.testing.assert_array_equal(pooled.classes, whole.classes)
     np.testing.assert_allclose(pooled.totals, whole.totals, rtol=0, atol=0)
     np.testing.assert_allclose(pooled.squares, whole.squares, rtol=1e-15)
+
+
+def test_a_long_tally_folds_its_counts_and_keeps_a_bounded_number_of_arrays():
+    """Past FOLD batches the per-batch counts are folded into running sums: the tally holds
+    fewer than FOLD batches' arrays whatever the length of the run, and its counts are those
+    of the whole table (class totals exactly, S_k to rounding). A class that first shows up
+    after a fold joins the sums."""
+    g = torch.Generator().manual_seed(7)
+    batches = [torch.randint(0, 5, (int(n),), generator=g) for n in torch.randint(2, 9, (700,))]
+    batches.append(torch.tensor([9, 9, 0]))  # class 9 only in the last, unfolded part
+    tally = LabelTally()
+    longest = 0
+    for y in batches:
+        tally.add(y, int(y.shape[0]))
+        longest = max(longest, len(tally._host))
+    assert longest == labels.FOLD - 1 and len(tally._host) == len(batches) % labels.FOLD
+    counts = tally.counts()
+    assert counts is not None and counts is tally.counts()  # reading twice changes nothing
+    all_labels = torch.cat(batches)
+    classes, totals = torch.unique(all_labels, return_counts=True)
+    np.testing.assert_array_equal(counts.classes, classes.numpy())
+    np.testing.assert_array_equal(counts.totals, totals.numpy().astype(float))
+    squares = [
+        sum(float((y == k).sum()) ** 2 / y.shape[0] for y in batches) for k in classes.tolist()
+    ]
+    np.testing.assert_allclose(counts.squares, squares, rtol=1e-13)
+    assert counts.batches == len(batches) and counts.samples == all_labels.numel()
+    assert counts.single_class == sum(1 for y in batches if len(torch.unique(y)) == 1)
+    mix, brute = label_mix(counts), brute_force(batches)
+    assert mix is not None and mix["chi2"] == pytest.approx(brute[0], rel=1e-10)
+
+
+def test_a_negative_label_after_a_fold_still_drops_the_whole_tally():
+    tally = tally_of([torch.tensor([0, 1, 2])] * (labels.FOLD + 3) + [torch.tensor([0, -1])])
+    assert tally.counts() is None

@@ -262,8 +262,9 @@ def test_inspect_keeps_outputs_within_its_budget(monkeypatch: pytest.MonkeyPatch
     model = net()
     batches = data(6)
     full = bnscope.inspect(copy.deepcopy(model), batches)
-    one_batch = 8 * 4 * 4  # logits of one batch, float32
-    monkeypatch.setattr(dynamic, "PAIR_BUDGET", 2 * one_batch)
+    # logits (8 x 4 float32), fingerprint (8 inputs + 8 labels, float64), 24 index bytes each
+    one_batch = 8 * 4 * 4 + 16 * 8 + 2 * 24
+    monkeypatch.setattr(dynamic, "PAIR_BUDGET", 2 * one_batch + one_batch // 2)
     rep = bnscope.inspect(copy.deepcopy(model), batches)
     assert rep.extra["forwards"] == 6 + 2 * 6 + 4
     got, want = rep.extra["metrics"]["variants"], full.extra["metrics"]["variants"]
