@@ -1,10 +1,19 @@
 from __future__ import annotations
 
 import hashlib
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+
+# A shell starts a background job (`cmd &`, no job control) with SIGINT and SIGQUIT ignored, and
+# every process it starts inherits that: Python then installs no KeyboardInterrupt handler, and
+# a test that sends SIGINT to a `python -m bnscope` child waits for an exit that never comes
+# (the child, rightly, ignores Ctrl-C as under nohup). The tests that send signals expect the
+# disposition of a terminal's foreground job, so the suite restores it for its children.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 TESTS = Path(__file__).parent
 MODELS = TESTS / "models.py"
