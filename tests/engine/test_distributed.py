@@ -7,16 +7,11 @@ deadline).
 
 from __future__ import annotations
 
-import os
-import socket
 import time
-import traceback
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from bnscope.engine import distributed
@@ -26,18 +21,12 @@ from bnscope.ops.ghost import ghost_analysis
 from bnscope.ops.inspect import inspect
 from bnscope.ops.precise import precise_bn
 
+from ..ranks import spawn_ranks
+
 pytestmark = pytest.mark.timing  # tests/repeat.py reruns these
 
 WORLD = 2
 DEADLINE_S = 90
-
-
-def loopback_interface() -> str:
-    names = [name for _, name in socket.if_nameindex()]
-    for name in ("lo", "lo0"):
-        if name in names:
-            return name
-    return names[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,7 +95,7 @@ def bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 # The worker
 
 
-def _cases(rank: int, out: Path) -> dict:
+def _cases(rank: int) -> dict:
     res: dict = {}
     batches = make_batches()
     mine = [batches[i] for i in SHARDS[rank]]
@@ -189,48 +178,10 @@ def _cases(rank: int, out: Path) -> dict:
     return res
 
 
-def _worker(rank: int, world: int, store: str, out: str) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = loopback_interface()
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=world,
-        timeout=__import__("datetime").timedelta(seconds=30),
-    )
-    try:
-        res = _cases(rank, Path(out))
-    except BaseException:
-        (Path(out) / f"error{rank}.txt").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
-    torch.save(res, Path(out) / f"rank{rank}.pt")
-    # End as bnscope's CLI ends a torchrun worker (DistributedSession.leave): not through the
-    # interpreter's teardown, where gloo's threads can abort the process once its peer is gone.
-    os._exit(0)
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    store = out / "store"
-    ctx = mp.start_processes(
-        _worker, args=(WORLD, str(store), str(out)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed workers did not finish in {DEADLINE_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    errors = [f.read_text() for f in out.glob("error*.txt")]
-    assert not errors, errors
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_cases, tmp_path_factory.mktemp("dist"), WORLD, timeout_s=30,
+                       deadline_s=DEADLINE_S)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

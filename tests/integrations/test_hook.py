@@ -6,21 +6,14 @@ gloo processes with a plain and a DDP-wrapped model."""
 from __future__ import annotations
 
 import copy
-import os
 import random
-import socket
-import time
-import traceback
 from collections import namedtuple
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 from torch.utils.data import DataLoader, TensorDataset
@@ -32,6 +25,7 @@ from bnscope.integrations.hook import PreciseBNHook, first_rows, rng_preserved, 
 from bnscope.ops.precise import precise_bn
 from bnscope.records import Status
 
+from ..ranks import spawn_ranks
 from ..statecheck import assert_same_state, snapshot
 
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
@@ -717,11 +711,6 @@ SHARD_SIZES = {0: [8, 8, 8], 1: [5, 9, 7]}
 SAMPLES = 37
 
 
-def loopback_interface() -> str:
-    names = [name for _, name in socket.if_nameindex()]
-    return next((n for n in ("lo", "lo0") if n in names), names[0])
-
-
 def shard(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return batches(SHARD_SIZES[rank], seed=20 + rank)
 
@@ -773,46 +762,10 @@ def _cases(rank: int) -> dict[str, Any]:
     return res
 
 
-def _worker(rank: int, world: int, store: str, out: str) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = loopback_interface()
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=world,
-        timeout=__import__("datetime").timedelta(seconds=60),
-    )
-    try:
-        res = _cases(rank)
-    except BaseException:
-        (Path(out) / f"error{rank}.txt").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
-    torch.save(res, Path(out) / f"rank{rank}.pt")
-    os._exit(0)  # not through the interpreter's teardown (gloo threads), as bnscope's CLI
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hook_dist")
-    store = out / "store"
-    ctx = mp.start_processes(
-        _worker, args=(WORLD, str(store), str(out)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed workers did not finish in {DEADLINE_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    errors = [f.read_text() for f in out.glob("error*.txt")]
-    assert not errors, errors
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_cases, tmp_path_factory.mktemp("hook_dist"), WORLD, timeout_s=60,
+                       deadline_s=DEADLINE_S)  # fmt: skip
 
 
 @pytest.mark.timing
