@@ -255,7 +255,8 @@ class PreciseExtra(RunExtra, total=False):
     """Precise BN: ``batches``/``samples`` collected (pooled over ``world_size`` ranks under
     ``torch.distributed``), the class mix of those batches (``label_mix``, None without
     labels), before/after ``metrics`` with evaluation data (variants ``running`` and
-    ``precise``), and the ``output`` checkpoint (None until written; a job sets it)."""
+    ``precise``), the ``output`` checkpoint (None until written; a job sets it) and whether
+    it is written for frozen BN layers (``freeze``; a job on a checkpoint file sets it)."""
 
     batches: int
     samples: int
@@ -263,6 +264,7 @@ class PreciseExtra(RunExtra, total=False):
     world_size: int
     metrics: ReportMetrics
     output: str | None
+    freeze: bool
 
 
 class AdaptExtra(RunExtra, total=False):

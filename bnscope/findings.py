@@ -440,3 +440,30 @@ def ghost_verdict(
         f"(agreement below {percent(agreement_threshold)} or accuracy down more than "
         f"{100 * accuracy_drop:.0f} points){tail}."
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Frozen BN output (precise with freeze=True; docs/statistics.md, section 3.2)
+
+#: a layer record's reason: a layer that never ran, written frozen
+FROZEN_NOT_CALLED_REASON = "never ran on the data; frozen with its stored statistics"
+#: added to a skipped layer's reason (it has no running statistics)
+FROZEN_SKIPPED_NOTE = "no running statistics to freeze: written as it was"
+
+
+def not_called_frozen(layer: str) -> Finding:
+    """``not-called`` when the checkpoint is written frozen: the layer is frozen with
+    statistics nobody recomputed."""
+    return Finding(
+        code="not-called",
+        severity=Severity.WARNING,
+        layer=layer,
+        message=(
+            "the layer never ran on the data: it was frozen with its stored running "
+            "statistics, which were not recomputed"
+        ),
+        fix=(
+            "check the forward (the layer is defined but unused, or the data skips its "
+            "branch); its frozen statistics stay what training left"
+        ),
+    )

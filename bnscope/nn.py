@@ -7,7 +7,9 @@ statistics, so that the noise of the normalization matches that of a small batch
 SeqNorm (Dimitriou & Arandjelovic 2020, "Sequential Normalization: Embracing Smaller Sample
 Sizes for Normalization") is GroupNorm without affine followed by Ghost BN.
 :class:`PriorBatchNorm` and :func:`convert_to_prior_bn` (test-time statistics mixed with the
-source statistics, Schneider et al. 2020) are defined in :mod:`bnscope.nn_prior` and
+source statistics, Schneider et al. 2020) are defined in :mod:`bnscope.nn_prior`, and
+:class:`FrozenBatchNorm`, :func:`freeze_bn` and :func:`unfreeze_bn` (BN as a fixed affine
+transform for fine-tuning, Wu & Johnson 2021) in :mod:`bnscope.nn_frozen`; both are
 re-exported here.
 
 Design decisions (where the usual descriptions leave room):
@@ -69,6 +71,13 @@ __all__ = [
     "PriorSyncBatchNorm",
     "convert_to_prior_bn",
     "revert_prior_bn",
+    "FrozenBatchNorm",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "freeze_bn",
+    "unfreeze_bn",
+    "can_freeze",
 ]
 
 # Attribute (outside the state dict and module tree) holding the module that convert_to_ghost
@@ -506,8 +515,18 @@ def revert_ghost(model: nn.Module) -> nn.Module:
     return _replace(model, lambda m, name: _from_ghost(m), {})
 
 
-# Test-time BN adaptation with a source prior (Schneider et al. 2020) lives in its own module;
-# imported last, because its conversion functions use _move_state and _replace above.
+# Frozen BN (a fixed per-channel affine, Wu & Johnson 2021) and test-time BN adaptation with a
+# source prior (Schneider et al. 2020) live in their own modules; imported last, because their
+# conversion functions use _move_state, _replace and the GhostBatchNorm classes above.
+from .nn_frozen import (  # noqa: E402
+    FrozenBatchNorm,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    can_freeze,
+    freeze_bn,
+    unfreeze_bn,
+)
 from .nn_prior import (  # noqa: E402
     PriorBatchNorm,
     PriorBatchNorm1d,

@@ -39,6 +39,9 @@ Progress = Callable[[int, "int | None"], None]
 
 #: file-name tags of written checkpoints: ``ckpt.precise.pt``, ``ckpt.adapted.pt``
 OUTPUT_TAGS = {"precise": "precise", "adapt": "adapted"}
+#: the tag of a checkpoint written for a frozen-BN model (``precise`` with ``freeze=True``):
+#: ``ckpt.frozen.pt``
+FROZEN_TAG = "frozen"
 #: the model spec reported for a trusted whole module loaded from the checkpoint
 WHOLE_MODULE = "(whole module from the checkpoint)"
 #: adapt's test-time prior N of the ``prior`` evaluation variant (PriorBatchNorm): with the
@@ -142,20 +145,23 @@ class Result:
     """What an operation returns: its :class:`~bnscope.records.Report` (the ``--json``
     document; ``bnscope.write_report(result, folder)`` writes it as ``--report-dir`` does)
     and, for precise and adapt, the new BN buffers, which :meth:`save` writes into a copy of
-    the checkpoint (same structure and format)."""
+    the checkpoint (same structure and format). ``frozen``: the key prefixes of the BN layers
+    :meth:`save` writes in the frozen-BN layout (``precise`` with ``freeze=True``)."""
 
     report: Report
     job: Job
     updates: dict[str, Any] = field(default_factory=dict)
     output: Path | None = None  # where save() writes by default
     force: bool = False
+    frozen: tuple[str, ...] = ()
 
     def save(self, path: str | Path | None = None, *, force: bool | None = None) -> Path:
         """Write the checkpoint with the new statistics, as ``bnscope precise``/``adapt``
         write it: atomically, never over the input, an existing file only with ``force=True``
         (default: the job's). Default path: the one the operation was given, else next to the
-        input with ``.precise``/``.adapted`` before the suffix. The report's ``output`` is
-        updated."""
+        input with ``.precise``/``.adapted`` (``.frozen`` for ``precise(freeze=True)``) before
+        the suffix. The report's ``output`` is updated. A frozen result writes its BN layers
+        in the layout of a frozen BN layer (see :meth:`Job.precise`)."""
         from .io.saving import save_checkpoint
 
         if self.report.command not in OUTPUT_TAGS:
@@ -176,8 +182,9 @@ class Result:
             if k in ckpt.state_dict or not k.endswith("num_batches_tracked")
         }
         written = save_checkpoint(
-            ckpt, updates, target, force=self.force if force is None else force
-        )
+            ckpt, updates, target, force=self.force if force is None else force,
+            freeze=self.frozen,
+        )  # fmt: skip
         self.report = replace(self.report, extra={**self.report.extra, "output": str(written)})
         return written
 
@@ -519,15 +526,17 @@ class Job:
             extra["metrics"] = {"data": source.description, **extra["metrics"]}
         return extra
 
-    def _output(self, operation: str, output: str | Path | None, force: bool) -> Path | None:
+    def _output(
+        self, operation: str, output: str | Path | None, force: bool, tag: str | None = None
+    ) -> Path | None:
         """Where precise/adapt write, checked before anything runs (nothing runs if it would
-        be refused)."""
+        be refused); ``tag`` replaces the operation's file-name tag."""
         from .io.saving import check_output, default_output_path
 
         if self.path is None:
             return Path(output) if output is not None else None
         out = Path(output) if output is not None else default_output_path(
-            self.path, OUTPUT_TAGS[operation]
+            self.path, tag or OUTPUT_TAGS[operation]
         )
         if self.path.exists():
             check_output(self.path, out, force=force)
@@ -627,20 +636,43 @@ class Job:
         output: str | Path | None = None,
         force: bool = False,
         include_frozen: bool = False,
+        freeze: bool = False,
         progress: Progress | None = None,
     ) -> Result:
         """Precise BN on ``data`` (and, with ``eval_data``, accuracy and agreement before and
         after). ``output`` (default: ``CKPT.precise.pt`` next to the input) is checked first;
-        :meth:`Result.save` writes it."""
+        :meth:`Result.save` writes it.
+
+        ``freeze=True`` writes the checkpoint for a model whose BN layers are frozen
+        (:class:`bnscope.nn.FrozenBatchNorm`, torchvision's ``FrozenBatchNorm2d``; Wu & Johnson
+        2021: recompute exact statistics, then freeze them for fine-tuning). Default output:
+        ``CKPT.frozen.pt``. Every BN layer with running statistics gets exactly a frozen
+        layer's entries, ``weight``, ``bias``, ``running_mean``, ``running_var`` (its
+        ``num_batches_tracked`` dropped; ``affine=False`` layers get weight ones and bias
+        zeros): the recomputed statistics, or the stored ones of a layer that never ran on
+        the data (``not-called``, worded so). Layers already frozen keep their statistics
+        (unless ``include_frozen``) and lose a ``num_batches_tracked`` entry they do not
+        hold; layers without running statistics (``track_running_stats=False``) are written
+        as they were. Everything else of the checkpoint is kept, as without ``freeze``; a
+        pickled whole module gets its layers replaced by :func:`bnscope.nn.freeze_bn`. The
+        report's ``freeze`` says so. The job's model itself is not converted: its BN layers
+        hold the new statistics (``bnscope.nn.freeze_bn(model)`` freezes it)."""
         from .engine.distributed import local_batchnorm
         from .engine.evaluate import evaluate_models
         from .ops.precise import precise_bn
 
         if self.options.data is None:
             raise UsageError("precise needs data= (the training data)", "pass data=SPEC")
+        if freeze and self.path is None:
+            raise UsageError(
+                "freeze=True writes a checkpoint file, and this job has none",
+                "freeze the model itself with bnscope.nn.freeze_bn(model) after precise",
+            )
         self.run_options()
-        out = self._output("precise", output, force)
+        out = self._output("precise", output, force, FROZEN_TAG if freeze else None)
         loaded = self._checked_model("precise", include_frozen)
+        if freeze:
+            require_freezable(loaded.module)
         source = self.source(self.options.data)
         evaluation = self._evaluation(reference=self._eval_classes(source))
         original = copy.deepcopy(loaded.module) if evaluation is not None else None
@@ -666,9 +698,16 @@ class Job:
         self._notice_unreadable(source, "data")
         self._notice_unreadable(evaluation, "eval_data")
         extra["output"] = str(out) if out is not None else None
+        if self.path is not None:
+            extra["freeze"] = freeze
+        report = self._report(result, extra)
+        frozen: tuple[str, ...] = ()
+        if freeze:
+            report = frozen_report(report)
+            frozen = frozen_prefixes(loaded.module, report.layers, loaded.prefix)
         return Result(
-            self._report(result, extra), self,
-            bn_updates(loaded.module, result.layers, loaded.prefix), out, force,
+            report, self, bn_updates(loaded.module, result.layers, loaded.prefix), out, force,
+            frozen,
         )  # fmt: skip
 
     def _evaluation(
@@ -944,25 +983,101 @@ def require_batchnorm(model: Any, operation: str, include_frozen: bool | None = 
         )
 
 
+def module_aliases(model: Any) -> dict[int, list[str]]:
+    """Every name of each module, by ``id``: a module used at several places of the model has
+    one name per place, and the state dict holds its entries under each of them."""
+    aliases: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(mod), []).append(name)
+    return aliases
+
+
+def _key_prefix(prefix: str, name: str) -> str:
+    return f"{prefix}{name}." if name else prefix
+
+
 def bn_updates(model: Any, layers: Any, prefix: str) -> dict[str, Any]:
     """Checkpoint keys -> new running_mean/running_var (and num_batches_tracked, which precise
-    and adapt count, docs/statistics.md section 3.1) of the layers with status updated."""
+    and adapt count, docs/statistics.md section 3.1) of the layers with status updated, under
+    every name of a layer used at several places."""
     from .records import module_name
 
     modules = dict(model.named_modules())
+    aliases = module_aliases(model)
     updates: dict[str, Any] = {}
     for rec in layers:
         if rec.status != "updated":
             continue
-        name = module_name(rec.name)
-        mod = modules[name]
-        base = f"{prefix}{name}." if name else prefix
-        updates[f"{base}running_mean"] = mod.running_mean.detach().cpu()
-        updates[f"{base}running_var"] = mod.running_var.detach().cpu()
+        mod = modules[module_name(rec.name)]
+        values = {
+            "running_mean": mod.running_mean.detach().cpu(),
+            "running_var": mod.running_var.detach().cpu(),
+        }
         tracked = mod._buffers.get("num_batches_tracked")
         if tracked is not None:
-            updates[f"{base}num_batches_tracked"] = tracked.detach().cpu()
+            values["num_batches_tracked"] = tracked.detach().cpu()
+        for name in aliases[id(mod)]:
+            base = _key_prefix(prefix, name)
+            updates.update({f"{base}{entry}": value for entry, value in values.items()})
     return updates
+
+
+def require_freezable(model: Any) -> None:
+    """``freeze=True`` needs a BN layer with running statistics, or a frozen one: one error
+    before anything runs."""
+    from .engine.capture import is_batchnorm, is_frozen_batchnorm
+
+    for mod in model.modules():
+        if is_frozen_batchnorm(mod) or (is_batchnorm(mod) and mod.running_mean is not None):
+            return
+    raise UsageError(
+        "freeze=True: no BN layer of the model has running statistics to freeze "
+        "(track_running_stats=False everywhere)",
+        "drop freeze=True",
+    )
+
+
+def frozen_prefixes(model: Any, layers: Any, prefix: str) -> tuple[str, ...]:
+    """The checkpoint key prefixes (every name of a shared layer) of the BN layers a frozen
+    checkpoint writes in the frozen-BN layout: every BN layer with running statistics, and
+    the frozen layers that hold no ``num_batches_tracked`` of their own (a checkpoint entry
+    of that name, which they ignore, is dropped)."""
+    from .engine.capture import is_batchnorm
+    from .records import module_name
+
+    modules = dict(model.named_modules())
+    aliases = module_aliases(model)
+    out: list[str] = []
+    for rec in layers:
+        mod = modules[module_name(rec.name)]
+        if is_batchnorm(mod):
+            if mod.running_mean is None or mod.running_var is None:
+                continue  # no statistics to freeze: written as it was
+        elif "num_batches_tracked" in mod._buffers:
+            continue  # a frozen layer with a count of its own: written as it was
+        out.extend(_key_prefix(prefix, name) for name in aliases[id(mod)])
+    return tuple(out)
+
+
+def frozen_report(report: Report) -> Report:
+    """The report of ``precise(freeze=True)``: a layer that never ran is frozen with its
+    stored statistics, and one without running statistics is written as it was, as its
+    ``reason`` and the ``not-called`` finding say."""
+    from . import findings
+    from .records import Status
+
+    def worded(rec: Any) -> Any:
+        if rec.status == Status.NOT_CALLED:
+            return replace(rec, reason=findings.FROZEN_NOT_CALLED_REASON)
+        if rec.status == Status.SKIPPED:
+            return replace(rec, reason=f"{rec.reason}; {findings.FROZEN_SKIPPED_NOTE}")
+        return rec
+
+    found = tuple(
+        findings.not_called_frozen(f.layer) if f.code == "not-called" and f.layer else f
+        for f in report.findings
+    )
+    return replace(report, layers=tuple(worded(r) for r in report.layers), findings=found)
 
 
 def _unmatched_classes(source: DataSource) -> int | None:

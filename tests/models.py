@@ -20,6 +20,16 @@ def make_tiny(num_classes: int = 3, width: int = 4, momentum: float | None = 0.1
     )
 
 
+def make_tiny_frozen(num_classes: int = 3, width: int = 4) -> nn.Module:
+    """:func:`make_tiny` with frozen BN layers (``bnscope.nn.FrozenBatchNorm2d``): the model
+    that fine-tunes from a ``bnscope precise --freeze`` checkpoint of make_tiny."""
+    from bnscope.nn import FrozenBatchNorm2d
+
+    model = make_tiny(num_classes, width)
+    model[1], model[4] = FrozenBatchNorm2d(width), FrozenBatchNorm2d(width)
+    return model
+
+
 def make_fixed_size(num_classes: int = 3, width: int = 4) -> nn.Module:
     """Conv-BN-ReLU, flatten, linear: takes 3x8x8 inputs only (no global pooling)."""
     return nn.Sequential(

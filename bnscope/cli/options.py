@@ -40,6 +40,7 @@ FLAGS: dict[str, str] = {
     "amp": "--amp",
     "channels_last": "--channels-last",
     "include_frozen": "--include-frozen",
+    "freeze": "--freeze",
     "drop_last": "--drop-last",
     "skip_unreadable": "--skip-unreadable",
     "image_size": "--image-size",
@@ -233,6 +234,17 @@ IncludeFrozen = Annotated[
         "statistics during collection, like BatchNorm in training. Without it they are "
         "measured and kept.",
         rich_help_panel=P_RUN,
+    ),
+]
+Freeze = Annotated[
+    bool,
+    typer.Option(
+        "--freeze",
+        help="Write the checkpoint for a model with frozen BN layers (FrozenBatchNorm2d, "
+        "bnscope.nn.freeze_bn): each BN layer's entries become weight, bias, running_mean, "
+        "running_var (num_batches_tracked dropped; affine=False layers get weight 1, bias 0). "
+        "Default output CKPT.frozen.pt.",
+        rich_help_panel=P_OUT,
     ),
 ]
 InputKey = Annotated[

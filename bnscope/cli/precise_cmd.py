@@ -22,6 +22,8 @@ HELP = (
     "CKPT.precise.pt: same structure as the input, only BN buffers changed.\n\n"
     "Statistics are pooled over every element of every batch in float64, so they do not depend "
     "on the batch split. --eval-data evaluates before and after.\n\n"
+    "--freeze writes CKPT.frozen.pt for fine-tuning with frozen BN (Wu & Johnson 2021): the "
+    "exact statistics, each BN layer in the layout of torchvision's FrozenBatchNorm2d.\n\n"
     "Under torchrun each rank reads its share of --data and the ranks pool exact statistics; "
     "rank 0 writes the checkpoint.\n\n"
     "Example: bnscope precise runs/ckpt.pt --model model.py:make_model --data data/train "
@@ -56,6 +58,7 @@ def precise_command(
     include_frozen: o.IncludeFrozen = False,
     seed: o.Seed = 0,
     output: o.Output = None,
+    freeze: o.Freeze = False,
     force: o.Force = False,
     report_dir: o.ReportDir = None,
     out: o.OutAlias = None,
@@ -77,8 +80,9 @@ def precise_command(
     job = open_job(ui, project_config(), checkpoint, flags)
     with progress_bar(ui, "collecting statistics", batches) as progress:
         result = job.precise(
-            batches, output=output, force=force, include_frozen=include_frozen, progress=progress
-        )
+            batches, output=output, force=force, include_frozen=include_frozen, freeze=freeze,
+            progress=progress,
+        )  # fmt: skip
     if begin_output():  # rank 0 writes and shows, once every rank got here
         result.save()
         emit_report(ui, result.report, report_dir, force=force)

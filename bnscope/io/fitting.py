@@ -7,6 +7,7 @@ and stripped only when fitting a model whose own keys lack them (:func:`match_to
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -120,7 +121,9 @@ def load_into_model(
     its EMA/SWA copy alike gets the copy (the weights usually evaluated and deployed; select
     the raw network with ``key``). Within the chosen network loading is still strict. An
     averaged model's own state dict (``AveragedModel``: ``module.*`` and ``n_averaged``) loads
-    its ``module.*`` entries; the counter is ignored.
+    its ``module.*`` entries; the counter is ignored. So is the ``num_batches_tracked`` entry
+    of a BN layer that is frozen in the model (``FrozenBatchNorm2d``: no count), as frozen
+    layers themselves ignore it.
 
     Keys and shapes are checked before anything is copied, so a mismatch leaves the model
     untouched.
@@ -143,7 +146,8 @@ def load_into_model(
     own = model.state_dict(keep_vars=True)
     renamed, prefix, note, fix = _choose_network(state_dict, own, key)
     missing = [k for k in own if k not in renamed and not _fillable(k, renamed)]
-    unexpected = [k for k in renamed if k not in own]
+    ignored = [k for k in renamed if _ignored(k, own)]
+    unexpected = [k for k in renamed if k not in own and k not in ignored]
     shapes = [
         f"{k}: checkpoint {list(renamed[k].shape)} vs model {list(own[k].shape)}"
         for k in own
@@ -162,6 +166,10 @@ def load_into_model(
         if shapes:
             parts.append(_counted(shapes, "shape mismatch", plural="shape mismatches"))
         raise ModelError(f"checkpoint does not fit the model{note}: " + ", ".join(parts), fix)
+    if ignored:  # copied, so that the caller's state dict (and its _metadata) stay as they are
+        renamed = copy.copy(renamed)
+        for k in ignored:
+            del renamed[k]
     try:
         model.load_state_dict(renamed, strict=True)
     except RuntimeError as exc:
@@ -170,10 +178,21 @@ def load_into_model(
 
 
 def _fits(renamed: Mapping[str, Any], own: Mapping[str, Any]) -> bool:
-    """The same keys (a ``num_batches_tracked`` torch fills in may be absent)."""
-    if any(k not in own for k in renamed):
+    """The same keys (a ``num_batches_tracked`` torch fills in may be absent, and one of a
+    layer the model has frozen may be present)."""
+    if any(k not in own and not _ignored(k, own) for k in renamed):
         return False
     return all(k in renamed or _fillable(k, renamed) for k in own)
+
+
+def _ignored(key: str, own: Mapping[str, Any]) -> bool:
+    """A ``num_batches_tracked`` entry of a layer that is frozen in the model (running
+    statistics and no count: torchvision's, detectron2's, timm's and bnscope's frozen BN
+    layers drop that entry when they load a BatchNorm state dict); it is not loaded."""
+    suffix = "num_batches_tracked"
+    if not key.endswith(suffix) or key in own:
+        return False
+    return f"{key[: -len(suffix)]}running_mean" in own
 
 
 def _truncations(prefix: str) -> list[str]:

@@ -2,7 +2,10 @@
 
 :func:`save_checkpoint` writes a copy of the input with some state-dict entries replaced, in the
 input's format and structure (wrapper keys, prefixes, optimizer state and other entries kept),
-through a temporary file and an atomic rename; it never overwrites the input.
+through a temporary file and an atomic rename; it never overwrites the input. With ``freeze``
+it also writes the named BatchNorm layers in the layout of a frozen BN layer
+(:class:`bnscope.nn.FrozenBatchNorm`, torchvision's ``FrozenBatchNorm2d``): ``weight``,
+``bias``, ``running_mean``, ``running_var`` and no ``num_batches_tracked``.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,7 @@ def save_checkpoint(
     out: str | Path,
     *,
     force: bool = False,
+    freeze: Collection[str] = (),
 ) -> Path:
     """Write ``ckpt`` to ``out`` with the state-dict entries in ``updates`` replaced.
 
@@ -55,12 +60,25 @@ def save_checkpoint(
     ``ckpt`` itself is not modified. The file is written to a temporary file in the output
     directory, synced, and renamed onto ``out``; no temporary file survives a failure.
 
+    ``freeze``: BatchNorm layers to write as frozen layers, each named by the prefix of its
+    keys as ``updates`` names them (``"layer1.0.bn1."``, ``""`` for a state dict that is one
+    layer). Each gets exactly the entries of :class:`bnscope.nn.FrozenBatchNorm` (torchvision's
+    ``FrozenBatchNorm2d``): its ``num_batches_tracked`` entry is dropped, and a layer without
+    ``weight``/``bias`` entries (``affine=False``) gets weight ones and bias zeros in the dtype
+    of its ``running_mean``, placed before it and saved where it is saved; its module's
+    version in the state dict's ``_metadata`` becomes 3, that of a frozen layer
+    (:class:`bnscope.nn.FrozenBatchNorm`; detectron2 subtracts eps from ``running_var`` below
+    3). A pickled whole module gets :func:`bnscope.nn.freeze_bn` applied to those layers
+    instead.
+
     Returns:
         The path written.
 
     Raises:
         CheckpointError: An unknown key or wrong shape in ``updates``; ``out`` is the input,
-            exists without ``force``, or is not writable; the format cannot be written.
+            exists without ``force``, or is not writable; the format cannot be written; a
+            ``freeze`` prefix without running statistics, or a layer of a whole module that
+            :func:`bnscope.nn.freeze_bn` cannot convert.
     """
     if ckpt.format == "torchscript":
         raise CheckpointError(
@@ -68,17 +86,24 @@ def save_checkpoint(
             "save the model's state_dict() and pass model=",
         )
     new_values = _prepare_updates(ckpt.state_dict, updates)
+    layout = _frozen_layout(ckpt.state_dict, freeze)
+    for key in layout.drop:
+        new_values.pop(key, None)
     out_path = Path(out)
     check_output(ckpt.path, out_path, force=force)
     # with a prefix selection the updates go back to the original (prefixed) keys
     selected = ckpt.network_prefix
     full_values = {selected + k: v for k, v in new_values.items()} if selected else new_values
+    full_layout = layout.prefixed(selected)
 
     if ckpt.format == "safetensors":
         import safetensors.torch
 
         tensors = dict(ckpt.raw)  # every entry (a selection's state dict holds some)
         tensors.update(full_values)
+        for key in full_layout.drop:
+            del tensors[key]
+        tensors.update(full_layout.added())
         payload = safetensors.torch.save(tensors, metadata=ckpt.metadata)
 
         def write(f: Any) -> None:
@@ -86,16 +111,18 @@ def save_checkpoint(
 
     elif ckpt.format in ("torch", "module"):
         if ckpt.format == "module":
-            obj = _updated_module(ckpt.raw, new_values)
+            obj = _updated_module(ckpt.raw, new_values, layout)
         else:
             parts = ckpt._key_path
             if parts is None:
                 parts = _locate(ckpt.raw, ckpt.key, str(ckpt.path)).parts if ckpt.key else ()
-            obj = _rebuild(ckpt.raw, parts, full_values)
+            obj = _rebuild(ckpt.raw, parts, full_values, full_layout)
 
         tags = dict(ckpt.locations)
-        for name, value in new_values.items():  # an update keeps its entry's location
-            where = ckpt.locations.get(_storage_ptr(ckpt.state_dict[name]))
+        placed = {**new_values, **{k: v for k, (v, _) in layout.add.items()}}
+        for name, value in placed.items():  # an entry keeps its (new: its layer's) location
+            like = name if name in ckpt.state_dict else layout.add[name][1]
+            where = ckpt.locations.get(_storage_ptr(ckpt.state_dict[like]))
             if where is not None:
                 tags[_storage_ptr(value)] = where
 
@@ -140,6 +167,59 @@ def _prepare_updates(
     return result
 
 
+@dataclass
+class _FrozenLayout:
+    """What writing layers as frozen BN changes: entries dropped (``num_batches_tracked``) and
+    entries added (key -> (tensor, the key it goes before))."""
+
+    drop: list[str] = field(default_factory=list)
+    add: dict[str, tuple[torch.Tensor, str]] = field(default_factory=dict)
+    layers: list[str] = field(default_factory=list)  # the prefixes, as given
+
+    def prefixed(self, prefix: str) -> _FrozenLayout:
+        if not prefix:
+            return self
+        return _FrozenLayout(
+            [prefix + k for k in self.drop],
+            {prefix + k: (t, prefix + before) for k, (t, before) in self.add.items()},
+            [prefix + p for p in self.layers],
+        )
+
+    def added(self) -> dict[str, torch.Tensor]:
+        return {k: t for k, (t, _) in self.add.items()}
+
+    def before(self) -> dict[str, list[tuple[str, torch.Tensor]]]:
+        out: dict[str, list[tuple[str, torch.Tensor]]] = {}
+        for key, (tensor, anchor) in self.add.items():
+            out.setdefault(anchor, []).append((key, tensor))
+        return out
+
+
+def _frozen_layout(
+    state_dict: Mapping[str, torch.Tensor], freeze: Collection[str]
+) -> _FrozenLayout:
+    """The entries to drop and add so that the layers keyed by the prefixes in ``freeze`` have
+    exactly a frozen BN layer's entries."""
+    layout = _FrozenLayout()
+    for prefix in dict.fromkeys(freeze):
+        mean_key, var_key = f"{prefix}running_mean", f"{prefix}running_var"
+        if mean_key not in state_dict or var_key not in state_dict:
+            raise CheckpointError(
+                f"cannot write {prefix.rstrip('.') or 'the state dict'} as a frozen BN layer: "
+                f"the checkpoint has no {mean_key} and {var_key}",
+                "freeze only BatchNorm layers with running statistics",
+            )
+        layout.layers.append(prefix)
+        mean = state_dict[mean_key]
+        if f"{prefix}num_batches_tracked" in state_dict:
+            layout.drop.append(f"{prefix}num_batches_tracked")
+        for name, fill in (("weight", 1.0), ("bias", 0.0)):
+            if f"{prefix}{name}" not in state_dict:
+                value = torch.full(mean.shape, fill, dtype=mean.dtype, device="cpu")
+                layout.add[f"{prefix}{name}"] = (value, mean_key)
+    return layout
+
+
 def check_output(source: Path, out: Path, *, force: bool) -> None:
     """Refuse the input itself, a folder, an existing file without force, a missing folder."""
     same = out.resolve() == source.resolve()
@@ -181,33 +261,92 @@ def _fix_write() -> str:
     return "check that the output= directory is writable and has free space"
 
 
-def _rebuild(container: Any, parts: tuple[str, ...], new_values: dict[str, torch.Tensor]) -> Any:
+def _rebuild(
+    container: Any,
+    parts: tuple[str, ...],
+    new_values: dict[str, torch.Tensor],
+    layout: _FrozenLayout | None = None,
+) -> Any:
     """A shallow copy of ``container`` with only the path to the state dict copied and updated.
 
     Dicts keep their type, key order and attributes (``_metadata``); all untouched entries are
-    the same objects as in the input.
+    the same objects as in the input. Entries a frozen ``layout`` adds go before the entry it
+    names; those it drops are left out.
     """
     if parts:
         head, rest = parts[0], parts[1:]
         copied = copy.copy(container)
-        copied[head] = _rebuild(container[head], rest, new_values)
+        copied[head] = _rebuild(container[head], rest, new_values, layout)
         return copied
     if isinstance(container, nn.Module):
-        return _updated_module(container, new_values)
+        return _updated_module(container, new_values, layout)
     copied = copy.copy(container)
-    for name, value in new_values.items():
-        copied[name] = value
+    if layout is None or not layout.layers:
+        for name, value in new_values.items():
+            copied[name] = value
+        return copied
+    drop, before = set(layout.drop), layout.before()
+    items = list(copied.items())
+    copied.clear()
+    for name, value in items:
+        if name in drop:
+            continue
+        for new_name, tensor in before.get(name, ()):
+            copied[new_name] = tensor
+        copied[name] = new_values.get(name, value)
+    metadata = getattr(container, "_metadata", None)
+    if isinstance(metadata, dict):  # the frozen layers' module version, in a copy
+        copied._metadata = _frozen_metadata(metadata, layout.layers)
     return copied
 
 
-def _updated_module(module: nn.Module, new_values: dict[str, torch.Tensor]) -> nn.Module:
-    """A deep copy of ``module`` with the given state-dict entries overwritten in place."""
+def _frozen_metadata(metadata: dict[str, Any], layers: list[str]) -> dict[str, Any]:
+    """A copy of a state dict's ``_metadata`` in which each frozen layer's entry has the
+    version of :class:`bnscope.nn.FrozenBatchNorm` (3, detectron2's: its ``running_var`` is
+    used with eps added; detectron2 would subtract eps from BatchNorm's version 2)."""
+    from bnscope.nn_frozen import FrozenBatchNorm
+
+    out = copy.deepcopy(metadata)
+    for prefix in layers:
+        entry = out.get(prefix[:-1] if prefix.endswith(".") else prefix)
+        if isinstance(entry, dict) and "version" in entry:
+            entry["version"] = FrozenBatchNorm._version
+    return out
+
+
+def _updated_module(
+    module: nn.Module, new_values: dict[str, torch.Tensor], layout: _FrozenLayout | None = None
+) -> nn.Module:
+    """A deep copy of ``module`` with the given state-dict entries overwritten in place, and
+    the layers of a frozen ``layout`` replaced by frozen BN layers (:func:`bnscope.nn.freeze_bn`,
+    without the memory of the replaced layers)."""
+    from bnscope.nn_frozen import ORIGINAL, can_freeze, freeze_bn
+
     clone = copy.deepcopy(module)
     targets = clone.state_dict(keep_vars=True)
     with torch.no_grad():
         for name, value in new_values.items():
             targets[name].copy_(value)
-    return clone
+    if layout is None or not layout.layers:
+        return clone
+    names = []
+    for prefix in layout.layers:
+        name = prefix[:-1] if prefix.endswith(".") else prefix
+        layer = clone.get_submodule(name)
+        if not isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            continue  # a frozen layer already
+        if not can_freeze(layer):
+            raise CheckpointError(
+                f"cannot write the whole module with frozen BN layers: {name or '(root)'} "
+                f"({type(layer).__name__}) has a forward of its own or no running statistics",
+                "save the model's state_dict() and run on that with model=: its entries are "
+                "written in the frozen layout",
+            )
+        names.append(name)
+    frozen = freeze_bn(clone, only=names)
+    for layer in frozen.modules():
+        layer.__dict__.pop(ORIGINAL, None)
+    return frozen
 
 
 # --------------------------------------------------------------------------------------------

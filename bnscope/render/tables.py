@@ -3,7 +3,7 @@ renderable; the CLI decides where it goes."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -328,9 +328,23 @@ def _rewrite_report(report: Report, table: Any, metrics: Any, line: str) -> Grou
     if metrics is not None:
         parts.append(metrics)
     if report.extra.get("output"):
-        line += f" Wrote {report.extra['output']}."
+        line += f" Wrote {report.extra['output']}{frozen_output_note(report.layers, report.extra)}."
     parts.append(Text(line, style="green"))
     return Group(*parts)
+
+
+def frozen_output_note(layers: Sequence[Any], extra: Mapping[str, Any]) -> str:
+    """" for frozen BN (3 BN layers as FrozenBatchNorm: weight, bias, running_mean,
+    running_var)" when the checkpoint was written with ``freeze``, else ""; layers without
+    running statistics (skipped) are written as they were."""
+    if not extra.get("freeze"):
+        return ""
+    frozen = sum(1 for r in layers if r.status != "skipped")
+    s = "s" if frozen != 1 else ""
+    return (
+        f" for frozen BN ({frozen} BN layer{s} as FrozenBatchNorm: weight, bias, "
+        "running_mean, running_var)"
+    )
 
 
 def frozen_note(layers: Sequence[Any]) -> str:

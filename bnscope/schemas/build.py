@@ -454,10 +454,16 @@ def document_defs() -> dict[str, Schema]:
                 "world_size": {"type": "integer", "minimum": 2},
                 "metrics": _metrics("precise"),
                 "output": OPT_STRING,
+                "freeze": {
+                    **BOOL,
+                    "description": "the checkpoint is written for frozen BN layers "
+                    "(weight, bias, running_mean, running_var; no num_batches_tracked)",
+                },
                 "label_mix": nullable(ref("label_mix")),
             },
             ["batches", "samples", "label_mix"],
-            {**RUN_GROUPS, "device": [*RUN_GROUPS["device"], "output"]},
+            {**RUN_GROUPS, "device": [*RUN_GROUPS["device"], "output"],
+             "format": [*RUN_GROUPS["format"], "freeze"]},  # fmt: skip
         ),
         "adapt": _document(
             "adapt",
