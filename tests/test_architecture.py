@@ -42,6 +42,7 @@ LAYER_OF = {
     "extras": "base",
     "nn": "base",
     "nn_prior": "base",
+    "nn_split": "base",
     "fmt": "base",
     "findings": "base",
     "version": "base",
