@@ -890,6 +890,12 @@ class Job:
         self.run_options()
         outputs: dict[str, Path] = {}
         split_out: Path | None = None
+        if output is not None and Path(output).is_dir():
+            raise UsageError(
+                f"output={output} is a folder: with domains= it is the path each domain's name "
+                "goes into, before the suffix",
+                f"e.g. output={Path(output) / 'model.pt'} (writes model.NAME.pt)",
+            )
         if self.path is not None:
             from .io.saving import check_output
 

@@ -283,3 +283,23 @@ def test_load_domain_statistics_from_plain_state_dicts():
     with pytest.raises(ValueError, match="domain must be an integer index"):
         load_domain_statistics(split, {2: plain[0].state_dict()})
     assert torch.equal(split[1].running_mean, before)  # nothing written on an error
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_rows_update_like_batchnorm_under_autocast_and_channels_last():
+    """On the GPU (cuDNN's kernel writes the running statistics through the row views) under
+    fp16 autocast with channels-last input: domain 1 moves as BatchNorm2d does, the others
+    stay; a converted model stays on its device."""
+    cpu = split_with_rows(SplitBatchNorm2d)
+    plain = plain_copy(cpu, 1, nn.BatchNorm2d).float().cuda().train()
+    layer = cpu.float().cuda().train()
+    before = layer.running_mean.clone()
+    x = make_x("NCHW", 1.0, 2.0).float().cuda().to(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.float16):
+        y, expected = layer(x.half(), domain=1), plain(x.half())
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(layer.running_mean[1], plain.running_mean)
+    torch.testing.assert_close(layer.running_var[1], plain.running_var)
+    assert torch.equal(layer.running_mean[[0, 2]], before[[0, 2]])
+    model = convert_to_split_bn(tiny().cuda(), 2)
+    assert model[1].running_mean.device.type == "cuda"

@@ -119,14 +119,16 @@ def test_table_output_and_output_template(precise_env):
         ),
         (["--domain", "a=BRIGHT", "--domain", "z=MISSING"], "--domain z: data not found"),
         (["--domain", "a=BRIGHT", "--domain", "b=DARK", "--prior", "-1"], "--prior"),
+        (["--domain", "a=BRIGHT", "-o", "FOLDER"], "is a folder: with --domain it is the path"),
     ],
 )
 def test_bad_domains_write_nothing(precise_env, args, fragment):
     tmp, ckpt, _, _, _ = precise_env
     domains_env(tmp)
     torch.save(torch.randn(6, 1, 8, 8), tmp / "badch.pt")
+    (tmp / "folder").mkdir()
     subst = {"BRIGHT": tmp / "bright.pt", "DARK": tmp / "dark.pt", "BADCH": tmp / "badch.pt",
-             "MISSING": tmp / "missing.pt"}  # fmt: skip
+             "MISSING": tmp / "missing.pt", "FOLDER": tmp / "folder"}  # fmt: skip
 
     def fill(arg: str) -> str:
         for key, value in subst.items():

@@ -17,6 +17,7 @@ from bnscope.nn import convert_to_split_bn, load_domain_statistics, use_domain
 from bnscope.ops.adapt import SHIFT_KL, adapt_bn, symmetric_kl
 from bnscope.ops.domains import adapt_domains, domain_state_dict, parse_domains
 
+from ..schemacheck import check_document
 from ..statecheck import assert_same_state, snapshot
 from .test_precise import batches_of
 
@@ -92,6 +93,9 @@ def test_each_domain_gets_its_population_statistics_and_the_model_keeps_its_own(
         assert [r["status"] for r in entry["layers"]] == ["updated", "updated"]
     # the source statistics are reachable too
     assert torch.equal(domain_state_dict(rep, "source")["bn0.running_mean"], net.bn0.running_mean)
+    with pytest.raises(UsageError, match="'fog' is not a domain of this report"):
+        domain_state_dict(rep, "fog")
+    check_document(rep.to_dict())  # a library report (no job keys) validates too
 
 
 def test_order_and_prior_do_not_chain_domains():

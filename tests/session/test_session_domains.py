@@ -50,8 +50,9 @@ def test_safetensors_per_domain_and_split_checkpoints(tmp_path):
     split = convert_to_split_bn(make_tiny(), 2).eval()
     split.load_state_dict(safetensors.torch.load_file(str(written[2])))  # strict
     for d, (name, x) in enumerate(data.items()):
+        assert written[d].name == f"w.adapted.{name}.safetensors"
         plain = make_tiny().eval()
-        plain.load_state_dict(safetensors.torch.load_file(str(tmp_path / written[d].name)))
+        plain.load_state_dict(safetensors.torch.load_file(str(written[d])))
         with use_domain(split, d), torch.no_grad():
             torch.testing.assert_close(split(x), plain(x), rtol=0, atol=0)
     # the report folder takes the result itself
