@@ -795,6 +795,7 @@ def domain_divergence_figure(
     fig: FigureBase | None = None,
     *,
     top: int = DIVERGENCE_LAYERS,
+    threshold: float | None = None,
 ) -> Plot:
     """How far apart the domains' BN statistics are: heatmaps of median symmetric KL between
     the source statistics and each domain's (an adapt report with several domains), each cell
@@ -803,11 +804,15 @@ def domain_divergence_figure(
     domains); beside it the ``top`` layers of ``layers`` (the report's
     :class:`~bnscope.records.DomainLayer` records) whose most divergent pair of domains
     (``pair_kl``, else the largest entry) differs most, each with its own matrix. One colour
-    scale (linear, from 0) for every panel, with a colour bar.
+    scale (linear, from 0) for every panel, with a colour bar; ``threshold`` (the report's
+    ``shift_threshold``, the median KL of ``domain-shift`` and ``domain-divergence``) is
+    marked on the colour bar, and the scale reaches at least twice it, so that values below
+    it never take the darkest colours.
 
     Panels side by side (``fig=``). Artists: ``matrix`` (the first panel's image), ``cells``
     (its value texts, row by row), ``layers`` (the other panels' images), ``layer_names``
-    (their layer names, in panel order), ``colorbar``, ``title``."""
+    (their layer names, in panel order), ``colorbar``, ``threshold`` (when given: its line on
+    the colour bar), ``title``."""
     from matplotlib.colors import Normalize
 
     def rank(rec: Any) -> float:
@@ -822,7 +827,8 @@ def domain_divergence_figure(
         v for r in drawn for row in r.divergence for v in row
     ]
     finite = [v for v in every if v is not None and math.isfinite(v)]
-    norm = Normalize(vmin=0.0, vmax=max([*finite, 1e-12]))
+    floor = [2 * threshold] if threshold is not None and math.isfinite(threshold) else []
+    norm = Normalize(vmin=0.0, vmax=max([*finite, *floor, 1e-12]))
     side = 0.55 * len(labels) + 1.6
     fig = _panels(fig, (side * (1 + len(drawn)) + 1.0, side + 0.9))
     axes = fig.subplots(1, 1 + len(drawn), squeeze=False)[0]
@@ -835,9 +841,12 @@ def domain_divergence_figure(
         ax.set_title(f"layer {name}", fontsize=9)
         artists["layers"].append(img)
         artists["layer_names"].append(rec.name)
-    artists["colorbar"] = fig.colorbar(
-        image, ax=list(axes), shrink=0.8, label="median symmetric KL over channels"
-    )
+    label = "median symmetric KL over channels"
+    if floor:
+        label += f"\n(black line: the threshold {threshold:g})"
+    artists["colorbar"] = fig.colorbar(image, ax=list(axes), shrink=0.8, label=label)
+    if floor:
+        artists["threshold"] = artists["colorbar"].ax.axhline(threshold, color="k", lw=1.5)
     artists["title"] = fig.suptitle(
         "Divergence between domains' BN statistics"
         + (f" (and the {len(drawn)} most divergent layers)" if drawn else "")

@@ -110,9 +110,11 @@ def report_figures(report: Report) -> dict[str, tuple[str, Figure]]:
     elif report.command == "adapt" and "domains" in report.extra:
         made["domain_divergence"] = (
             "Median symmetric KL between the source statistics and each domain's, median over "
-            "layers, and the layers where two domains differ most.",
+            "layers, and the layers where two domains differ most (the threshold of "
+            "domain-divergence marked on the colour bar).",
             f.domain_divergence_figure(
-                report.extra["divergence_labels"], report.extra["divergence"], report.layers
+                report.extra["divergence_labels"], report.extra["divergence"], report.layers,
+                threshold=report.extra.get("shift_threshold"),
             ).figure,
         )
     elif report.command == "adapt":

@@ -156,3 +156,11 @@ def test_layer_names_and_numbers_are_whole(width):
     text = buf.getvalue()
     assert "denselayer16.norm2" in text  # a long name is shortened from the left at most
     assert "4.8" in text  # blocks.0.bn's pair: snow (2) x night (3) ... = 4 * 3 * 4 / 10
+
+
+def test_threshold_is_marked_and_below_it_is_never_the_darkest_colour():
+    plot = F.domain_divergence_figure(LABELS, SUMMARY, LAYERS, top=1, threshold=5.0)
+    assert plot.artists["matrix"].norm.vmax == 10.0  # twice the threshold: above every value
+    assert list(plot.artists["threshold"].get_ydata()) == [5.0, 5.0]
+    assert "threshold 5" in plot.artists["colorbar"].ax.get_ylabel()
+    assert "threshold" not in F.domain_divergence_figure(LABELS, SUMMARY).artists
