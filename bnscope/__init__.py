@@ -11,6 +11,7 @@ the real signatures through the imports under ``TYPE_CHECKING``)::
     hook = bnscope.PreciseBNHook(model, loader, samples=2048, every_n_epochs=1)  # in a loop
     rep = bnscope.inspect(model, loader, batches=50)      # dynamic report: staleness, gap
     res = bnscope.precise_bn(model, loader, batches=100)  # exact population statistics, in place
+    rep = bnscope.adapt_domains(model, {"fog": fog_loader, "snow": snow_loader})  # per domain
     gho = bnscope.ghost_analysis(model, loader, sizes=[2, 4, 8, 16, 32])  # NBS analysis
     bnscope.load_checkpoint("ckpt.pt")                    # any supported checkpoint form
     bnscope.schema("precise")                             # the JSON Schema of its documents
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # the same names as _API, for type checkers and IDEs
     from .io.saving import save_checkpoint
     from .ops.adapt import adapt_bn
     from .ops.corruptions import corrupt
+    from .ops.domains import adapt_domains, domain_state_dict
     from .ops.ghost import ghost_analysis
     from .ops.inspect import inspect
     from .ops.precise import precise_bn
@@ -43,18 +45,21 @@ if TYPE_CHECKING:  # the same names as _API, for type checkers and IDEs
     from .records import Finding, Report
     from .render.reports import report_view, write_report
     from .schemas import schema
-    from .session import Job, Options, Result, open
+    from .session import DomainsResult, Job, Options, Result, open
 
 _API = {
     "open": "bnscope.session",
     "Job": "bnscope.session",
     "Options": "bnscope.session",
     "Result": "bnscope.session",
+    "DomainsResult": "bnscope.session",
     "write_report": "bnscope.render.reports",
     "report_view": "bnscope.render.reports",
     "static_inspect": "bnscope.ops.static",
     "precise_bn": "bnscope.ops.precise",
     "adapt_bn": "bnscope.ops.adapt",
+    "adapt_domains": "bnscope.ops.domains",
+    "domain_state_dict": "bnscope.ops.domains",
     "ghost_analysis": "bnscope.ops.ghost",
     "inspect": "bnscope.ops.inspect",
     "evaluate_models": "bnscope.engine.evaluate",
@@ -84,11 +89,14 @@ __all__ = [
     "Job",
     "Options",
     "Result",
+    "DomainsResult",
     "write_report",
     "report_view",
     "static_inspect",
     "precise_bn",
     "adapt_bn",
+    "adapt_domains",
+    "domain_state_dict",
     "ghost_analysis",
     "inspect",
     "evaluate_models",

@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeAlias, TypedDict
 
 from .records import (
     AdaptLayer,
+    DomainLayer,
     GhostLayer,
     InspectLayer,
     PreciseLayer,
@@ -31,6 +32,9 @@ __all__ = [
     "AdaptExtra",
     "AdaptReport",
     "ComparisonDict",
+    "DomainDict",
+    "DomainsExtra",
+    "DomainsReport",
     "EvaluationDict",
     "GhostExtra",
     "GhostReport",
@@ -290,6 +294,45 @@ class AdaptExtra(RunExtra, total=False):
     output: str | None
 
 
+class DomainDict(TypedDict, total=False):
+    """One entry of an adapt report's ``domains`` (``adapt`` with several target domains): the
+    domain's ``name``, the ``batches``/``samples`` of its data, their class mix (``label_mix``)
+    and its per-layer records (``layers``: :meth:`bnscope.records.AdaptLayer.to_dict` of each,
+    what a one-domain adapt reports). A job adds the ``data`` description, the samples left out
+    of its last batch (``dropped_samples``, ``dropped_reason``) and the ``output`` checkpoint
+    of the domain (None until written)."""
+
+    name: str
+    batches: int
+    samples: int
+    label_mix: LabelMixDict | None
+    layers: list[dict[str, Any]]
+    data: str
+    dropped_samples: int
+    dropped_reason: str | None
+    output: str | None
+
+
+class DomainsExtra(RunExtra, total=False):
+    """Adaptive BN on several target domains (docs/statistics.md, section 4.3): one entry per
+    domain (``domains``, in the order given), the labels of the divergence matrices
+    (``divergence_labels``: ``"source"``, then the domain names) and ``divergence``, the
+    median over layers of the layers' matrices of median symmetric KL; the options every
+    domain was adapted with (``prior``, ``shift_threshold``, ``only``, ``first_layers``),
+    ``world_size`` under ``torch.distributed``, and the split checkpoint (``split_output``,
+    None when not asked for or not yet written; a job sets it)."""
+
+    domains: list[DomainDict]
+    divergence_labels: list[str]
+    divergence: list[list[float | None]]
+    prior: float
+    shift_threshold: float
+    only: str | None
+    first_layers: int | None
+    world_size: int
+    split_output: str | None
+
+
 class GhostExtra(RunExtra, total=False):
     """Ghost-size analysis: the ``verdict`` and its sentence, one entry per requested size
     (``sizes``, each with the model's metrics at that size against population statistics),
@@ -315,3 +358,4 @@ InspectReport: TypeAlias = Report[InspectLayer, InspectExtra]
 PreciseReport: TypeAlias = Report[PreciseLayer, PreciseExtra]
 AdaptReport: TypeAlias = Report[AdaptLayer, AdaptExtra]
 GhostReport: TypeAlias = Report[GhostLayer, GhostExtra]
+DomainsReport: TypeAlias = Report[DomainLayer, DomainsExtra]

@@ -467,3 +467,36 @@ def not_called_frozen(layer: str) -> Finding:
             "branch); its frozen statistics stay what training left"
         ),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Separate statistics per domain (adapt with several target domains)
+
+
+def in_domain(finding: Finding, domain: str) -> Finding:
+    """A finding of one domain's adaptation, its message led by the domain's name (the
+    multi-domain report lists every domain's findings in one list)."""
+    return Finding(
+        code=finding.code,
+        severity=finding.severity,
+        layer=finding.layer,
+        message=f"domain {domain}: {finding.message}",
+        fix=finding.fix,
+    )
+
+
+def domain_divergence(layer: str, a: str, b: str, kl_median: float, threshold: float) -> Finding:
+    return Finding(
+        code="domain-divergence",
+        severity=Severity.INFO,
+        layer=layer,
+        message=(
+            f"domains {a} and {b} need different statistics here: median symmetric KL "
+            f"{kl_median:.3g} between their statistics (above {threshold:g})"
+        ),
+        fix=(
+            "keep one set of statistics per domain: the per-domain checkpoints bnscope adapt "
+            "writes, or one model with bnscope.nn.SplitBatchNorm layers (bnscope adapt --split "
+            "writes its checkpoint)"
+        ),
+    )

@@ -7,10 +7,11 @@ statistics, so that the noise of the normalization matches that of a small batch
 SeqNorm (Dimitriou & Arandjelovic 2020, "Sequential Normalization: Embracing Smaller Sample
 Sizes for Normalization") is GroupNorm without affine followed by Ghost BN.
 :class:`PriorBatchNorm` and :func:`convert_to_prior_bn` (test-time statistics mixed with the
-source statistics, Schneider et al. 2020) are defined in :mod:`bnscope.nn_prior`, and
+source statistics, Schneider et al. 2020) are defined in :mod:`bnscope.nn_prior`,
 :class:`FrozenBatchNorm`, :func:`freeze_bn` and :func:`unfreeze_bn` (BN as a fixed affine
-transform for fine-tuning, Wu & Johnson 2021) in :mod:`bnscope.nn_frozen`; both are
-re-exported here.
+transform for fine-tuning, Wu & Johnson 2021) in :mod:`bnscope.nn_frozen`, and
+:class:`SplitBatchNorm` with :func:`convert_to_split_bn` (one set of running statistics per
+domain) in :mod:`bnscope.nn_split`; all are re-exported here.
 
 Design decisions (where the usual descriptions leave room):
 
@@ -78,6 +79,15 @@ __all__ = [
     "freeze_bn",
     "unfreeze_bn",
     "can_freeze",
+    "SplitBatchNorm",
+    "SplitBatchNorm1d",
+    "SplitBatchNorm2d",
+    "SplitBatchNorm3d",
+    "convert_to_split_bn",
+    "revert_split_bn",
+    "load_domain_statistics",
+    "use_domain",
+    "set_domain",
 ]
 
 # Attribute (outside the state dict and module tree) holding the module that convert_to_ghost
@@ -535,4 +545,18 @@ from .nn_prior import (  # noqa: E402
     PriorSyncBatchNorm,
     convert_to_prior_bn,
     revert_prior_bn,
+)
+
+# One set of running statistics per domain (Chang et al. 2019; Xie et al. 2020) lives in its own
+# module too; its conversion functions use _replace above.
+from .nn_split import (  # noqa: E402
+    SplitBatchNorm,
+    SplitBatchNorm1d,
+    SplitBatchNorm2d,
+    SplitBatchNorm3d,
+    convert_to_split_bn,
+    load_domain_statistics,
+    revert_split_bn,
+    set_domain,
+    use_domain,
 )

@@ -127,6 +127,9 @@ FINDING_CODES: dict[str, str] = {
         "(precise, adapt, inspect) vary more than random batches would"
     ),
     "domain-shift": "target-domain statistics differ from the source statistics (adapt)",
+    "domain-divergence": (
+        "two target domains' statistics differ from one another (adapt with several domains)"
+    ),
 }
 
 
@@ -362,6 +365,36 @@ class AdaptLayer(_LayerRecord):
     d_var_median: float | None = None
     kl_max: float | None = None
     kl_median: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DomainLayer(_LayerRecord):
+    """Per-layer result of Adaptive BN on several target domains (``adapt`` with ``domains``):
+    how the domains' statistics differ from the source's and from one another.
+
+    ``divergence`` is the matrix of median symmetric KL divergences (over channels) between
+    the per-channel Gaussians of the source statistics and of each domain's pure target
+    statistics, rows and columns in the report's ``divergence_labels`` order (``"source"``,
+    then the domains as given): symmetric, 0 on the diagonal, None where a domain has no
+    statistics for the layer; None altogether for a layer no domain measured. ``pair`` is the
+    most divergent pair of target domains (two or more domains) and ``pair_kl`` its entry
+    (docs/statistics.md, section 4.3). ``status`` is the layer's status in the domains,
+    the first of ``updated``, ``kept``, ``frozen``, ``not-called``, ``skipped`` that any domain
+    gives it (each domain's own record is in the report's ``domains``), with that domain's
+    ``reason``.
+    """
+
+    STATUSES: ClassVar[frozenset[Status]] = frozenset(
+        {Status.UPDATED, Status.KEPT, Status.FROZEN, Status.NOT_CALLED, Status.SKIPPED}
+    )
+
+    name: str
+    num_features: int
+    status: Status
+    reason: str | None = None
+    divergence: tuple[tuple[float | None, ...], ...] | None = None
+    pair: tuple[str, str] | None = None
+    pair_kl: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

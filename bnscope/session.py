@@ -189,6 +189,62 @@ class Result:
         return written
 
 
+@dataclass
+class DomainsResult:
+    """What :meth:`Job.adapt_domains` returns: its :class:`~bnscope.records.Report` and each
+    domain's new BN buffers (``updates``: domain -> checkpoint key -> tensor), which
+    :meth:`save` writes as one checkpoint per domain (``outputs``) and, when asked for, one
+    split checkpoint (``split_updates`` at ``split_output``)."""
+
+    report: Report
+    job: Job
+    updates: dict[str, dict[str, Any]]
+    outputs: dict[str, Path] = field(default_factory=dict)
+    split_updates: dict[str, Any] | None = None
+    split_output: Path | None = None
+    force: bool = False
+
+    def save(self, *, force: bool | None = None) -> list[Path]:
+        """Write every domain's checkpoint (and the split checkpoint), as ``bnscope adapt
+        --domain`` writes them: each structure-preserving, never over the input, existing
+        files only with ``force=True`` (default: the job's), and all or none (every file is
+        checked and written before any is put in place). The report's ``domains`` entries get
+        their ``output``, and ``split_output`` is set. Returns the paths written."""
+        from .io.saving import save_checkpoints
+
+        if not self.outputs:
+            raise UsageError(
+                "this job has no checkpoint file to write next to", "adapt a job on a checkpoint"
+            )
+        ckpt = self.job.checkpoint
+        jobs: list[tuple[dict[str, Any], Path]] = [
+            (_known_tracked(self.updates[name], ckpt.state_dict), path)
+            for name, path in self.outputs.items()
+        ]
+        if self.split_updates is not None and self.split_output is not None:
+            jobs.append((_known_tracked(self.split_updates, ckpt.state_dict), self.split_output))
+        written = save_checkpoints(
+            ckpt, jobs, force=self.force if force is None else force,
+            reshape=self.split_updates is not None,
+        )  # fmt: skip
+        extra = dict(self.report.extra)
+        extra["domains"] = [
+            {**entry, "output": str(self.outputs[entry["name"]])} for entry in extra["domains"]
+        ]
+        if self.split_output is not None:
+            extra["split_output"] = str(self.split_output)
+        self.report = replace(self.report, extra=extra)
+        return written
+
+
+def _known_tracked(updates: dict[str, Any], state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """``updates`` without the ``num_batches_tracked`` entries a checkpoint does not have (an
+    old checkpoint without them keeps having none; torch fills them in)."""
+    return {
+        k: v for k, v in updates.items() if k in state_dict or not k.endswith("num_batches_tracked")
+    }
+
+
 class Job:
     """One checkpoint with its model and data (see the module docstring).
 
@@ -834,6 +890,142 @@ class Job:
             bn_updates(loaded.module, result.layers, loaded.prefix), out, force,
         )  # fmt: skip
 
+    def adapt_domains(
+        self,
+        domains: Mapping[str, Any] | Sequence[str],
+        *,
+        prior: float = 0.0,
+        batches: int | None = None,
+        output: str | Path | None = None,
+        force: bool = False,
+        split: bool = False,
+        include_frozen: bool = False,
+        only: str | None = None,
+        first_layers: int | None = None,
+        progress: Progress | None = None,
+    ) -> DomainsResult:
+        """Adaptive BN on several target domains, each separately (``domains``: name -> data
+        spec or iterable of batches, or ``NAME=SPEC`` strings; see
+        :func:`~bnscope.ops.domains.parse_domains`), with the options of :meth:`adapt`;
+        see :func:`~bnscope.ops.domains.adapt_domains`. :meth:`DomainsResult.save` writes one
+        checkpoint per domain, the domain's name before the suffix of ``output`` (default
+        ``CKPT.adapted.pt``: ``CKPT.adapted.fog.pt``) and, with ``split=True``, the split
+        checkpoint ``CKPT.adapted.split.pt`` for the model converted by
+        :func:`bnscope.nn.convert_to_split_bn` (``running_mean``/``running_var`` of shape
+        ``[domains, C]``, ``num_batches_tracked`` of shape ``[domains]``, domains in the order
+        given; docs/statistics.md, section 4.3). Every output is checked before anything
+        runs, and nothing is written when a domain fails."""
+        from .errors import BnscopeError
+        from .io.saving import default_output_path
+        from .ops.adapt import check_first_layers, check_only
+        from .ops.domains import adapt_domains, in_domain_error, parse_domains
+
+        specs = parse_domains(domains)
+        prior = float(prior)
+        if prior < 0:
+            raise UsageError(f"prior= must be >= 0, got {prior}", "e.g. prior=16")
+        check_only(only)
+        check_first_layers(first_layers)
+        self.run_options()
+        outputs: dict[str, Path] = {}
+        split_out: Path | None = None
+        if output is not None and Path(output).is_dir():
+            raise UsageError(
+                f"output={output} is a folder: with domains= it is the path each domain's name "
+                "goes into, before the suffix",
+                f"e.g. output={Path(output) / 'model.pt'} (writes model.NAME.pt)",
+            )
+        if self.path is not None:
+            from .io.saving import check_output
+
+            base = Path(output) if output is not None else default_output_path(
+                self.path, OUTPUT_TAGS["adapt"]
+            )
+            outputs = {name: default_output_path(base, name) for name in specs}
+            if split:
+                split_out = default_output_path(base, "split")
+            if self.path.exists():
+                for out in [*outputs.values(), *([split_out] if split_out else [])]:
+                    check_output(self.path, out, force=force)
+        elif split:
+            raise UsageError(
+                "split=True writes a checkpoint, and this job has none", "drop split="
+            )
+        loaded = self._checked_model("adapt", include_frozen)
+        if split:
+            self._check_splittable(loaded, include_frozen)
+        sources: dict[str, DataSource] = {}
+        for name, spec in specs.items():
+            try:
+                sources[name] = self.source(spec, "domains")
+            except BnscopeError as exc:
+                raise in_domain_error(exc, name) from None
+        described = ", ".join(f"{name} ({src.description})" for name, src in sources.items())
+        self.info(
+            f"Adaptive BN on {len(sources)} domains: {described} (prior {prior:g}, "
+            f"{self.describe_run()})"
+        )
+        result = adapt_domains(
+            loaded.module, sources, prior, batches, progress=progress,
+            include_frozen=include_frozen, only=only, first_layers=first_layers,
+            **self.run_options(),
+        )  # fmt: skip
+        extra: dict[str, Any] = {**self.base_extra(loaded, None), **result.extra}
+        entries = []
+        for entry in result.extra["domains"]:
+            src = sources[entry["name"]]
+            entries.append(
+                {
+                    **entry,
+                    "data": src.description,
+                    "dropped_samples": src.dropped_samples,
+                    "dropped_reason": src.dropped_reason,
+                    "output": None,
+                }
+            )
+            self._notice_unreadable(src, "domains")
+        extra["domains"] = entries
+        extra["split_output"] = None
+        report = self._report(result, extra)
+        updates = {
+            name: _domain_updates(loaded, report, name, updated_only=True) for name in specs
+        }
+        split_updates = _split_updates(loaded, report, list(specs)) if split else None
+        return DomainsResult(
+            report, self, updates, outputs, split_updates, split_out, force,
+        )  # fmt: skip
+
+    def _check_splittable(self, loaded: LoadedModel, include_frozen: bool) -> None:
+        """``split=True`` needs every BN layer whose statistics adapt may write to be one that
+        :func:`bnscope.nn.convert_to_split_bn` converts, and a checkpoint whose buffers may
+        change shape: checked before anything runs."""
+        from .engine.capture import is_batchnorm, is_frozen_batchnorm
+        from .nn_split import splittable
+        from .records import layer_label
+
+        ckpt = self.checkpoint
+        if ckpt.format != "torch" and ckpt.format != "safetensors":
+            raise UsageError(
+                f"split=True cannot write a {ckpt.format} checkpoint: its BN buffers keep their "
+                "shapes",
+                "save the model's state_dict() and adapt that checkpoint, or drop split=",
+            )
+        for name, module in loaded.module.named_modules():
+            frozen = is_frozen_batchnorm(module)
+            if frozen and not include_frozen:
+                continue
+            if not (is_batchnorm(module) or frozen):
+                continue
+            if getattr(module, "track_running_stats", True) is False:
+                continue
+            if not splittable(module):
+                raise UsageError(
+                    f"split=True: BN layer {layer_label(name)} ({type(module).__name__}) cannot "
+                    "be converted to bnscope.nn.SplitBatchNorm (only BatchNorm1d/2d/3d and "
+                    "SyncBatchNorm layers with their own forward can)",
+                    "drop split= and use the per-domain checkpoints",
+                )
+
     def ghost(
         self,
         sizes: Iterable[int] | str = (2, 4, 8, 16, 32),
@@ -1078,6 +1270,56 @@ def frozen_report(report: Report) -> Report:
         for f in report.findings
     )
     return replace(report, layers=tuple(worded(r) for r in report.layers), findings=found)
+
+
+def _domain_updates(
+    loaded: LoadedModel, report: Report, domain: str, *, updated_only: bool
+) -> dict[str, Any]:
+    """Checkpoint keys -> ``domain``'s BN statistics (:func:`bnscope.ops.domains.
+    domain_state_dict`), on the CPU; ``updated_only``: only the layers the domain's run
+    updated, as :func:`bn_updates` gives for one domain."""
+    from .ops.domains import domain_state_dict
+    from .records import module_name
+
+    state = domain_state_dict(report, domain)
+    if updated_only:
+        entry = next(e for e in report.extra["domains"] if e["name"] == domain)
+        keys = {
+            (f"{module_name(r['name'])}." if module_name(r["name"]) else "") + key
+            for r in entry["layers"]
+            if r["status"] == "updated"
+            for key in ("running_mean", "running_var", "num_batches_tracked")
+        }
+        state = {k: v for k, v in state.items() if k in keys}
+    prefix = loaded.prefix
+    return {f"{prefix}{k}": v.detach().cpu() for k, v in state.items()}
+
+
+def _split_updates(loaded: LoadedModel, report: Report, domains: list[str]) -> dict[str, Any]:
+    """Checkpoint keys -> the split model's statistics (:mod:`bnscope.nn_split` layout): for
+    every layer :func:`bnscope.nn.convert_to_split_bn` converts, at every path it has in the
+    model (a module used at two places has two sets of keys), ``running_mean`` and
+    ``running_var`` stacked over the domains ``[D, C]`` and ``num_batches_tracked`` ``[D]``;
+    a domain whose run did not update the layer contributes the source statistics."""
+    import torch
+
+    from .nn_split import splittable
+
+    states = [_domain_updates(loaded, report, d, updated_only=False) for d in domains]
+    prefix = loaded.prefix
+    updates: dict[str, Any] = {}
+    for name, module in loaded.module.named_modules(remove_duplicate=False):
+        if not splittable(module):
+            continue
+        first = next(n for n, m in loaded.module.named_modules() if m is module)
+        source = f"{prefix}{first}." if first else prefix
+        target = f"{prefix}{name}." if name else prefix
+        for key in ("running_mean", "running_var", "num_batches_tracked"):
+            rows = [state.get(source + key) for state in states]
+            if any(row is None for row in rows):
+                continue
+            updates[target + key] = torch.stack([row for row in rows if row is not None])
+    return updates
 
 
 def _unmatched_classes(source: DataSource) -> int | None:

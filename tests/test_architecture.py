@@ -43,6 +43,7 @@ LAYER_OF = {
     "nn": "base",
     "nn_prior": "base",
     "nn_frozen": "base",
+    "nn_split": "base",
     "fmt": "base",
     "findings": "base",
     "version": "base",

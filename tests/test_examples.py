@@ -91,6 +91,28 @@ def test_test_time_prior(examples: Path) -> None:
     assert sorted(p.name for p in examples.parent.iterdir()) == ["examples"]  # writes nothing
 
 
+def test_per_domain_bn(examples: Path) -> None:
+    res = run([sys.executable, str(examples / "per_domain_bn.py")], cwd=examples.parent)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+
+    def accuracies(label: str) -> dict[str, float]:
+        found = re.search(rf"^{label}: ([\d.]+)% dim, ([\d.]+)% glare$", out, re.M)
+        assert found, out
+        return {"dim": float(found[1]), "glare": float(found[2])}
+
+    source = accuracies("source statistics")
+    shared = accuracies("one set of statistics for both domains")
+    per_domain = accuracies("a set of statistics per domain")
+    # measured: source 27.3% / 80.5%, one set 27.3% / 96.5%, one per domain 85.4% / 99.2%
+    assert per_domain["dim"] > max(source["dim"], shared["dim"]) + 20
+    assert per_domain["glare"] >= shared["glare"] > source["glare"]
+    layers = dict(re.findall(r"(\d+): ([\d.]+)", out.split("per BN layer: ")[1].splitlines()[0]))
+    assert float(layers["1"]) > 10  # the first BN layer sees the two domains far apart
+    assert "predicts as the per-domain models: True" in out
+    assert sorted(p.name for p in examples.parent.iterdir()) == ["examples"]  # writes nothing
+
+
 def test_project(examples: Path) -> None:
     """``python prepare.py``, then ``bnscope precise --batches 100`` with nothing but the
     project file; one batch more than the data holds is refused before reading it."""

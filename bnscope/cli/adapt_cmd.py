@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from ..errors import UsageError
 from ..session import DEFAULT_ONLINE_PRIOR
 from . import options as o
 from .app import BnscopeCommand, app
@@ -30,6 +31,10 @@ HELP = (
     "--eval-data (labelled target data) compares source statistics, adapted statistics, "
     "test-time batch statistics and test-batch statistics mixed with the source statistics "
     "(--online-prior; bnscope.nn.PriorBatchNorm ships it); --online-priors sweeps that N.\n\n"
+    "--domain NAME=SPEC, repeated, adapts to several target domains separately: one "
+    "checkpoint per domain (CKPT.adapted.NAME.pt; --split also writes CKPT.adapted.split.pt for "
+    "a model with bnscope.nn.SplitBatchNorm layers) and a comparison of the domains, layer by "
+    "layer.\n\n"
     "Under torchrun each rank reads its share of --data and the ranks pool exact statistics; "
     "rank 0 writes the checkpoint.\n\n"
     "Example: bnscope adapt runs/ckpt.pt --model model.py:make_model --data corrupted/train "
@@ -45,6 +50,19 @@ def adapt_command(
     model: o.Model = None,
     model_kwargs: o.ModelKwargs = None,
     data: o.Data = None,
+    domain: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--domain",
+            metavar="DOMAIN",
+            help="A target domain as NAME=SPEC (or SPEC, named after its folder or file), "
+            "instead of --data; repeat it for several. Each domain is adapted separately and "
+            "written to CKPT.adapted.NAME.pt (-o PATH: NAME goes before PATH's suffix); the "
+            "report compares the domains layer by layer (domain_divergence.png). NAME: "
+            "letters, digits, _ and -.",
+            rich_help_panel=o.P_DATA,
+        ),
+    ] = None,
     eval_data: o.EvalData = None,
     prior: Annotated[
         float,
@@ -114,6 +132,16 @@ def adapt_command(
     include_frozen: o.IncludeFrozen = False,
     seed: o.Seed = 0,
     output: o.Output = None,
+    split: Annotated[
+        bool,
+        typer.Option(
+            "--split",
+            help="With --domain: also write CKPT.adapted.split.pt, every domain's statistics for "
+            "the model converted by bnscope.nn.convert_to_split_bn (running_mean and "
+            "running_var of shape [domains, C], in the order of the --domain options).",
+            rich_help_panel=o.P_OUT,
+        ),
+    ] = False,
     force: o.Force = False,
     report_dir: o.ReportDir = None,
     out: o.OutAlias = None,
@@ -135,7 +163,23 @@ def adapt_command(
     # --data (the target) and --eval-data are taken literally: the project file's describe the
     # source domain. Its data stays the job's data (the source training data, not read): its
     # class folders name the model's classes for --eval-data.
+    if domain:
+        _check_domain_flags(data, eval_data, online_priors)
+    elif split:
+        raise UsageError("--split writes one checkpoint for several domains", "add --domain")
     job = open_job(ui, project_config(), checkpoint, flags, literal=("eval_data",))
+    if domain:
+        with progress_bar(ui, "collecting target statistics", None) as progress:
+            domains = job.adapt_domains(
+                domain, prior=prior, batches=batches, output=output, force=force, split=split,
+                include_frozen=include_frozen, only=only, first_layers=first_layers,
+                progress=progress,
+            )  # fmt: skip
+        if begin_output():
+            domains.save()
+            emit_report(ui, domains.report, report_dir, force=force)
+        finish(exit_code_for(domains.report, level))
+        return
     with progress_bar(ui, "collecting target statistics", batches) as progress:
         result = job.adapt(
             data, prior=prior, batches=batches, eval_data=eval_data, output=output, force=force,
@@ -146,3 +190,18 @@ def adapt_command(
         result.save()
         emit_report(ui, result.report, report_dir, force=force)
     finish(exit_code_for(result.report, level))
+
+
+def _check_domain_flags(data: str | None, eval_data: str | None, online_priors: str | None) -> None:
+    """--domain replaces --data, and evaluates nothing (one adapted model per domain)."""
+    if data is not None:
+        raise UsageError(
+            "--data and --domain both name the target data",
+            "give every target domain as --domain NAME=SPEC",
+        )
+    if eval_data is not None or online_priors is not None:
+        flag = "--eval-data" if eval_data is not None else "--online-priors"
+        raise UsageError(
+            f"{flag} evaluates one adapted model, and --domain adapts one per domain",
+            "run bnscope adapt --data SPEC --eval-data SPEC on the domain to evaluate",
+        )

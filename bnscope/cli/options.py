@@ -35,6 +35,8 @@ FLAGS: dict[str, str] = {
     "online_prior": "--online-prior",
     "online_priors": "--online-priors",
     "target": "--data",
+    "domains": "--domain",
+    "split": "--split",
     "sizes": "--sizes",
     "device": "--device",
     "amp": "--amp",

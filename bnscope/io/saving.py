@@ -6,6 +6,8 @@ through a temporary file and an atomic rename; it never overwrites the input. Wi
 it also writes the named BatchNorm layers in the layout of a frozen BN layer
 (:class:`bnscope.nn.FrozenBatchNorm`, torchvision's ``FrozenBatchNorm2d``): ``weight``,
 ``bias``, ``running_mean``, ``running_var`` and no ``num_batches_tracked``.
+:func:`save_checkpoints` writes several such copies, all or none (``adapt`` with several
+domains: one checkpoint per domain).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from bnscope.io.checkpoint import Checkpoint
 from bnscope.io.outputs import atomic_path
 from bnscope.io.statedict import _locate
 
-__all__ = ["check_output", "default_output_path", "save_checkpoint"]
+__all__ = ["check_output", "default_output_path", "save_checkpoint", "save_checkpoints"]
 
 
 def default_output_path(path: Path, tag: str) -> Path:
@@ -46,6 +48,7 @@ def save_checkpoint(
     out: str | Path,
     *,
     force: bool = False,
+    reshape: bool = False,
     freeze: Collection[str] = (),
 ) -> Path:
     """Write ``ckpt`` to ``out`` with the state-dict entries in ``updates`` replaced.
@@ -53,7 +56,10 @@ def save_checkpoint(
     ``updates`` uses the original key names of :attr:`Checkpoint.state_dict` (with a prefix
     selection, the names without :attr:`Checkpoint.network_prefix`: they are written back
     under it); values (on any device) are cast to the original entry's dtype and must have
-    its shape. Everything else (the other networks' entries included)
+    its shape (``reshape=True`` lets them have another: the split checkpoint of
+    ``adapt`` with several domains, whose statistics gain a domain dimension; refused for a
+    pickled whole module, whose buffers keep their shapes).
+    Everything else (the other networks' entries included)
     (wrapper keys, prefixes, optimizer state, other entries, ``_metadata``, the file format,
     and each tensor's device: a tensor saved from ``cuda:0`` is written with that location
     again, a CPU tensor as a CPU tensor) is kept.
@@ -80,17 +86,69 @@ def save_checkpoint(
             ``freeze`` prefix without running statistics, or a layer of a whole module that
             :func:`bnscope.nn.freeze_bn` cannot convert.
     """
+    return save_checkpoints(
+        ckpt, [(updates, out)], force=force, reshape=reshape, freeze=freeze
+    )[0]
+
+
+def save_checkpoints(
+    ckpt: Checkpoint,
+    outputs: Sequence[tuple[Mapping[str, torch.Tensor], str | Path]],
+    *,
+    force: bool = False,
+    reshape: bool = False,
+    freeze: Collection[str] = (),
+) -> list[Path]:
+    """Write several copies of ``ckpt``, each with its own ``updates``, as
+    :func:`save_checkpoint` writes one: ``outputs`` holds ``(updates, out)`` pairs. All or
+    none: every update and path is checked before anything is written, every file is written
+    to its temporary file before any is renamed into place, and a failure removes them all.
+    Returns the paths written, in order. ``freeze`` applies to every output."""
+    paths = [Path(out) for _, out in outputs]
+    if len({p.resolve() for p in paths}) != len(paths):
+        raise CheckpointError(
+            "two outputs name the same file: " + _names([str(p) for p in paths]),
+            "give each output= its own path",
+        )
+    writers = []
+    for (updates, _), out_path in zip(outputs, paths, strict=True):
+        writers.append(_writer(ckpt, dict(updates), reshape, freeze))
+        check_output(ckpt.path, out_path, force=force)
+    current = paths[0]
+    try:
+        with contextlib.ExitStack() as stack:
+            for out_path, write in zip(paths, writers, strict=True):
+                current = out_path
+                tmp = stack.enter_context(atomic_path(out_path))
+                with open(tmp, "wb") as handle:
+                    write(handle)
+            current = paths[-1]
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"cannot write {current}: {_reason(exc)}", _fix_write()) from exc
+    return paths
+
+
+def _writer(
+    ckpt: Checkpoint, updates: dict[str, torch.Tensor], reshape: bool, freeze: Collection[str]
+) -> Any:
+    """``write(handle)``: ``ckpt`` with ``updates`` in its own format (checked here)."""
     if ckpt.format == "torchscript":
         raise CheckpointError(
             "TorchScript archives are inspected statically only; bnscope cannot rewrite them",
             "save the model's state_dict() and pass model=",
         )
-    new_values = _prepare_updates(ckpt.state_dict, updates)
+    if reshape and ckpt.format == "module":
+        raise CheckpointError(
+            "a pickled whole module keeps the shapes of its buffers: bnscope cannot write "
+            "statistics of another shape into it",
+            "save the model's state_dict() and use that checkpoint",
+        )
+    new_values = _prepare_updates(ckpt.state_dict, updates, reshape=reshape)
     layout = _frozen_layout(ckpt.state_dict, freeze)
     for key in layout.drop:
         new_values.pop(key, None)
-    out_path = Path(out)
-    check_output(ckpt.path, out_path, force=force)
     # with a prefix selection the updates go back to the original (prefixed) keys
     selected = ckpt.network_prefix
     full_values = {selected + k: v for k, v in new_values.items()} if selected else new_values
@@ -109,7 +167,8 @@ def save_checkpoint(
         def write(f: Any) -> None:
             f.write(payload)
 
-    elif ckpt.format in ("torch", "module"):
+        return write
+    if ckpt.format in ("torch", "module"):
         if ckpt.format == "module":
             obj = _updated_module(ckpt.raw, new_values, layout)
         else:
@@ -126,17 +185,15 @@ def save_checkpoint(
             if where is not None:
                 tags[_storage_ptr(value)] = where
 
-        def write(f: Any) -> None:
+        def write_torch(f: Any) -> None:
             with _saved_locations(tags):
                 torch.save(obj, f)
 
-    else:
-        raise CheckpointError(
-            f"unknown checkpoint format '{ckpt.format}'",
-            "load the checkpoint with bnscope.io.checkpoint.load_checkpoint",
-        )
-    _atomic_write(out_path, write)
-    return out_path
+        return write_torch
+    raise CheckpointError(
+        f"unknown checkpoint format '{ckpt.format}'",
+        "load the checkpoint with bnscope.io.checkpoint.load_checkpoint",
+    )
 
 
 def _storage_ptr(t: torch.Tensor) -> int:
@@ -144,9 +201,13 @@ def _storage_ptr(t: torch.Tensor) -> int:
 
 
 def _prepare_updates(
-    state_dict: Mapping[str, torch.Tensor], updates: Mapping[str, torch.Tensor]
+    state_dict: Mapping[str, torch.Tensor],
+    updates: Mapping[str, torch.Tensor],
+    *,
+    reshape: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Check keys and shapes, cast to the original dtypes on CPU (fresh, contiguous copies)."""
+    """Check keys and shapes (any shape with ``reshape``), cast to the original dtypes on CPU
+    (fresh, contiguous copies)."""
     unknown = [k for k in updates if k not in state_dict]
     if unknown:
         raise CheckpointError(
@@ -157,7 +218,7 @@ def _prepare_updates(
     for name, value in updates.items():
         original = state_dict[name]
         new = torch.as_tensor(value).detach()
-        if tuple(new.shape) != tuple(original.shape):
+        if not reshape and tuple(new.shape) != tuple(original.shape):
             raise CheckpointError(
                 f"update for {name} has shape {list(new.shape)}, "
                 f"the checkpoint's has {list(original.shape)}",
@@ -241,20 +302,6 @@ def check_output(source: Path, out: Path, *, force: bool) -> None:
         raise CheckpointError(
             f"output directory does not exist: {parent}", "create it or choose another output= path"
         )
-
-
-def _atomic_write(out: Path, write: Any) -> None:
-    """``write(handle)`` into a temporary file in ``out``'s folder, synced, then renamed onto
-    ``out`` (:func:`bnscope.io.outputs.atomic_path`: nothing is left behind on a failure, a new
-    file gets ``0666`` less the umask). Any failure is a :class:`CheckpointError` naming ``out``;
-    an interrupt propagates as it is."""
-    try:
-        with atomic_path(out) as tmp, open(tmp, "wb") as handle:
-            write(handle)
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise CheckpointError(f"cannot write {out}: {_reason(exc)}", _fix_write()) from exc
 
 
 def _fix_write() -> str:

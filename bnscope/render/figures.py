@@ -749,3 +749,106 @@ def consistency_figure(
     ax.set_ylim(0, 1.08)
     artists["title"] = ax.set_title("Train/test consistency on the same batches", fontsize=9)
     return Plot(_root(ax), (ax,), artists)
+
+
+# --------------------------------------------------------------------------------------------
+# Separate statistics per domain (adapt with several target domains)
+
+#: how many of the most divergent layers ``domain_divergence_figure`` draws beside the median
+DIVERGENCE_LAYERS = 3
+
+
+def _matrix_panel(
+    ax: Axes, labels: Sequence[str], matrix: Sequence[Sequence[float | None]], norm: Any
+) -> tuple[Any, list[Any]]:
+    """One annotated heatmap of a (source + domains) matrix: the image and the cell texts
+    (each value, "n/a" where there is none)."""
+    import numpy as np
+
+    from .text import num
+
+    values = np.array([[_finite(v) for v in row] for row in matrix], dtype=float)
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="YlOrRd", norm=norm)
+    texts = []
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            dark = v is not None and math.isfinite(v) and norm(v) > 0.6
+            texts.append(
+                ax.text(
+                    j, i, num(v, 2), ha="center", va="center", fontsize=7,
+                    color="white" if dark else ("0.5" if v is None else "black"),
+                )
+            )  # fmt: skip
+    n = len(labels)
+    ax.set_xticks(list(range(n)))
+    ax.set_yticks(list(range(n)))
+    ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.tick_params(length=0)
+    return image, texts
+
+
+def domain_divergence_figure(
+    labels: Sequence[str],
+    matrix: Sequence[Sequence[float | None]],
+    layers: Sequence = (),
+    fig: FigureBase | None = None,
+    *,
+    top: int = DIVERGENCE_LAYERS,
+    threshold: float | None = None,
+) -> Plot:
+    """How far apart the domains' BN statistics are: heatmaps of median symmetric KL between
+    the source statistics and each domain's (an adapt report with several domains), each cell
+    annotated with its value. The first panel is ``matrix`` (the report's ``divergence``: the
+    median over layers), labelled with ``labels`` (``divergence_labels``: ``source`` then the
+    domains); beside it the ``top`` layers of ``layers`` (the report's
+    :class:`~bnscope.records.DomainLayer` records) whose most divergent pair of domains
+    (``pair_kl``, else the largest entry) differs most, each with its own matrix. One colour
+    scale (linear, from 0) for every panel, with a colour bar; ``threshold`` (the report's
+    ``shift_threshold``, the median KL of ``domain-shift`` and ``domain-divergence``) is
+    marked on the colour bar, and the scale reaches at least twice it, so that values below
+    it never take the darkest colours.
+
+    Panels side by side (``fig=``). Artists: ``matrix`` (the first panel's image), ``cells``
+    (its value texts, row by row), ``layers`` (the other panels' images), ``layer_names``
+    (their layer names, in panel order), ``colorbar``, ``threshold`` (when given: its line on
+    the colour bar), ``title``."""
+    from matplotlib.colors import Normalize
+
+    def rank(rec: Any) -> float:
+        if rec.pair_kl is not None:
+            return float(rec.pair_kl)
+        values = [_finite(v) for row in rec.divergence for v in row]
+        return max((v for v in values if math.isfinite(v)), default=-1.0)
+
+    drawn = sorted((r for r in layers if r.divergence is not None), key=lambda r: -rank(r))
+    drawn = drawn[: max(top, 0)]
+    every = [v for row in matrix for v in row] + [
+        v for r in drawn for row in r.divergence for v in row
+    ]
+    finite = [v for v in every if v is not None and math.isfinite(v)]
+    floor = [2 * threshold] if threshold is not None and math.isfinite(threshold) else []
+    norm = Normalize(vmin=0.0, vmax=max([*finite, *floor, 1e-12]))
+    side = 0.55 * len(labels) + 1.6
+    fig = _panels(fig, (side * (1 + len(drawn)) + 1.0, side + 0.9))
+    axes = fig.subplots(1, 1 + len(drawn), squeeze=False)[0]
+    image, cells = _matrix_panel(axes[0], labels, matrix, norm)
+    axes[0].set_title("median over layers", fontsize=9)
+    artists: dict[str, Any] = {"matrix": image, "cells": cells, "layers": [], "layer_names": []}
+    for ax, rec in zip(axes[1:], drawn, strict=True):
+        img, _ = _matrix_panel(ax, labels, rec.divergence, norm)
+        name = rec.name if len(rec.name) <= 32 else "…" + rec.name[-31:]
+        ax.set_title(f"layer {name}", fontsize=9)
+        artists["layers"].append(img)
+        artists["layer_names"].append(rec.name)
+    label = "median symmetric KL over channels"
+    if floor:
+        label += f"\n(black line: the threshold {threshold:g})"
+    artists["colorbar"] = fig.colorbar(image, ax=list(axes), shrink=0.8, label=label)
+    if floor:
+        artists["threshold"] = artists["colorbar"].ax.axhline(threshold, color="k", lw=1.5)
+    artists["title"] = fig.suptitle(
+        "Divergence between domains' BN statistics"
+        + (f" (and the {len(drawn)} most divergent layers)" if drawn else "")
+    )
+    return Plot(_root(fig), tuple(axes), artists)

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from ..io.outputs import EarlierReport
     from ..records import InspectLayer, Report
-    from ..session import Result
+    from ..session import DomainsResult, Result
 
 #: every file bnscope writes into a report folder, for any report (``report_figures`` names
 #: plus ``.png``); a folder holding one of them holds an earlier report
@@ -37,6 +37,7 @@ REPORT_FILES = (
     "train_test.png",
     "precise_change.png",
     "domain_shift.png",
+    "domain_divergence.png",
     "adapt_metrics.png",
     "online_priors.png",
     "ghost_noise.png",
@@ -66,6 +67,10 @@ def report_view(report: Report) -> Any:
 
         return precise_report(report)
     if report.command == "adapt":
+        from .domains import domains_report, is_multi_domain
+
+        if is_multi_domain(report):
+            return domains_report(report)
         from .tables import adapt_report
 
         return adapt_report(report)
@@ -102,6 +107,16 @@ def report_figures(report: Report) -> dict[str, tuple[str, Figure]]:
                 + (", and the evaluation before and after." if metrics else "."),
                 f.change_figure(report.layers, metrics=metrics).figure,
             )
+    elif report.command == "adapt" and "domains" in report.extra:
+        made["domain_divergence"] = (
+            "Median symmetric KL between the source statistics and each domain's, median over "
+            "layers, and the layers where two domains differ most (the threshold of "
+            "domain-divergence marked on the colour bar).",
+            f.domain_divergence_figure(
+                report.extra["divergence_labels"], report.extra["divergence"], report.layers,
+                threshold=report.extra.get("shift_threshold"),
+            ).figure,
+        )
     elif report.command == "adapt":
         if report.layers:
             threshold = report.extra.get("shift_threshold")
@@ -204,7 +219,7 @@ def check_report_dir(report_dir: str | Path, *, force: bool = False) -> EarlierR
 
 
 def write_report(
-    report: Report | Result,
+    report: Report | Result | DomainsResult,
     report_dir: str | Path,
     *,
     force: bool = False,
@@ -220,11 +235,11 @@ def write_report(
     removed, and ``notify`` is told). Every file is written before the earlier report is
     touched (:func:`bnscope.io.outputs.write_report_dir`)."""
     from ..io.outputs import MANIFEST, write_report_dir
-    from ..session import Result
+    from ..session import DomainsResult, Result
     from .html import figure_png
     from .jsonout import report_json
 
-    if isinstance(report, Result):
+    if isinstance(report, (Result, DomainsResult)):
         report = report.report
 
     made = report_figures(report)

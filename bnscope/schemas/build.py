@@ -83,6 +83,7 @@ OPT_FRACTION = nullable(FRACTION)
 STATUSES: dict[str, list[str | None]] = {
     "precise_layer": ["updated", "frozen", "not-called", "skipped"],
     "adapt_layer": ["updated", "kept", "frozen", "not-called", "skipped"],
+    "domain_layer": ["updated", "kept", "frozen", "not-called", "skipped"],
     "inspect_layer": ["ok", "stale", "noisy", "unknown", "frozen", "not-called", "skipped"],
     "ghost_layer": ["analysed", "not-called", "skipped"],
     "ghost_size": ["ok", "skipped"],
@@ -91,7 +92,7 @@ STATUSES: dict[str, list[str | None]] = {
 FINDING_CODES: list[str | None] = [
     "no-batchnorm", "never-updated", "ema-warmup", "tiny-variance", "dead-channel",
     "non-finite", "not-called", "reused", "stale-ema", "train-test-gap", "small-nbs",
-    "non-iid-batches", "domain-shift",
+    "non-iid-batches", "domain-shift", "domain-divergence",
 ]  # fmt: skip
 #: ops.corruptions.CORRUPTIONS
 CORRUPTIONS: list[str | None] = [
@@ -303,6 +304,40 @@ DEFS: dict[str, Schema] = {
         description="extras.LabelMixDict: the class mix of the labelled batches against random "
         "batches (docs/statistics.md, section 2.8); null without labels",
     ),
+    "domain_layer": obj(
+        {
+            **_record_head("domain_layer"),
+            "divergence": nullable(
+                array(array(OPT_REAL))
+                | {
+                    "description": "median symmetric KL between the statistics of "
+                    "divergence_labels[i] and [j]; symmetric, 0 on the diagonal"
+                }
+            ),
+            "pair": nullable(
+                array(STRING)
+                | {"minItems": 2, "maxItems": 2, "description": "the most divergent domains"}
+            ),
+            "pair_kl": OPT_REAL,
+        },
+        description="records.DomainLayer",
+    ),
+    "domain_entry": obj(
+        {
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"},
+            "batches": COUNT,
+            "samples": COUNT,
+            "label_mix": nullable(ref("label_mix")),
+            "layers": array(ref("adapt_layer")),
+            "data": STRING,
+            "dropped_samples": COUNT,
+            "dropped_reason": OPT_STRING,
+            "output": OPT_STRING,
+        },
+        required=["name", "batches", "samples", "label_mix", "layers"],
+        description="extras.DomainDict: one target domain of adapt with several domains",
+    )
+    | {"dependentRequired": {"data": ["dropped_samples", "dropped_reason", "output"]}},
     "demo_build": obj(
         {
             "folder": STRING,
@@ -491,6 +526,27 @@ def document_defs() -> dict[str, Schema]:
                 "online_priors": ["metrics"],
             },
         ),
+        "adapt_domains": _document(
+            "adapt",
+            "domain_layer",
+            {
+                "domains": {**array(ref("domain_entry")), "minItems": 1},
+                "divergence_labels": {
+                    **array(STRING),
+                    "description": '"source", then the domain names',
+                },
+                "divergence": array(array(OPT_REAL)),
+                "prior": {"type": "number", "minimum": 0},
+                "shift_threshold": REAL,
+                "only": enum(["mean", "var", None], "partial adaptation: null = both"),
+                "first_layers": nullable({"type": "integer", "minimum": 1}),
+                "world_size": {"type": "integer", "minimum": 2},
+                "split_output": OPT_STRING,
+            },
+            ["domains", "divergence_labels", "divergence", "prior", "shift_threshold", "only",
+             "first_layers"],  # fmt: skip
+            {**RUN_GROUPS, "device": [*RUN_GROUPS["device"], "split_output"]},
+        ),
         "ghost": _document(
             "ghost",
             "ghost_layer",
@@ -572,6 +628,12 @@ def build(command: str) -> Schema:
             "if": {"required": ["verdict"]},
             "then": ref("inspect_dynamic"),
             "else": ref("inspect_static"),
+        }
+    elif command == "adapt":  # one target domain, or several (``domains``)
+        body = {
+            "if": {"required": ["domains"]},
+            "then": ref("adapt_domains"),
+            "else": ref("adapt"),
         }
     elif command in docs:
         body = docs[command]

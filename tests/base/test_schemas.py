@@ -18,6 +18,7 @@ from bnscope.records import (
     FINDING_CODES,
     SCHEMA_VERSION,
     AdaptLayer,
+    DomainLayer,
     Finding,
     GhostLayer,
     GhostLayerSize,
@@ -99,6 +100,7 @@ RECORD_DEFS = {
     "static_layer": StaticLayer,
     "precise_layer": PreciseLayer,
     "adapt_layer": AdaptLayer,
+    "domain_layer": DomainLayer,
     "inspect_layer": InspectLayer,
     "ghost_layer": GhostLayer,
     "ghost_layer_size": GhostLayerSize,
@@ -135,13 +137,15 @@ DOCUMENTS = {
     "inspect_dynamic": extras.InspectExtra,
     "precise": extras.PreciseExtra,
     "adapt": extras.AdaptExtra,
+    "adapt_domains": extras.DomainsExtra,
     "ghost": extras.GhostExtra,
 }
 
 
 @pytest.mark.parametrize("name", DOCUMENTS)
 def test_document_schemas_list_exactly_the_typed_keys(name):
-    definition = _defs("demo")[name] if name != "inspect_static" else _defs("inspect")[name]
+    where = {"inspect_static": "inspect", "adapt_domains": "adapt"}.get(name, "demo")
+    definition = _defs(where)[name]
     # report_files: added by the report folder's writer (render.reports.report_document)
     assert set(definition["properties"]) == HEAD | _keys(DOCUMENTS[name]) | {"report_files"}
     assert "report_files" not in definition["required"]
@@ -156,6 +160,14 @@ def test_document_schemas_list_exactly_the_typed_keys(name):
     if name != "inspect_static":
         assert set(groups["device"]) >= {"model", "project_file", "amp", "channels_last"}
         assert set(groups["data"]) == {"dropped_samples", "dropped_reason"}
+
+
+def test_a_domain_entry_lists_the_typed_keys():
+    entry = _defs("adapt")["domain_entry"]
+    assert set(entry["properties"]) == _keys(extras.DomainDict)
+    assert entry["additionalProperties"] is False
+    job_keys = {"dropped_samples", "dropped_reason", "output"}  # a job adds them with data
+    assert set(entry["dependentRequired"]["data"]) == job_keys
 
 
 def test_metrics_have_one_layout_in_every_command():

@@ -18,6 +18,7 @@ from bnscope import extras, records
 from bnscope.records import (
     SEVERITIES,
     AdaptLayer,
+    DomainLayer,
     Finding,
     GhostLayer,
     GhostLayerSize,
@@ -42,7 +43,7 @@ OLD_SEVERITIES = ("info", "warning", "error")
 
 RECORD_TYPES = (
     Finding, StaticLayer, PreciseLayer, AdaptLayer, InspectLayer, GhostLayer, GhostLayerSize,
-    GhostSize, Report,
+    GhostSize, Report, DomainLayer,
 )  # fmt: skip
 
 
