@@ -12,6 +12,7 @@ the real signatures through the imports under ``TYPE_CHECKING``)::
     rep = bnscope.inspect(model, loader, batches=50)      # dynamic report: staleness, gap
     res = bnscope.precise_bn(model, loader, batches=100)  # exact population statistics, in place
     gho = bnscope.ghost_analysis(model, loader, sizes=[2, 4, 8, 16, 32])  # NBS analysis
+    lea = bnscope.leakage_analysis(model, loader, group_by="label")  # batch composition
     bnscope.load_checkpoint("ckpt.pt")                    # any supported checkpoint form
     bnscope.schema("precise")                             # the JSON Schema of its documents
 """
@@ -38,6 +39,7 @@ if TYPE_CHECKING:  # the same names as _API, for type checkers and IDEs
     from .ops.corruptions import corrupt
     from .ops.ghost import ghost_analysis
     from .ops.inspect import inspect
+    from .ops.leakage import leakage_analysis
     from .ops.precise import precise_bn
     from .ops.static import static_inspect
     from .records import Finding, Report
@@ -56,6 +58,7 @@ _API = {
     "precise_bn": "bnscope.ops.precise",
     "adapt_bn": "bnscope.ops.adapt",
     "ghost_analysis": "bnscope.ops.ghost",
+    "leakage_analysis": "bnscope.ops.leakage",
     "inspect": "bnscope.ops.inspect",
     "evaluate_models": "bnscope.engine.evaluate",
     "corrupt": "bnscope.ops.corruptions",
@@ -90,6 +93,7 @@ __all__ = [
     "precise_bn",
     "adapt_bn",
     "ghost_analysis",
+    "leakage_analysis",
     "inspect",
     "evaluate_models",
     "corrupt",

@@ -36,6 +36,8 @@ FLAGS: dict[str, str] = {
     "online_priors": "--online-priors",
     "target": "--data",
     "sizes": "--sizes",
+    "group_by": "--group-by",
+    "samples": "--samples",
     "device": "--device",
     "amp": "--amp",
     "channels_last": "--channels-last",

@@ -23,6 +23,9 @@ from bnscope.records import (
     GhostLayerSize,
     GhostSize,
     InspectLayer,
+    LeakageArrangement,
+    LeakageLayer,
+    LeakageLayerArrangement,
     PreciseLayer,
     Report,
     StaticLayer,
@@ -103,6 +106,9 @@ RECORD_DEFS = {
     "ghost_layer": GhostLayer,
     "ghost_layer_size": GhostLayerSize,
     "ghost_size": GhostSize,
+    "leakage_layer": LeakageLayer,
+    "leakage_layer_arrangement": LeakageLayerArrangement,
+    "leakage_arrangement": LeakageArrangement,
     "finding": Finding,
 }
 
@@ -156,6 +162,16 @@ def test_document_schemas_list_exactly_the_typed_keys(name):
     if name != "inspect_static":
         assert set(groups["device"]) >= {"model", "project_file", "amp", "channels_last"}
         assert set(groups["data"]) == {"dropped_samples", "dropped_reason"}
+
+
+def test_the_leakage_document_lists_exactly_the_typed_keys():
+    definition = bnscope.schema("leakage")
+    assert set(definition["properties"]) == HEAD | _keys(extras.LeakageExtra) | {"report_files"}
+    assert definition["additionalProperties"] is False and HEAD <= set(definition["required"])
+    assert not _keys(extras.SourceExtra) & set(definition["required"])
+    assert set(definition["dependentRequired"]["data"]) == {"dropped_samples", "dropped_reason"}
+    row = build.DEFS["leakage_arrangement"]["properties"]
+    assert set(row) == _keys(extras.LeakageArrangementDict)
 
 
 def test_metrics_have_one_layout_in_every_command():

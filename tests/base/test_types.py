@@ -23,6 +23,9 @@ from bnscope.records import (
     GhostLayerSize,
     GhostSize,
     InspectLayer,
+    LeakageArrangement,
+    LeakageLayer,
+    LeakageLayerArrangement,
     PreciseLayer,
     Report,
     Severity,
@@ -42,7 +45,7 @@ OLD_SEVERITIES = ("info", "warning", "error")
 
 RECORD_TYPES = (
     Finding, StaticLayer, PreciseLayer, AdaptLayer, InspectLayer, GhostLayer, GhostLayerSize,
-    GhostSize, Report,
+    GhostSize, LeakageLayer, LeakageLayerArrangement, LeakageArrangement, Report,
 )  # fmt: skip
 
 
@@ -146,6 +149,7 @@ def test_every_extra_key_an_operation_writes_is_declared():
     from bnscope.ops.adapt import adapt_bn
     from bnscope.ops.ghost import ghost_analysis
     from bnscope.ops.inspect import inspect
+    from bnscope.ops.leakage import leakage_analysis
     from bnscope.ops.precise import precise_bn
     from bnscope.ops.static import static_inspect
 
@@ -156,6 +160,7 @@ def test_every_extra_key_an_operation_writes_is_declared():
         extras.PreciseExtra: precise_bn(_model(), data),
         extras.AdaptExtra: adapt_bn(_model(), data, prior=4),
         extras.GhostExtra: ghost_analysis(_model(), data, [2, 8, 32]),
+        extras.LeakageExtra: leakage_analysis(_model(), data, batch_size=8),
     }
     for typed, rep in reports.items():
         assert set(rep.extra) <= _keys(typed), (typed.__name__, set(rep.extra) - _keys(typed))
@@ -171,6 +176,10 @@ def test_every_extra_key_an_operation_writes_is_declared():
     assert _keys(extras.VariantMetrics) <= _keys(extras.GhostSizeDict)
     # the dict forms are the records' to_dict()
     assert _keys(extras.GhostSizeDict) == set(records.field_names(GhostSize))
+    leakage = reports[extras.LeakageExtra].extra
+    assert set(leakage) == _keys(extras.LeakageExtra) - _keys(extras.RunExtra)
+    assert _keys(extras.LeakageArrangementDict) == set(records.field_names(LeakageArrangement))
+    assert all(set(row) == _keys(extras.LeakageArrangementDict) for row in leakage["arrangements"])
 
 
 def test_job_keys_are_declared():
@@ -179,7 +188,8 @@ def test_job_keys_are_declared():
     run = _keys(extras.RunExtra)
     assert {"format", "key", "prefix", "model", "project_file", "networks", "ema_key"} <= run
     assert {"data", "dropped_samples", "dropped_reason", "device", "amp", "channels_last"} <= run
-    for typed in (extras.InspectExtra, extras.PreciseExtra, extras.AdaptExtra, extras.GhostExtra):
+    for typed in (extras.InspectExtra, extras.PreciseExtra, extras.AdaptExtra, extras.GhostExtra,
+                  extras.LeakageExtra):  # fmt: skip
         assert run <= _keys(typed)
     assert {"metrics", "output"} <= _keys(extras.PreciseExtra) & _keys(extras.AdaptExtra)
     assert _keys(extras.SourceExtra) <= _keys(extras.StaticExtra)
@@ -193,6 +203,7 @@ def test_report_aliases_name_the_record_and_extra_types():
     assert set(hints) >= {"command", "checkpoint", "layers", "findings", "extra", "arrays"}
     assert extras.PreciseReport.__args__ == (PreciseLayer, extras.PreciseExtra)
     assert extras.GhostReport.__args__ == (GhostLayer, extras.GhostExtra)
+    assert extras.LeakageReport.__args__ == (LeakageLayer, extras.LeakageExtra)
     assert extras.StaticReport.__args__ == (StaticLayer, extras.StaticExtra)
 
 
