@@ -461,14 +461,14 @@ def batch_leakage(
     noise_flips: float | None,
     accuracy: float | None,
     iid_accuracy: float | None,
-    effective_size: float | None,
-    batch_size: int,
+    spread_ratio: float | None,
 ) -> Finding:
     """Batches grouped by ``group_by`` change the train-mode outputs ``ratio`` times more than
     another i.i.d. arrangement of the same samples does (``change`` against ``noise``, the
     mean per-sample ``metric``: ``kl`` or ``l2``); ``flips`` and ``noise_flips`` are the
     fractions of top-1 predictions that change (None without class scores); ``layer`` is the
-    layer whose batch means carry the groups most (``effective_size`` of ``batch_size``)."""
+    layer whose batch means carry the groups most: their variance is ``spread_ratio`` times
+    that of i.i.d. batches."""
     what = "symmetric KL" if metric == "kl" else "relative L2 change"
     parts = [
         f"batches grouped by {group_by} change the model's train-mode outputs "
@@ -490,10 +490,10 @@ def batch_leakage(
             message += (
                 ": normalizing with one group's statistics removes what tells the groups apart"
             )
-    if layer is not None and effective_size is not None:
+    if layer is not None and spread_ratio is not None:
         message += (
-            f" ({layer}'s batch means vary like those of {num(effective_size, 2)} independent "
-            f"samples, of {batch_size})"
+            f" (the batch means of {layer} vary {num(spread_ratio, 3)}x as much as in i.i.d. "
+            "batches)"
         )
     return Finding(
         code="batch-leakage",
@@ -543,8 +543,8 @@ def leakage_verdict(
     if batches < min_batches:
         return (
             f"Not judged: {batches} batches of {batch_size} per arrangement, fewer than the "
-            f"{min_batches} the i.i.d. noise floor needs; grouped by {named(clean)} (the ratio "
-            "to that noise)."
+            f"{min_batches} a reliable i.i.d. noise floor needs (grouped by {named(clean)} of "
+            "it); use more samples or smaller batches."
         )
     return (
         f"No leakage found: batches of {batch_size} grouped by {named(clean)} change "

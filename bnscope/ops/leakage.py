@@ -75,8 +75,8 @@ LEAK_RATIO = 2.0
 #: scores: a relative L2 change this much larger)
 LEAK_EXCESS = 0.01
 #: batches each arrangement needs before a grouping is judged (the noise floor of fewer is
-#: itself too noisy)
-MIN_BATCHES = 4
+#: itself too noisy: docs/statistics.md, section 10.4)
+MIN_BATCHES = 8
 
 #: outputs count as independent of the batch when no sample's relative L2 change under any
 #: arrangement reaches this (float rounding of differently shaped batches stays far below)
@@ -543,17 +543,28 @@ def _layers(collection: Any, measured: dict[str, Any], arrangements: list[str]) 
     return collection.in_module_order(out)
 
 
+def spread_ratio(layer: LeakageLayer, arr: str) -> float | None:
+    """How much more a layer's batch means vary under ``arr`` than in the ``iid`` batches:
+    effective size under ``iid`` over effective size under ``arr`` (section 10.5), the ratio
+    of the variances of the batch means (about 1 when the grouping says nothing about the
+    layer's features)."""
+    by = {r.arrangement: r.effective_size for r in layer.arrangements}
+    grouped, iid = by.get(arr), by.get(IID)
+    if grouped is None or iid is None or grouped <= 0:
+        return None
+    return iid / grouped
+
+
 def _most_grouped(layers: list[LeakageLayer], arr: str) -> tuple[str | None, float | None]:
-    """The analysed layer whose batch means carry the grouping most: the lowest effective
-    sample size of a batch mean under ``arr`` (section 7.5: about the batch size for i.i.d.
-    samples, about 1 when a batch holds one group that the layer's features tell apart)."""
+    """The analysed layer whose batch means carry the grouping ``arr`` most: the largest
+    :func:`spread_ratio`."""
     best: tuple[float, str] | None = None
     for layer in layers:
         if layer.status != Status.ANALYSED:
             continue
-        grouped = next((r.effective_size for r in layer.arrangements if r.arrangement == arr), None)
-        if grouped is not None and (best is None or grouped < best[0]):
-            best = (grouped, layer.name)
+        ratio = spread_ratio(layer, arr)
+        if ratio is not None and (best is None or ratio > best[0]):
+            best = (ratio, layer.name)
     return (best[1], best[0]) if best is not None else (None, None)
 
 
@@ -571,7 +582,7 @@ def _findings(
         if not row.leak:
             continue
         assert row.ratio is not None and row.group_by is not None
-        layer, effective = _most_grouped(layers, row.name)
+        layer, spread = _most_grouped(layers, row.name)
         change = row.kl_mean if metric == "kl" else row.l2_mean
         out.append(
             findings.batch_leakage(
@@ -579,7 +590,7 @@ def _findings(
                 noise=noise_change, ratio=row.ratio,
                 flips=None if row.agreement is None else 1 - row.agreement,
                 noise_flips=noise_flips, accuracy=row.accuracy, iid_accuracy=iid.accuracy,
-                effective_size=effective, batch_size=size,
+                spread_ratio=spread,
             )
         )  # fmt: skip
     return out

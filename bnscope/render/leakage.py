@@ -81,21 +81,19 @@ def arrangements_table(rows: Sequence[dict[str, Any]], metric: str) -> Group:
 def grouped_layers_table(
     layers: Sequence[LeakageLayer], limit: int = GROUPED_LAYERS
 ) -> FitTable | None:
-    """The layers whose batch means carry a grouping most: the effective sample size of a
-    batch's mean under each arrangement (about the batch size for i.i.d. batches), lowest
-    first under the first grouping. On a narrow console C goes first, then the groupings
-    after the first, iid-2 and iid (the layer name and the first grouping stay)."""
+    """The layers whose batch means carry the first grouping most: the effective sample size
+    of a batch mean under each arrangement (about the batch size for i.i.d. batches), the
+    layers whose effective size the grouping shrinks most first. On a narrow console C goes
+    first, then the groupings after the first, iid-2 and iid (the layer name and the first
+    grouping stay)."""
+    from ..ops.leakage import spread_ratio
+
     analysed = [layer for layer in layers if layer.status == "analysed" and layer.arrangements]
     if not analysed:
         return None
     names = [r.arrangement for r in analysed[0].arrangements]
     first = names[2] if len(names) > 2 else names[-1]
-
-    def key(layer: LeakageLayer) -> float:
-        by = {r.arrangement: r.effective_size for r in layer.arrangements}
-        return by.get(first) or 0.0
-
-    ordered = sorted(analysed, key=key)[:limit]
+    ordered = sorted(analysed, key=lambda layer: -(spread_ratio(layer, first) or 0.0))[:limit]
     rank = {name: 2 + i for i, name in enumerate(reversed(names[3:]))}
     rank.update({names[1]: 2 + len(names[3:]), names[0]: 3 + len(names[3:])})
     rank[first] = 0
@@ -103,8 +101,8 @@ def grouped_layers_table(
         Col("layer", kind="name", justify="left"),
         Col("C", drop=1),
         *[Col(name, drop=rank.get(name, 0)) for name in names],
-        title=f"Effective size of batch means per arrangement (lowest {len(ordered)} of "
-        f"{len(analysed)} layers under {first})",
+        title=f"Effective size of batch means per arrangement ({len(ordered)} of "
+        f"{len(analysed)} layers, those {first} shrinks most first)",
     )
     for layer in ordered:
         cells = [num(r.effective_size, 3) for r in layer.arrangements]

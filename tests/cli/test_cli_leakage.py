@@ -69,8 +69,10 @@ def test_leakage_json_report_folder_and_fail_on(env):
     assert saved == {**doc, "report_files": ["report.json", "leakage.png"]}
     assert sha256(env / "ck.pt") == digest and not list(env.glob("ck.*.pt"))
 
-    res = run(*base, "--fail-on", "warning", "--samples", "128", "--json")
-    assert res.exit_code == 1 and json.loads(res.stdout)["samples"] == 128
+    res = run(*base, "--fail-on", "warning", "--json")
+    assert res.exit_code == 1 and json.loads(res.stdout)["samples"] == 320
+    res = run(*base, "--fail-on", "warning", "--samples", "128", "--json")  # 4 batches
+    assert res.exit_code == 0 and "Not judged" in json.loads(res.stdout)["verdict_text"]
     res = run(*base, "--group-by", "image_id", "--fail-on", "warning", "--json")
     assert res.exit_code == 0 and json.loads(res.stdout)["findings"] == []
 
@@ -79,13 +81,13 @@ def test_leakage_json_report_folder_and_fail_on(env):
 def test_leakage_table_fits_the_console(env, monkeypatch, width):
     monkeypatch.setenv("COLUMNS", str(width))
     res = run("leakage", env / "ck.pt", "--model", tiny_spec(), "--data", env / "d.pt",
-              "--samples", "128")  # fmt: skip
+              "--samples", "256")  # fmt: skip
     assert res.exit_code == 0, res.stderr
     lines = res.stdout.splitlines()
     assert max(len(line) for line in lines) <= width
     text = " ".join(res.stdout.split())
     assert "Train-mode outputs per arrangement" in text and "LEAK" in text
-    assert "batch-leakage" in text and "128 samples in 4 batches of 32" in text
+    assert "batch-leakage" in text and "256 samples in 8 batches of 32" in text
 
 
 def test_leakage_bad_input(env, tmp_path):

@@ -16,6 +16,7 @@ from bnscope.ops.leakage import (
     LEAK_RATIO,
     leakage_analysis,
     parse_group_by,
+    spread_ratio,
 )
 
 from ..models import make_mlp, make_no_bn, make_tiny
@@ -96,11 +97,15 @@ def test_label_grouped_batches_leak_and_a_random_key_does_not(label_model):
     finding = rep.findings[0]
     assert finding.severity == "warning" and finding.layer in ("1", "4")
     assert "batches grouped by label" in finding.message and "train with batches" in finding.fix
-    # the layers: one class per batch makes a batch mean worth about one sample
+    # the layers: one class per batch makes the batch means vary far more than i.i.d. ones;
+    # in the first layer a batch mean is worth about one sample
     layers = {layer.name: layer for layer in rep.layers}
     assert list(layers) == ["1", "4"]
-    eff = {r.arrangement: r.effective_size for r in layers[finding.layer].arrangements}
+    eff = {r.arrangement: r.effective_size for r in layers["1"].arrangements}
     assert eff["label"] < 3 and eff["iid"] > 10 and eff["key"] > 10
+    assert spread_ratio(layers[finding.layer], "label") > 20
+    assert spread_ratio(layers[finding.layer], "key") < 3
+    assert "vary" in finding.message and f"batch means of {finding.layer}" in finding.message
     assert list(rep.arrays["leakage"]["orders"]) == ["iid", "iid-2", "label", "key"]
 
 
