@@ -780,7 +780,8 @@ def leakage_figure(
 
     Panels are added to ``fig`` (a Figure or SubFigure) or a new figure. Artists: ``bars``
     and ``ratios`` (panel 1), ``noise`` and ``threshold`` (its lines), ``score_bars``,
-    ``score_labels`` (panel 2), ``cdfs`` (name -> line, panel 3), ``title``."""
+    ``score_labels`` (panel 2), ``cdfs`` (one line per arrangement of ``changes``, labelled
+    with its name; panel 3), ``title``."""
     shown = [r for r in rows if r["role"] != "reference"]
     panels = 3 if changes else 2
     target = _panels(fig, (4.2 * panels + 0.6, 3.9))
@@ -818,6 +819,7 @@ def leakage_figure(
     top = max(heights + [floor])
     ax.set_ylim(floor, top * 6)
     ax.set_ylabel(f"mean per-sample {what}")
+    ax.set_xlabel("arrangement", fontsize=8)
     ax.set_title("Output change vs the i.i.d. batches", fontsize=9)
     ax.tick_params(axis="x", labelsize=8)
 
@@ -836,6 +838,7 @@ def leakage_figure(
         for bar, v in zip(artists["score_bars"], scores, strict=True)
     ]
     ax.set_ylim(0, 1.1)
+    ax.set_xlabel("arrangement", fontsize=8)
     ax.set_ylabel("accuracy" if labelled else "top-1 agreement with iid")
     ax.set_title(
         "Train-mode accuracy per arrangement" if labelled else "Agreement with the iid batches",
@@ -851,11 +854,11 @@ def leakage_figure(
         positive = [float(s[s > 0].min()) for s in series.values() if (s > 0).any()]
         low = min(positive) / 10 if positive else 1e-6
         by_name = {r["name"]: r for r in rows}
-        artists["cdfs"] = {}
+        artists["cdfs"] = []
         for name, s in series.items():
             row = by_name.get(name, {"role": "grouped"})
             y = np.arange(1, len(s) + 1) / len(s)
-            (artists["cdfs"][name],) = ax.step(
+            artists["cdfs"] += ax.step(
                 np.maximum(s, low), y, where="post", color=_leak_color(row), label=name
             )
         _log_scale(ax, "x")

@@ -143,8 +143,8 @@ def test_leakage_figure_artists():
     assert a["threshold"].get_ydata()[0] == pytest.approx(0.1)
     assert [b.get_height() for b in a["score_bars"]] == pytest.approx([0.98, 0.97, 0.28, 0.98])
     assert [t.get_text() for t in a["score_labels"]][2] == "28.0%"
-    assert list(a["cdfs"]) == ["iid-2", "label", "key"]
-    x, y = a["cdfs"]["label"].get_data()
+    assert [line.get_label() for line in a["cdfs"]] == ["iid-2", "label", "key"]
+    x, y = a["cdfs"][1].get_data()
     assert list(x) == pytest.approx([4.0, 5.0, 6.0]) and list(y) == pytest.approx([1 / 3, 2 / 3, 1])
     assert a["bars"][1].get_facecolor() != a["bars"][2].get_facecolor()  # a leak stands out
     assert len(plot.axes) == 3 and plot.axes[0].get_yscale() == "log"
