@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+import bnscope
 from bnscope.records import LeakageArrangement
 from bnscope.render.figures import leakage_figure
 
@@ -75,6 +76,15 @@ def test_leakage_json_report_folder_and_fail_on(env):
     assert res.exit_code == 0 and "Not judged" in json.loads(res.stdout)["verdict_text"]
     res = run(*base, "--group-by", "image_id", "--fail-on", "warning", "--json")
     assert res.exit_code == 0 and json.loads(res.stdout)["findings"] == []
+
+
+def test_a_job_writes_the_document_the_cli_prints(env):
+    job = bnscope.open(env / "ck.pt", model=tiny_spec(), data=str(env / "d.pt"))
+    doc = job.leakage("label,image_id", samples=256).report.to_dict()
+    res = run("leakage", env / "ck.pt", "--model", tiny_spec(), "--data", env / "d.pt",
+              "--group-by", "label,image_id", "--samples", "256", "--json")  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    assert doc == json.loads(res.stdout)
 
 
 @pytest.mark.parametrize("width", [80, 100])
