@@ -13,6 +13,7 @@ the real signatures through the imports under ``TYPE_CHECKING``)::
     res = bnscope.precise_bn(model, loader, batches=100)  # exact population statistics, in place
     rep = bnscope.adapt_domains(model, {"fog": fog_loader, "snow": snow_loader})  # per domain
     gho = bnscope.ghost_analysis(model, loader, sizes=[2, 4, 8, 16, 32])  # NBS analysis
+    lea = bnscope.leakage_analysis(model, loader, group_by="label")  # batch composition
     bnscope.load_checkpoint("ckpt.pt")                    # any supported checkpoint form
     bnscope.schema("precise")                             # the JSON Schema of its documents
 """
@@ -40,6 +41,7 @@ if TYPE_CHECKING:  # the same names as _API, for type checkers and IDEs
     from .ops.domains import adapt_domains, domain_state_dict
     from .ops.ghost import ghost_analysis
     from .ops.inspect import inspect
+    from .ops.leakage import leakage_analysis
     from .ops.precise import precise_bn
     from .ops.static import static_inspect
     from .records import Finding, Report
@@ -61,6 +63,7 @@ _API = {
     "adapt_domains": "bnscope.ops.domains",
     "domain_state_dict": "bnscope.ops.domains",
     "ghost_analysis": "bnscope.ops.ghost",
+    "leakage_analysis": "bnscope.ops.leakage",
     "inspect": "bnscope.ops.inspect",
     "evaluate_models": "bnscope.engine.evaluate",
     "corrupt": "bnscope.ops.corruptions",
@@ -98,6 +101,7 @@ __all__ = [
     "adapt_domains",
     "domain_state_dict",
     "ghost_analysis",
+    "leakage_analysis",
     "inspect",
     "evaluate_models",
     "corrupt",

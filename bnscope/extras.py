@@ -23,6 +23,7 @@ from .records import (
     DomainLayer,
     GhostLayer,
     InspectLayer,
+    LeakageLayer,
     PreciseLayer,
     Report,
     StaticLayer,
@@ -44,6 +45,10 @@ __all__ = [
     "InspectReport",
     "InspectVerdict",
     "LabelMixDict",
+    "LeakageArrangementDict",
+    "LeakageExtra",
+    "LeakageReport",
+    "LeakageVerdict",
     "MetricsDict",
     "NetworkDict",
     "OnlinePriorDict",
@@ -190,10 +195,37 @@ class LabelMixDict(TypedDict):
     p_value: float | None
 
 
+class LeakageArrangementDict(TypedDict):
+    """One entry of a leakage report's ``arrangements``:
+    :meth:`bnscope.records.LeakageArrangement.to_dict` (``role`` is ``"reference"``,
+    ``"noise"`` or ``"grouped"``)."""
+
+    name: str
+    role: str
+    group_by: str | None
+    groups: int | None
+    largest_group: int | None
+    single_group_batches: int | None
+    accuracy: float | None
+    loss: float | None
+    agreement: float | None
+    kl_mean: float | None
+    kl_median: float | None
+    l2_mean: float | None
+    l2_median: float | None
+    ratio: float | None
+    excess: float | None
+    greater_fraction: float | None
+    leak: bool | None
+
+
 #: the one-word verdict of a dynamic inspect report
 InspectVerdict: TypeAlias = Literal["stale", "gap", "noisy", "healthy"]
 #: the one-word verdict of a ghost report (``none``: no size could be analysed)
 GhostVerdict: TypeAlias = Literal["none", "fine", "noisy"]
+#: the one-word verdict of a leakage report (``independent``: no sample's output changes
+#: between arrangements, e.g. every BN layer is frozen)
+LeakageVerdict: TypeAlias = Literal["leak", "none", "independent"]
 
 # --------------------------------------------------------------------------------------------
 # Keys every job on a checkpoint file adds
@@ -350,6 +382,32 @@ class GhostExtra(RunExtra, total=False):
     metrics: ReportMetrics
 
 
+class LeakageExtra(RunExtra, total=False):
+    """Leakage analysis (docs/statistics.md, section 10): the ``verdict`` and its sentence,
+    the groupings asked for (``group_by``), the normalization ``batch_size`` of every
+    arrangement, the ``samples`` re-batched (the pool cut to whole batches; ``left_out``
+    samples of the pool did not fill a batch), the ``batches`` of each arrangement, the
+    ``seed`` of the arrangements, the per-sample change the rule uses (``metric``: ``kl`` with
+    class scores, else ``l2``), the rule's ``ratio_threshold`` and ``excess_threshold``,
+    whether the samples had labels (``has_labels``), ``forwards`` run in all, and one entry
+    per arrangement (``arrangements``: ``iid``, ``iid-2``, then one per grouping)."""
+
+    verdict: LeakageVerdict
+    verdict_text: str
+    group_by: list[str]
+    batch_size: int
+    samples: int
+    left_out: int
+    batches: int
+    seed: int
+    metric: str
+    ratio_threshold: float
+    excess_threshold: float
+    has_labels: bool
+    forwards: int
+    arrangements: list[LeakageArrangementDict]
+
+
 # --------------------------------------------------------------------------------------------
 # Report types
 
@@ -359,3 +417,4 @@ PreciseReport: TypeAlias = Report[PreciseLayer, PreciseExtra]
 AdaptReport: TypeAlias = Report[AdaptLayer, AdaptExtra]
 GhostReport: TypeAlias = Report[GhostLayer, GhostExtra]
 DomainsReport: TypeAlias = Report[DomainLayer, DomainsExtra]
+LeakageReport: TypeAlias = Report[LeakageLayer, LeakageExtra]

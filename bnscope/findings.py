@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from .extras import InspectVerdict
-from .fmt import pct, percent
+from .fmt import num, pct, percent
 from .records import Finding, Severity
 
 # --------------------------------------------------------------------------------------------
@@ -466,6 +466,118 @@ def not_called_frozen(layer: str) -> Finding:
             "check the forward (the layer is defined but unused, or the data skips its "
             "branch); its frozen statistics stay what training left"
         ),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Information leakage within a batch (bnscope leakage; docs/statistics.md, section 10)
+
+#: accuracy with grouped batches this far (absolute) from the i.i.d. one is worth a sentence
+LEAK_ACCURACY_NOTE = 0.02
+
+
+def batch_leakage(
+    group_by: str,
+    layer: str | None,
+    *,
+    metric: str,
+    change: float,
+    noise: float,
+    ratio: float,
+    flips: float | None,
+    noise_flips: float | None,
+    accuracy: float | None,
+    iid_accuracy: float | None,
+    spread_ratio: float | None,
+) -> Finding:
+    """Batches grouped by ``group_by`` change the train-mode outputs ``ratio`` times more than
+    another i.i.d. arrangement of the same samples does (``change`` against ``noise``, the
+    mean per-sample ``metric``: ``kl`` or ``l2``); ``flips`` and ``noise_flips`` are the
+    fractions of top-1 predictions that change (None without class scores); ``layer`` is the
+    layer whose batch means carry the groups most: their variance is ``spread_ratio`` times
+    that of i.i.d. batches."""
+    what = "symmetric KL" if metric == "kl" else "relative L2 change"
+    parts = [
+        f"batches grouped by {group_by} change the model's train-mode outputs "
+        f"{num(ratio, 3)}x more than re-shuffled i.i.d. batches of the same samples do (mean "
+        f"per-sample {what} {num(change)} vs {num(noise)})"
+    ]
+    if flips is not None and noise_flips is not None:
+        parts.append(f"{pct(flips)} of top-1 predictions change (i.i.d.: {pct(noise_flips)})")
+    if accuracy is not None and iid_accuracy is not None:
+        parts.append(f"accuracy {pct(accuracy)} vs {pct(iid_accuracy)} with i.i.d. batches")
+    message = "; ".join(parts)
+    if accuracy is not None and iid_accuracy is not None:
+        if accuracy - iid_accuracy > LEAK_ACCURACY_NOTE:
+            message += (
+                ": the statistics of grouped batches tell each sample about its group, so "
+                "train-mode metrics on such batches overstate the model"
+            )
+        elif iid_accuracy - accuracy > LEAK_ACCURACY_NOTE:
+            message += (
+                ": normalizing with one group's statistics removes what tells the groups apart"
+            )
+    if layer is not None and spread_ratio is not None:
+        message += (
+            f" (the batch means of {layer} vary {num(spread_ratio, 3)}x as much as in i.i.d. "
+            "batches)"
+        )
+    return Finding(
+        code="batch-leakage",
+        severity=Severity.WARNING,
+        layer=layer,
+        message=message,
+        fix=(
+            f"train with batches that mix {group_by}s (a shuffling sampler across groups): a "
+            "model trained on grouped batches can read the group from the batch statistics "
+            "and loses it in eval mode; where batches must be grouped, normalize without "
+            "batch statistics (GroupNorm, frozen BN) or over samples drawn across groups "
+            "(SyncBatchNorm, shuffled BN)"
+        ),
+    )
+
+
+def leakage_verdict(
+    verdict: str,
+    leaked: Sequence[tuple[str, float | None]],
+    clean: Sequence[tuple[str, float | None]],
+    *,
+    ratio_threshold: float,
+    excess_threshold: float,
+    batch_size: int,
+    batches: int,
+    min_batches: int,
+) -> str:
+    """The first line of the leakage report: ``verdict`` ``leak``, ``none`` or
+    ``independent``; ``leaked`` and ``clean`` the groupings (name, ratio) that did and did not
+    meet the rule; ``batches`` per arrangement, ``min_batches`` needed to judge."""
+    if verdict == "independent":
+        return (
+            "Train-mode outputs do not depend on which samples share a batch (no sample's "
+            "output changes between arrangements: no BN layer normalizes with batch "
+            "statistics): nothing can leak between samples."
+        )
+
+    def named(rows: Sequence[tuple[str, float | None]]) -> str:
+        return ", ".join(f"{name} ({num(ratio, 3)}x)" for name, ratio in rows)
+
+    if verdict == "leak":
+        tail = f"; grouping by {named(clean)} does not" if clean else ""
+        return (
+            f"Batch statistics leak information between samples: batches of {batch_size} "
+            f"grouped by {named(leaked)} change train-mode outputs beyond i.i.d. noise{tail}."
+        )
+    if batches < min_batches:
+        return (
+            f"Not judged: {batches} batches of {batch_size} per arrangement, fewer than the "
+            f"{min_batches} a reliable i.i.d. noise floor needs (grouped by {named(clean)} of "
+            "it); use more samples or smaller batches."
+        )
+    return (
+        f"No leakage found: batches of {batch_size} grouped by {named(clean)} change "
+        "train-mode outputs about as much as re-shuffled i.i.d. batches do (the ratio shown; "
+        f"a leak needs {num(ratio_threshold)}x and {percent(excess_threshold)} more changed "
+        "predictions)."
     )
 
 

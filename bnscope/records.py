@@ -130,6 +130,10 @@ FINDING_CODES: dict[str, str] = {
     "domain-divergence": (
         "two target domains' statistics differ from one another (adapt with several domains)"
     ),
+    "batch-leakage": (
+        "batches grouped by label or by a group key change train-mode outputs beyond i.i.d. "
+        "noise: batch statistics carry information between the samples of a batch (leakage)"
+    ),
 }
 
 
@@ -524,6 +528,88 @@ class GhostSize(_LayerRecord):
     noise_mu: float | None
     noise_var: float | None
     effective_ratio: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LeakageLayerArrangement(Record):
+    """One BN layer under one arrangement of the samples into batches (see
+    :class:`LeakageArrangement`): how far its batch means fall from the population's and how
+    correlated the samples of a batch are, measured as the ghost analysis measures a chunk
+    (docs/statistics.md, sections 7.3 and 7.5, with a chunk = a whole batch).
+
+    ``noise_mu`` is the mean over batches and channels of |mu_B - mu_pop| / sigma_pop;
+    ``effective_size`` = B * E_iid[(mu_B - mu)^2] / Var_measured(mu_B): about the batch size B
+    for i.i.d. batches, lower when the samples of a batch share their statistics (a batch
+    grouped by label in a layer whose features differ between labels)."""
+
+    arrangement: str
+    noise_mu: float | None
+    effective_size: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LeakageLayer(_LayerRecord):
+    """Per-layer result of the leakage analysis: one :class:`LeakageLayerArrangement` per
+    arrangement (``iid``, ``iid-2``, then one per grouping). ``status``:
+
+    - ``analysed``: normalized with batch statistics in every arrangement; ``arrangements``
+      is filled;
+    - ``not-called``: the layer never ran on the data;
+    - ``skipped``: ``reason`` says why: a frozen BN layer (it normalizes with its stored
+      statistics whatever the batch), a forward that makes no ``batch_norm`` call with its
+      running statistics, or ``track_running_stats=False``.
+    """
+
+    STATUSES: ClassVar[frozenset[Status]] = frozenset(
+        {Status.ANALYSED, Status.NOT_CALLED, Status.SKIPPED}
+    )
+
+    name: str
+    num_features: int
+    status: Status
+    reason: str | None = None
+    calls_per_forward: int = 0
+    arrangements: tuple[LeakageLayerArrangement, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class LeakageArrangement(Record):
+    """The model's train-mode outputs (BN with batch statistics, every other module in eval
+    mode) with the samples arranged into batches one way, against the ``iid`` arrangement of
+    the same samples at the same batch size (docs/statistics.md, section 10).
+
+    ``role`` is ``reference`` (``iid``: the samples in a random order, cut into batches),
+    ``noise`` (``iid-2``: another random order; its change from ``iid`` is the noise floor)
+    or ``grouped`` (sorted by ``group_by``: ``label``, a key of the batches, or a function's
+    name). ``groups``/``largest_group`` count the groups among the samples and the samples of
+    the largest, ``single_group_batches`` the batches that hold one group only (grouped rows;
+    None otherwise). ``accuracy``/``loss`` need labels. Per sample, against ``iid``:
+    ``agreement`` is the fraction of equal top-1 predictions, ``kl_mean``/``kl_median`` the
+    symmetric KL between the softmax outputs (both need class scores), ``l2_mean``/
+    ``l2_median`` ||out - out_iid|| / RMS_i ||out_iid||. For grouped rows ``ratio`` is the
+    mean change (KL with class scores, else L2) over the noise row's, ``excess`` the top-1
+    predictions changed beyond the noise row's (with class scores; else the L2 change beyond
+    it), ``greater_fraction`` the fraction of samples whose change exceeds their own change
+    under ``iid-2``, and ``leak`` whether the ``batch-leakage`` rule fired.
+    """
+
+    name: str
+    role: str
+    group_by: str | None
+    groups: int | None
+    largest_group: int | None
+    single_group_batches: int | None
+    accuracy: float | None
+    loss: float | None
+    agreement: float | None
+    kl_mean: float | None
+    kl_median: float | None
+    l2_mean: float | None
+    l2_median: float | None
+    ratio: float | None
+    excess: float | None
+    greater_fraction: float | None
+    leak: bool | None
 
 
 def field_names(record_type: type) -> list[str]:

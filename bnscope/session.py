@@ -403,6 +403,7 @@ class Job:
         shard: bool = True,
         shuffle: bool = True,
         classes: Sequence[str] | None = None,
+        keys: Sequence[str] = (),
     ) -> DataSource:
         """``data`` (a spec or an iterable of batches) as a :class:`~bnscope.io.data.DataSource`:
         built-in specs are read shuffled (seeded by ``seed``: batch statistics need i.i.d.
@@ -411,7 +412,8 @@ class Job:
         it), every incomplete one with ``drop_last``; either is announced, and so are class
         folders named like dataset splits. ``classes``: the model's class names, which the
         class folders of an image folder are matched to by name. ``role`` names the option in
-        messages (``data``, ``eval_data``)."""
+        messages (``data``, ``eval_data``). ``keys``: per-sample entries of tensor files to
+        carry into the batches (group ids, :meth:`leakage`)."""
         from .engine.distributed import get_rank, get_world_size, is_initialized
         from .io.data import DataSource, load_data
 
@@ -435,6 +437,7 @@ class Job:
             world_size=world_size,
             same_order=True,  # inspect and ghost read it twice, inspect pairs the passes
             classes=classes,
+            keys=keys,
         )
         self._notice_dropped(source, role, rank, world_size)
         if source.split_folders:
@@ -1051,6 +1054,53 @@ class Job:
         )  # fmt: skip
         self._notice_unreadable(source, "data")
         self._notice_labels(source, "data", result.extra["metrics"]["has_labels"], "")
+        return Result(self._report(result, self._run_extra(loaded, source, result)), self)
+
+
+    def leakage(
+        self,
+        group_by: Any = "label",
+        samples: int | None = 2048,  # ops.leakage.DEFAULT_SAMPLES (imported lazily)
+        *,
+        batch_size: int | None = None,
+        groups: Any = None,
+        progress: Progress | None = None,
+    ) -> Result:
+        """The leakage analysis on ``data`` (:func:`bnscope.leakage_analysis`): its first
+        ``samples`` samples (None: all of it) in i.i.d. batches and in batches grouped by each
+        of ``group_by`` (``"label"``, a key of the batches or of a tensor file, a function,
+        or a comma-separated list), all of ``batch_size`` samples (default: the data's batch
+        size, ``batch_size`` of the job for image folders and tensor files). ``seed`` (the
+        job's) fixes the data order and the arrangements."""
+        from .ops.leakage import leakage_analysis, parse_group_by
+
+        specs = parse_group_by(group_by)
+        if self.options.data is None:
+            raise UsageError("leakage needs data= (the samples to put into batches)",
+                             "pass data=SPEC")  # fmt: skip
+        loaded = self._checked_model("leakage", None)
+        keys = [s for s in specs if isinstance(s, str) and s != "label"]
+        source = self.source(self.options.data, classes=self.class_names(), keys=keys)
+        if keys and source.kind == "images":
+            raise UsageError(
+                f"group_by={keys[0]}: the samples of an image folder carry no entry "
+                f"{keys[0]!r} (its labels are its class folders)",
+                "group by class folder with group_by=label, or pass data= a tensor file with "
+                "that entry or a data factory whose batches are dicts with that key",
+            )
+        names = ", ".join(s if isinstance(s, str) else getattr(s, "__name__", "function")
+                          for s in specs)  # fmt: skip
+        self.info(
+            f"leakage analysis on {source.description} ({self.describe_run()}), grouped by "
+            f"{names or 'groups='}"
+        )
+        result = leakage_analysis(
+            loaded.module, source, specs or None, batch_size, samples, groups=groups,
+            seed=self.options.seed, progress=progress, num_classes=_unmatched_classes(source),
+            **self.run_options(),
+        )  # fmt: skip
+        self._notice_unreadable(source, "data")
+        self._notice_labels(source, "data", result.extra["has_labels"], "")
         return Result(self._report(result, self._run_extra(loaded, source, result)), self)
 
 

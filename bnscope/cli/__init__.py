@@ -11,6 +11,7 @@ from . import (  # noqa: F401 (importing registers the commands)
     demo_cmd,
     ghost_cmd,
     inspect_cmd,
+    leakage_cmd,
     precise_cmd,
 )
 from .app import app

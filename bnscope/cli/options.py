@@ -38,6 +38,8 @@ FLAGS: dict[str, str] = {
     "domains": "--domain",
     "split": "--split",
     "sizes": "--sizes",
+    "group_by": "--group-by",
+    "samples": "--samples",
     "device": "--device",
     "amp": "--amp",
     "channels_last": "--channels-last",

@@ -331,6 +331,7 @@ def load_data(
     drop_single: bool = True,
     classes: Sequence[str] | None = None,
     skip_unreadable: bool = False,
+    keys: Sequence[str] = (),
 ) -> DataSource:
     """Resolve a ``--data`` spec into a :class:`DataSource` of batches.
 
@@ -369,6 +370,11 @@ def load_data(
     such images are left out of their batches instead and listed by
     :meth:`DataSource.unreadable` as the batches are read (a folder in which no image can be
     read is still an error).
+
+    ``keys`` names per-sample entries of tensor files to carry into the batches (group ids
+    such as ``image_id``, :func:`bnscope.leakage_analysis`): every file must hold them, and
+    the batches become dicts (``{"x": ..., "y": ..., "image_id": ...}``). Image folders and
+    factories ignore it (a factory's batches carry what it puts in them).
     """
     _check_args(batch_size, workers, rank, world_size)
     loader_args: dict[str, Any] = dict(
@@ -412,7 +418,7 @@ def load_data(
                 "pass a tensor file (.pt .pth .npy .npz), a folder of images or of tensor "
                 "files, or pkg.module:factory",
             )
-        dataset, total, labelled = _tensor_dataset([path])
+        dataset, total, labelled = _tensor_dataset([path], keys)
         local = _shard(dataset, total, rank, world_size)
         note = _shard_note(len(cast(Sized, local)), total, "samples", rank, world_size)
         return _batched_source(
@@ -464,7 +470,7 @@ def load_data(
         raise DataError(
             f"no images or tensor files found in {spec}", _DIR_FIX.replace("DIR", str(spec))
         )
-    dataset, total, labelled = _tensor_dataset(shards)
+    dataset, total, labelled = _tensor_dataset(shards, keys)
     local = _shard(dataset, total, rank, world_size)
     note = _shard_note(len(cast(Sized, local)), total, "samples", rank, world_size)
     return _batched_source(

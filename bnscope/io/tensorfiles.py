@@ -2,7 +2,10 @@
 
 A file holds a tensor of inputs, an ``(x, y)`` pair, or a dict (a ``.pt`` dict, an ``.npz``)
 with the inputs under ``x`` (or ``input``, ``inputs``, ``data``) and optionally the labels under
-one of :data:`~bnscope.io.batches.LABEL_KEYS`; shards are concatenated in name order.
+one of :data:`~bnscope.io.batches.LABEL_KEYS`; shards are concatenated in name order. A dict
+file may hold more per-sample entries (``image_id``: one integer per sample); those named in
+``keys`` are carried along, and the batches become dicts (``{"x": ..., "y": ...,
+"image_id": ...}``).
 """
 
 from __future__ import annotations
@@ -29,16 +32,30 @@ _TENSOR_FIX = "save the inputs as a tensor, an (x, y) pair, or a dict with 'x' (
 
 
 class TensorPairDataset(Dataset):
-    """Samples ``x[i]`` (or ``(x[i], y[i])`` when labels are given) from in-memory tensors."""
+    """Samples ``x[i]`` (or ``(x[i], y[i])`` when labels are given) from in-memory tensors;
+    with ``extras`` (name -> one value per sample), dict samples
+    ``{"x": x[i], "y": y[i], name: extras[name][i]}``."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None = None,
+        extras: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         self.x = x
         self.y = y
+        self.extras = dict(extras or {})
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
     def __getitem__(self, index: int) -> Any:
+        if self.extras:
+            item = {"x": self.x[index]}
+            if self.y is not None:
+                item["y"] = self.y[index]
+            item.update((name, values[index]) for name, values in self.extras.items())
+            return item
         if self.y is None:
             return self.x[index]
         return self.x[index], self.y[index]
@@ -73,8 +90,41 @@ def _from_mapping(content: Mapping[str, Any], path: Path) -> tuple[Any, Any]:
     return content[x_key], (content[y_key] if y_key is not None else None)
 
 
+def _extras(
+    content: Any, path: Path, keys: Sequence[str], samples: int
+) -> dict[str, torch.Tensor]:
+    """The per-sample entries ``keys`` of a dict file (one integer per sample each)."""
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        if not isinstance(content, Mapping) or key not in content:
+            found = _key_list(content.keys()) if isinstance(content, Mapping) else "none"
+            raise DataError(
+                f"{path} has no per-sample entry {key!r} (entries: {found})",
+                f"save one id per sample under that name, e.g. torch.save({{'x': x, 'y': y, "
+                f"{key!r}: ids}}, path) or np.savez(path, x=x, y=y, {key}=ids)",
+            )
+        value = _as_tensor(content[key], path, f"the entry {key!r}")
+        if value.dim() != 1 or value.shape[0] != samples or value.is_floating_point():
+            raise DataError(
+                f"the entry {key!r} in {path} has shape {tuple(value.shape)} ({value.dtype}) but "
+                f"the inputs hold {samples} samples",
+                "save one integer id per sample as a 1-D tensor of length N",
+            )
+        out[key] = value
+    return out
+
+
 def _read_tensor_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(x, y)`` from one tensor file, checked and with floating inputs as float32."""
+    x, y, _ = _read_with_extras(path, ())
+    return x, y
+
+
+def _read_with_extras(
+    path: Path, keys: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """``(x, y, extras)`` from one tensor file: :func:`_read_tensor_file` and the entries
+    ``keys``."""
     suffix = path.suffix.lower()
     try:
         if suffix in (".pt", ".pth"):
@@ -118,17 +168,21 @@ def _read_tensor_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
             f"{x.shape[0]} samples",
             "save one label per sample as a 1-D tensor of length N",
         )
+    extras = _extras(content, path, keys, int(x.shape[0]))
     if x.is_floating_point() and x.dtype != torch.float32:
         x = x.float()
-    return x, y
+    return x, y, extras
 
 
-def _tensor_dataset(files: Sequence[Path]) -> tuple[Dataset, int, bool]:
-    """A dataset over one or more tensor files: ``(dataset, num_samples, has_labels)``."""
+def _tensor_dataset(
+    files: Sequence[Path], keys: Sequence[str] = ()
+) -> tuple[Dataset, int, bool]:
+    """A dataset over one or more tensor files: ``(dataset, num_samples, has_labels)``; with
+    ``keys``, every file's per-sample entries of those names come along (dict samples)."""
     parts: list[TensorPairDataset] = []
     first: tuple[Path, torch.Tensor, torch.Tensor | None] | None = None
     for path in files:
-        x, y = _read_tensor_file(path)
+        x, y, extras = _read_with_extras(path, keys)
         if first is not None:
             p0, x0, y0 = first
             if x.shape[1:] != x0.shape[1:] or x.dtype != x0.dtype:
@@ -145,7 +199,7 @@ def _tensor_dataset(files: Sequence[Path]) -> tuple[Dataset, int, bool]:
                 )
         else:
             first = (path, x, y)
-        parts.append(TensorPairDataset(x, y))
+        parts.append(TensorPairDataset(x, y, extras))
     assert first is not None
     total = sum(len(p) for p in parts)
     if len(parts) == 1:

@@ -852,3 +852,124 @@ def domain_divergence_figure(
         + (f" (and the {len(drawn)} most divergent layers)" if drawn else "")
     )
     return Plot(_root(fig), tuple(axes), artists)
+#: colours of the leakage figure's arrangements: the noise floor, a leaking grouping, another
+LEAK_COLORS = {"noise": "C7", "leak": "C3", "grouped": "C0"}
+
+
+def _leak_color(row: dict) -> str:
+    if row["role"] == "noise":
+        return LEAK_COLORS["noise"]
+    return LEAK_COLORS["leak"] if row.get("leak") else LEAK_COLORS["grouped"]
+
+
+def leakage_figure(
+    rows: Sequence[dict],
+    changes: dict[str, Any] | None = None,
+    fig: FigureBase | None = None,
+    *,
+    metric: str = "kl",
+    ratio_threshold: float = 2.0,
+) -> Plot:
+    """Information leakage within a batch (docs/statistics.md, section 10), from a leakage
+    report's ``arrangements`` rows: (1) the mean per-sample output change of each
+    arrangement against the i.i.d. batches (``metric``: ``kl_mean`` or ``l2_mean``) on a log
+    axis, with the noise floor (``iid-2``) and ``ratio_threshold`` times it, each grouping's
+    bar labelled with its ratio; (2) accuracy (with labels) or top-1 agreement with the
+    i.i.d. batches (without) per arrangement; (3) with ``changes`` (arrangement -> the
+    per-sample changes, ``report.arrays["leakage"]["change"]``), their distribution as
+    empirical CDFs on a log axis (zeros drawn at the axis floor).
+
+    Panels are added to ``fig`` (a Figure or SubFigure) or a new figure. Artists: ``bars``
+    and ``ratios`` (panel 1), ``noise`` and ``threshold`` (its lines), ``score_bars``,
+    ``score_labels`` (panel 2), ``cdfs`` (one line per arrangement of ``changes``, labelled
+    with its name; panel 3), ``title``."""
+    shown = [r for r in rows if r["role"] != "reference"]
+    panels = 3 if changes else 2
+    target = _panels(fig, (4.2 * panels + 0.6, 3.9))
+    axes = target.subplots(1, panels, squeeze=False)[0]
+    artists: dict[str, Any] = {}
+    key = "kl_mean" if metric == "kl" else "l2_mean"
+    what = "symmetric KL" if metric == "kl" else "relative L2 change"
+
+    ax = axes[0]
+    labels = [r["name"] for r in shown]
+    values = [_finite(r[key]) for r in shown]
+    floor = _log_floor(values)
+    heights = [v if v > 0 else floor for v in values]
+    artists["bars"] = ax.bar(labels, heights, color=[_leak_color(r) for r in shown])
+    artists["ratios"] = [
+        ax.annotate(
+            "-" if r["ratio"] is None else f"{r['ratio']:.3g}x",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center", va="bottom", fontsize=8,
+        )  # fmt: skip
+        for bar, r in zip(artists["bars"], shown, strict=True)
+        if r["role"] == "grouped"
+    ]
+    noise = next((r for r in shown if r["role"] == "noise"), None)
+    if noise is not None and _finite(noise[key]) > 0:
+        artists["noise"] = ax.axhline(
+            noise[key], color=LEAK_COLORS["noise"], ls="-", lw=1, label="noise floor (iid-2)"
+        )
+        artists["threshold"] = ax.axhline(
+            ratio_threshold * noise[key], color=LEAK_COLORS["leak"], ls="--", lw=1,
+            label=f"{ratio_threshold:g}x the noise floor",
+        )  # fmt: skip
+        ax.legend(loc="upper left", fontsize=7)
+    _log_scale(ax)
+    top = max(heights + [floor])
+    ax.set_ylim(floor, top * 6)
+    ax.set_ylabel(f"mean per-sample {what}")
+    ax.set_xlabel("arrangement", fontsize=8)
+    ax.set_title("Output change vs the i.i.d. batches", fontsize=9)
+    ax.tick_params(axis="x", labelsize=8)
+
+    ax = axes[1]
+    labelled = all(r["accuracy"] is not None for r in rows)
+    field = "accuracy" if labelled else "agreement"
+    scores = [_finite(r[field]) for r in rows]
+    colors = ["C2" if r["role"] == "reference" else _leak_color(r) for r in rows]
+    artists["score_bars"] = ax.bar([r["name"] for r in rows], scores, color=colors)
+    artists["score_labels"] = [
+        ax.annotate(
+            "n/a" if not math.isfinite(v) else f"{100 * v:.1f}%",
+            (bar.get_x() + bar.get_width() / 2, v if math.isfinite(v) else 0.0),
+            ha="center", va="bottom", fontsize=8,
+        )  # fmt: skip
+        for bar, v in zip(artists["score_bars"], scores, strict=True)
+    ]
+    ax.set_ylim(0, 1.1)
+    ax.set_xlabel("arrangement", fontsize=8)
+    ax.set_ylabel("accuracy" if labelled else "top-1 agreement with iid")
+    ax.set_title(
+        "Train-mode accuracy per arrangement" if labelled else "Agreement with the iid batches",
+        fontsize=9,
+    )
+    ax.tick_params(axis="x", labelsize=8)
+
+    if changes:
+        ax = axes[2]
+        import numpy as np
+
+        series = {name: np.sort(np.asarray(v, dtype=float)) for name, v in changes.items()}
+        positive = [float(s[s > 0].min()) for s in series.values() if (s > 0).any()]
+        low = min(positive) / 10 if positive else 1e-6
+        by_name = {r["name"]: r for r in rows}
+        artists["cdfs"] = []
+        for name, s in series.items():
+            row = by_name.get(name, {"role": "grouped"})
+            y = np.arange(1, len(s) + 1) / len(s)
+            artists["cdfs"] += ax.step(
+                np.maximum(s, low), y, where="post", color=_leak_color(row), label=name
+            )
+        _log_scale(ax, "x")
+        ax.set_xlim(low, None)
+        ax.set_xlabel(f"per-sample {what} vs iid")
+        ax.set_ylabel("fraction of samples")
+        ax.set_title("Distribution over the samples", fontsize=9)
+        ax.legend(loc="lower right", fontsize=7)
+        ax.grid(True, alpha=0.3)
+    artists["title"] = target.suptitle(
+        "Information leakage within a batch: the same samples, batched differently"
+    )
+    return Plot(_root(target), tuple(axes), artists)

@@ -1,7 +1,7 @@
 """A report as the user sees it: the terminal view, the figures and the report folder.
 
 One entry point per view, for every command's report (static and dynamic inspect, precise,
-adapt, ghost), used by the CLI and by Python users alike:
+adapt, ghost, leakage), used by the CLI and by Python users alike:
 
 - :func:`report_view` -> a rich renderable (what the command prints);
 - :func:`report_figures` -> ``name -> (caption, Figure)`` (drawn from the report's records,
@@ -42,6 +42,7 @@ REPORT_FILES = (
     "online_priors.png",
     "ghost_noise.png",
     "nbs_curve.png",
+    "leakage.png",
 )
 #: dots per inch of the PNG files in a report folder
 PNG_DPI = 120
@@ -78,6 +79,10 @@ def report_view(report: Report) -> Any:
         from .ghost import ghost_report
 
         return ghost_report(report)
+    if report.command == "leakage":
+        from .leakage import leakage_report
+
+        return leakage_report(report)
     raise ValueError(f"no view for a {report.command!r} report")
 
 
@@ -154,6 +159,19 @@ def report_figures(report: Report) -> dict[str, tuple[str, Figure]]:
                 report.extra["sizes"], report.extra["metrics"]["variants"]["precise"]
             ).figure,
         )
+    elif report.command == "leakage":
+        extra = report.extra
+        changes = report.arrays.get("leakage", {}).get("change")
+        made["leakage"] = (
+            "The same samples in i.i.d. batches and grouped: each sample's train-mode output "
+            "change against the i.i.d. batches, the noise floor of a second i.i.d. "
+            f"arrangement and {extra['ratio_threshold']:g} times it (a batch-leakage finding "
+            "above it), and accuracy per arrangement.",
+            f.leakage_figure(
+                extra["arrangements"], changes, metric=extra["metric"],
+                ratio_threshold=extra["ratio_threshold"],
+            ).figure,
+        )  # fmt: skip
     return made
 
 

@@ -2,7 +2,8 @@
 
 One file per command, ``bnscope/schemas/<command>.schema.json`` (JSON Schema draft 2020-12),
 for the documents whose ``schema`` is ``"bnscope.<command>/2"``: ``inspect`` (static and
-dynamic), ``precise``, ``adapt``, ``ghost``, ``corrupt`` and ``demo``. Each file stands alone.
+dynamic), ``precise``, ``adapt``, ``ghost``, ``leakage``, ``corrupt`` and ``demo``. Each file
+stands alone.
 :func:`schema` returns one as a dict, ready for any validator::
 
     import jsonschema, bnscope
@@ -21,7 +22,7 @@ from ..errors import UsageError
 from ..records import SCHEMA_VERSION
 
 #: the commands that write a JSON document
-COMMANDS = ("inspect", "precise", "adapt", "ghost", "corrupt", "demo")
+COMMANDS = ("inspect", "precise", "adapt", "ghost", "leakage", "corrupt", "demo")
 
 __all__ = ["COMMANDS", "schema"]
 

@@ -87,12 +87,14 @@ STATUSES: dict[str, list[str | None]] = {
     "inspect_layer": ["ok", "stale", "noisy", "unknown", "frozen", "not-called", "skipped"],
     "ghost_layer": ["analysed", "not-called", "skipped"],
     "ghost_size": ["ok", "skipped"],
+    "leakage_layer": ["analysed", "not-called", "skipped"],
 }
 #: records.FINDING_CODES
 FINDING_CODES: list[str | None] = [
     "no-batchnorm", "never-updated", "ema-warmup", "tiny-variance", "dead-channel",
     "non-finite", "not-called", "reused", "stale-ema", "train-test-gap", "small-nbs",
     "non-iid-batches", "domain-shift", "domain-divergence",
+    "batch-leakage",
 ]  # fmt: skip
 #: ops.corruptions.CORRUPTIONS
 CORRUPTIONS: list[str | None] = [
@@ -264,6 +266,42 @@ DEFS: dict[str, Schema] = {
         },
         description="records.GhostSize: the model at one ghost size, against population "
         "statistics (the metric keys of a variant, None for a skipped size)",
+    ),
+    "leakage_layer_arrangement": obj(
+        {"arrangement": STRING, "noise_mu": OPT_REAL, "effective_size": OPT_REAL},
+        description="records.LeakageLayerArrangement: one BN layer's batch means under one "
+        "arrangement",
+    ),
+    "leakage_layer": obj(
+        {
+            **_record_head("leakage_layer"),
+            "calls_per_forward": COUNT,
+            "arrangements": array(ref("leakage_layer_arrangement")),
+        },
+        description="records.LeakageLayer",
+    ),
+    "leakage_arrangement": obj(
+        {
+            "name": STRING,
+            "role": enum(["reference", "noise", "grouped"]),
+            "group_by": OPT_STRING,
+            "groups": nullable(COUNT),
+            "largest_group": nullable(COUNT),
+            "single_group_batches": nullable(COUNT),
+            "accuracy": OPT_FRACTION,
+            "loss": OPT_REAL,
+            "agreement": OPT_FRACTION,
+            "kl_mean": OPT_REAL,
+            "kl_median": OPT_REAL,
+            "l2_mean": OPT_REAL,
+            "l2_median": OPT_REAL,
+            "ratio": OPT_REAL,
+            "excess": OPT_REAL,
+            "greater_fraction": OPT_FRACTION,
+            "leak": nullable(BOOL),
+        },
+        description="records.LeakageArrangement: the model's train-mode outputs with the "
+        "samples arranged one way, against the iid arrangement (docs/statistics.md, section 10)",
     ),
     "variant": obj(
         {
@@ -564,6 +602,30 @@ def document_defs() -> dict[str, Schema]:
              "metrics"],  # fmt: skip
             RUN_GROUPS,
         ),
+        "leakage": _document(
+            "leakage",
+            "leakage_layer",
+            {
+                "verdict": enum(["leak", "none", "independent"]),
+                "verdict_text": STRING,
+                "group_by": array(STRING),
+                "batch_size": {"type": "integer", "minimum": 2},
+                "samples": COUNT,
+                "left_out": COUNT,
+                "batches": COUNT,
+                "seed": INT,
+                "metric": enum(["kl", "l2"]),
+                "ratio_threshold": REAL,
+                "excess_threshold": REAL,
+                "has_labels": BOOL,
+                "forwards": COUNT,
+                "arrangements": array(ref("leakage_arrangement")),
+            },
+            ["verdict", "verdict_text", "group_by", "batch_size", "samples", "left_out",
+             "batches", "seed", "metric", "ratio_threshold", "excess_threshold", "has_labels",
+             "forwards", "arrangements"],  # fmt: skip
+            RUN_GROUPS,
+        ),
     }
 
 
@@ -603,6 +665,7 @@ DESCRIPTIONS = {
     "precise": "bnscope precise: Precise BN",
     "adapt": "bnscope adapt: Adaptive BN",
     "ghost": "bnscope ghost: the normalization-batch-size analysis",
+    "leakage": "bnscope leakage: information leakage within a batch (batch composition)",
     "corrupt": "bnscope corrupt: a corrupted copy of an image folder",
     "demo": "bnscope demo: the demo's build and the documents of the commands it ran",
 }

@@ -24,6 +24,9 @@ from bnscope.records import (
     GhostLayerSize,
     GhostSize,
     InspectLayer,
+    LeakageArrangement,
+    LeakageLayer,
+    LeakageLayerArrangement,
     PreciseLayer,
     Report,
     StaticLayer,
@@ -105,6 +108,9 @@ RECORD_DEFS = {
     "ghost_layer": GhostLayer,
     "ghost_layer_size": GhostLayerSize,
     "ghost_size": GhostSize,
+    "leakage_layer": LeakageLayer,
+    "leakage_layer_arrangement": LeakageLayerArrangement,
+    "leakage_arrangement": LeakageArrangement,
     "finding": Finding,
 }
 
@@ -168,6 +174,16 @@ def test_a_domain_entry_lists_the_typed_keys():
     assert entry["additionalProperties"] is False
     job_keys = {"dropped_samples", "dropped_reason", "output"}  # a job adds them with data
     assert set(entry["dependentRequired"]["data"]) == job_keys
+
+
+def test_the_leakage_document_lists_exactly_the_typed_keys():
+    definition = bnscope.schema("leakage")
+    assert set(definition["properties"]) == HEAD | _keys(extras.LeakageExtra) | {"report_files"}
+    assert definition["additionalProperties"] is False and HEAD <= set(definition["required"])
+    assert not _keys(extras.SourceExtra) & set(definition["required"])
+    assert set(definition["dependentRequired"]["data"]) == {"dropped_samples", "dropped_reason"}
+    row = build.DEFS["leakage_arrangement"]["properties"]
+    assert set(row) == _keys(extras.LeakageArrangementDict)
 
 
 def test_metrics_have_one_layout_in_every_command():

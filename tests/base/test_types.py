@@ -24,6 +24,9 @@ from bnscope.records import (
     GhostLayerSize,
     GhostSize,
     InspectLayer,
+    LeakageArrangement,
+    LeakageLayer,
+    LeakageLayerArrangement,
     PreciseLayer,
     Report,
     Severity,
@@ -43,7 +46,7 @@ OLD_SEVERITIES = ("info", "warning", "error")
 
 RECORD_TYPES = (
     Finding, StaticLayer, PreciseLayer, AdaptLayer, InspectLayer, GhostLayer, GhostLayerSize,
-    GhostSize, Report, DomainLayer,
+    GhostSize, LeakageLayer, LeakageLayerArrangement, LeakageArrangement, Report, DomainLayer,
 )  # fmt: skip
 
 
@@ -147,6 +150,7 @@ def test_every_extra_key_an_operation_writes_is_declared():
     from bnscope.ops.adapt import adapt_bn
     from bnscope.ops.ghost import ghost_analysis
     from bnscope.ops.inspect import inspect
+    from bnscope.ops.leakage import leakage_analysis
     from bnscope.ops.precise import precise_bn
     from bnscope.ops.static import static_inspect
 
@@ -157,6 +161,7 @@ def test_every_extra_key_an_operation_writes_is_declared():
         extras.PreciseExtra: precise_bn(_model(), data),
         extras.AdaptExtra: adapt_bn(_model(), data, prior=4),
         extras.GhostExtra: ghost_analysis(_model(), data, [2, 8, 32]),
+        extras.LeakageExtra: leakage_analysis(_model(), data, batch_size=8),
     }
     for typed, rep in reports.items():
         assert set(rep.extra) <= _keys(typed), (typed.__name__, set(rep.extra) - _keys(typed))
@@ -172,6 +177,10 @@ def test_every_extra_key_an_operation_writes_is_declared():
     assert _keys(extras.VariantMetrics) <= _keys(extras.GhostSizeDict)
     # the dict forms are the records' to_dict()
     assert _keys(extras.GhostSizeDict) == set(records.field_names(GhostSize))
+    leakage = reports[extras.LeakageExtra].extra
+    assert set(leakage) == _keys(extras.LeakageExtra) - _keys(extras.RunExtra)
+    assert _keys(extras.LeakageArrangementDict) == set(records.field_names(LeakageArrangement))
+    assert all(set(row) == _keys(extras.LeakageArrangementDict) for row in leakage["arrangements"])
 
 
 def test_job_keys_are_declared():
@@ -180,7 +189,8 @@ def test_job_keys_are_declared():
     run = _keys(extras.RunExtra)
     assert {"format", "key", "prefix", "model", "project_file", "networks", "ema_key"} <= run
     assert {"data", "dropped_samples", "dropped_reason", "device", "amp", "channels_last"} <= run
-    for typed in (extras.InspectExtra, extras.PreciseExtra, extras.AdaptExtra, extras.GhostExtra):
+    for typed in (extras.InspectExtra, extras.PreciseExtra, extras.AdaptExtra, extras.GhostExtra,
+                  extras.LeakageExtra):  # fmt: skip
         assert run <= _keys(typed)
     assert {"metrics", "output"} <= _keys(extras.PreciseExtra) & _keys(extras.AdaptExtra)
     assert _keys(extras.SourceExtra) <= _keys(extras.StaticExtra)
@@ -194,6 +204,7 @@ def test_report_aliases_name_the_record_and_extra_types():
     assert set(hints) >= {"command", "checkpoint", "layers", "findings", "extra", "arrays"}
     assert extras.PreciseReport.__args__ == (PreciseLayer, extras.PreciseExtra)
     assert extras.GhostReport.__args__ == (GhostLayer, extras.GhostExtra)
+    assert extras.LeakageReport.__args__ == (LeakageLayer, extras.LeakageExtra)
     assert extras.StaticReport.__args__ == (StaticLayer, extras.StaticExtra)
 
 

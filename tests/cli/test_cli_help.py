@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from bnscope import __version__
 from bnscope.cli import app
 
-COMMANDS = ["inspect", "precise", "adapt", "ghost", "demo", "corrupt", "completion"]
+COMMANDS = ["inspect", "precise", "adapt", "ghost", "leakage", "demo", "corrupt", "completion"]
 #: an upper-case word (PATH, SPEC, N), or the values themselves (bf16|fp16)
 METAVAR = re.compile(r"^([A-Z]+|[a-z0-9]+(\|[a-z0-9]+)+)$")
 

@@ -61,6 +61,7 @@ RUNS: dict[str, tuple[str, ...]] = {
                    "--prior", "16", "-o", "TMP/a2.pt"),
     "ghost": ("ghost", "CK", *MODEL, "--data", "DATA", "--batch-size", "16",
               "--sizes", "2,4,32"),
+    "leakage": ("leakage", "CK", *MODEL, "--data", "DATA", "--batch-size", "8"),
     "corrupt": ("corrupt", "IMG", "TMP/corrupted", "--corruption", "contrast"),
 }  # fmt: skip
 #: the variants of each document's metrics (None: no metrics)
@@ -74,6 +75,7 @@ VARIANTS = {
     "adapt": None,
     "adapt-eval": ["running", "adapted", "batch", "prior"],
     "ghost": ["precise"],
+    "leakage": None,
     "corrupt": None,
 }
 

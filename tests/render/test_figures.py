@@ -207,6 +207,21 @@ def unlabelled_variants(metrics: dict, agreement: dict) -> dict:
     }
     return {**metrics, "has_labels": False, "variants": variants}
 
+def leakage_row(name: str, role: str, kl: float, accuracy: float, ratio=None, leak=None) -> dict:
+    return {"name": name, "role": role, "group_by": None if role != "grouped" else name,
+            "groups": None, "largest_group": None, "single_group_batches": None,
+            "accuracy": accuracy, "loss": 0.1, "agreement": 1.0, "kl_mean": kl,
+            "kl_median": kl / 2, "l2_mean": kl, "l2_median": kl, "ratio": ratio,
+            "excess": None, "greater_fraction": None, "leak": leak}  # fmt: skip
+
+
+LEAKAGE_ROWS = [
+    leakage_row("iid", "reference", 0.0, 0.98),
+    leakage_row("iid-2", "noise", 0.05, 0.97),
+    leakage_row("label", "grouped", 5.0, 0.28, ratio=100.0, leak=True),
+]
+LEAKAGE_CHANGES = {"iid-2": torch.tensor([0.0, 0.01, 0.1]), "label": torch.tensor([4.0, 5.0])}
+
 # name -> (function, positional arguments, panels, default figure size)
 CASES: dict[str, tuple[Callable[..., F.Plot], tuple, int, tuple[float, float]]] = {
     "static_ranges": (F.static_ranges_figure, (STATIC,), 3, (6.0, 7.5)),
@@ -225,6 +240,8 @@ CASES: dict[str, tuple[Callable[..., F.Plot], tuple, int, tuple[float, float]]] 
     "staleness": (F.staleness_figure, (INSPECT,), 3, (6.0, 7.5)),
     "batch_means": (F.batch_means_figure, ("layer1.bn", ARRAYS), 2, (6.2, 3.2)),
     "consistency": (F.consistency_figure, (CONSISTENCY,), 1, (5.5, 3.8)),
+    "leakage": (F.leakage_figure, (LEAKAGE_ROWS, LEAKAGE_CHANGES), 3, (13.2, 3.9)),
+    "leakage_rows": (F.leakage_figure, (LEAKAGE_ROWS,), 2, (9.0, 3.9)),
 }
 SINGLE = ["adapt_metrics", "online_priors", "nbs_curve", "consistency"]
 MULTI = [name for name in CASES if name not in SINGLE]
@@ -629,7 +646,7 @@ def test_every_axis_is_labelled(name):
 
 
 LOG_FIGURES = {"static_ranges", "change", "change_metrics", "shift", "ghost_noise", "staleness",
-               "nbs_curve"}  # fmt: skip
+               "nbs_curve", "leakage", "leakage_rows"}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", CASES)

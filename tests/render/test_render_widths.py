@@ -19,6 +19,8 @@ from bnscope.records import (
     GhostLayer,
     GhostLayerSize,
     InspectLayer,
+    LeakageLayer,
+    LeakageLayerArrangement,
     PreciseLayer,
     Report,
     StaticLayer,
@@ -215,12 +217,64 @@ def ghost_report(names=NAMES) -> Report:
     return report("ghost", layers, (finding,), extra)
 
 
+ARRANGEMENTS = ("iid", "iid-2", "label", "image_id")
+
+
+def leakage_report(names=NAMES) -> Report:
+    layers = tuple(
+        LeakageLayer(
+            name=n, num_features=16, status="analysed", calls_per_forward=1,
+            arrangements=tuple(
+                LeakageLayerArrangement(arrangement=a, noise_mu=0.12 * (j + 1),
+                                        effective_size=31.7 / (1 + 9 * (a == "label")) + i)
+                for j, a in enumerate(ARRANGEMENTS)
+            ),
+        )
+        for i, n in enumerate(names)
+    )  # fmt: skip
+
+    def row(name, role, **kw):
+        base = dict(name=name, role=role, group_by=None, groups=None, largest_group=None,
+                    single_group_batches=None, accuracy=0.984, loss=0.0791, agreement=1.0,
+                    kl_mean=0.0, kl_median=0.0, l2_mean=0.0, l2_median=0.0, ratio=None,
+                    excess=None, greater_fraction=None, leak=None)  # fmt: skip
+        return {**base, **kw}
+
+    rows = [
+        row("iid", "reference"),
+        row("iid-2", "noise", accuracy=0.977, loss=0.0784, agreement=0.971, kl_mean=0.0482,
+            kl_median=0.00881, l2_mean=0.208, l2_median=0.155),
+        row("label", "grouped", group_by="label", groups=4, largest_group=143,
+            single_group_batches=13, accuracy=0.283, loss=1.713, agreement=0.299, kl_mean=5.12,
+            kl_median=4.72, l2_mean=0.858, l2_median=0.879, ratio=106.3, excess=0.672,
+            greater_fraction=0.994, leak=True),
+        row("image_id", "grouped", group_by="image_id", groups=64, largest_group=14,
+            single_group_batches=0, accuracy=0.982, loss=0.0755, agreement=0.973,
+            kl_mean=0.0421, kl_median=0.0079, l2_mean=0.198, l2_median=0.149, ratio=0.874,
+            excess=-0.002, greater_fraction=0.48, leak=False),
+    ]  # fmt: skip
+    finding = Finding(code="batch-leakage", severity="warning", layer=names[0],
+                      message="batches grouped by label change the model's train-mode outputs "
+                      "106x more than re-shuffled i.i.d. batches of the same samples do",
+                      fix="train with batches that mix labels")  # fmt: skip
+    extra = {
+        **RUN, "verdict": "leak", "verdict_text": "Batch statistics leak information between "
+        "samples: batches of 32 grouped by label (106x) change train-mode outputs beyond "
+        "i.i.d. noise; grouping by image_id (0.874x) does not.", "group_by": ["label", "image_id"],
+        "batch_size": 32, "samples": 512, "left_out": 0, "batches": 16, "seed": 0,
+        "metric": "kl", "ratio_threshold": 2.0, "excess_threshold": 0.01, "has_labels": True,
+        "forwards": 80, "arrangements": rows,
+    }  # fmt: skip
+    return report("leakage", layers, (finding,), extra)
+
+
 BUILDERS = {
     "static": static_report,
     "inspect": dynamic_report,
     "precise": precise_report,
     "adapt": adapt_report,
     "ghost": ghost_report,
+    "leakage": leakage_report,
 }
 
 
