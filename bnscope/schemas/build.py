@@ -91,7 +91,7 @@ STATUSES: dict[str, list[str | None]] = {
 FINDING_CODES: list[str | None] = [
     "no-batchnorm", "never-updated", "ema-warmup", "tiny-variance", "dead-channel",
     "non-finite", "not-called", "reused", "stale-ema", "train-test-gap", "small-nbs",
-    "non-iid-batches", "domain-shift",
+    "non-iid-batches", "domain-shift", "momentum-convention", "var-convention", "eps-mismatch",
 ]  # fmt: skip
 #: ops.corruptions.CORRUPTIONS
 CORRUPTIONS: list[str | None] = [
@@ -221,6 +221,15 @@ DEFS: dict[str, Schema] = {
             "ema_noise_mu": OPT_REAL,
             "batch_spread_mu": OPT_REAL,
             "batch_spread_var": OPT_REAL,
+            "d_mu_rms": OPT_REAL,
+            "batch_spread_mu_rms": OPT_REAL,
+            "var_slope": OPT_REAL,
+            "var_convention": enum(
+                ["std", "inverse-var", "inverse-std", "scale", None],
+                "what running_var holds when it is not variances (docs/statistics.md, "
+                "section 10.2)",
+            ),
+            "var_scale": OPT_REAL,
         },
         description="records.InspectLayer",
     ),
@@ -302,6 +311,20 @@ DEFS: dict[str, Schema] = {
         },
         description="extras.LabelMixDict: the class mix of the labelled batches against random "
         "batches (docs/statistics.md, section 2.8); null without labels",
+    ),
+    "eps_check": obj(
+        {
+            "eps": OPT_REAL,
+            "other_eps": OPT_REAL,
+            "layers": COUNT,
+            "channels": COUNT,
+            "max_gain_ratio": OPT_REAL,
+            "evaluated": BOOL,
+            "variant": nullable(ref("variant")),
+        },
+        description="extras.EpsCheckDict: the eps of most BN layers against the other "
+        "framework's (docs/statistics.md, section 10.3); variant: the model with the other eps "
+        "against running, when it was evaluated",
     ),
     "demo_build": obj(
         {
@@ -440,9 +463,10 @@ def document_defs() -> dict[str, Schema]:
                 "metrics": _metrics("inspect"),
                 "static_layers": array(ref("static_layer")),
                 "label_mix": nullable(ref("label_mix")),
+                "eps_check": ref("eps_check"),
             },
             ["verdict", "verdict_text", "batches", "samples", "forwards", "metrics",
-             "static_layers", "label_mix"],  # fmt: skip
+             "static_layers", "label_mix", "eps_check"],  # fmt: skip
             RUN_GROUPS,
         ),
         "precise": _document(
