@@ -45,10 +45,15 @@ MOMENTUM_CONVENTION = 0.5
 VAR_FLOOR = 10.0
 #: ... at least this many of them ...
 MIN_CHANNELS = 8
-#: ... and a standard deviation of log var_pop over them of at least this (the variances of the
-#: channels differ by a typical factor e^0.5 = 1.65): a slope needs spread to be measured, and
-#: where all variances are alike the conversions hardly change them
-MIN_LOG_SPREAD = 0.5
+#: ... a standard deviation of x = log var_pop over them of at least this (where all variances
+#: are alike there is no slope to measure, and the conversions hardly change them) ...
+MIN_LOG_SPREAD = 0.1
+#: ... and a slope measured to within this standard error: sigma_r / (sd(x) sqrt(n)), sigma_r
+#: the robust spread of the residuals (1.4826 median absolute deviation). Then a slope near a
+#: conversion's is at least 3 standard errors from the next one's (SLOPE_TOL = 0.2). Clean
+#: conversions fit exactly and are judged at any spread above MIN_LOG_SPREAD; stale statistics
+#: need channels whose variances differ more.
+MAX_SLOPE_SE = 0.07
 #: the fit uses at most this many channels (evenly spaced in var_pop order): Theil-Sen takes
 #: every pair, n (n - 1) / 2 slopes
 MAX_FIT_CHANNELS = 512
@@ -159,6 +164,20 @@ def theil_sen(x: Any, y: Any) -> tuple[float, float]:
     return slope, float(np.median(ys - slope * xs))
 
 
+def slope_se(x: Any, y: Any, slope: float, intercept: float) -> float:
+    """The standard error of a fitted slope: sigma_r / (sd(x) sqrt(n)), with sigma_r = 1.4826
+    times the median absolute deviation of the residuals y - (intercept + slope x) (the
+    standard deviation for normal residuals, robust to outliers); the least-squares formula,
+    which Theil-Sen matches within a few percent for normal errors. inf without spread in x."""
+    xs = np.asarray(x, dtype=np.float64)
+    r = np.asarray(y, dtype=np.float64) - (intercept + slope * xs)
+    spread = float(np.std(xs))
+    if spread == 0 or xs.size < 2:
+        return math.inf
+    sigma = 1.4826 * float(np.median(np.abs(r - np.median(r))))
+    return sigma / (spread * math.sqrt(xs.size))
+
+
 def _subsample(x: np.ndarray, limit: int) -> np.ndarray:
     """Indices of at most ``limit`` points, evenly spaced in the order of x."""
     order = np.argsort(x, kind="stable")
@@ -178,7 +197,8 @@ def fit_var_convention(
     """Which quantity ``running_var`` holds, judged against the population statistics of the
     same channels (docs/statistics.md, section 10.2). None when the layer cannot be judged:
     fewer than :data:`MIN_CHANNELS` usable channels (var_pop > VAR_FLOOR * eps, running_var
-    finite and > 0) or a spread of x below :data:`MIN_LOG_SPREAD`.
+    finite and > 0), a spread of x below :data:`MIN_LOG_SPREAD`, or a slope whose standard error
+    (:func:`slope_se`) is above :data:`MAX_SLOPE_SE`.
 
     ``init_weight`` is w = (1-m)^T, the weight an EMA still gives its initial mean 0 / var 1
     (0 when unknown): the running statistics of a correct but unwarmed EMA are
@@ -209,6 +229,8 @@ def fit_var_convention(
         return None
     pick = _subsample(x, MAX_FIT_CHANNELS)
     slope, intercept = theil_sen(x[pick], y[pick])
+    if slope_se(x, y, slope, intercept) > MAX_SLOPE_SE:
+        return None
     fit = VarFit(channels=int(usable.sum()), slope=slope, intercept=intercept)
     nearest = min(SLOPES, key=lambda k: abs(SLOPES[k] - slope))
     if abs(SLOPES[nearest] - slope) > SLOPE_TOL:
