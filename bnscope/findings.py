@@ -652,6 +652,6 @@ def converted_verdict(conversions: Mapping[str, int], fitted: int) -> str:
     }
     parts = [f"{what.get(k, k)} in {n} of {fitted}" for k, n in conversions.items()]
     return (
-        f"Converted checkpoint: {'; '.join(parts)} BN layers the fit could judge "
-        "(var-convention). "
+        f"Converted checkpoint: {'; '.join(parts)} BN layer{'s' if fitted != 1 else ''} the "
+        "fit could judge (var-convention). "
     )

@@ -65,8 +65,9 @@ OFFSET_TOL = math.log(2.0)
 #: ... and the conversion must explain the channels at least twice as well as "running_var is
 #: the variance": median |y - b_k x| <= RESID_RATIO * median |y - x|
 RESID_RATIO = 0.5
-#: scale: a common factor s with |log s| >= log 2 ...
-SCALE_MIN = 2.0
+#: scale: a common factor s with |log s| >= log 4 (Caffe's s is about 1000 after training; a
+#: factor near 1 is too easily mimicked by noisy stale statistics) ...
+SCALE_MIN = 4.0
 #: ... the channels' log ratios within RESID_RATIO * |log s| of log s (median absolute
 #: deviation) ...
 #: ... and the running means scaled by the same s: the median of running_mean / mu_pop over

@@ -12,6 +12,7 @@ import pytest
 
 from bnscope.ops.conventions import (
     EPS_CHANNELS,
+    MAX_SLOPE_SE,
     MIN_CHANNELS,
     MOMENTUM_CONVENTION,
     SLOPES,
@@ -22,6 +23,7 @@ from bnscope.ops.conventions import (
     gain_ratio,
     mean_scale,
     other_eps,
+    slope_se,
     tf_momentum,
     theil_sen,
 )
@@ -146,10 +148,36 @@ def test_layers_that_cannot_be_judged_give_no_fit():
     mean, var = population(channels=MIN_CHANNELS - 1)
     assert fit_var_convention(mean, np.sqrt(var), mean, var, EPS) is None  # too few channels
     mean, _ = population()
-    narrow = np.exp(np.linspace(-0.4, 0.4, 32))  # sd of log var 0.24 < MIN_LOG_SPREAD
-    assert fit_var_convention(mean, np.sqrt(narrow), mean, narrow, EPS) is None
+    alike = np.exp(np.linspace(-0.15, 0.15, 32))  # sd of log var 0.09 < MIN_LOG_SPREAD
+    assert fit_var_convention(mean, np.sqrt(alike), mean, alike, EPS) is None
     tiny = np.full(32, 5 * EPS)  # every channel at eps's scale: none is usable
     assert fit_var_convention(mean, np.sqrt(tiny), mean, tiny, EPS) is None
+
+
+def test_narrow_spread_is_judged_when_the_slope_is_precise():
+    """Variances within a factor 2 (sd of log var 0.24): an exact conversion still has a
+    precise slope; statistics that scatter 20% around it do not (standard error 0.24 / 0.24 /
+    sqrt(32) = 0.18 > MAX_SLOPE_SE), and then nothing is said."""
+    mean, _ = population()
+    narrow = np.exp(np.linspace(-0.4, 0.4, 32))
+    fit = fit_var_convention(mean, np.sqrt(narrow), mean, narrow, EPS)
+    assert fit is not None and fit.conversion == "std"
+    assert slope_se(np.log(narrow), 0.5 * np.log(narrow), 0.5, 0.0) == 0.0
+    scattered = noisy(np.sqrt(narrow), 0.2)
+    x, y = np.log(narrow), np.log(scattered)
+    b, a = theil_sen(x, y)
+    assert slope_se(x, y, b, a) > MAX_SLOPE_SE
+    assert fit_var_convention(mean, scattered, mean, narrow, EPS) is None
+
+
+def test_slope_se_closed_form():
+    """Residuals +-r alternating (median absolute deviation r) over x with sd s, n points:
+    1.4826 r / (s sqrt(n))."""
+    x = np.linspace(-1.0, 1.0, 16)
+    r = 0.1 * np.where(np.arange(16) % 2 == 0, 1.0, -1.0)
+    expected = 1.4826 * 0.1 / (np.std(x) * 4.0)
+    assert slope_se(x, 2 * x + 1 + r, 2.0, 1.0) == pytest.approx(expected, rel=1e-12)
+    assert slope_se(np.ones(5), np.ones(5), 1.0, 0.0) == math.inf
 
 
 def test_unusable_channels_are_left_out():
@@ -231,3 +259,33 @@ def test_eps_outcome():
     assert eps_outcome(None, None, None, None, 0.995, 0.3) is None
     assert eps_outcome(None, None, None, None, None, 0.06) == "material"  # no class scores
     assert eps_outcome(None, None, None, None, None, 0.04) is None
+
+
+def test_simulated_stale_layers_are_never_called_converted():
+    """Healthy and stale layers of many shapes (8 to 64 channels, log-variance spreads 0.15 to
+    1.2, per-channel log noise 0.02 to 0.6 on the stored variances and 0.02 to 0.6 sigma on the
+    means, every other one with its input rescaled by a random c after the EMA): no conversion,
+    ever (a seeded run: the same draws every time). The same layers with sqrt(running_var)
+    and little noise are all found."""
+    rng = np.random.default_rng(0)
+    flagged, missed = [], []
+    for n in (8, 16, 64):
+        for spread in (0.15, 0.6, 1.2):
+            for noise in (0.02, 0.3, 0.6):
+                for case in range(12):
+                    x = rng.normal(rng.uniform(-2, 2), spread, n)
+                    var = np.exp(x)
+                    mean = rng.normal(0, 1, n) * np.sqrt(var)
+                    c = math.exp(rng.normal(0, 0.5)) if case % 2 else 1.0
+                    stored = var * c**2 * np.exp(rng.normal(0, noise, n))
+                    stored_mean = mean * c + rng.normal(0, noise, n) * np.sqrt(var)
+                    fit = fit_var_convention(stored_mean, stored, mean, var, EPS)
+                    if fit is not None and fit.conversion is not None:
+                        flagged.append((n, spread, noise, case, fit))
+                    if spread >= 0.6 and noise == 0.02:
+                        std = np.sqrt(var) * np.exp(rng.normal(0, noise, n))
+                        fit = fit_var_convention(mean, std, mean, var, EPS)
+                        if fit is None or fit.conversion != "std":
+                            missed.append((n, spread, case, fit))
+    assert not flagged, flagged
+    assert not missed, missed

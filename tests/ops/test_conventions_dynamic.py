@@ -190,8 +190,8 @@ def test_stale_but_correct_statistics_are_stale_not_converted(healthy):
 
 
 def test_narrow_layers_are_not_judged():
-    """Variances alike across channels (make_tiny as it is, 4 channels): no fit, no finding,
-    even with a std in running_var."""
+    """Too few channels (make_tiny as it is: 4 < MIN_CHANNELS): no fit, no finding, even with
+    a std in running_var."""
     data = image_data(6)
     torch.manual_seed(0)
     model = run_ema(make_tiny(), data)
