@@ -219,10 +219,9 @@ def fit_var_convention(
     p_mean = np.asarray(pop_mean, dtype=np.float64).reshape(-1)
     p_var = np.asarray(pop_var, dtype=np.float64).reshape(-1)
     w = min(max(float(init_weight), 0.0), 1.0) if math.isfinite(init_weight) else 0.0
-    with np.errstate(invalid="ignore"):
-        usable = (
-            np.isfinite(r_var) & (r_var > 0) & np.isfinite(p_var) & (p_var > VAR_FLOOR * eps)
-        )
+    # (comparisons with NaN are False and raise no warning: no np.errstate, whose context
+    # variable would outlive the call)
+    usable = np.isfinite(r_var) & (r_var > 0) & np.isfinite(p_var) & (p_var > VAR_FLOOR * eps)
     if int(usable.sum()) < MIN_CHANNELS:
         return None
     x, y = np.log((1.0 - w) * p_var[usable] + w), np.log(r_var[usable])
@@ -263,8 +262,8 @@ def mean_scale(running_mean: Any, pop_mean: Any, sigma2: Any) -> float | None:
     r = np.asarray(running_mean, dtype=np.float64).reshape(-1)
     m = np.asarray(pop_mean, dtype=np.float64).reshape(-1)
     s2 = np.asarray(sigma2, dtype=np.float64).reshape(-1)
-    with np.errstate(invalid="ignore"):
-        ok = np.isfinite(r) & np.isfinite(m) & (np.abs(m) >= MEAN_INFORMATIVE * np.sqrt(s2))
+    sigma = np.sqrt(np.where(np.isfinite(s2) & (s2 > 0), s2, 0.0))
+    ok = np.isfinite(r) & np.isfinite(m) & (m != 0) & (np.abs(m) >= MEAN_INFORMATIVE * sigma)
     if int(ok.sum()) < MIN_MEAN_CHANNELS:
         return None
     ratio = float(np.median(r[ok] / m[ok]))
@@ -286,7 +285,7 @@ def gain_ratio(pop_var: Any, eps: float, other: float) -> np.ndarray:
     ``other``: sqrt((var + max) / (var + min)) >= 1 of the two eps (var = var_pop, clamped at
     0; NaN stays NaN)."""
     v = np.clip(np.asarray(pop_var, dtype=np.float64).reshape(-1), 0.0, None)
-    lo, hi = min(eps, other), max(eps, other)
+    lo, hi = max(min(eps, other), 1e-30), max(eps, other)  # eps = 0: no division by zero
     return np.asarray(np.sqrt((v + hi) / (v + lo)))
 
 
@@ -296,8 +295,7 @@ def eps_sensitive(ratios: Any) -> tuple[bool, int]:
     r = np.asarray(ratios, dtype=np.float64).reshape(-1)
     if r.size == 0:
         return False, 0
-    with np.errstate(invalid="ignore"):
-        hit = int((r >= 1.0 + EPS_GAIN).sum())
+    hit = int((r >= 1.0 + EPS_GAIN).sum())  # NaN compares False
     return hit > 0 and hit >= EPS_CHANNELS * r.size, hit
 
 

@@ -40,7 +40,10 @@ for the run when needed and gives every parameter and buffer slot its own tensor
    batch-statistics forwards again, paired batch by batch.
 
 So 3 forwards per batch when the order repeats and the output was kept; otherwise 4, or 5
-when the order changes only after the first batch (``extra["forwards"]`` counts them).
+when the order changes only after the first batch (``extra["forwards"]`` counts them). One
+more per batch in pass 2 when eps matters for this model (the conversion checks,
+:mod:`bnscope.ops.conventions`): the running statistics with every BN layer's eps of the other
+framework's convention (:func:`bnscope.engine.evaluate.using_eps`), to see which fits.
 Every module's mode, every parameter and every buffer of the model are as before on return,
 also when a forward raises.
 """
@@ -409,16 +412,19 @@ def inspect(
     ``data`` is the training data (what the running statistics should describe); it is read
     twice, so it must be re-iterable. The model is not changed. Returns an ``inspect`` report:
     :class:`~bnscope.records.InspectLayer` records in module order, findings (``stale-ema``,
-    ``train-test-gap``, ``small-nbs`` for noisy EMAs, ``not-called``, ``reused`` and the static
-    ones: ``ema-warmup``, ``never-updated``, ``tiny-variance``, ``dead-channel``,
-    ``non-finite``), and ``extra["metrics"]`` with the variants running, precise and batch
-    statistics on the same batches (reference: running). ``device``, ``amp`` and
-    ``channels_last`` as in :func:`bnscope.precise_bn`.
+    ``train-test-gap``, ``small-nbs`` for noisy EMAs, ``not-called``, ``reused``, the
+    conversion checks ``momentum-convention``, ``var-convention`` and ``eps-mismatch``
+    (docs/statistics.md, section 10) and the static ones: ``ema-warmup``, ``never-updated``,
+    ``tiny-variance``, ``dead-channel``, ``non-finite``), ``extra["metrics"]`` with the
+    variants running, precise and batch statistics on the same batches (reference: running)
+    and ``extra["eps_check"]``. ``device``, ``amp`` and ``channels_last`` as in
+    :func:`bnscope.precise_bn`.
 
     Forwards per batch: 3 when the data comes back in the same order (the collection forward
     is the batch-statistics forward; the second pass adds running and population statistics,
-    paired with it by a fingerprint of each batch), 4 otherwise. ``extra["forwards"]`` says
-    how many were run in all.
+    paired with it by a fingerprint of each batch), 4 otherwise; one more where eps matters
+    (the running statistics with the other convention's eps). ``extra["forwards"]`` says how
+    many were run in all.
 
     Labels, where batches carry them, must be class indices of the outputs (a
     :class:`~bnscope.errors.DataError` otherwise, once the sums are read); ``num_classes`` as
