@@ -542,22 +542,22 @@ def var_convention(
         if count == 1
         else f"in {count} of the {fitted} BN layers the fit could judge"
     )
-    median = "" if count == 1 else " (median over them)"
+    median = "" if count == 1 else "median over them; "
     if conversion == "scale":
         s = scale if scale is not None else float("nan")
         message = (
-            f"running_mean and running_var are both s = {s:.4g} times the population "
+            f"running_mean and running_var are both s = {s:.6g} times the population "
             f"statistics {where} (Caffe's scale_factor not divided out): log running_var "
             f"against log var_pop has slope {slope:.2f} and offset log s = {offset:.2f}"
-            f"{median}, and the running means carry the same factor; eval mode normalizes with "
-            "the wrong statistics"
+            f"{f' ({median[:-2]})' if median else ''}, and the running means carry the same "
+            "factor; eval mode normalizes with the wrong statistics"
         )
         undo = f"running_mean /= {s:.6g}; running_var /= {s:.6g}"
     else:
         what, undo = VAR_CONVERSIONS[conversion]
         message = (
             f"running_var holds {what}, not variances, {where}: log running_var against log "
-            f"var_pop has slope {slope:.2f}{median} (1 for variances, "
+            f"var_pop has slope {slope:.2f} ({median}1 for variances, "
             f"{_slope_text(conversion)} for {what.split(' (')[0]}); eval mode normalizes with "
             "the wrong scale"
         )
