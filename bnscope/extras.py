@@ -36,6 +36,7 @@ __all__ = [
     "DomainDict",
     "DomainsExtra",
     "DomainsReport",
+    "EpsCheckDict",
     "EvaluationDict",
     "GhostExtra",
     "GhostReport",
@@ -217,6 +218,24 @@ class LeakageArrangementDict(TypedDict):
     excess: float | None
     greater_fraction: float | None
     leak: bool | None
+class EpsCheckDict(TypedDict):
+    """``eps_check`` of a dynamic inspect report (docs/statistics.md, section 11.3): ``eps``,
+    the eps of most BN layers, and ``other_eps``, the other framework's convention tried in
+    its place (each layer gets the other convention of its own eps); ``layers`` counts the
+    BN layers where eps matters (enough channels whose eval-mode gain the other eps changes by
+    1% or more), ``channels`` those channels, ``max_gain_ratio`` the largest change of a gain
+    (a factor >= 1; None without a layer that ran). ``evaluated`` says whether the model ran
+    with the other eps (only where eps matters); ``variant`` is then the model with running
+    statistics and the other eps against ``running`` (the keys of a metrics variant), else
+    None."""
+
+    eps: float | None
+    other_eps: float | None
+    layers: int
+    channels: int
+    max_gain_ratio: float | None
+    evaluated: bool
+    variant: VariantMetrics | None
 
 
 #: the one-word verdict of a dynamic inspect report
@@ -274,8 +293,8 @@ class InspectExtra(RunExtra, total=False):
     """Dynamic inspect: the ``verdict`` and its sentence, ``batches``/``samples`` collected,
     ``forwards`` run in all, the train/test ``metrics`` (running, precise and batch statistics
     on the same batches), the static layer records (``static_layers``:
-    :meth:`bnscope.records.StaticLayer.to_dict` of each) and the class mix of the collected
-    batches (``label_mix``, None without labels)."""
+    :meth:`bnscope.records.StaticLayer.to_dict` of each), the class mix of the collected
+    batches (``label_mix``, None without labels) and the eps check (``eps_check``)."""
 
     verdict: InspectVerdict
     verdict_text: str
@@ -285,6 +304,7 @@ class InspectExtra(RunExtra, total=False):
     metrics: ReportMetrics
     static_layers: list[dict[str, Any]]
     label_mix: LabelMixDict | None
+    eps_check: EpsCheckDict
 
 
 class PreciseExtra(RunExtra, total=False):

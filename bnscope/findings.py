@@ -275,9 +275,12 @@ def train_test_gap(
     agreement: float | None,
     accuracy: dict[str, float | None],
     precise_fix: str,
+    converted: bool = False,
 ) -> Finding:
     """``kind`` is ``"worse"`` (eval mode loses against batch statistics) or ``"better"``;
-    ``accuracy`` has the accuracies with running, batch and precise statistics."""
+    ``accuracy`` has the accuracies with running, batch and precise statistics; ``stale``
+    whether some layer is stale, ``converted`` whether some layer's running_var is in another
+    convention (var-convention)."""
     what = ""
     if accuracy.get("running") is not None:
         what = (
@@ -291,8 +294,12 @@ def train_test_gap(
             "train-mode metrics understate the model"
         )
         fix = "nothing to fix for evaluation; bnscope ghost shows the NBS curve"
-    elif stale:
-        severity, cause = Severity.WARNING, "stale running statistics (see stale-ema)"
+    elif stale or converted:
+        severity = Severity.WARNING
+        cause = " and ".join(
+            (["running statistics in another convention (see var-convention)"] if converted
+             else []) + (["stale running statistics (see stale-ema)"] if stale else [])
+        )  # fmt: skip
         fix = precise_fix
     else:
         severity = Severity.WARNING
@@ -611,4 +618,212 @@ def domain_divergence(layer: str, a: str, b: str, kl_median: float, threshold: f
             "writes, or one model with bnscope.nn.SplitBatchNorm layers (bnscope adapt --split "
             "writes its checkpoint)"
         ),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion and convention checks (docs/statistics.md, section 11): momentum-convention,
+# var-convention, eps-mismatch
+
+
+def momentum_convention(
+    layer: str,
+    momentum: float,
+    meant: float,
+    operation: str,
+    measured: tuple[float, float, int] | None = None,
+) -> Finding:
+    """A momentum that looks like TF/Keras's (the weight of the old value). ``operation`` is
+    static, inspect, precise or adapt (what the fix says); ``measured`` (dynamic inspect) is
+    (the running means' distance from the population, a single batch's, both in sigma and RMS
+    over channels, and over how many layers of this momentum their medians were taken)."""
+    factor = momentum / (2.0 - momentum)
+    message = (
+        f"momentum {momentum:g} keeps only {pct(1 - momentum, 0)} of the EMA's past: it looks "
+        f"like TF/Keras's momentum (decay) {momentum:g}, which is PyTorch's {meant:g}; such an "
+        f"EMA is about as noisy as one batch (variance m/(2-m) = {factor:.2f} of a single "
+        "batch's)"
+    )
+    if measured is not None:
+        gap, spread, count = measured
+        where = "" if count == 1 else f"; medians over the {count} layers with this momentum"
+        figures = (
+            f"{gap:.3g} sigma vs a single batch's {spread:.3g} sigma (RMS over channels{where})"
+        )
+        if gap >= 0.5 * spread:
+            message += (
+                "; measured: the running means are as far from the population as one batch's: "
+                + figures
+            )
+        else:
+            message += (
+                f"; measured: the running means are closer to the population than one batch's "
+                f"(recomputed since?): {figures}"
+            )
+    if operation == "precise":
+        fix = (
+            f"set momentum={meant:g} on this layer in the model code before training on: the "
+            "statistics written now are exact, more training with this momentum makes them "
+            "one batch's again"
+        )
+    elif operation == "adapt":
+        fix = (
+            f"set momentum={meant:g} on this layer in the model code if the model is trained "
+            "further (the adapted statistics written now do not depend on it)"
+        )
+    else:
+        fix = (
+            f"set momentum={meant:g} on this layer in the model code, then recompute the "
+            "statistics: bnscope precise"
+        )
+    return Finding(
+        code="momentum-convention",
+        severity=Severity.WARNING,
+        layer=layer,
+        message=message,
+        fix=fix,
+    )
+
+
+#: what each conversion of var-convention stored in running_var, and how to undo it
+VAR_CONVERSIONS = {
+    "std": ("standard deviations", "running_var = running_var ** 2"),
+    "inverse-var": ("inverse variances", "running_var = 1 / running_var"),
+    "inverse-std": ("inverse standard deviations (Caffe2's inv_std)",
+                    "running_var = running_var ** -2"),  # fmt: skip
+}
+
+
+def var_convention(
+    layer: str,
+    conversion: str,
+    slope: float,
+    offset: float,
+    scale: float | None,
+    count: int,
+    fitted: int,
+    precise_fix: str,
+) -> Finding:
+    """running_var holds another quantity than the variance (``conversion``: std, inverse-var,
+    inverse-std) or the statistics need a scale factor (``scale``: s = exp(``offset``)).
+    ``slope``, ``offset`` and ``scale`` are medians over the ``count`` layers with this
+    conversion, of ``fitted`` layers the fit could judge; ``precise_fix`` says what bnscope
+    precise would change."""
+    where = (
+        "in this layer"
+        if count == 1
+        else f"in {count} of the {fitted} BN layers the fit could judge"
+    )
+    median = "" if count == 1 else "median over them; "
+    if conversion == "scale":
+        s = scale if scale is not None else float("nan")
+        message = (
+            f"running_mean and running_var are both s = {s:.6g} times the population "
+            f"statistics {where} (Caffe's scale_factor not divided out): log running_var "
+            f"against log var_pop has slope {slope:.2f} and offset log s = {offset:.2f}"
+            f"{f' ({median[:-2]})' if median else ''}, and the running means carry the same "
+            "factor; eval mode normalizes with the wrong statistics"
+        )
+        undo = f"running_mean /= {s:.6g}; running_var /= {s:.6g}"
+    else:
+        what, undo = VAR_CONVERSIONS[conversion]
+        message = (
+            f"running_var holds {what}, not variances, {where}: log running_var against log "
+            f"var_pop has slope {slope:.2f} ({median}1 for variances, "
+            f"{_slope_text(conversion)} for {what.split(' (')[0]}); eval mode normalizes with "
+            "the wrong scale"
+        )
+    return Finding(
+        code="var-convention",
+        severity=Severity.ERROR,
+        layer=layer,
+        message=message,
+        fix=f"{precise_fix}; or convert the checkpoint's buffers: {undo}",
+    )
+
+
+def _slope_text(conversion: str) -> str:
+    return {"std": "1/2", "inverse-var": "-1", "inverse-std": "-1/2"}[conversion]
+
+
+def eps_mismatch(
+    outcome: str,
+    eps: float,
+    other: float,
+    layers: int,
+    channels: int,
+    max_gain_ratio: float,
+    running: Mapping[str, float | None],
+    variant: Mapping[str, float | None],
+) -> Finding:
+    """The model's eps against the other convention's (``other``) on the same batches with
+    running statistics: ``outcome`` ``"better"`` (labels: the other eps is clearly better,
+    a warning) or ``"material"`` (no labels: the predictions change, info). ``running`` and
+    ``variant`` have ``accuracy`` and ``loss`` (the variant also ``agreement``, ``kl`` and
+    ``rel_diff`` against running)."""
+    where = (
+        f"{channels} channels in {layers} BN layer{'s' if layers != 1 else ''} have variances "
+        f"small against eps (gain 1/sqrt(var+eps) changes up to {max_gain_ratio:.3g}x)"
+    )
+    agreement = variant.get("agreement")
+    changed = (
+        f"{pct(1 - agreement)} of the top-1 predictions change"
+        if agreement is not None
+        else f"the outputs change by {pct(variant.get('rel_diff'))} (relative L2)"
+    )
+    if outcome == "better":
+        return Finding(
+            code="eps-mismatch",
+            severity=Severity.WARNING,
+            layer=None,
+            message=(
+                f"eps {eps:g} does not fit these statistics: with eps {other:g} instead, "
+                f"accuracy goes from {pct(running.get('accuracy'))} to "
+                f"{pct(variant.get('accuracy'))} and loss from {_loss(running)} to "
+                f"{_loss(variant)} on this data ({changed}); {where}"
+            ),
+            fix=(
+                f"set eps={other:g} on the BN layers in the model code: the checkpoint was "
+                f"trained with it ({_framework(other)})"
+            ),
+        )
+    return Finding(
+        code="eps-mismatch",
+        severity=Severity.INFO,
+        layer=None,
+        message=(
+            f"eps matters for this model: with eps {other:g} instead of {eps:g}, {changed} on "
+            f"this data; {where}"
+        ),
+        fix=(
+            "eps must be the one the checkpoint was trained with (PyTorch 1e-5, TF/Keras 1e-3): "
+            "check the framework it came from; with labelled data bnscope inspect tells which "
+            "fits"
+        ),
+    )
+
+
+def _loss(metrics: Mapping[str, float | None]) -> str:
+    loss = metrics.get("loss")
+    return "n/a" if loss is None else f"{loss:.3g}"
+
+
+def _framework(eps: float) -> str:
+    return "TF/Keras's default 1e-3" if eps >= 1e-4 else "PyTorch's default 1e-5"
+
+
+def converted_verdict(conversions: Mapping[str, int], fitted: int) -> str:
+    """The sentence the dynamic inspect verdict starts with when some layers hold running_var
+    in another convention: ``conversions`` counts the layers of each (std, inverse-var,
+    inverse-std, scale), of ``fitted`` layers the fit could judge."""
+    what = {
+        "std": "running_var holds standard deviations",
+        "inverse-var": "running_var holds inverse variances",
+        "inverse-std": "running_var holds inverse standard deviations",
+        "scale": "both running statistics carry a scale factor",
+    }
+    parts = [f"{what.get(k, k)} in {n} of {fitted}" for k, n in conversions.items()]
+    return (
+        f"Converted checkpoint: {'; '.join(parts)} BN layer{'s' if fitted != 1 else ''} the "
+        "fit could judge (var-convention). "
     )

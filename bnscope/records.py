@@ -134,6 +134,14 @@ FINDING_CODES: dict[str, str] = {
         "batches grouped by label or by a group key change train-mode outputs beyond i.i.d. "
         "noise: batch statistics carry information between the samples of a batch (leakage)"
     ),
+    "momentum-convention": (
+        "momentum looks like TF/Keras's (the weight of the old value): PyTorch's is 1 - it"
+    ),
+    "var-convention": (
+        "running_var holds a std, an inverse variance or an inverse std, or the running "
+        "statistics need a scale factor (a checkpoint converted from another framework)"
+    ),
+    "eps-mismatch": "eps is the other framework's (1e-3 vs 1e-5) and it changes the outputs",
 }
 
 
@@ -411,7 +419,14 @@ class InspectLayer(_LayerRecord):
     own noise (sqrt(m/(2-m) Var(mu_B))): about 1 for an EMA that is merely noisy.
     ``ema_noise_mu`` is that noise in sigma units (median), ``batch_spread_mu`` the spread of
     batch means sqrt(Var(mu_B))/sigma and ``batch_spread_var`` the relative spread of batch
-    variances, at the data's batch size. ``status`` (section 5.5, decided in this order):
+    variances, at the data's batch size. ``d_mu_rms`` and ``batch_spread_mu_rms`` are the root
+    mean squares over channels of d_mu and of sqrt(Var(mu_B))/sigma: how far the running means
+    are from the population against how far a single batch's are (an EMA with momentum m:
+    about sqrt(m/(2-m)) of it). ``var_slope`` is the slope of log running_var against log
+    var_pop over the channels (Theil-Sen; None when the channels do not allow a fit) and
+    ``var_convention`` what running_var holds when it is not variances (``std``,
+    ``inverse-var``, ``inverse-std``, or ``scale``: both statistics times ``var_scale``);
+    docs/statistics.md, section 11. ``status`` (section 5.5, decided in this order):
 
     - ``skipped``: ``track_running_stats=False``, no running statistics (``reason``); no figures;
     - ``not-called``: the layer never ran on the data; no figures;
@@ -445,6 +460,11 @@ class InspectLayer(_LayerRecord):
     ema_noise_mu: float | None = None
     batch_spread_mu: float | None = None
     batch_spread_var: float | None = None
+    d_mu_rms: float | None = None
+    batch_spread_mu_rms: float | None = None
+    var_slope: float | None = None
+    var_convention: str | None = None
+    var_scale: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -197,3 +197,20 @@ def test_lightning_precise_bn(examples: Path) -> None:
     assert after > before + 5, (before, after)  # measured: 73.0% -> 97.3%
     assert "PreciseBN before the last validation: 32 batches, 1024 samples" in res.stdout
     assert sorted(p.name for p in examples.parent.iterdir()) == ["examples"]  # writes nothing
+
+
+def test_conversion_check(examples: Path) -> None:
+    res = run([sys.executable, str(examples / "conversion_check.py")], cwd=examples.parent)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    found = re.search(r"accuracy: trained model ([\d.]+)%, converted checkpoint ([\d.]+)%", out)
+    assert found, out
+    trained, converted = float(found[1]), float(found[2])
+    assert converted < trained - 10, (trained, converted)  # measured: 72.3% -> 45.0%
+    assert "Converted checkpoint: running_var holds standard deviations in 2 of 2" in out
+    assert "error var-convention: running_var holds standard deviations" in out
+    assert "fix: bnscope precise" in out and "running_var = running_var ** 2" in out
+    fixed = re.search(r"after running_var = running_var \*\* 2: accuracy ([\d.]+)%, "
+                      r"var-convention findings: 0", out)  # fmt: skip
+    assert fixed and abs(float(fixed[1]) - trained) <= 0.5, out  # the statistics are back
+    assert sorted(p.name for p in examples.parent.iterdir()) == ["examples"]  # writes nothing

@@ -315,6 +315,22 @@ def using_statistics(
             module._buffers["running_var"] = old_var
 
 
+@contextlib.contextmanager
+def using_eps(layers: dict[nn.Module, float]) -> Iterator[None]:
+    """The given BN layers' ``eps`` is the given value for the block (their forward reads
+    ``self.eps``); each layer's own eps is put back on exit, also when the block raises.
+    Nothing else of the layers changes (docs/statistics.md, section 11.3)."""
+    saved: list[tuple[nn.Module, Any]] = []
+    try:
+        for module, eps in layers.items():
+            saved.append((module, getattr(module, "eps")))  # noqa: B009 - typed as Tensor
+            setattr(module, "eps", eps)  # noqa: B010
+        yield
+    finally:
+        for module, old in saved:
+            setattr(module, "eps", old)  # noqa: B010
+
+
 def relative_difference(diff2: float, ref2: float) -> float:
     """``rel_diff`` from the summed squared difference and the reference's squared sum:
     sqrt(diff2 / ref2), or sqrt(diff2) when the reference is all zero (docs/statistics.md,

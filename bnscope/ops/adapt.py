@@ -41,6 +41,7 @@ from .precise import (
     frozen_kept_reason,
     label_findings,
     layer_eps,
+    momentum_findings,
     population_stats,
     usage_findings,
     writable,
@@ -349,6 +350,7 @@ def adapt_bn(
     found = (
         shift_findings(records, shift_threshold)
         + usage_findings(records, "adapt")
+        + momentum_findings(collection, "adapt")
         + label_findings(mix)
     )
     extra: AdaptExtra = {

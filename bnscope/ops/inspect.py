@@ -40,23 +40,31 @@ for the run when needed and gives every parameter and buffer slot its own tensor
    batch-statistics forwards again, paired batch by batch.
 
 So 3 forwards per batch when the order repeats and the output was kept; otherwise 4, or 5
-when the order changes only after the first batch (``extra["forwards"]`` counts them).
+when the order changes only after the first batch (``extra["forwards"]`` counts them). One
+more per batch in pass 2 when eps matters for this model (the conversion checks,
+:mod:`bnscope.ops.conventions`): the running statistics with every BN layer's eps of the other
+framework's convention (:func:`bnscope.engine.evaluate.using_eps`), to see which fits.
 Every module's mode, every parameter and every buffer of the model are as before on return,
 also when a forward raises.
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from statistics import median
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import findings
 from ..engine import sync
+from ..engine.capture import is_batchnorm, is_frozen_batchnorm
 from ..engine.collect import (
     Call,
     Collection,
@@ -77,6 +85,7 @@ from ..engine.evaluate import (
     logits_of,
     read_scores,
     relative_difference,
+    using_eps,
     using_statistics,
 )
 from ..engine.labels import label_mix
@@ -85,12 +94,22 @@ from ..engine.runner import make_runner, placed
 from ..engine.stats import MomentAccumulator
 from ..errors import DataError
 from ..extras import (
+    EpsCheckDict,
     InspectExtra,
     InspectReport,
     InspectVerdict,
     StaticReport,
+    VariantMetrics,
 )
 from ..records import Finding, InspectLayer, PreciseLayer, Report, Status
+from .conventions import (
+    eps_outcome,
+    eps_sensitive,
+    fit_var_convention,
+    gain_ratio,
+    other_eps,
+    tf_momentum,
+)
 from .precise import (
     label_findings,
     layer_eps,
@@ -300,6 +319,80 @@ def _median(t: torch.Tensor) -> float:
     return float(t.median())
 
 
+@dataclass
+class _EpsPlan:
+    """The cheap part of the eps check (docs/statistics.md, section 11.3): every BN layer's
+    eps of the other convention (``swap``), and from the population variances of the layers
+    that ran, in how many layers and channels it matters. Only when it matters does
+    :func:`inspect` run the model once more per batch, with ``swap`` in place."""
+
+    swap: dict[nn.Module, float]
+    eps: float | None
+    layers: int = 0
+    channels: int = 0
+    max_gain_ratio: float | None = None
+
+    @property
+    def matters(self) -> bool:
+        return self.layers > 0
+
+    def to_dict(self, variant: VariantMetrics | None) -> EpsCheckDict:
+        return {
+            "eps": self.eps,
+            "other_eps": None if self.eps is None else other_eps(self.eps),
+            "layers": self.layers,
+            "channels": self.channels,
+            "max_gain_ratio": self.max_gain_ratio,
+            "evaluated": variant is not None,
+            "variant": variant,
+        }
+
+
+def _eps_plan(
+    model: nn.Module, collection: Collection, arrays: dict[str, dict[str, Any]]
+) -> _EpsPlan:
+    """Which eps each BN layer of ``model`` (frozen ones included) would have in the other
+    convention, and where that matters: per layer that ran, the eval-mode gain change of each
+    channel from its population variance (``arrays``: :func:`layer_records`' host tensors)."""
+    swap: dict[nn.Module, float] = {}
+    own: list[float] = []
+    for module in model.modules():
+        if not (is_batchnorm(module) or is_frozen_batchnorm(module)):
+            continue
+        eps = getattr(module, "eps", None)
+        if isinstance(eps, (int, float)) and not isinstance(eps, bool):
+            swap[module] = other_eps(float(eps))
+            own.append(float(eps))
+    plan = _EpsPlan(swap=swap, eps=Counter(own).most_common(1)[0][0] if own else None)
+    ratios: list[float] = []
+    for name, arr in arrays.items():
+        module = collection.layers[name].module
+        if module not in swap:
+            continue
+        ratio = gain_ratio(arr["new_var"].numpy(), layer_eps(module), swap[module])
+        matters, hit = eps_sensitive(ratio)
+        if matters:
+            plan.layers += 1
+            plan.channels += hit
+        finite = ratio[np.isfinite(ratio)]
+        if finite.size:
+            ratios.append(float(finite.max()))
+    plan.max_gain_ratio = max(ratios) if ratios else None
+    return plan
+
+
+def _variant(scores: Scores, samples: int, labelled: bool, classes: bool) -> VariantMetrics:
+    """The metrics of one more variant against the reference (after :func:`read_scores`)."""
+    m = scores.metrics(samples, labelled)
+    return {
+        "accuracy": m.accuracy,
+        "loss": m.loss,
+        "agreement": scores.value("agree") / samples if classes and samples else None,
+        "kl": scores.value("kl") / samples if classes and samples else None,
+        "rel_diff": relative_difference(scores.value("diff2"), scores.value("ref2")),
+    }
+
+
 def inspect(
     model: nn.Module,
     data: Iterable[Any],
@@ -319,16 +412,19 @@ def inspect(
     ``data`` is the training data (what the running statistics should describe); it is read
     twice, so it must be re-iterable. The model is not changed. Returns an ``inspect`` report:
     :class:`~bnscope.records.InspectLayer` records in module order, findings (``stale-ema``,
-    ``train-test-gap``, ``small-nbs`` for noisy EMAs, ``not-called``, ``reused`` and the static
-    ones: ``ema-warmup``, ``never-updated``, ``tiny-variance``, ``dead-channel``,
-    ``non-finite``), and ``extra["metrics"]`` with the variants running, precise and batch
-    statistics on the same batches (reference: running). ``device``, ``amp`` and
-    ``channels_last`` as in :func:`bnscope.precise_bn`.
+    ``train-test-gap``, ``small-nbs`` for noisy EMAs, ``not-called``, ``reused``, the
+    conversion checks ``momentum-convention``, ``var-convention`` and ``eps-mismatch``
+    (docs/statistics.md, section 11) and the static ones: ``ema-warmup``, ``never-updated``,
+    ``tiny-variance``, ``dead-channel``, ``non-finite``), ``extra["metrics"]`` with the
+    variants running, precise and batch statistics on the same batches (reference: running)
+    and ``extra["eps_check"]``. ``device``, ``amp`` and ``channels_last`` as in
+    :func:`bnscope.precise_bn`.
 
     Forwards per batch: 3 when the data comes back in the same order (the collection forward
     is the batch-statistics forward; the second pass adds running and population statistics,
-    paired with it by a fingerprint of each batch), 4 otherwise. ``extra["forwards"]`` says
-    how many were run in all.
+    paired with it by a fingerprint of each batch), 4 otherwise; one more where eps matters
+    (the running statistics with the other convention's eps). ``extra["forwards"]`` says how
+    many were run in all.
 
     Labels, where batches carry them, must be class indices of the outputs (a
     :class:`~bnscope.errors.DataError` otherwise, once the sums are read); ``num_classes`` as
@@ -410,7 +506,9 @@ def inspect(
             for name, (mean, var) in pop.items()
             if not collection.layers[name].frozen  # bnscope precise keeps frozen statistics
         }
-        scores = {k: Scores() for k in ("running", "precise", "paired", "direct")}
+        eps_plan = _eps_plan(model, collection, precise_arrays)
+        swap_eps = eps_plan.swap if eps_plan.matters else {}
+        scores = {k: Scores() for k in ("running", "precise", "paired", "direct", "eps")}
         samples = done = 0
         labelled = classes = True
         with (
@@ -428,6 +526,11 @@ def inspect(
                     with using_statistics(precise_buffers):
                         pre = logits_of(runner(model, batch))
                     forwards += 2
+                    alt = None
+                    if swap_eps:  # eps matters: running statistics with the other eps
+                        with using_eps(swap_eps):
+                            alt = logits_of(runner(model, batch))
+                        forwards += 1
                     n, is_cls, ok_labels = batch_kind(ref, labels, num_classes)
                     kept = pairing.stored(done, batch) if is_cls else None
                     if kept is None:
@@ -443,6 +546,8 @@ def inspect(
                 use = labels if ok_labels else None
                 scores["running"].add(ref, labels=use)
                 scores["precise"].add(pre, labels=use, ref=ref)
+                if alt is not None:
+                    scores["eps"].add(alt, labels=use, ref=ref)
                 done += 1
                 if progress is not None:
                     progress(first_done[0] + done, total)
@@ -509,9 +614,15 @@ def inspect(
             "batch": relative_difference(batch_sums["diff2"], batch_sums["ref2"]),
         },
     )
-    layers, arrays = _layer_records(collection, precise_records, precise_arrays, spreads)
+    eps_variant = None
+    if swap_eps:
+        eps_variant = _variant(scores["eps"], samples, labelled, bool(ok))
+    eps_check = eps_plan.to_dict(eps_variant)
+    layers, arrays = _layer_records(
+        collection, precise_records, precise_arrays, spreads, _init_weights(static)
+    )
     mix = label_mix(collection.labels)
-    findings = _findings(layers, static, precise_records, evaluation)
+    findings = _findings(layers, static, precise_records, evaluation, eps_check)
     findings += label_findings(mix)
     verdict, verdict_text = _verdict(layers, evaluation)
     extra: InspectExtra = {
@@ -523,6 +634,7 @@ def inspect(
         "metrics": evaluation.to_dict(),
         "static_layers": [layer.to_dict() for layer in static.layers],
         "label_mix": mix,
+        "eps_check": eps_check,
     }
     return Report(
         command="inspect",
@@ -571,14 +683,28 @@ def _reduce_pass(
     return int(flat[0]), bool(flat[1] == 0), bool(flat[2] == 0), int(flat[3])
 
 
+def _init_weights(static: StaticReport) -> dict[str, float]:
+    """Per layer, the EMA's weight on its initial mean 0 / var 1, (1-m)^T, where a count was
+    recorded (T > 0); a T of 0 with trained-looking statistics (a converted checkpoint: PyTorch
+    fills in 0 when the key is missing) or no T says nothing, so 0 (docs/statistics.md,
+    section 11.2)."""
+    return {
+        layer.name: layer.ema_init_weight
+        for layer in static.layers
+        if layer.num_batches_tracked and layer.ema_init_weight is not None
+    }
+
+
 def _layer_records(
     collection: Collection,
     precise_records: list[PreciseLayer],
     precise_arrays: dict[str, dict[str, Any]],
     spreads: dict[str, _Spread],
+    init_weights: dict[str, float],
 ) -> tuple[list[InspectLayer], dict[str, dict[str, Any]]]:
     """Inspect records in module order from the Precise BN records (running vs population
-    statistics and d_mu/d_var come from there) and the batch-statistics spreads."""
+    statistics and d_mu/d_var come from there) and the batch-statistics spreads;
+    ``init_weights`` (:func:`_init_weights`) for the var-convention fit."""
     records: list[InspectLayer] = []
     arrays: dict[str, dict[str, Any]] = {}
     host = _spread_arrays(collection, spreads)
@@ -631,6 +757,12 @@ def _layer_records(
         if calls >= 2:
             spread_mu = _median(var_mu_b.sqrt() / sigma2.sqrt())
             spread_var = _median(var_uvar.sqrt() / mean_uvar.clamp_min(1e-30))
+        # the EMA's distance against a single batch's (RMS over channels, sigma units) and what
+        # running_var holds (docs/statistics.md, sections 11.1 and 11.2)
+        d_mu_rms = float(d_mu.square().mean().sqrt())
+        spread_rms = float((var_mu_b / sigma2).mean().sqrt()) if calls >= 2 else None
+        fit = fit_var_convention(mean_r.numpy(), var_r.numpy(), mean_p.numpy(), var_p.numpy(),
+                                 layer_eps(mod), init_weights.get(name, 0.0))  # fmt: skip
         zs = [z for z in (z_mu, z_var) if z is not None]
         reason = None
         gap_mu, gap_var = rec.d_mu_median, rec.d_var_median
@@ -663,6 +795,11 @@ def _layer_records(
                 ema_noise_mu=noise_mu,
                 batch_spread_mu=spread_mu,
                 batch_spread_var=spread_var,
+                d_mu_rms=d_mu_rms,
+                batch_spread_mu_rms=spread_rms,
+                var_slope=fit.slope if fit is not None else None,
+                var_convention=fit.conversion if fit is not None else None,
+                var_scale=fit.scale if fit is not None else None,
             )
         )
         worst = torch.argsort(d_mu, descending=True)[:TRACE_CHANNELS]
@@ -701,15 +838,27 @@ def _findings(
     static: StaticReport,
     precise_records: list[PreciseLayer],
     evaluation: Evaluation,
+    eps_check: EpsCheckDict,
 ) -> list[Finding]:
     never = {f.layer for f in static.findings if f.code == "never-updated"}
-    out: list[Finding] = list(static.findings)
+    # a layer whose running_var is in another convention is far from the population because
+    # of it (var-convention explains it, not staleness); a TF-convention momentum explains a
+    # noisy EMA (momentum-convention, with the measured noise, replaces the static one)
+    converted = {layer.name for layer in layers if layer.var_convention is not None}
+    tf_layers = {f.layer for f in static.findings if f.code == "momentum-convention"}
+    measured = _momentum_measurements(layers, tf_layers)
+    out: list[Finding] = []
+    for f in static.findings:
+        if f.code == "momentum-convention" and f.layer in measured:
+            f = measured[f.layer]
+        out.append(f)
     accuracy = {k: v.accuracy for k, v in evaluation.metrics.items()}
     fix = findings.precise_effect(
         accuracy["running"], accuracy["precise"], evaluation.agreement["precise"]
     )
+    out += _var_convention_findings(layers, fix)
     for layer in layers:
-        if layer.status == Status.STALE and layer.name not in never:
+        if layer.status == Status.STALE and layer.name not in never | converted:
             z = max(z for z in (layer.z_mu, layer.z_var) if z is not None)
             out.append(
                 findings.stale_ema(
@@ -717,7 +866,7 @@ def _findings(
                     layer.momentum, fix,
                 )
             )  # fmt: skip
-        elif layer.status == Status.NOISY:
+        elif layer.status == Status.NOISY and layer.name not in tf_layers:
             out.append(
                 findings.noisy_ema(
                     layer.name, layer.d_mu_median or 0.0, layer.d_var_median or 0.0,
@@ -727,11 +876,101 @@ def _findings(
     out += usage_findings(precise_records, "inspect")
     gap = _gap(evaluation)
     if gap is not None:
-        stale = any(layer.status == Status.STALE for layer in layers)
-        out.append(
-            findings.train_test_gap(gap, stale, evaluation.agreement["batch"], accuracy, fix)
+        stale = any(
+            layer.status == Status.STALE and layer.name not in converted for layer in layers
         )
+        out.append(
+            findings.train_test_gap(
+                gap, stale, evaluation.agreement["batch"], accuracy, fix,
+                converted=bool(converted),
+            )
+        )  # fmt: skip
+    out += _eps_findings(eps_check, evaluation)
     return out
+
+
+def _momentum_measurements(
+    layers: list[InspectLayer], flagged: set[str | None]
+) -> dict[str | None, Finding]:
+    """The dynamic ``momentum-convention`` finding of each ``flagged`` layer that has its EMA
+    gap and batch spread measured: the same message for every layer of one momentum, quoting
+    the medians over them (docs/statistics.md, section 11.1)."""
+    groups: dict[float, list[InspectLayer]] = {}
+    for layer in layers:
+        if (
+            layer.name in flagged
+            and layer.momentum is not None
+            and layer.d_mu_rms is not None
+            and layer.batch_spread_mu_rms is not None
+        ):
+            groups.setdefault(layer.momentum, []).append(layer)
+    out: dict[str | None, Finding] = {}
+    for momentum, group in groups.items():
+        meant = tf_momentum(momentum)
+        if meant is None:
+            continue
+        gap = median(layer.d_mu_rms or 0.0 for layer in group)
+        spread = median(layer.batch_spread_mu_rms or 0.0 for layer in group)
+        for layer in group:
+            out[layer.name] = findings.momentum_convention(
+                layer.name, momentum, meant, "inspect", (gap, spread, len(group))
+            )
+    return out
+
+
+def _var_convention_findings(layers: list[InspectLayer], precise_fix: str) -> list[Finding]:
+    """One ``var-convention`` error per layer whose running_var holds another quantity; the
+    layers of one conversion share one message (the medians over them, out of the layers the
+    fit could judge), so the findings table shows them as one row: a model-level summary
+    (docs/statistics.md, section 11.2)."""
+    fitted = sum(layer.var_slope is not None for layer in layers)
+    groups: dict[str, list[InspectLayer]] = {}
+    for layer in layers:
+        if layer.var_convention is not None:
+            groups.setdefault(layer.var_convention, []).append(layer)
+    out: list[Finding] = []
+    for layer in layers:
+        conversion = layer.var_convention
+        if conversion is None:
+            continue
+        group = groups[conversion]
+        scales = [x.var_scale for x in group if x.var_scale is not None]
+        scale = median(scales) if scales else None
+        out.append(
+            findings.var_convention(
+                layer.name, conversion,
+                median(x.var_slope or 0.0 for x in group),
+                math.log(scale) if scale else 0.0,
+                scale, len(group), fitted, precise_fix,
+            )
+        )  # fmt: skip
+    return out
+
+
+def _eps_findings(eps_check: EpsCheckDict, evaluation: Evaluation) -> list[Finding]:
+    """``eps-mismatch`` from the evaluation with the other eps (docs/statistics.md, section
+    11.3): a warning when labels show the other eps clearly better, info when there are no
+    labels and the predictions change materially."""
+    variant = eps_check["variant"]
+    eps, other = eps_check["eps"], eps_check["other_eps"]
+    if variant is None or eps is None or other is None:
+        return []
+    running = evaluation.metrics["running"]
+    outcome = eps_outcome(
+        running.accuracy, running.loss, variant["accuracy"], variant["loss"],
+        variant["agreement"], variant["rel_diff"],
+    )  # fmt: skip
+    if outcome is None:
+        return []
+    return [
+        findings.eps_mismatch(
+            outcome, eps, other, eps_check["layers"], eps_check["channels"],
+            eps_check["max_gain_ratio"] or 1.0,
+            {"accuracy": running.accuracy, "loss": running.loss},
+            {"accuracy": variant["accuracy"], "loss": variant["loss"],
+             "agreement": variant["agreement"], "rel_diff": variant["rel_diff"]},
+        )
+    ]  # fmt: skip
 
 
 def _verdict(layers: list[InspectLayer], evaluation: Evaluation) -> tuple[InspectVerdict, str]:
@@ -750,6 +989,13 @@ def _verdict(layers: list[InspectLayer], evaluation: Evaluation) -> tuple[Inspec
     else:
         verdict = "healthy"
     accuracy = {k: v.accuracy for k, v in evaluation.metrics.items()}
-    return verdict, findings.inspect_verdict(
+    text = findings.inspect_verdict(
         verdict, stale, noisy, len(analysed), accuracy, evaluation.agreement
     )
+    conversions = Counter(
+        layer.var_convention for layer in layers if layer.var_convention is not None
+    )
+    if conversions:
+        fitted = sum(layer.var_slope is not None for layer in layers)
+        text = findings.converted_verdict(dict(conversions), fitted) + text
+    return verdict, text

@@ -25,6 +25,7 @@ from ..engine.stats import log_var_ratio, normalized_mean_shift
 from ..engine.wrappers import unwrap
 from ..extras import LabelMixDict, PreciseExtra, PreciseReport
 from ..records import AdaptLayer, Finding, PreciseLayer, Report, Status
+from .conventions import tf_momentum
 
 ARRAY_KEYS = ("old_mean", "old_var", "new_mean", "new_var", "d_mu", "d_var")
 
@@ -126,6 +127,23 @@ def usage_findings(
             out.append(findings.not_called(rec.name, operation))
         elif rec.calls_per_forward > 1:
             out.append(findings.reused(rec.name, rec.calls_per_forward))
+    return out
+
+
+def momentum_findings(collection: Collection, operation: str) -> list[Finding]:
+    """``momentum-convention`` for every collected, non-frozen BN layer (module order) whose
+    ``momentum`` looks like TF/Keras's (:func:`bnscope.ops.conventions.tf_momentum`,
+    docs/statistics.md section 11.1); ``operation`` (precise or adapt) words the fix. Read
+    after the collection, which restored every module's momentum."""
+    out: list[Finding] = []
+    for name in collection.order:
+        st = collection.layers.get(name)
+        if st is None or st.frozen or not isinstance(st.module, nn.modules.batchnorm._BatchNorm):
+            continue
+        momentum = st.module.momentum
+        meant = tf_momentum(momentum)
+        if meant is not None and momentum is not None:
+            out.append(findings.momentum_convention(name, momentum, meant, operation))
     return out
 
 
@@ -322,7 +340,11 @@ def precise_bn(
     records, arrays = layer_records(collection, stats, include_frozen)
     write_stats(collection, writable(collection, stats, include_frozen))
     mix = label_mix(collection.labels)
-    found = usage_findings(records, "precise") + label_findings(mix)
+    found = (
+        usage_findings(records, "precise")
+        + momentum_findings(collection, "precise")
+        + label_findings(mix)
+    )
     extra: PreciseExtra = {
         "batches": collection.batches,
         "samples": collection.samples,

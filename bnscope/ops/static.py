@@ -19,6 +19,7 @@ from torch import nn
 from .. import findings
 from ..extras import StaticExtra, StaticReport
 from ..records import Finding, Report, StaticLayer, layer_label
+from .conventions import tf_momentum
 
 DEFAULT_MOMENTUM = 0.1
 DEFAULT_EPS = 1e-5
@@ -208,7 +209,9 @@ def _is_initial(buf: BNBuffers) -> bool:
 def static_findings(
     layers: list[StaticLayer], buffers: list[BNBuffers], recompute_fix: str
 ) -> list[Finding]:
-    """The static findings (see docs/statistics.md) for the given layer records."""
+    """The static findings (see docs/statistics.md) for the given layer records;
+    ``momentum-convention`` only where the momentum is known (model code, or ``momentum=``),
+    never for PyTorch's default assumed without it."""
     if not layers:
         return [findings.no_batchnorm()]
     out: list[Finding] = []
@@ -240,6 +243,9 @@ def static_findings(
             out.append(
                 findings.dead_channel(rec.name, rec.dead_channels, rec.num_features, DEAD_GAMMA)
             )
+        meant = None if rec.momentum_assumed or rec.frozen else tf_momentum(rec.momentum)
+        if meant is not None and rec.momentum is not None:
+            out.append(findings.momentum_convention(rec.name, rec.momentum, meant, "static"))
     return out
 
 

@@ -9,6 +9,7 @@ from html import escape
 from typing import Any
 
 from ..records import Report
+from .inspect import variant_columns
 from .text import momentum_cell, num, pct
 
 _CSS = """
@@ -74,22 +75,17 @@ def inspect_html(report: Report, figures: dict[str, tuple[str, bytes]]) -> str:
         + "</p>"
     )
     c = extra["metrics"]
-    per = c["variants"]
+    columns = variant_columns(c, extra.get("eps_check"))
+    variants = [v for _, v in columns]
     rows = []
     if c.get("has_labels"):
-        rows.append(["accuracy", *[pct(per[k]["accuracy"]) for k in
-                                   ("running", "precise", "batch")]])  # fmt: skip
-        rows.append(["loss", *[num(per[k]["loss"], 4) for k in
-                               ("running", "precise", "batch")]])  # fmt: skip
-    rows.append(["top-1 agreement with eval", "100.0%", pct(per["precise"]["agreement"]),
-                 pct(per["batch"]["agreement"])])  # fmt: skip
-    rows.append(["KL(eval || variant)", "0", num(per["precise"]["kl"]), num(per["batch"]["kl"])])
+        rows.append(["accuracy", *[pct(v["accuracy"]) for v in variants]])
+        rows.append(["loss", *[num(v["loss"], 4) for v in variants]])
+    rows.append(["top-1 agreement with eval", "100.0%",
+                 *[pct(v["agreement"]) for v in variants[1:]]])  # fmt: skip
+    rows.append(["KL(eval || variant)", "0", *[num(v["kl"]) for v in variants[1:]]])
     parts.append("<h2>Train/test consistency</h2>")
-    parts.append(
-        _table(
-            ["metric", "running stats (eval)", "precise stats", "batch stats (train mode)"], rows
-        )  # fmt: skip
-    )
+    parts.append(_table(["metric", *[label for label, _ in columns]], rows))
     parts.append("<h2>Findings</h2>")
     if doc["findings"]:
         parts.append("<table><tr><th class='l'>severity</th><th class='l'>code</th>"

@@ -27,21 +27,38 @@ VARIANTS = (
 )
 
 
-def consistency_table(metrics: dict[str, Any]) -> FitTable:
-    """Running vs precise vs batch statistics on the same inputs (the report's ``metrics``)."""
+def variant_columns(
+    metrics: dict[str, Any], eps_check: dict[str, Any] | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """(column label, variant metrics) of the consistency table: running, precise and batch
+    statistics, and the running statistics with the other eps when the eps check ran it
+    (docs/statistics.md, section 11.3)."""
+    per = metrics["variants"]
+    columns = [(label, per[k]) for k, label in VARIANTS]
+    if eps_check and eps_check.get("variant") is not None:
+        columns.append((f"running stats, eps {eps_check['other_eps']:g}", eps_check["variant"]))
+    return columns
+
+
+def consistency_table(
+    metrics: dict[str, Any], eps_check: dict[str, Any] | None = None
+) -> FitTable:
+    """Running vs precise vs batch statistics on the same inputs (the report's ``metrics``),
+    and the running statistics with the other eps when ``eps_check`` evaluated them."""
+    columns = variant_columns(metrics, eps_check)
     table = FitTable(
         Col("metric", kind="text", justify="left", min_width=METRIC_WIDTH),
-        *[Col(label) for _, label in VARIANTS],
+        *[Col(label) for label, _ in columns],
         title="Train/test consistency on the same batches",
     )
-    per = metrics["variants"]
+    variants = [v for _, v in columns]
     if metrics.get("has_labels"):
-        table.add_row("accuracy", *[pct(per[k]["accuracy"]) for k, _ in VARIANTS])
-        table.add_row("loss", *[num(per[k]["loss"], 4) for k, _ in VARIANTS])
-    table.add_row("top-1 agreement with eval", "100.0%", pct(per["precise"]["agreement"]),
-                  pct(per["batch"]["agreement"]))  # fmt: skip
-    table.add_row("KL(eval || variant)", "0", num(per["precise"]["kl"]), num(per["batch"]["kl"]))
-    table.add_row("samples", *[str(metrics["samples"]) for _ in VARIANTS])
+        table.add_row("accuracy", *[pct(v["accuracy"]) for v in variants])
+        table.add_row("loss", *[num(v["loss"], 4) for v in variants])
+    table.add_row("top-1 agreement with eval", "100.0%",
+                  *[pct(v["agreement"]) for v in variants[1:]])  # fmt: skip
+    table.add_row("KL(eval || variant)", "0", *[num(v["kl"]) for v in variants[1:]])
+    table.add_row("samples", *[str(metrics["samples"]) for _ in variants])
     return table
 
 
@@ -104,7 +121,9 @@ def inspect_report(report: Report) -> Group:
     """The whole dynamic ``inspect`` output."""
     extra = report.extra
     verdict = Text(extra["verdict_text"], style=VERDICT_STYLE.get(extra["verdict"], ""))
-    parts: list[Any] = [verdict, header(report), consistency_table(extra["metrics"])]
+    parts: list[Any] = [
+        verdict, header(report), consistency_table(extra["metrics"], extra.get("eps_check"))
+    ]
     parts.append(layers_table(report.layers))
     parts.append(findings_table(report.findings))
     parts.append(

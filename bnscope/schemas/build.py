@@ -94,7 +94,7 @@ FINDING_CODES: list[str | None] = [
     "no-batchnorm", "never-updated", "ema-warmup", "tiny-variance", "dead-channel",
     "non-finite", "not-called", "reused", "stale-ema", "train-test-gap", "small-nbs",
     "non-iid-batches", "domain-shift", "domain-divergence",
-    "batch-leakage",
+    "batch-leakage", "momentum-convention", "var-convention", "eps-mismatch",
 ]  # fmt: skip
 #: ops.corruptions.CORRUPTIONS
 CORRUPTIONS: list[str | None] = [
@@ -224,6 +224,15 @@ DEFS: dict[str, Schema] = {
             "ema_noise_mu": OPT_REAL,
             "batch_spread_mu": OPT_REAL,
             "batch_spread_var": OPT_REAL,
+            "d_mu_rms": OPT_REAL,
+            "batch_spread_mu_rms": OPT_REAL,
+            "var_slope": OPT_REAL,
+            "var_convention": enum(
+                ["std", "inverse-var", "inverse-std", "scale", None],
+                "what running_var holds when it is not variances (docs/statistics.md, "
+                "section 11.2)",
+            ),
+            "var_scale": OPT_REAL,
         },
         description="records.InspectLayer",
     ),
@@ -376,6 +385,20 @@ DEFS: dict[str, Schema] = {
         description="extras.DomainDict: one target domain of adapt with several domains",
     )
     | {"dependentRequired": {"data": ["dropped_samples", "dropped_reason", "output"]}},
+    "eps_check": obj(
+        {
+            "eps": OPT_REAL,
+            "other_eps": OPT_REAL,
+            "layers": COUNT,
+            "channels": COUNT,
+            "max_gain_ratio": OPT_REAL,
+            "evaluated": BOOL,
+            "variant": nullable(ref("variant")),
+        },
+        description="extras.EpsCheckDict: the eps of most BN layers against the other "
+        "framework's (docs/statistics.md, section 11.3); variant: the model with the other eps "
+        "against running, when it was evaluated",
+    ),
     "demo_build": obj(
         {
             "folder": STRING,
@@ -513,9 +536,10 @@ def document_defs() -> dict[str, Schema]:
                 "metrics": _metrics("inspect"),
                 "static_layers": array(ref("static_layer")),
                 "label_mix": nullable(ref("label_mix")),
+                "eps_check": ref("eps_check"),
             },
             ["verdict", "verdict_text", "batches", "samples", "forwards", "metrics",
-             "static_layers", "label_mix"],  # fmt: skip
+             "static_layers", "label_mix", "eps_check"],  # fmt: skip
             RUN_GROUPS,
         ),
         "precise": _document(

@@ -161,7 +161,7 @@ def test_report_schema_and_codes():
         assert set(f) == {"code", "severity", "layer", "message", "fix"}
     with pytest.raises(ValueError):
         Finding(code="made-up", severity="info", layer=None, message="m", fix="f")
-    assert len(FINDING_CODES) == 15
+    assert len(FINDING_CODES) == 18
 
 
 def test_float16_buffers():

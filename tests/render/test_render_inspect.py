@@ -151,3 +151,35 @@ def test_html_is_self_contained_and_complete():
         assert layer.name in html
     for f in FINDINGS:
         assert f.code in html
+
+
+EPS_CHECK = {
+    "eps": 1e-5, "other_eps": 1e-3, "layers": 1, "channels": 4, "max_gain_ratio": 3.16,
+    "evaluated": True,
+    "variant": {"accuracy": 0.958, "loss": 0.115, "agreement": 0.785, "kl": 0.766,
+                "rel_diff": 0.94},
+}  # fmt: skip
+
+
+def test_eps_check_is_one_more_column_when_it_ran():
+    """docs/statistics.md, section 11.3: the model with the other eps beside the variants; no
+    column when the check did not run (the golden report above has none)."""
+    report = Report(
+        command="inspect", checkpoint=None, layers=LAYERS, findings=FINDINGS,
+        extra={**REPORT.extra, "eps_check": EPS_CHECK},
+    )  # fmt: skip
+    text = render(inspect_report(report))
+    table = text[text.index("Train/test consistency") : text.index("BN layers, worst first")]
+    assert "eps 0.001" in table
+    rows = {line.split("│")[1].strip(): line for line in table.splitlines() if "│" in line}
+    assert rows["accuracy"].rstrip("│ ").endswith("95.8%")
+    assert rows["top-1 agreement with eval"].rstrip("│ ").endswith("78.5%")
+    html = inspect_html(report, {})
+    assert "running stats, eps 0.001" in html and "95.8%" in html
+    skipped = {**EPS_CHECK, "evaluated": False, "variant": None}
+    report = Report(
+        command="inspect", checkpoint=None, layers=LAYERS, findings=FINDINGS,
+        extra={**REPORT.extra, "eps_check": skipped},
+    )  # fmt: skip
+    assert "eps 0.001" not in render(inspect_report(report))
+    assert "eps 0.001" not in inspect_html(report, {})
