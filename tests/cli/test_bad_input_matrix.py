@@ -253,6 +253,21 @@ for command in ("precise", "adapt", "ghost"):  # refused before running: no copy
         "no BatchNorm layer",  # as the static no-batchnorm finding says
     )
 
+# leakage takes the common inputs (not --batches: it reads --samples samples)
+for kind, (path, fragment) in CHECKPOINTS.items():
+    case(f"ckpt-{kind}-leakage", argv("leakage", ckpt=path), fragment)
+case("ckpt-no-bn-leakage", argv("leakage", "--model", TINY, ckpt=f"{W}/nobn.pt"),
+     "checkpoint does not fit the model")  # fmt: skip
+case(
+    "no-bn-model-leakage",
+    argv("leakage", ckpt=f"{W}/nobn_mlp.pt", model=model_spec("make_no_bn"), data=f"{W}/x4.pt"),
+    "no BatchNorm layer",
+)
+case("no-model-leakage", argv("leakage", model=None), "leakage runs the model")
+case("no-data-leakage", argv("leakage", data=None), "leakage needs --data")
+case("leakage-unknown-key", argv("leakage", "--group-by", "image_id"), "image_id")
+case("leakage-too-few-samples", argv("leakage", "--samples", "3"), "samples")
+
 # -- model specs and kwargs ------------------------------------------------------------------
 
 MODEL_SPECS = {
@@ -569,5 +584,5 @@ def test_bad_input(c: Case, source_tree: Path, tmp_path: Path, monkeypatch: pyte
 def test_table_covers_every_command():
     ids = [p.id for p in CASES]
     assert len(ids) == len(set(ids)), "duplicate case ids"
-    for command in ("inspect", "precise", "adapt", "ghost", "corrupt", "demo"):
+    for command in ("inspect", "precise", "adapt", "ghost", "leakage", "corrupt", "demo"):
         assert any(p.values[0].args[0] == command for p in CASES), command
