@@ -331,7 +331,9 @@ def inspect_verdict(
     accuracy: dict[str, float | None],
     agreement: Mapping[str, float | None],
 ) -> str:
-    """The first line of the dynamic report, for ``verdict`` stale, gap, noisy or healthy;
+    """The first line of the dynamic report, for ``verdict`` stale, gap, noisy or healthy
+    (``stale`` lists the stale layers not explained by a ``var-convention``: none when every
+    stale layer is a converted one, which :func:`converted_verdict` has named);
     ``accuracy`` and ``agreement`` (with running statistics) per variant: ``running``,
     ``precise`` and ``batch``."""
     if accuracy.get("running") is not None:
@@ -343,6 +345,11 @@ def inspect_verdict(
         figures = (
             f" Top-1 agreement of running-statistics outputs with batch statistics "
             f"{pct(agreement['batch'])}, with precise statistics {pct(agreement['precise'])}."
+        )
+    if verdict == "stale" and not stale:  # every stale layer is explained by a conversion
+        return (
+            "Run bnscope precise, or undo the conversion, so that eval mode normalizes with "
+            f"this data's statistics.{figures}"
         )
     if verdict == "stale":
         names = ", ".join(stale[:4]) + (", ..." if len(stale) > 4 else "")

@@ -989,8 +989,13 @@ def _verdict(layers: list[InspectLayer], evaluation: Evaluation) -> tuple[Inspec
     else:
         verdict = "healthy"
     accuracy = {k: v.accuracy for k, v in evaluation.metrics.items()}
+    # a converted layer is stale by the figures; the conversion, named first, is its cause
+    unexplained = [
+        layer.name for layer in layers
+        if layer.status == Status.STALE and layer.var_convention is None
+    ]  # fmt: skip
     text = findings.inspect_verdict(
-        verdict, stale, noisy, len(analysed), accuracy, evaluation.agreement
+        verdict, unexplained, noisy, len(analysed), accuracy, evaluation.agreement
     )
     conversions = Counter(
         layer.var_convention for layer in layers if layer.var_convention is not None

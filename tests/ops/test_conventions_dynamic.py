@@ -158,8 +158,29 @@ def test_converted_running_var_is_an_error_naming_the_conversion(healthy, conver
         undo = {"std": "running_var ** 2", "inverse-var": "1 / running_var",
                 "inverse-std": "running_var ** -2"}  # fmt: skip
         assert undo[conversion] in fix
-    assert rep.extra["verdict_text"].startswith("Converted checkpoint: ")
+    text = rep.extra["verdict_text"]
+    assert text.startswith("Converted checkpoint: ")
+    assert rep.extra["verdict"] == "stale"  # stale by the figures, explained by the conversion
+    assert "Stale running statistics" not in text
+    assert "Run bnscope precise, or undo the conversion" in text
     check_document(rep.to_dict())
+
+
+def test_a_stale_layer_beside_a_converted_one_is_still_named_stale(healthy):
+    model, data = healthy
+    planted = wide()
+    planted.load_state_dict(model.state_dict())
+    planted.eval()
+    first, second = bns(planted)
+    with torch.no_grad():
+        CONVERSIONS["std"](first)
+        second.running_mean.add_(3 * second.running_var.sqrt())  # an EMA far from the data
+    rep = inspect(planted, data)
+    assert layers(rep)["1"].var_convention == "std"
+    assert layers(rep)["4"].var_convention is None and layers(rep)["4"].status == "stale"
+    text = rep.extra["verdict_text"]
+    assert text.startswith("Converted checkpoint: ") and "Stale running statistics: 1 of 2" in text
+    assert rep.extra["verdict"] == "stale"
 
 
 def test_undoing_the_conversion_as_the_fix_says_clears_it(healthy):
