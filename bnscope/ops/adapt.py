@@ -84,6 +84,13 @@ ONLY = ("mean", "var")
 BOTH = "mean+var"
 
 
+def check_source_prior(prior: object) -> None:
+    """``prior=`` of :func:`adapt_bn` (and :func:`~bnscope.ops.domains.adapt_domains`): a
+    number of pseudo samples >= 0."""
+    if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not prior >= 0:
+        raise UsageError(f"prior= must be a number >= 0, got {prior!r}", "e.g. prior=16")
+
+
 def check_only(only: object) -> str | None:
     """``only`` validated: None (both statistics), ``"mean"`` or ``"var"``."""
     if only is None or (isinstance(only, str) and only in ONLY):
@@ -304,8 +311,7 @@ def adapt_bn(
     sample counts are pooled over all ranks (see :func:`~bnscope.engine.collect.collect`;
     ``process_group`` as there), so every rank writes the same statistics.
     """
-    if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not prior >= 0:
-        raise UsageError(f"prior= must be a number >= 0, got {prior!r}", "e.g. prior=16")
+    check_source_prior(prior)
     only = check_only(only)
     first_layers = check_first_layers(first_layers)
     collection = collect(

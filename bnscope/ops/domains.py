@@ -29,7 +29,14 @@ from ..engine.collect import Call, Progress, expected_batches
 from ..errors import BnscopeError, UsageError
 from ..extras import AdaptReport, DomainDict, DomainsExtra, DomainsReport
 from ..records import DomainLayer, Finding, Report, Status, layer_label, module_name
-from .adapt import SHIFT_KL, adapt_bn, check_first_layers, check_only, symmetric_kl
+from .adapt import (
+    SHIFT_KL,
+    adapt_bn,
+    check_first_layers,
+    check_only,
+    check_source_prior,
+    symmetric_kl,
+)
 from .precise import layer_eps
 
 #: a domain name: it goes into file names (``ckpt.adapted.<name>.pt``) and the labels of the
@@ -203,8 +210,7 @@ def adapt_domains(
     ``process_group`` and the others are those of :func:`~bnscope.ops.adapt.adapt_bn`.
     """
     names = check_domain_names(domains)
-    if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not prior >= 0:
-        raise UsageError(f"prior= must be a number >= 0, got {prior!r}", "e.g. prior=16")
+    check_source_prior(prior)
     check_only(only)
     check_first_layers(first_layers)
     buffers = _bn_buffers(model)
