@@ -228,6 +228,14 @@ def precise_effect(
     return f"bnscope precise CKPT --data TRAIN_DATA recomputes exact statistics{tail}"
 
 
+def precise_frozen_fix() -> str:
+    """The fix by bnscope precise of frozen layers' statistics: it keeps them by default."""
+    return (
+        "bnscope precise CKPT --data TRAIN_DATA --include-frozen recomputes exact statistics "
+        "for them (frozen BN layers keep their stored statistics without --include-frozen)"
+    )
+
+
 def stale_ema(
     layer: str,
     d_mu_median: float,
@@ -330,12 +338,14 @@ def inspect_verdict(
     analysed: int,
     accuracy: dict[str, float | None],
     agreement: Mapping[str, float | None],
+    frozen_converted: bool = False,
 ) -> str:
     """The first line of the dynamic report, for ``verdict`` stale, gap, noisy or healthy
     (``stale`` lists the stale layers not explained by a ``var-convention``: none when every
-    stale layer is a converted one, which :func:`converted_verdict` has named);
-    ``accuracy`` and ``agreement`` (with running statistics) per variant: ``running``,
-    ``precise`` and ``batch``."""
+    stale layer is a converted one, which :func:`converted_verdict` has named;
+    ``frozen_converted`` whether a converted layer is a frozen one, which bnscope precise
+    re-estimates only with --include-frozen); ``accuracy`` and ``agreement`` (with running
+    statistics) per variant: ``running``, ``precise`` and ``batch``."""
     if accuracy.get("running") is not None:
         figures = (
             f" Accuracy on this data: running statistics {pct(accuracy['running'])}, precise "
@@ -347,8 +357,9 @@ def inspect_verdict(
             f"{pct(agreement['batch'])}, with precise statistics {pct(agreement['precise'])}."
         )
     if verdict == "stale" and not stale:  # every stale layer is explained by a conversion
+        run = "bnscope precise --include-frozen" if frozen_converted else "bnscope precise"
         return (
-            "Run bnscope precise, or undo the conversion, so that eval mode normalizes with "
+            f"Run {run}, or undo the conversion, so that eval mode normalizes with "
             f"this data's statistics.{figures}"
         )
     if verdict == "stale":

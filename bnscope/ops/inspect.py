@@ -936,12 +936,16 @@ def _var_convention_findings(layers: list[InspectLayer], precise_fix: str) -> li
         group = groups[conversion]
         scales = [x.var_scale for x in group if x.var_scale is not None]
         scale = median(scales) if scales else None
+        # bnscope precise keeps a frozen layer's statistics (and its evaluation leaves them in
+        # place, so its accuracy says nothing about them) unless told to re-estimate them
+        frozen = any(x.status == Status.FROZEN for x in group)
         out.append(
             findings.var_convention(
                 layer.name, conversion,
                 median(x.var_slope or 0.0 for x in group),
                 math.log(scale) if scale else 0.0,
-                scale, len(group), fitted, precise_fix,
+                scale, len(group), fitted,
+                findings.precise_frozen_fix() if frozen else precise_fix,
             )
         )  # fmt: skip
     return out
@@ -979,8 +983,10 @@ def _verdict(layers: list[InspectLayer], evaluation: Evaluation) -> tuple[Inspec
     analysed = [
         layer for layer in layers if layer.status not in (Status.NOT_CALLED, Status.SKIPPED)
     ]
+    # a converted layer is stale by the figures; so is a frozen one (its status is frozen)
+    converted = [layer for layer in layers if layer.var_convention is not None]
     verdict: InspectVerdict
-    if stale:
+    if stale or converted:
         verdict = "stale"
     elif _gap(evaluation) == "worse":
         verdict = "gap"
@@ -995,8 +1001,9 @@ def _verdict(layers: list[InspectLayer], evaluation: Evaluation) -> tuple[Inspec
         if layer.status == Status.STALE and layer.var_convention is None
     ]  # fmt: skip
     text = findings.inspect_verdict(
-        verdict, unexplained, noisy, len(analysed), accuracy, evaluation.agreement
-    )
+        verdict, unexplained, noisy, len(analysed), accuracy, evaluation.agreement,
+        frozen_converted=any(layer.status == Status.FROZEN for layer in converted),
+    )  # fmt: skip
     conversions = Counter(
         layer.var_convention for layer in layers if layer.var_convention is not None
     )

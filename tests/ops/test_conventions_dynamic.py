@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from bnscope.engine.evaluate import using_eps
+from bnscope.nn_frozen import freeze_bn
 from bnscope.ops.adapt import adapt_bn
 from bnscope.ops.inspect import inspect
 from bnscope.ops.precise import precise_bn
@@ -181,6 +182,51 @@ def test_a_stale_layer_beside_a_converted_one_is_still_named_stale(healthy):
     text = rep.extra["verdict_text"]
     assert text.startswith("Converted checkpoint: ") and "Stale running statistics: 1 of 2" in text
     assert rep.extra["verdict"] == "stale"
+
+
+def test_converted_frozen_layers_are_stale_and_the_fix_names_include_frozen(healthy):
+    """Frozen layers have status frozen, not stale, and bnscope precise keeps their statistics
+    by default: the verdict must still be stale, and the fix must say --include-frozen (which
+    does clear the conversion)."""
+    model, data = healthy
+    planted = wide()
+    planted.load_state_dict(model.state_dict())
+    planted.eval()
+    with torch.no_grad():
+        for bn in bns(planted):
+            CONVERSIONS["std"](bn)
+    frozen = freeze_bn(planted)
+    rep = inspect(frozen, data)
+    assert {layer.status for layer in rep.layers} == {"frozen"}
+    found = [f for f in rep.findings if f.code == "var-convention"]
+    assert {f.layer for f in found} == {"1", "4"}
+    assert all("bnscope precise CKPT --data TRAIN_DATA --include-frozen" in f.fix for f in found)
+    assert all("would change accuracy" not in f.fix for f in found)  # precise's eval skips them
+    assert rep.extra["verdict"] == "stale"
+    text = rep.extra["verdict_text"]
+    assert text.startswith("Converted checkpoint: ")
+    assert "Run bnscope precise --include-frozen, or undo the conversion" in text
+    assert "within EMA noise" not in text
+    check_document(rep.to_dict())
+    precise_bn(frozen, data, include_frozen=True)  # what the fix says
+    again = inspect(frozen, data)
+    assert "var-convention" not in codes(again) and again.extra["verdict"] == "healthy"
+
+
+def test_a_converted_layer_beside_a_frozen_healthy_one_keeps_the_precise_fix(healthy):
+    model, data = healthy
+    planted = wide()
+    planted.load_state_dict(model.state_dict())
+    planted.eval()
+    first, _ = bns(planted)
+    with torch.no_grad():
+        CONVERSIONS["std"](first)
+    mixed = freeze_bn(planted, only=["4"])
+    rep = inspect(mixed, data)
+    found = [f for f in rep.findings if f.code == "var-convention"]
+    assert [f.layer for f in found] == ["1"]
+    assert "--include-frozen" not in found[0].fix and "bnscope precise" in found[0].fix
+    assert "Run bnscope precise, or undo the conversion" in rep.extra["verdict_text"]
 
 
 def test_undoing_the_conversion_as_the_fix_says_clears_it(healthy):
