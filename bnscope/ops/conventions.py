@@ -215,23 +215,19 @@ def fit_var_convention(
       median |y - b_k x| <= RESID_RATIO * median |y - x|.
     """
     r_mean = np.asarray(running_mean, dtype=np.float64).reshape(-1)
-    r_var = np.asarray(running_var, dtype=np.float64).reshape(-1)
     p_mean = np.asarray(pop_mean, dtype=np.float64).reshape(-1)
     p_var = np.asarray(pop_var, dtype=np.float64).reshape(-1)
-    w = min(max(float(init_weight), 0.0), 1.0) if math.isfinite(init_weight) else 0.0
-    # (comparisons with NaN are False and raise no warning: no np.errstate, whose context
-    # variable would outlive the call)
-    usable = np.isfinite(r_var) & (r_var > 0) & np.isfinite(p_var) & (p_var > VAR_FLOOR * eps)
-    if int(usable.sum()) < MIN_CHANNELS:
+    w = _init_weight(init_weight)
+    x, y = var_fit_points(running_var, p_var, eps, w)
+    if x.size < MIN_CHANNELS:
         return None
-    x, y = np.log((1.0 - w) * p_var[usable] + w), np.log(r_var[usable])
     if float(np.std(x)) < MIN_LOG_SPREAD:
         return None
     pick = _subsample(x, MAX_FIT_CHANNELS)
     slope, intercept = theil_sen(x[pick], y[pick])
     if slope_se(x, y, slope, intercept) > MAX_SLOPE_SE:
         return None
-    fit = VarFit(channels=int(usable.sum()), slope=slope, intercept=intercept)
+    fit = VarFit(channels=int(x.size), slope=slope, intercept=intercept)
     nearest = min(SLOPES, key=lambda k: abs(SLOPES[k] - slope))
     if abs(SLOPES[nearest] - slope) > SLOPE_TOL:
         return fit
@@ -253,6 +249,25 @@ def fit_var_convention(
     if resid > RESID_RATIO * float(np.median(np.abs(y - x))):
         return fit
     return VarFit(channels=fit.channels, slope=slope, intercept=intercept, conversion=nearest)
+
+
+def _init_weight(init_weight: float) -> float:
+    return min(max(float(init_weight), 0.0), 1.0) if math.isfinite(init_weight) else 0.0
+
+
+def var_fit_points(
+    running_var: Any, pop_var: Any, eps: float, init_weight: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The points :func:`fit_var_convention` fits, one per usable channel (var_pop above
+    ``VAR_FLOOR * eps``, running_var finite and > 0): x = log((1 - w) var_pop + w) and
+    y = log running_var, with w = ``init_weight`` (clipped to [0, 1]; 0 when not finite)."""
+    r_var = np.asarray(running_var, dtype=np.float64).reshape(-1)
+    p_var = np.asarray(pop_var, dtype=np.float64).reshape(-1)
+    w = _init_weight(init_weight)
+    # (comparisons with NaN are False and raise no warning: no np.errstate, whose context
+    # variable would outlive the call)
+    usable = np.isfinite(r_var) & (r_var > 0) & np.isfinite(p_var) & (p_var > VAR_FLOOR * eps)
+    return np.log((1.0 - w) * p_var[usable] + w), np.log(r_var[usable])
 
 
 def mean_scale(running_mean: Any, pop_mean: Any, sigma2: Any) -> float | None:

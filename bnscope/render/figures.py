@@ -12,8 +12,8 @@ Where they draw:
   touched, nothing leaks) with constrained layout, sized for the number of layers, titled:
   what ``--report-dir`` writes;
 - multi-panel figures (``static_ranges``, ``change``, ``shift``, ``ghost_noise``,
-  ``staleness``, ``batch_means``) take ``fig=``, a Figure or a SubFigure (``fig.subfigures``),
-  and add their panels to it, with their title as its suptitle;
+  ``staleness``, ``batch_means``, ``conversion``) take ``fig=``, a Figure or a SubFigure
+  (``fig.subfigures``), and add their panels to it, with their title as its suptitle;
 - single-panel figures (``adapt_metrics``, ``online_priors``, ``nbs_curve``,
   ``consistency``) take ``ax=`` and draw into that Axes only (``nbs_curve`` adds its twin KL
   axis there, ``online_priors`` its loss axis), or ``fig=`` (one Axes added to it).
@@ -724,6 +724,93 @@ def batch_means_figure(
         "population mean"
     )
     return Plot(_root(fig), tuple(axes), artists)
+
+
+#: how many converted layers ``conversion_figure`` draws (module order), beside one reference
+CONVERSION_LAYERS = 3
+
+#: how each conversion of var-convention is labelled in ``conversion_figure``
+CONVERSION_LABELS = {
+    "std": "standard deviations",
+    "inverse-var": "inverse variances",
+    "inverse-std": "inverse standard deviations",
+    "scale": "variances times a scale factor",
+}
+
+
+def conversion_figure(
+    layers: Sequence,
+    arrays: dict,
+    fig: FigureBase | None = None,
+    *,
+    limit: int = CONVERSION_LAYERS,
+) -> Plot:
+    """What running_var holds (docs/statistics.md, section 11.2): per channel, log running_var
+    against log var_pop (x = log((1 - w) var_pop + w), corrected for an unwarmed EMA as the fit
+    is), with the line of variances (slope 1), the Theil-Sen fit (``var_slope`` and the
+    layer's ``var_intercept``) and, for a converted layer, the line its conversion predicts
+    (slope 1/2, -1 or -1/2 through 0; slope 1 offset by log s for ``scale``). Draws the first
+    ``limit`` converted layers (``var_convention`` set) in module order and, when some layer
+    was fitted and holds variances, the first such one for comparison. ``arrays`` is an
+    inspect report's ``arrays``: ``var_x``, ``var_y`` and ``var_intercept`` per fitted layer.
+
+    One panel per layer drawn (``fig=``). Artists: ``points``, ``variances`` and ``fitted``
+    (one per panel), ``expected`` (one per converted panel), ``title``."""
+    fitted = [r for r in layers if r.var_slope is not None and "var_x" in arrays.get(r.name, {})]
+    converted = [r for r in fitted if r.var_convention is not None][:limit]
+    reference = [r for r in fitted if r.var_convention is None][:1]
+    drawn = converted + reference
+    fig = _panels(fig, (3.6 * max(len(drawn), 1) + 0.6, 3.9))
+    axes = fig.subplots(1, max(len(drawn), 1), squeeze=False)[0]
+    artists: dict[str, Any] = {"points": [], "variances": [], "fitted": [], "expected": []}
+    for ax, r in zip(axes, drawn, strict=False):
+        entry = arrays[r.name]
+        x = [float(v) for v in entry["var_x"]]
+        y = [float(v) for v in entry["var_y"]]
+        lo, hi = min(x), max(x)
+        line = [lo, hi]
+        artists["points"].append(ax.scatter(x, y, s=9, color="0.35", alpha=0.6,
+                                            label="channels"))  # fmt: skip
+        (variances,) = ax.plot(line, line, color="C2", ls="--", lw=1.4,
+                               label="variances (slope 1)")  # fmt: skip
+        artists["variances"].append(variances)
+        slope, intercept = float(r.var_slope), float(entry["var_intercept"])
+        (fit,) = ax.plot(line, [intercept + slope * v for v in line], color="C0", lw=1.6,
+                         label=f"fit: slope {slope:.2f}")  # fmt: skip
+        artists["fitted"].append(fit)
+        if r.var_convention is not None:
+            expected = _expected_line(r, line)
+            (exp,) = ax.plot(line, expected, color="C3", ls=":", lw=2.0,
+                             label=f"{CONVERSION_LABELS.get(r.var_convention, r.var_convention)}"
+                             f" (slope {_slope_label(r.var_convention)})")  # fmt: skip
+            artists["expected"].append(exp)
+            scale = f", s = {r.var_scale:.4g}" if r.var_convention == "scale" else ""
+            ax.set_title(f"{r.name}: {r.var_convention}{scale}", fontsize=9)
+        else:
+            ax.set_title(f"{r.name}: variances (for comparison)", fontsize=9)
+        ax.set_xlabel("log var_pop", fontsize=8)
+        ax.set_ylabel("log running_var", fontsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6, loc="best")
+    artists["title"] = fig.suptitle("What running_var holds: log running_var against log var_pop "
+                                    "per channel")  # fmt: skip
+    return Plot(_root(fig), tuple(axes), artists)
+
+
+def _expected_line(layer: Any, line: list[float]) -> list[float]:
+    """The line a conversion predicts: slope b_k through 0, or slope 1 offset by log s."""
+    from ..ops.conventions import SLOPES
+
+    if layer.var_convention == "scale":
+        offset = math.log(layer.var_scale) if layer.var_scale else 0.0
+        return [v + offset for v in line]
+    return [SLOPES[layer.var_convention] * v for v in line]
+
+
+def _slope_label(conversion: str) -> str:
+    return {"std": "1/2", "inverse-var": "-1", "inverse-std": "-1/2", "scale": "1, offset log s"}[
+        conversion
+    ]
 
 
 def consistency_figure(

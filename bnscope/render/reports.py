@@ -43,6 +43,7 @@ REPORT_FILES = (
     "ghost_noise.png",
     "nbs_curve.png",
     "leakage.png",
+    "conversion.png",
 )
 #: dots per inch of the PNG files in a report folder
 PNG_DPI = 120
@@ -177,7 +178,12 @@ def report_figures(report: Report) -> dict[str, tuple[str, Figure]]:
 
 def _dynamic_figures(report: Report) -> dict[str, tuple[str, Figure]]:
     from ..ops.inspect import MATERIAL_GAP, STALE_Z
-    from .figures import batch_means_figure, consistency_figure, staleness_figure
+    from .figures import (
+        batch_means_figure,
+        consistency_figure,
+        conversion_figure,
+        staleness_figure,
+    )
     from .inspect import worst_first
 
     made: dict[str, tuple[str, Figure]] = {}
@@ -188,6 +194,14 @@ def _dynamic_figures(report: Report) -> dict[str, tuple[str, Figure]]:
             f"noise (stale when z exceeds {STALE_Z:g}); stale layers, which meet both, are "
             "shaded.",
             staleness_figure(report.layers, STALE_Z, material_gap=MATERIAL_GAP).figure,
+        )
+    if any(r.var_convention is not None for r in report.layers):
+        made["conversion"] = (
+            "What running_var holds: per channel, log running_var against log var_pop, with "
+            "the line of variances (slope 1), the fit, and the line the detected conversion "
+            "predicts (var-convention), for the first converted layers and one layer that "
+            "holds variances.",
+            conversion_figure(report.layers, report.arrays).figure,
         )
     layer = _batch_means_layer(report, worst_first(report.layers))
     if layer is not None:

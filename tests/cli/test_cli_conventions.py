@@ -113,3 +113,17 @@ def test_tf_momentum_in_the_model_code(ported):
     # without model code PyTorch's default is assumed: no momentum to judge
     res = run("inspect", ported / "ok.pt", "--json")
     assert "momentum-convention" not in res.stdout
+
+
+def test_report_dir_has_the_conversion_figure_only_for_the_converted_checkpoint(ported, tmp_path):
+    for name, expected in (("std", True), ("ok", False)):
+        out = tmp_path / name
+        res = run("inspect", ported / f"{name}.pt", "--model", tiny_spec(), "--model-kwargs",
+                  WIDE, "--data", ported / "d.pt", "--report-dir", out)  # fmt: skip
+        assert res.exit_code == 0, res.stderr
+        files = sorted(p.name for p in out.iterdir())
+        assert ("conversion.png" in files) == expected, files
+        doc = json.loads((out / "report.json").read_text())
+        assert ("conversion.png" in doc["report_files"]) == expected
+        html = (out / "report.html").read_text()
+        assert ("What running_var holds" in html) == expected

@@ -17,6 +17,7 @@ from torch import nn
 from bnscope.engine.evaluate import using_eps
 from bnscope.nn_frozen import freeze_bn
 from bnscope.ops.adapt import adapt_bn
+from bnscope.ops.conventions import theil_sen
 from bnscope.ops.inspect import inspect
 from bnscope.ops.precise import precise_bn
 from bnscope.ops.static import static_inspect
@@ -149,6 +150,11 @@ def test_converted_running_var_is_an_error_naming_the_conversion(healthy, conver
         expected = {"std": 0.5, "inverse-var": -1.0, "inverse-std": -0.5, "scale": 1.0}
         assert layer.var_slope == pytest.approx(expected[conversion], abs=0.1)
     assert "stale-ema" not in codes(rep)  # the conversion explains the gap
+    for name in ("1", "4"):  # what conversion_figure draws: the points the fit used
+        arrays, layer = rep.arrays[name], layers(rep)[name]
+        assert len(arrays["var_x"]) == len(arrays["var_y"]) == 16
+        assert theil_sen(arrays["var_x"], arrays["var_y"]) == pytest.approx(
+            (layer.var_slope, arrays["var_intercept"]), rel=1e-12)  # fmt: skip
     message, fix = found[0].message, found[0].fix
     assert "in 2 of the 2 BN layers the fit could judge" in message
     assert "bnscope precise" in fix

@@ -177,6 +177,26 @@ ARRAYS = {
     "population_mean": torch.tensor([10.0, 1.0]),
     "population_sigma": torch.tensor([2.0, 0.5]),
 }
+#: var-convention: a layer holding standard deviations, one holding variances, a Caffe scale
+#: (s = 100), a layer the fit could not judge, one that never ran (docs/statistics.md, 11.2)
+CONVERTED = (
+    InspectLayer(name="a.bn", num_features=4, status="stale", var_slope=0.52,
+                 var_convention="std"),
+    InspectLayer(name="b.bn", num_features=4, status="ok", var_slope=0.98),
+    InspectLayer(name="c.bn", num_features=4, status="stale", var_slope=1.01,
+                 var_convention="scale", var_scale=100.0),
+    InspectLayer(name="narrow.bn", num_features=2, status="ok"),
+    InspectLayer(name="aux.bn", num_features=4, status="not-called"),
+)  # fmt: skip
+CONVERTED_ARRAYS = {
+    "a.bn": {"var_x": np.array([-2.0, 0.0, 1.0, 3.0]), "var_y": np.array([-1.0, 0.1, 0.5, 1.5]),
+             "var_intercept": 0.02},
+    "b.bn": {"var_x": np.array([-1.0, 0.5, 2.0]), "var_y": np.array([-1.0, 0.5, 1.9]),
+             "var_intercept": -0.01},
+    "c.bn": {"var_x": np.array([0.0, 1.0, 2.0]), "var_y": np.array([4.6, 5.6, 6.6]),
+             "var_intercept": 4.6},
+    "narrow.bn": {},
+}  # fmt: skip
 CONSISTENCY = {
     "has_labels": True,
     "variants": {
@@ -240,6 +260,7 @@ CASES: dict[str, tuple[Callable[..., F.Plot], tuple, int, tuple[float, float]]] 
     "staleness": (F.staleness_figure, (INSPECT,), 3, (6.0, 7.5)),
     "batch_means": (F.batch_means_figure, ("layer1.bn", ARRAYS), 2, (6.2, 3.2)),
     "consistency": (F.consistency_figure, (CONSISTENCY,), 1, (5.5, 3.8)),
+    "conversion": (F.conversion_figure, (CONVERTED, CONVERTED_ARRAYS), 3, (11.4, 3.9)),
     "leakage": (F.leakage_figure, (LEAKAGE_ROWS, LEAKAGE_CHANGES), 3, (13.2, 3.9)),
     "leakage_rows": (F.leakage_figure, (LEAKAGE_ROWS,), 2, (9.0, 3.9)),
 }
@@ -330,8 +351,8 @@ def test_single_panel_refuses_ax_and_fig_together():
 
 
 def snapshot(value: Any) -> Any:
-    """A comparable deep copy (tensors as lists)."""
-    if isinstance(value, torch.Tensor):
+    """A comparable deep copy (tensors and numpy arrays as lists)."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
         return value.tolist()
     if isinstance(value, dict):
         return {k: snapshot(v) for k, v in value.items()}
@@ -482,6 +503,53 @@ def test_batch_means_only_centres_and_scales_the_arrays():
     left = min(p.get_x() for p in bars)
     right = max(p.get_x() + p.get_width() for p in bars)
     assert (left, right) == pytest.approx((-1.0, 1.0))
+
+
+def test_conversion_plots_the_fitted_points_and_the_three_lines():
+    plot = F.conversion_figure(CONVERTED, CONVERTED_ARRAYS)
+    a = plot.artists
+    # converted layers in module order, then one layer holding variances for comparison
+    assert [ax.get_title() for ax in plot.axes] == [
+        "a.bn: std", "c.bn: scale, s = 100", "b.bn: variances (for comparison)"]  # fmt: skip
+    for points, name in zip(a["points"], ("a.bn", "c.bn", "b.bn"), strict=True):
+        arrays = CONVERTED_ARRAYS[name]
+        pairs = zip(arrays["var_x"], arrays["var_y"], strict=True)
+        assert points.get_offsets().tolist() == [list(p) for p in pairs]
+    # the line of variances: y = x over the points' range
+    assert [list(line.get_xdata()) for line in a["variances"]] == [[-2, 3], [0, 2], [-1, 2]]
+    assert [ydata(line) for line in a["variances"]] == [[-2, 3], [0, 2], [-1, 2]]
+    # the fit: intercept + slope x, with the report's slope and the arrays' intercept
+    assert ydata(a["fitted"][0]) == pytest.approx([0.02 - 2 * 0.52, 0.02 + 3 * 0.52])
+    assert ydata(a["fitted"][2]) == pytest.approx([-0.01 - 0.98, -0.01 + 2 * 0.98])
+    # what the conversion predicts: slope 1/2 through 0; slope 1 offset by log s
+    assert len(a["expected"]) == 2
+    assert ydata(a["expected"][0]) == pytest.approx([-1.0, 1.5])
+    assert ydata(a["expected"][1]) == pytest.approx([math.log(100), 2 + math.log(100)])
+    legend = [t.get_text() for t in plot.axes[0].get_legend().get_texts()]
+    assert legend == ["channels", "variances (slope 1)", "fit: slope 0.52",
+                      "standard deviations (slope 1/2)"]  # fmt: skip
+
+
+def test_conversion_draws_at_most_limit_converted_layers_and_no_reference_without_one():
+    only = tuple(r for r in CONVERTED if r.name != "b.bn")
+    plot = F.conversion_figure(only, CONVERTED_ARRAYS, limit=1)
+    assert [ax.get_title() for ax in plot.axes] == ["a.bn: std"]
+    assert len(plot.artists["fitted"]) == 1 and len(plot.artists["expected"]) == 1
+
+
+def test_conversion_figure_is_in_a_report_only_when_some_layer_is_converted():
+    converted = Report(command="inspect", checkpoint=None, layers=CONVERTED, findings=(),
+                       extra={"metrics": CONSISTENCY},
+                       arrays={**{r.name: dict(ARRAYS) for r in CONVERTED},
+                               **{k: {**ARRAYS, **v} for k, v in CONVERTED_ARRAYS.items()}})
+    made = report_figures(converted)
+    assert "conversion" in made and "var-convention" in made["conversion"][0]
+    assert [ax.get_title() for ax in made["conversion"][1].axes][:2] == [
+        "a.bn: std", "c.bn: scale, s = 100"]  # fmt: skip
+    healthy = Report(command="inspect", checkpoint=None, layers=CONVERTED[1:2], findings=(),
+                     extra={"metrics": CONSISTENCY},
+                     arrays={"b.bn": {**ARRAYS, **CONVERTED_ARRAYS["b.bn"]}})
+    assert "conversion" not in report_figures(healthy)  # fmt: skip
 
 
 def test_nbs_curve_plots_the_rows():
