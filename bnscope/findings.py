@@ -748,7 +748,7 @@ def var_convention(
         message = (
             f"running_var holds {what}, not variances, {where}: log running_var against log "
             f"var_pop has slope {slope:.2f} ({median}1 for variances, "
-            f"{_slope_text(conversion)} for {what.split(' (')[0]}); eval mode normalizes with "
+            f"{conversion_slope(conversion)} for {what.split(' (')[0]}); eval mode normalizes with "
             "the wrong scale"
         )
     return Finding(
@@ -760,7 +760,8 @@ def var_convention(
     )
 
 
-def _slope_text(conversion: str) -> str:
+def conversion_slope(conversion: str) -> str:
+    """The slope of log running_var on log var_pop that a conversion gives, as text."""
     return {"std": "1/2", "inverse-var": "-1", "inverse-std": "-1/2"}[conversion]
 
 

@@ -28,7 +28,7 @@ model, no device, no wording (:mod:`bnscope.findings` words the findings).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeAlias
 
 import numpy as np
@@ -140,7 +140,8 @@ class VarFit:
     """The fit of one layer: log running_var = ``intercept`` + ``slope`` * log var_pop over
     ``channels`` channels (Theil-Sen), the ``conversion`` that explains it (None: variances, or
     nothing fits well enough) and, for ``scale``, the common factor ``scale`` (exp of the
-    intercept) and ``mean_scale`` (the factor of the running means)."""
+    intercept) and ``mean_scale`` (the factor of the running means). ``x`` and ``y`` are the
+    points fitted (:func:`var_fit_points`), kept for drawing the fit."""
 
     channels: int
     slope: float
@@ -148,6 +149,8 @@ class VarFit:
     conversion: Conversion | None = None
     scale: float | None = None
     mean_scale: float | None = None
+    x: np.ndarray | None = field(default=None, repr=False, compare=False)
+    y: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 def theil_sen(x: Any, y: Any) -> tuple[float, float]:
@@ -217,7 +220,7 @@ def fit_var_convention(
     r_mean = np.asarray(running_mean, dtype=np.float64).reshape(-1)
     p_mean = np.asarray(pop_mean, dtype=np.float64).reshape(-1)
     p_var = np.asarray(pop_var, dtype=np.float64).reshape(-1)
-    w = _init_weight(init_weight)
+    w = _init_weight(init_weight)  # (the EMA correction of the means below uses it too)
     x, y = var_fit_points(running_var, p_var, eps, w)
     if x.size < MIN_CHANNELS:
         return None
@@ -227,7 +230,7 @@ def fit_var_convention(
     slope, intercept = theil_sen(x[pick], y[pick])
     if slope_se(x, y, slope, intercept) > MAX_SLOPE_SE:
         return None
-    fit = VarFit(channels=int(x.size), slope=slope, intercept=intercept)
+    fit = VarFit(channels=int(x.size), slope=slope, intercept=intercept, x=x, y=y)
     nearest = min(SLOPES, key=lambda k: abs(SLOPES[k] - slope))
     if abs(SLOPES[nearest] - slope) > SLOPE_TOL:
         return fit
@@ -239,16 +242,13 @@ def fit_var_convention(
         s_mu = mean_scale(r_mean, (1.0 - w) * p_mean, (1.0 - w) ** 2 * (p_var + eps))
         if s_mu is None or abs(math.log(s_mu) - intercept) > MEAN_SCALE_TOL:
             return fit
-        return VarFit(
-            channels=fit.channels, slope=slope, intercept=intercept, conversion="scale",
-            scale=math.exp(intercept), mean_scale=s_mu,
-        )  # fmt: skip
+        return replace(fit, conversion="scale", scale=math.exp(intercept), mean_scale=s_mu)
     if abs(intercept) > OFFSET_TOL:
         return fit
     resid = float(np.median(np.abs(y - SLOPES[nearest] * x)))
     if resid > RESID_RATIO * float(np.median(np.abs(y - x))):
         return fit
-    return VarFit(channels=fit.channels, slope=slope, intercept=intercept, conversion=nearest)
+    return replace(fit, conversion=nearest)
 
 
 def _init_weight(init_weight: float) -> float:

@@ -109,7 +109,6 @@ from .conventions import (
     gain_ratio,
     other_eps,
     tf_momentum,
-    var_fit_points,
 )
 from .precise import (
     label_findings,
@@ -762,9 +761,8 @@ def _layer_records(
         # running_var holds (docs/statistics.md, sections 11.1 and 11.2)
         d_mu_rms = float(d_mu.square().mean().sqrt())
         spread_rms = float((var_mu_b / sigma2).mean().sqrt()) if calls >= 2 else None
-        init_weight = init_weights.get(name, 0.0)
         fit = fit_var_convention(mean_r.numpy(), var_r.numpy(), mean_p.numpy(), var_p.numpy(),
-                                 layer_eps(mod), init_weight)  # fmt: skip
+                                 layer_eps(mod), init_weights.get(name, 0.0))  # fmt: skip
         zs = [z for z in (z_mu, z_var) if z is not None]
         reason = None
         gap_mu, gap_var = rec.d_mu_median, rec.d_var_median
@@ -815,9 +813,8 @@ def _layer_records(
             "population_mean": mean_p[worst],
             "population_sigma": sigma2[worst].sqrt(),
         }
-        if fit is not None:  # what the fit saw, for conversion_figure
-            x, y = var_fit_points(var_r.numpy(), var_p.numpy(), layer_eps(mod), init_weight)
-            arrays[name].update(var_x=x, var_y=y, var_intercept=fit.intercept)
+        if fit is not None:  # the points fitted, for conversion_figure
+            arrays[name].update(var_x=fit.x, var_y=fit.y, var_intercept=fit.intercept)
     return records, arrays
 
 

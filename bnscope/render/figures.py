@@ -729,13 +729,6 @@ def batch_means_figure(
 #: how many converted layers ``conversion_figure`` draws (module order), beside one reference
 CONVERSION_LAYERS = 3
 
-#: how each conversion of var-convention is labelled in ``conversion_figure``
-CONVERSION_LABELS = {
-    "std": "standard deviations",
-    "inverse-var": "inverse variances",
-    "inverse-std": "inverse standard deviations",
-    "scale": "variances times a scale factor",
-}
 
 
 def conversion_figure(
@@ -781,8 +774,7 @@ def conversion_figure(
         if r.var_convention is not None:
             expected = _expected_line(r, line)
             (exp,) = ax.plot(line, expected, color="C3", ls=":", lw=2.0,
-                             label=f"{CONVERSION_LABELS.get(r.var_convention, r.var_convention)}"
-                             f" (slope {_slope_label(r.var_convention)})")  # fmt: skip
+                             label=_conversion_label(r.var_convention))  # fmt: skip
             artists["expected"].append(exp)
             scale = f", s = {r.var_scale:.4g}" if r.var_convention == "scale" else ""
             ax.set_title(f"{r.name}: {r.var_convention}{scale}", fontsize=9)
@@ -807,10 +799,14 @@ def _expected_line(layer: Any, line: list[float]) -> list[float]:
     return [SLOPES[layer.var_convention] * v for v in line]
 
 
-def _slope_label(conversion: str) -> str:
-    return {"std": "1/2", "inverse-var": "-1", "inverse-std": "-1/2", "scale": "1, offset log s"}[
-        conversion
-    ]
+def _conversion_label(conversion: str) -> str:
+    """The legend of the predicted line, in the catalog's words (findings.VAR_CONVERSIONS)."""
+    from ..findings import VAR_CONVERSIONS, conversion_slope
+
+    if conversion == "scale":
+        return "variances times a scale factor (slope 1, offset log s)"
+    what = VAR_CONVERSIONS[conversion][0].split(" (")[0]
+    return f"{what} (slope {conversion_slope(conversion)})"
 
 
 def consistency_figure(

@@ -113,6 +113,13 @@ CONVERSIONS = {
 }
 
 
+def copy_of(model: nn.Module) -> nn.Module:
+    """A fresh ``wide()`` in eval mode with ``model``'s state: a checkpoint to plant into."""
+    planted = wide()
+    planted.load_state_dict(model.state_dict())
+    return planted.eval()
+
+
 @pytest.fixture(scope="module")
 def healthy():
     data = image_data()
@@ -134,9 +141,7 @@ def test_healthy_model_is_fitted_and_not_flagged(healthy):
 @pytest.mark.parametrize("conversion", list(CONVERSIONS))
 def test_converted_running_var_is_an_error_naming_the_conversion(healthy, conversion):
     model, data = healthy
-    planted = wide()
-    planted.load_state_dict(model.state_dict())
-    planted.eval()
+    planted = copy_of(model)
     with torch.no_grad():
         for bn in bns(planted):
             CONVERSIONS[conversion](bn)
@@ -175,9 +180,7 @@ def test_converted_running_var_is_an_error_naming_the_conversion(healthy, conver
 
 def test_a_stale_layer_beside_a_converted_one_is_still_named_stale(healthy):
     model, data = healthy
-    planted = wide()
-    planted.load_state_dict(model.state_dict())
-    planted.eval()
+    planted = copy_of(model)
     first, second = bns(planted)
     with torch.no_grad():
         CONVERSIONS["std"](first)
@@ -195,9 +198,7 @@ def test_converted_frozen_layers_are_stale_and_the_fix_names_include_frozen(heal
     by default: the verdict must still be stale, and the fix must say --include-frozen (which
     does clear the conversion)."""
     model, data = healthy
-    planted = wide()
-    planted.load_state_dict(model.state_dict())
-    planted.eval()
+    planted = copy_of(model)
     with torch.no_grad():
         for bn in bns(planted):
             CONVERSIONS["std"](bn)
@@ -221,9 +222,7 @@ def test_converted_frozen_layers_are_stale_and_the_fix_names_include_frozen(heal
 
 def test_a_converted_layer_beside_a_frozen_healthy_one_keeps_the_precise_fix(healthy):
     model, data = healthy
-    planted = wide()
-    planted.load_state_dict(model.state_dict())
-    planted.eval()
+    planted = copy_of(model)
     first, _ = bns(planted)
     with torch.no_grad():
         CONVERSIONS["std"](first)
@@ -237,9 +236,7 @@ def test_a_converted_layer_beside_a_frozen_healthy_one_keeps_the_precise_fix(hea
 
 def test_undoing_the_conversion_as_the_fix_says_clears_it(healthy):
     model, data = healthy
-    planted = wide()
-    planted.load_state_dict(model.state_dict())
-    planted.eval()
+    planted = copy_of(model)
     with torch.no_grad():
         for bn in bns(planted):
             bn.running_var.sqrt_()
